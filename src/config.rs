@@ -1,0 +1,310 @@
+//! Configuration: the TOML file parsed once into typed structs and validated.
+//!
+//! Owns: every tunable the daemon reads, their defaults (the "embedded defaults" used when `serve` gets no
+//! `--config`), and validation with messages that name the offending key. Unknown keys are rejected by serde
+//! (`deny_unknown_fields`) so a typo never silently falls back to a default.
+//! Never: reads the environment or touches the disk beyond reading the one file it is given.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// DICOM listener: AE title, port, association limits, who may send.
+    pub dicom: DicomConfig,
+    /// When a series counts as complete and whether it is eligible for analysis.
+    pub series: SeriesConfig,
+    /// Thresholds of the analysis.
+    pub analysis: AnalysisConfig,
+    /// Which inference engine runs the model.
+    pub engine: EngineConfig,
+    /// Where received instances, the database and masks live.
+    pub storage: StorageConfig,
+    /// Where positive results are sent.
+    pub alerts: AlertsConfig,
+    /// Dashboard, metrics and health endpoints.
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DicomConfig {
+    /// Our AE title; associations that call another AE title are rejected.
+    pub ae_title: String,
+    /// Address to bind the listener to.
+    pub bind: String,
+    /// TCP port of the listener.
+    pub port: u16,
+    /// Associations served at once; further peers wait in the accept queue.
+    pub max_associations: usize,
+    /// Largest single DIMSE message (command + dataset) accepted, in MiB; bigger gets a failure status.
+    pub max_message_mb: usize,
+    /// An association with no PDU for this long is aborted.
+    pub association_idle_timeout_s: u64,
+    /// Calling AE + peer address pairs allowed to associate; empty = anyone (warned at start).
+    pub allowed_peers: Vec<AllowedPeer>,
+}
+
+/// One entry of the allow-list: both the calling AE title and the peer host must match.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedPeer {
+    /// Calling AE title the peer presents.
+    pub ae_title: String,
+    /// Peer IP address (exact match) the association must come from.
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeriesConfig {
+    /// Seconds without a new instance, after the association released, before a series is complete.
+    pub quiet_period_s: f64,
+    /// Seconds without a new instance before a series is complete even without a release.
+    pub stable_timeout_s: f64,
+    /// Fewer slices than this: the daemon skips the series (stated reason).
+    pub min_slices: usize,
+    /// Thicker slices than this: the daemon skips the series (stated reason).
+    pub max_slice_thickness_mm: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisConfig {
+    /// A series is positive when involvement (lesion / lung volume × 100) exceeds this.
+    pub positive_threshold_percent: f64,
+    /// 3D lesion components smaller than this (mL) are dropped as noise.
+    pub min_lesion_volume_ml: f64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Fastest available engine (ort when its library loads, else tract).
+    Auto,
+    /// tract-onnx, pure Rust, always built.
+    Tract,
+    /// ONNX Runtime loaded at run time.
+    Ort,
+    /// TensorRT FP16 (feature `tensorrt`).
+    Tensorrt,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => EngineKind::Auto,
+            "tract" => EngineKind::Tract,
+            "ort" => EngineKind::Ort,
+            "tensorrt" => EngineKind::Tensorrt,
+            other => bail!("unknown engine {other:?} (expected auto, tract, ort or tensorrt)"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Which engine runs the model.
+    pub kind: EngineKind,
+    /// Model manifest; the model file is found relative to it.
+    pub manifest: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Root of the spool, the SQLite database and derived outputs.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Positive results are POSTed here as JSON (none = no webhook).
+    pub webhook_url: Option<String>,
+    /// When set, the body is signed: header `X-Lungsentry-Signature: sha256=<hex HMAC-SHA256>`.
+    pub webhook_secret: Option<String>,
+    /// Salt of the `patient_key` hash; a random one is generated into the data dir when unset.
+    pub patient_key_salt: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the dashboard/metrics/health server ("" disables it).
+    pub bind: String,
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        DicomConfig {
+            ae_title: "LUNGSENTRY".into(),
+            bind: "0.0.0.0".into(),
+            port: 11112,
+            max_associations: 16,
+            max_message_mb: 256,
+            association_idle_timeout_s: 60,
+            allowed_peers: Vec::new(),
+        }
+    }
+}
+
+impl Default for SeriesConfig {
+    fn default() -> Self {
+        SeriesConfig { quiet_period_s: 2.0, stable_timeout_s: 30.0, min_slices: 20, max_slice_thickness_mm: 5.0 }
+    }
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig { positive_threshold_percent: 0.4, min_lesion_volume_ml: 0.01 }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { kind: EngineKind::Auto, manifest: default_manifest_path() }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: PathBuf::from("./lungsentry-data") }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { bind: "127.0.0.1:8080".into() }
+    }
+}
+
+/// Where the model manifest is looked for when the config does not say: `LUNGSENTRY_MODEL_MANIFEST`, then
+/// `/usr/share/lungsentry/models/manifest.toml` (the .deb), then `models/manifest.toml` beside the crate.
+pub fn default_manifest_path() -> PathBuf {
+    if let Ok(p) = std::env::var("LUNGSENTRY_MODEL_MANIFEST") {
+        return PathBuf::from(p);
+    }
+    let installed = PathBuf::from("/usr/share/lungsentry/models/manifest.toml");
+    if installed.exists() {
+        return installed;
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/manifest.toml"))
+}
+
+impl Config {
+    /// Reads and validates a TOML file; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: ranges and formats, each error naming its key.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.dicom;
+        if d.ae_title.is_empty() || d.ae_title.len() > 16 || !d.ae_title.is_ascii() {
+            bail!("dicom.ae_title must be 1-16 ASCII characters, got {:?}", d.ae_title);
+        }
+        if d.bind.parse::<std::net::IpAddr>().is_err() {
+            bail!("dicom.bind must be an IP address, got {:?}", d.bind);
+        }
+        if d.max_associations == 0 {
+            bail!("dicom.max_associations must be at least 1");
+        }
+        if d.max_message_mb == 0 {
+            bail!("dicom.max_message_mb must be at least 1");
+        }
+        if d.association_idle_timeout_s == 0 {
+            bail!("dicom.association_idle_timeout_s must be at least 1");
+        }
+        for (i, p) in d.allowed_peers.iter().enumerate() {
+            if p.ae_title.is_empty() || p.ae_title.len() > 16 {
+                bail!("dicom.allowed_peers[{i}].ae_title must be 1-16 characters");
+            }
+            if p.host.parse::<std::net::IpAddr>().is_err() {
+                bail!("dicom.allowed_peers[{i}].host must be an IP address, got {:?}", p.host);
+            }
+        }
+        let s = &self.series;
+        if !(s.quiet_period_s >= 0.0 && s.quiet_period_s.is_finite()) {
+            bail!("series.quiet_period_s must be >= 0");
+        }
+        if !(s.stable_timeout_s > 0.0 && s.stable_timeout_s.is_finite()) {
+            bail!("series.stable_timeout_s must be > 0");
+        }
+        if s.min_slices == 0 {
+            bail!("series.min_slices must be at least 1");
+        }
+        if !(s.max_slice_thickness_mm > 0.0) {
+            bail!("series.max_slice_thickness_mm must be > 0");
+        }
+        let a = &self.analysis;
+        if !(0.0..=100.0).contains(&a.positive_threshold_percent) {
+            bail!("analysis.positive_threshold_percent must be within 0..=100");
+        }
+        if !(a.min_lesion_volume_ml >= 0.0) {
+            bail!("analysis.min_lesion_volume_ml must be >= 0");
+        }
+        if self.engine.kind == EngineKind::Tensorrt && !cfg!(feature = "tensorrt") {
+            bail!("engine.kind = \"tensorrt\" needs a build with the `tensorrt` feature");
+        }
+        if let Some(url) = &self.alerts.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("alerts.webhook_url must start with http:// or https://, got {url:?}");
+            }
+        }
+        if !self.http.bind.is_empty() && self.http.bind.parse::<SocketAddr>().is_err() {
+            bail!("http.bind must be ADDRESS:PORT (or empty to disable), got {:?}", self.http.bind);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_embedded_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.dicom.ae_title, "LUNGSENTRY");
+        assert_eq!(c.dicom.port, 11112);
+        assert_eq!(c.series.quiet_period_s, 2.0);
+        assert_eq!(c.analysis.positive_threshold_percent, 0.4);
+        assert_eq!(c.engine.kind, EngineKind::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[dicom]\nae_titel = \"X\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("ae_titel"), "{e:#}");
+        let e = Config::parse("[dicomm]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dicomm"), "{e:#}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::parse("[dicom]\nport = 70000\n").unwrap_err();
+        assert!(format!("{e:#}").contains("port"), "{e:#}");
+        let e = Config::parse("[series]\nmin_slices = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("series.min_slices"), "{e:#}");
+        let e = Config::parse("[[dicom.allowed_peers]]\nae_title = \"CT1\"\nhost = \"not-an-ip\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("allowed_peers[0].host"), "{e:#}");
+        let e = Config::parse("[alerts]\nwebhook_url = \"ftp://x\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("alerts.webhook_url"), "{e:#}");
+    }
+}

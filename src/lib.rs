@@ -1,0 +1,32 @@
+//! lungsentry — scanner-side COVID-19 pneumonia flagging for CT series received over DICOM.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//! receive (SCP) → spool (durable) → series (grouping, eligibility, completion) → preprocess (decode, HU,
+//! normalise, resample) → engine (tract | ort | tensorrt) → analysis (masks, 3D lesions, involvement, flags)
+//! → store (SQLite) → notify (webhook outbox, journald)
+//! ```
+//!
+//! `pipeline` wires the stages into the daemon (`serve`); `analyze` runs the same series logic offline;
+//! `scu` is the sending side (`send`, `echo`); `phantom` makes synthetic CT series with ground truth;
+//! `eval` computes the paper's metrics.
+
+pub mod analysis;
+pub mod analyze;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod eval;
+pub mod instance;
+pub mod logging;
+pub mod model;
+pub mod notify;
+pub mod phantom;
+pub mod pipeline;
+pub mod preprocess;
+pub mod receive;
+pub mod scu;
+pub mod series;
+pub mod spool;
+pub mod store;

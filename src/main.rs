@@ -1,0 +1,54 @@
+//! The `lungsentry` command line: one subcommand per user task.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use lungsentry::{analyze, demo, eval, logging, phantom, pipeline, scu};
+
+/// Scanner-side COVID-19 pneumonia lesion segmentation and flagging for CT series received over DICOM.
+#[derive(Parser)]
+#[command(name = "lungsentry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: DICOM SCP, analysis pipeline, alerts, dashboard.
+    Serve(pipeline::ServeArgs),
+    /// Analyse DICOM files or folders offline; one JSON object per series.
+    Analyze(analyze::AnalyzeArgs),
+    /// Send DICOM files to an SCP (C-STORE SCU), optionally paced like a scanner.
+    Send(scu::SendArgs),
+    /// Verify a DICOM peer answers (C-ECHO SCU).
+    Echo(scu::EchoArgs),
+    /// Generate a positive and a negative synthetic series, serve them in-process over loopback, print results.
+    Demo(demo::DemoArgs),
+    /// Write a synthetic chest CT series with ground truth.
+    Phantom(phantom::PhantomArgs),
+    /// Compute the paper's metrics over labelled series or 2D image folders.
+    Eval(eval::EvalArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    logging::init();
+    match cli.command {
+        Command::Phantom(a) => phantom::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        other => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                match other {
+                    Command::Serve(a) => pipeline::serve(a).await,
+                    Command::Send(a) => scu::send(a).await,
+                    Command::Echo(a) => scu::echo(a).await,
+                    Command::Demo(a) => demo::run(a).await,
+                    Command::Phantom(_) | Command::Eval(_) | Command::Analyze(_) => unreachable!(),
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! receive — the DICOM SCP: association listener, DIMSE message assembly, C-ECHO and C-STORE handlers.
+//!
+//! Owns: TCP accept loop (bounded by `max_associations`, TCP_NODELAY on every socket, backoff on accept errors),
+//! association negotiation (our AE title, calling-AE + peer-IP allow-list, presentation contexts), turning
+//! P-DATA fragments into complete DIMSE messages (size-capped), and answering each command with a status.
+//! Hands to the next stage: every C-STORE dataset as a [`ReceiveEvent::Instance`] whose reply (the DIMSE
+//! status) comes back on a oneshot *after* the spool has made it durable; association ends as
+//! [`ReceiveEvent::Released`].
+//! Never: writes files, parses pixel data or knows about series. Stages after it never see PDUs.
+
+use std::net::SocketAddr;
+
+use tokio::sync::oneshot;
+
+/// Process-unique id of one association, for logs and for telling the series stage which sender finished.
+pub type AssociationId = u64;
+
+/// DIMSE status codes we send.
+pub mod status {
+    /// Success.
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: out of resources (disk full, spool cannot write).
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: data set does not match SOP class.
+    pub const DATASET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
+    /// Error: cannot understand (unparseable or unusable dataset). C000–CFFF range.
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    /// Failure: SOP class not supported.
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Failure: processing failure.
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
+}
+
+/// One C-STORE's payload, as received.
+#[derive(Debug)]
+pub struct IncomingInstance {
+    /// Which association carried it.
+    pub association: AssociationId,
+    /// Calling AE title of the sender.
+    pub calling_ae: String,
+    /// Peer socket address.
+    pub peer: SocketAddr,
+    /// Affected SOP Class UID from the command.
+    pub sop_class_uid: String,
+    /// Affected SOP Instance UID from the command.
+    pub sop_instance_uid: String,
+    /// Transfer syntax the dataset is encoded in (the presentation context's).
+    pub transfer_syntax_uid: String,
+    /// The dataset bytes exactly as received (no file meta group), in `transfer_syntax_uid`.
+    pub dataset: Vec<u8>,
+}
+
+/// What the receive stage hands on.
+#[derive(Debug)]
+pub enum ReceiveEvent {
+    /// A dataset to make durable; send the DIMSE status for the C-STORE-RSP on `reply`.
+    Instance(IncomingInstance, oneshot::Sender<u16>),
+    /// The association ended (released or aborted); series it fed may now start their quiet period.
+    Released { association: AssociationId, aborted: bool },
+}

@@ -1,7 +1,19 @@
-//! analyze — offline analysis of files/folders with the daemon's series logic.
+//! analyze — offline analysis of files and folders with the daemon's own series logic.
+//!
+//! Owns: walking the given paths, grouping instances by series, and printing one result per series. Every CT
+//! series is analysed however short (single slices too); the result lists the eligibility rules the daemon
+//! would have skipped it for (`skip_reasons`). Never: listens on the network or writes the daemon's store.
 
-use anyhow::{bail, Result};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::Config;
+use crate::instance::InstanceMeta;
+use crate::model::Model;
+use crate::pipeline::{InferenceContext, SeriesWork};
 
 /// `lungsentry analyze` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -9,7 +21,7 @@ pub struct AnalyzeArgs {
     /// DICOM files or folders (recursed).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// One JSON object per series per line.
+    /// One JSON object per series per line (otherwise a short human summary per series).
     #[arg(long)]
     pub json: bool,
     /// Engine: auto, tract, ort, tensorrt.
@@ -20,6 +32,102 @@ pub struct AnalyzeArgs {
     pub config: Option<PathBuf>,
 }
 
-pub fn run(_args: AnalyzeArgs) -> Result<()> {
-    bail!("analyze: not built yet")
+/// Every file under `paths` (folders recursed, sorted for a stable order).
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let md = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        if md.is_dir() {
+            let mut entries: Vec<PathBuf> =
+                std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, out)?;
+            }
+        } else {
+            out.push(p.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        walk(p, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Reads DICOM files (skipping, with a note on stderr, anything that is not DICOM) and groups by series.
+pub fn group_by_series(files: &[PathBuf]) -> BTreeMap<String, Vec<(InstanceMeta, PathBuf)>> {
+    let mut series: BTreeMap<String, Vec<(InstanceMeta, PathBuf)>> = BTreeMap::new();
+    for f in files {
+        let obj = match crate::spool::read_instance(f) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("skipping {}: not a readable DICOM file ({e:#})", f.display());
+                continue;
+            }
+        };
+        match InstanceMeta::from_object(&obj, None) {
+            Ok(m) => series.entry(m.series_instance_uid.clone()).or_default().push((m, f.clone())),
+            Err(e) => eprintln!("skipping {}: {e}", f.display()),
+        }
+    }
+    series
+}
+
+pub fn run(args: AnalyzeArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let kind: crate::config::EngineKind = args.engine.parse()?;
+    let model = Model::load(&config.engine.manifest)?;
+    let engine = crate::engine::load_engine(kind, &model)?;
+    let salt = config.alerts.patient_key_salt.clone().unwrap_or_default().into_bytes();
+    let ctx = InferenceContext { model, engine, config };
+    let files = collect_files(&args.paths)?;
+    let groups = group_by_series(&files);
+    if groups.is_empty() {
+        bail!("no DICOM instances found under the given paths");
+    }
+    let stdout = std::io::stdout();
+    for (_, instances) in groups {
+        let received_at = crate::pipeline::chrono_now();
+        let mut work = SeriesWork::default();
+        let patient_key = instances
+            .first()
+            .map(|(m, _)| crate::store::patient_key(&salt, &m.patient_id, &m.patient_name))
+            .unwrap_or_default();
+        for (meta, path) in instances {
+            work.add(&ctx, meta, &path);
+        }
+        let result = work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now());
+        let mut out = stdout.lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&result)?)?;
+        } else {
+            writeln!(out, "{}", summary_line(&result))?;
+        }
+    }
+    Ok(())
+}
+
+/// One human line per series.
+pub fn summary_line(r: &serde_json::Value) -> String {
+    let series = r["series_instance_uid"].as_str().unwrap_or("?");
+    if r["status"] == "skipped" {
+        return format!("{series}: skipped — {}", r["skip_reasons"]);
+    }
+    format!(
+        "{series}: {} — involvement {:.2} %, {} lesion(s), lung {:.0} mL, {} of {} slices analysed{}",
+        if r["positive"].as_bool().unwrap_or(false) { "POSITIVE" } else { "negative" },
+        r["involvement_percent"].as_f64().unwrap_or(0.0),
+        r["lesions"].as_array().map(|a| a.len()).unwrap_or(0),
+        r["lung_volume_ml"].as_f64().unwrap_or(0.0),
+        r["analysed_slices"],
+        r["n_slices"],
+        match r["skip_reasons"].as_array() {
+            Some(a) if !a.is_empty() => format!(" (the daemon would skip it: {})", r["skip_reasons"]),
+            _ => String::new(),
+        }
+    )
 }

@@ -308,3 +308,15 @@ mod tests {
         assert!(format!("{e:#}").contains("alerts.webhook_url"), "{e:#}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    /// The documented example file must parse and equal the embedded defaults.
+    #[test]
+    fn example_config_parses_to_defaults() {
+        let text = include_str!("../systemd/lungsentry.toml");
+        let c = super::Config::parse(text).unwrap();
+        let d = super::Config::default();
+        assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+}

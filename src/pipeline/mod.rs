@@ -1,0 +1,449 @@
+//! pipeline — wires the stages into the daemon (`serve`).
+//!
+//! ```text
+//! receive ──ReceiveEvent──▶ instance task: spool (fsync) → store row → enqueue to series worker ─▶ C-STORE-RSP
+//!                                                                  │ (bounded queue: backpressure)
+//!                               completion ticker ──Complete──▶ series worker: segment each slice as it
+//!                                                                  arrives; on Complete: 3D analysis →
+//!                                                                  store result (+ outbox row) → notify
+//! ```
+//! Owns: start-up order (store, model, engine warm-up, bind, recovery of series interrupted by a crash),
+//! one worker task per active series, the completion ticker, graceful shutdown.
+//! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
+
+mod slices;
+
+pub use slices::{InferenceContext, SeriesWork};
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Config;
+use crate::instance::InstanceMeta;
+use crate::model::Model;
+use crate::receive::{self, status, AssociationId, IncomingInstance, ReceiveEvent};
+use crate::series::CompletionTracker;
+use crate::spool::Spool;
+use crate::store::Store;
+
+/// `lungsentry serve` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML config; embedded defaults when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let daemon = Daemon::start(cfg).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// Message to a series worker.
+enum WorkerMsg {
+    /// A durably stored instance to segment.
+    Instance { meta: InstanceMeta, path: PathBuf },
+    /// The series is complete: analyse what has arrived.
+    Complete,
+}
+
+/// Slices queued per series worker before senders wait: bounds memory under load.
+const WORKER_QUEUE: usize = 16;
+/// How long a worker keeps its segmentations after a completed analysis, for cheap re-analysis of late instances.
+const WORKER_LINGER: Duration = Duration::from_secs(300);
+
+/// State shared by the instance tasks, the ticker and the workers.
+struct Shared {
+    /// Validated configuration.
+    config: Config,
+    /// Durable instance files.
+    spool: Spool,
+    /// SQLite results store.
+    store: Arc<Store>,
+    /// Model, engine and thresholds.
+    ctx: Arc<InferenceContext>,
+    /// Salt of `patient_key`.
+    salt: Vec<u8>,
+    /// Completion rule state.
+    tracker: Mutex<CompletionTracker>,
+    /// Live series workers by Series Instance UID.
+    workers: Mutex<HashMap<String, mpsc::Sender<WorkerMsg>>>,
+    /// Wakes the webhook outbox after a result with an alert is recorded.
+    outbox_wake: Arc<tokio::sync::Notify>,
+    /// Number of results recorded (for tests/demo to wait on).
+    results_tx: watch::Sender<u64>,
+}
+
+/// A running daemon (also used in-process by `demo` and the tests).
+pub struct Daemon {
+    /// Where the DICOM listener is bound.
+    pub dicom_addr: SocketAddr,
+    /// The results store (for tests and demo to read results).
+    pub store: Arc<Store>,
+    /// Count of recorded results; changes after each analysis.
+    pub results: watch::Receiver<u64>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Opens the store and spool, verifies and warms the model, binds the SCP, resumes interrupted series.
+    pub async fn start(config: Config) -> Result<Daemon> {
+        config.validate()?;
+        let data_dir = config.storage.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        set_private(&data_dir);
+        let store = Arc::new(Store::open(&data_dir.join("lungsentry.sqlite"))?);
+        let spool = Spool::open(&data_dir)?;
+        let salt = match &config.alerts.patient_key_salt {
+            Some(s) => s.as_bytes().to_vec(),
+            None => crate::store::load_or_create_salt(&data_dir)?,
+        };
+        let model = Model::load(&config.engine.manifest)?;
+        let engine = crate::engine::load_engine(config.engine.kind, &model)?;
+        // Warm-up: one inference so the first real slice does not pay for lazy initialisation.
+        let i = &model.manifest.input;
+        engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;
+        tracing::info!(engine = engine.name(), model = %model.manifest.model.name, version = %model.manifest.model.version, "model verified and engine warmed");
+        if config.dicom.allowed_peers.is_empty() {
+            tracing::warn!("dicom.allowed_peers is empty: any peer that calls our AE title may store instances");
+        }
+
+        let ctx = Arc::new(InferenceContext { model, engine, config: config.clone() });
+        let (results_tx, results_rx) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            spool,
+            store: store.clone(),
+            ctx,
+            salt,
+            tracker: Mutex::new(CompletionTracker::default()),
+            workers: Mutex::new(HashMap::new()),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            results_tx,
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Resume series that had instances without a result when we last stopped (or crashed).
+        for series_uid in store.series_pending_analysis()? {
+            tracing::info!(series = %series_key(&series_uid), "resuming series interrupted before analysis");
+            ensure_worker(&shared, &series_uid);
+            shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
+        }
+
+        let addr: SocketAddr = format!("{}:{}", config.dicom.bind, config.dicom.port).parse()?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding DICOM listener on {addr}"))?;
+        let dicom_addr = listener.local_addr()?;
+        tracing::info!(%dicom_addr, ae_title = %config.dicom.ae_title, "DICOM SCP listening");
+
+        let (events_tx, events_rx) = mpsc::channel::<ReceiveEvent>(64);
+        {
+            let cfg = config.dicom.clone();
+            let sd = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = receive::run(cfg, listener, events_tx, sd).await {
+                    tracing::error!(error = %format!("{e:#}"), "DICOM listener stopped");
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(dispatch_events(shared.clone(), events_rx)));
+        tasks.push(tokio::spawn(completion_ticker(shared.clone(), shutdown_rx.clone())));
+        if config.alerts.webhook_url.is_some() {
+            let store = store.clone();
+            let alerts = config.alerts.clone();
+            let wake = shared.outbox_wake.clone();
+            let sd = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, wake, sd).await }));
+        }
+        Ok(Daemon { dicom_addr, store, results: results_rx, shutdown_tx, tasks })
+    }
+
+    /// Stops accepting, lets in-flight instances finish, and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+fn set_private(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+}
+
+/// Hashed series key for logs (UIDs can embed site identifiers).
+pub fn series_key(series_uid: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(series_uid.as_bytes())[..6])
+}
+
+async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<ReceiveEvent>) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ReceiveEvent::Instance(inc, reply) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { handle_instance(shared, inc, reply).await });
+            }
+            ReceiveEvent::Released { association, .. } => {
+                shared.tracker.lock().unwrap().association_ended(association);
+            }
+        }
+    }
+}
+
+/// spool → store → worker queue, then the status. Never success for something not durably stored.
+async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: oneshot::Sender<u16>) {
+    let association: AssociationId = inc.association;
+    let s = shared.clone();
+    let stored = tokio::task::spawn_blocking(move || -> Result<_, u16> {
+        let spooled = s.spool.store(&inc).map_err(|e| {
+            tracing::warn!(association, error = %e, "instance refused");
+            e.status()
+        })?;
+        let key = crate::store::patient_key(&s.salt, &spooled.meta.patient_id, &spooled.meta.patient_name);
+        let rec = s.store.record_instance(&spooled, association, &key).map_err(|e| {
+            tracing::error!(association, error = %format!("{e:#}"), "could not record instance");
+            status::OUT_OF_RESOURCES
+        })?;
+        Ok((spooled, rec))
+    })
+    .await;
+    let (spooled, rec) = match stored {
+        Ok(Ok(v)) => v,
+        Ok(Err(code)) => {
+            let _ = reply.send(code);
+            return;
+        }
+        Err(_) => {
+            let _ = reply.send(status::PROCESSING_FAILURE);
+            return;
+        }
+    };
+    let series_uid = spooled.meta.series_instance_uid.clone();
+    // A repeat of an instance already analysed does not re-open the series; a new one does.
+    if rec.is_new || !rec.series_had_result {
+        shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
+        enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
+    }
+    let _ = reply.send(status::SUCCESS);
+}
+
+/// Sends to the series worker, starting one (which reloads the series from the store) when none is live.
+async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
+    let mut msg = Some(msg);
+    for _ in 0..3 {
+        let tx = ensure_worker(shared, series_uid);
+        match tx.send(msg.take().unwrap()).await {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(m)) => {
+                // The worker ended (linger expired) between lookup and send: drop it and start a new one.
+                shared.workers.lock().unwrap().remove(series_uid);
+                msg = Some(m);
+            }
+        }
+    }
+    tracing::error!(series = %series_key(series_uid), "could not reach a series worker");
+}
+
+fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::Sender<WorkerMsg> {
+    let mut workers = shared.workers.lock().unwrap();
+    if let Some(tx) = workers.get(series_uid) {
+        if !tx.is_closed() {
+            return tx.clone();
+        }
+    }
+    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+    workers.insert(series_uid.to_string(), tx.clone());
+    tokio::spawn(series_worker(shared.clone(), series_uid.to_string(), rx));
+    tx
+}
+
+/// One series: segments slices as they arrive, analyses on Complete, lingers, then ends.
+async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Receiver<WorkerMsg>) {
+    let mut work = Some(SeriesWork::default());
+    // Instances already stored (restart, or a worker that lingered out) are segmented first.
+    let prior = {
+        let store = shared.store.clone();
+        let uid = series_uid.clone();
+        tokio::task::spawn_blocking(move || store.series_instances(&uid)).await
+    };
+    if let Ok(Ok(prior)) = prior {
+        for (meta, path) in prior {
+            work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
+        }
+    }
+    let mut received_at = chrono_now();
+    let mut completed = false;
+    loop {
+        let msg = if completed {
+            match tokio::time::timeout(WORKER_LINGER, rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(msg) = msg else { break };
+        match msg {
+            WorkerMsg::Instance { meta, path } => {
+                if completed {
+                    received_at = chrono_now();
+                    completed = false;
+                }
+                work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
+            }
+            WorkerMsg::Complete => {
+                let w = work.take().unwrap();
+                let s = shared.clone();
+                let uid = series_uid.clone();
+                let ra = received_at.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    let r = finish_series(&s, &uid, &w, &ra);
+                    (w, r)
+                })
+                .await;
+                match done {
+                    Ok((w, r)) => {
+                        work = Some(w);
+                        if let Err(e) = r {
+                            tracing::error!(series = %series_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(series = %series_key(&series_uid), error = %e, "analysis panicked");
+                        work = Some(SeriesWork::default());
+                    }
+                }
+                completed = true;
+            }
+        }
+    }
+    // Drop our receiver first: the map's sender then reports closed, unless a newer worker replaced it.
+    drop(rx);
+    let mut workers = shared.workers.lock().unwrap();
+    if workers.get(&series_uid).map(|tx| tx.is_closed()).unwrap_or(false) {
+        workers.remove(&series_uid);
+    }
+}
+
+async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
+    let ctx = shared.ctx.clone();
+    match tokio::task::spawn_blocking(move || {
+        work.add(&ctx, meta, &path);
+        work
+    })
+    .await
+    {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "slice segmentation panicked");
+            SeriesWork::default()
+        }
+    }
+}
+
+/// 3D analysis, versioned result, outbox row for a first positive, log line.
+fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_at: &str) -> Result<()> {
+    if work.instance_count() == 0 {
+        return Ok(());
+    }
+    let patient_key = {
+        let instances = shared.store.series_instances(series_uid)?;
+        instances
+            .first()
+            .map(|(m, _)| crate::store::patient_key(&shared.salt, &m.patient_id, &m.patient_name))
+            .unwrap_or_default()
+    };
+    let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now());
+    let positive = result["positive"].as_bool().unwrap_or(false);
+    let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
+    let previously_positive = shared
+        .store
+        .latest_result(series_uid)?
+        .map(|r| r.positive)
+        .unwrap_or(false);
+    let alert = positive && !previously_positive && shared.config.alerts.webhook_url.is_some();
+    result["alert"] = serde_json::json!(positive && !previously_positive);
+    let version = shared.store.record_result(series_uid, positive, involvement, &result, alert)?;
+    result["version"] = serde_json::json!(version);
+    crate::notify::log_result(&result);
+    if alert {
+        shared.outbox_wake.notify_one();
+    }
+    shared.results_tx.send_modify(|n| *n += 1);
+    Ok(())
+}
+
+async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = shutdown.changed() => return,
+        }
+        let done = shared.tracker.lock().unwrap().take_complete(Instant::now(), &shared.config.series);
+        for series_uid in done {
+            tracing::info!(series = %series_key(&series_uid), "series complete");
+            enqueue(&shared, &series_uid, WorkerMsg::Complete).await;
+        }
+    }
+}
+
+/// Current UTC time as RFC 3339 with milliseconds.
+pub fn chrono_now() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(now.as_millis() as i64)
+}
+
+/// Unix milliseconds → RFC 3339 UTC (no external time crate needed).
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z", sod / 3600, (sod % 3600) / 60, sod % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(1_798_761_600_123), "2027-01-01T00:00:00.123Z");
+        assert_eq!(super::rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

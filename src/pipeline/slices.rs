@@ -1,0 +1,183 @@
+//! The per-series work shared by the daemon and `analyze`: segment each instance as it arrives (decode → HU →
+//! model input → engine → native-resolution masks), then, when the series is complete, order the slices and
+//! run the 3D analysis into the result JSON.
+//!
+//! Owns: the accumulated per-slice segmentations of one series (bit-packed masks, not pixels) and the
+//! stage timings. Never: decides completion (that is `series`) or stores anything (that is `store`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::analysis::{self, AnalysisParams, PlacedSlice, SliceSegmentation};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::instance::InstanceMeta;
+use crate::model::Model;
+use crate::preprocess;
+use crate::series;
+
+/// What every series analysis needs: the verified model, the engine running it, and the thresholds.
+pub struct InferenceContext {
+    /// Model manifest (input contract, identity).
+    pub model: Model,
+    /// The engine chosen at start.
+    pub engine: Box<dyn Engine>,
+    /// Series and analysis settings.
+    pub config: Config,
+}
+
+/// One instance with its segmentation.
+struct SegmentedInstance {
+    /// Routing and geometry attributes.
+    meta: InstanceMeta,
+    /// Native-resolution masks and lesion HU.
+    segmentation: SliceSegmentation,
+}
+
+/// Everything accumulated for one series so far.
+#[derive(Default)]
+pub struct SeriesWork {
+    /// Segmented analysable instances by SOP Instance UID (a repeat replaces the earlier one).
+    segmented: BTreeMap<String, SegmentedInstance>,
+    /// Every instance seen, analysable or not, by SOP Instance UID (for eligibility and counts).
+    metas: BTreeMap<String, InstanceMeta>,
+    /// Instances whose pixels could not be used, with the reason.
+    errors: BTreeMap<String, String>,
+    /// Milliseconds spent decoding + normalising.
+    decode_ms: f64,
+    /// Milliseconds spent in the engine.
+    infer_ms: f64,
+    /// Milliseconds spent turning scores into masks.
+    segment_ms: f64,
+}
+
+impl SeriesWork {
+    /// Number of instances seen.
+    pub fn instance_count(&self) -> usize {
+        self.metas.len()
+    }
+
+    /// Segments one instance (blocking: decode + inference). Instances that can never be analysed (other SOP
+    /// classes, localizers, ...) are only counted.
+    pub fn add(&mut self, ctx: &InferenceContext, meta: InstanceMeta, path: &Path) {
+        let uid = meta.sop_instance_uid.clone();
+        self.metas.insert(uid.clone(), meta.clone());
+        self.segmented.remove(&uid);
+        self.errors.remove(&uid);
+        if !series::instance_skip_reasons(&meta).is_empty() {
+            return;
+        }
+        match self.segment(ctx, &meta, path) {
+            Ok(seg) => {
+                self.segmented.insert(uid, SegmentedInstance { meta, segmentation: seg });
+            }
+            Err(e) => {
+                tracing::warn!(sop_instance = %uid, error = %format!("{e:#}"), "slice not analysed");
+                self.errors.insert(uid, format!("{e:#}"));
+            }
+        }
+    }
+
+    fn segment(&mut self, ctx: &InferenceContext, meta: &InstanceMeta, path: &Path) -> Result<SliceSegmentation> {
+        let t0 = Instant::now();
+        let obj = crate::spool::read_instance(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut frames = preprocess::decode_hu_frames(&obj).context("decoding pixel data")?;
+        let hu = frames.drain(..).next().context("no frame")?;
+        let input = &ctx.model.manifest.input;
+        let mut x = vec![0f32; input.channels * input.height * input.width];
+        preprocess::prepare(&hu, input, &mut x);
+        let t1 = Instant::now();
+        let scores = ctx.engine.infer(&x, 1).context("inference")?;
+        let t2 = Instant::now();
+        let classes = ctx.model.manifest.output.classes.len();
+        let seg = analysis::segment_slice(&scores, classes, input.height, input.width, &hu);
+        let t3 = Instant::now();
+        let _ = meta;
+        self.decode_ms += ms(t1 - t0);
+        self.infer_ms += ms(t2 - t1);
+        self.segment_ms += ms(t3 - t2);
+        Ok(seg)
+    }
+
+    /// The 3D analysis and the result JSON (without store-assigned fields such as `version`).
+    /// `patient_key` and the two timestamps (RFC 3339) come from the caller.
+    pub fn finish(&self, ctx: &InferenceContext, patient_key: &str, received_at: &str, completed_at: &str) -> Value {
+        let t0 = Instant::now();
+        let all: Vec<&InstanceMeta> = self.metas.values().collect();
+        let would_skip = series::series_skip_reasons(&all, &ctx.config.series);
+        let first = all.first();
+        let study = first.map(|m| m.study_instance_uid.clone()).unwrap_or_default();
+        let series_uid = first.map(|m| m.series_instance_uid.clone()).unwrap_or_default();
+
+        let seg_metas: Vec<&InstanceMeta> = self.segmented.values().map(|s| &s.meta).collect();
+        let order = series::order_slices(&seg_metas);
+        let segs: Vec<&SegmentedInstance> = self.segmented.values().collect();
+        let placed: Vec<PlacedSlice> = order
+            .order
+            .iter()
+            .zip(order.positions_mm.iter())
+            .map(|(&i, &z)| PlacedSlice::new(&segs[i].segmentation, &segs[i].meta, z))
+            .collect();
+        let params = AnalysisParams {
+            positive_threshold_percent: ctx.config.analysis.positive_threshold_percent,
+            min_lesion_volume_ml: ctx.config.analysis.min_lesion_volume_ml,
+            slice_spacing_mm: order.spacing_mm,
+        };
+        let analysed = !placed.is_empty();
+        let result = analysis::analyse_series(&placed, &params);
+        let analysis_ms = ms(t0.elapsed()) + self.segment_ms;
+        let sop_order: Vec<&str> = order.order.iter().map(|&i| segs[i].meta.sop_instance_uid.as_str()).collect();
+
+        let mut v = json!({
+            "study_instance_uid": study,
+            "series_instance_uid": series_uid,
+            "patient_key": patient_key,
+            "study_date": first.map(|m| m.study_date.clone()).unwrap_or_default(),
+            "status": if analysed { "analysed" } else { "skipped" },
+            "skip_reasons": would_skip,
+            "n_slices": self.metas.len(),
+            "analysed_slices": placed.len(),
+            "slice_errors": self.errors.iter().map(|(k, v)| json!({"sop_instance_uid": k, "error": v})).collect::<Vec<_>>(),
+            "slice_spacing_mm": order.spacing_mm,
+            "gaps": order.gaps,
+            "duplicates": order.duplicates,
+            "slice_sop_instance_uids": sop_order,
+            "model": ctx.model.identity(),
+            "engine": ctx.engine.name(),
+            "timings_ms": {
+                "decode": round1(self.decode_ms),
+                "infer": round1(self.infer_ms),
+                "analysis": round1(analysis_ms),
+                "total": round1(self.decode_ms + self.infer_ms + analysis_ms),
+            },
+            "received_at": received_at,
+            "completed_at": completed_at,
+        });
+        let a = serde_json::to_value(&result).unwrap_or(Value::Null);
+        if let (Value::Object(dst), Value::Object(src)) = (&mut v, a) {
+            for (k, val) in src {
+                dst.insert(k, val);
+            }
+        }
+        if !analysed {
+            v["positive"] = json!(false);
+        }
+        v
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Shared handle for workers.
+pub type SharedContext = Arc<InferenceContext>;

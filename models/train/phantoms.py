@@ -1,0 +1,68 @@
+"""Synthetic HU phantom series from `lungsentry phantom`: generate, read, normalise, cache."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from normalise import hu_to_u8, resize_labels
+
+SEVERITIES = ["none", "mild", "moderate", "severe"]
+
+
+def read_hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(str(path))
+    px = ds.pixel_array
+    stored = px.astype(np.float64)
+    slope = float(getattr(ds, "RescaleSlope", 1.0))
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+    hu = stored * slope + intercept
+    pad = getattr(ds, "PixelPaddingValue", None)
+    if pad is not None:
+        hu[px == pad] = -1024.0
+    return hu
+
+
+def read_series(d: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(HU slices z x y x x in file order, labels z x y x x). Files IM00001.dcm... are in label z order."""
+    files = sorted(d.glob("*.dcm"))
+    meta = json.loads((d / "labels.json").read_text())
+    z, y, x = meta["dims"]
+    labels = np.fromfile(d / "labels.raw", dtype=np.uint8).reshape(z, y, x)
+    hu = np.stack([read_hu(f) for f in files])
+    assert hu.shape == labels.shape, (hu.shape, labels.shape)
+    return hu, labels
+
+
+def generate(binary: str, out: Path, seed: int, slices: int, size: int, severity: str) -> None:
+    if (out / "labels.json").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "phantom", "--out", str(out), "--seed", str(seed), "--slices", str(slices),
+                    "--size", str(size), "--severity", severity], check=True, capture_output=True)
+
+
+def build_set(binary: str, root: Path, seeds: list[int], slices: int, size: int) -> dict:
+    """Generates (if missing) and normalises a phantom set; severity cycles none/mild/moderate/severe.
+
+    Returns {"ct": u8 N x 256 x 256, "labels": u8 N x 256 x 256, "series": int N (series number),
+    "severity": [str per series], "seeds": [...], "gt_involvement": [percent per series]}.
+    """
+    cts, labs, ser, sev, inv = [], [], [], [], []
+    for k, seed in enumerate(seeds):
+        s = SEVERITIES[k % len(SEVERITIES)]
+        d = root / f"seed{seed}-{s}-{slices}x{size}"
+        generate(binary, d, seed, slices, size, s)
+        hu, lab = read_series(d)
+        for i in range(len(hu)):
+            cts.append(hu_to_u8(hu[i]))
+            labs.append(resize_labels(lab[i]))
+            ser.append(k)
+        sev.append(s)
+        lung = (lab >= 1).sum()
+        inv.append(float(100.0 * (lab == 2).sum() / max(lung, 1)))
+    return dict(ct=np.stack(cts), labels=np.stack(labs), series=np.array(ser), severity=sev, seeds=seeds,
+                gt_involvement=inv)

@@ -1,0 +1,279 @@
+"""Train the lungsentry U-Net (one command; see README.md) and export models/lungsentry-unet.onnx.
+
+    python models/train/train.py --epochs 40 [--phantoms] [--width 8 --levels 4]
+
+Real data: covid19-ct-seg-256 (LUNGSENTRY_DATA), patient-level split from split.json.
+Phantoms (--phantoms): `lungsentry phantom` series, generated outside the repo (--phantom-cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data_real
+import split as split_mod
+from model import UNet, count_params
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE.parent
+
+
+# ---------------------------------------------------------------- augmentation
+def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """img float32 [0,1] 256x256, lab u8. Geometry (flips, rotation, scale, shift) + intensity mapping
+    perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    if rng.random() < 0.5:
+        img, lab = img[::-1], lab[::-1]
+    if rng.random() < 0.7:
+        ang = rng.uniform(-15, 15)
+        sc = rng.uniform(0.85, 1.15)
+        tx, ty = rng.uniform(-12, 12, 2)
+        M = cv2.getRotationMatrix2D((128, 128), ang, sc)
+        M[:, 2] += (tx, ty)
+        border = float(np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])))
+        img = cv2.warpAffine(np.ascontiguousarray(img), M, (256, 256), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=border)
+        lab = cv2.warpAffine(np.ascontiguousarray(lab), M, (256, 256), flags=cv2.INTER_NEAREST,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    if rng.random() < 0.5:
+        img = np.power(np.clip(img, 0, 1), rng.uniform(0.7, 1.5)).astype(np.float32)
+    if rng.random() < 0.5:
+        c, b = rng.uniform(0.8, 1.2), rng.uniform(-0.08, 0.08)
+        img = (img - 0.5) * c + 0.5 + b
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
+    if rng.random() < 0.3:
+        img = img + rng.normal(0, rng.uniform(0.005, 0.04), img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32), np.ascontiguousarray(lab)
+
+
+# ---------------------------------------------------------------- loss and metrics
+def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits, y)
+    p = logits.softmax(1)
+    # soft Dice on the nested regions the product reports: lung (= lung or lesion) and lesion
+    p_lung = p[:, 1] + p[:, 2]
+    t_lung = (y >= 1).float()
+    p_les = p[:, 2]
+    t_les = (y == 2).float()
+    def sdice(a, b):
+        inter = (a * b).sum()
+        return 1 - (2 * inter + 1) / (a.sum() + b.sum() + 1)
+    return ce + 0.5 * sdice(p_lung, t_lung) + 1.0 * sdice(p_les, t_les)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    s = int(pred.sum()) + int(truth.sum())
+    if s == 0:
+        return None
+    return 2.0 * int((pred & truth).sum()) / s
+
+
+@torch.no_grad()
+def predict(model: UNet, x_u8: np.ndarray, bs: int = 16) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(x_u8), bs):
+        x = torch.from_numpy(x_u8[i:i + bs].astype(np.float32) / 255.0)[:, None]
+        x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).argmax(1).numpy().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def seg_metrics(pred: np.ndarray, lab: np.ndarray) -> dict:
+    return dict(lung_dice=dice(pred >= 1, lab >= 1), lesion_dice=dice(pred == 2, lab == 2), slices=int(len(lab)))
+
+
+def eval_real(model, ct, lab, val_idx, per_patient) -> dict:
+    pred = predict(model, ct[val_idx])
+    res = dict(global_=seg_metrics(pred, lab[val_idx]), per_patient={})
+    off = 0
+    for pid, idx in per_patient:
+        p = pred[off:off + len(idx)]
+        off += len(idx)
+        res["per_patient"][pid] = seg_metrics(p, lab[idx])
+    res["global"] = res.pop("global_")
+    return res
+
+
+def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
+    pred = predict(model, ph["ct"])
+    lab = ph["labels"]
+    series = []
+    for k, sev in enumerate(ph["severity"]):
+        m = ph["series"] == k
+        p, t = pred[m], lab[m]
+        inv_pred = 100.0 * (p == 2).sum() / max((p >= 1).sum(), 1)
+        inv_true = 100.0 * (t == 2).sum() / max((t >= 1).sum(), 1)
+        series.append(dict(seed=int(ph["seeds"][k]), severity=sev, lung_dice=dice(p >= 1, t >= 1),
+                           lesion_dice=dice(p == 2, t == 2), involvement_pred=round(float(inv_pred), 3),
+                           involvement_true=round(float(inv_true), 3)))
+    les = [s for s in series if s["severity"] != "none"]
+    none = [s for s in series if s["severity"] == "none"]
+    return dict(
+        global_lesion_dice=dice(pred[np.isin(ph["series"], [k for k, s in enumerate(ph["severity"]) if s != "none"])] == 2,
+                                lab[np.isin(ph["series"], [k for k, s in enumerate(ph["severity"]) if s != "none"])] == 2),
+        global_lung_dice=dice(pred >= 1, lab >= 1),
+        max_involvement_error_points=max([abs(s["involvement_pred"] - s["involvement_true"]) for s in series] or [0]),
+        false_positive_series=sum(1 for s in none if s["involvement_pred"] >= fp_threshold),
+        none_series=len(none), lesion_series=len(les), fp_threshold_percent=fp_threshold, series=series)
+
+
+# ---------------------------------------------------------------- export
+def export_onnx(model: UNet, path: Path) -> None:
+    model.eval()
+    torch.onnx.export(model, torch.zeros(1, 1, 256, 256), str(path), input_names=["ct"], output_names=["scores"],
+                      dynamic_axes={"ct": {0: "n"}, "scores": {0: "n"}}, opset_version=17, dynamo=False,
+                      do_constant_folding=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=None, help="LUNGSENTRY_DATA root (default: env or ../shared/data)")
+    ap.add_argument("--phantoms", action="store_true", help="also train on / validate with lungsentry phantoms")
+    ap.add_argument("--phantom-bin", default=str(MODELS.parent / "target" / "release" / "lungsentry"))
+    ap.add_argument("--phantom-cache", type=Path, default=Path("/work/phantom-cache"))
+    ap.add_argument("--phantom-train-series", type=int, default=40)
+    ap.add_argument("--phantom-val-series", type=int, default=12)
+    ap.add_argument("--phantom-slices", type=int, default=40)
+    ap.add_argument("--phantom-size", type=int, default=512)
+    ap.add_argument("--phantom-fraction", type=float, default=0.4, help="share of each batch drawn from phantoms")
+    ap.add_argument("--samples-per-epoch", type=int, default=800)
+    ap.add_argument("--crop", type=int, default=160, help="train on random crops of this size (0: full 256)")
+    ap.add_argument("--run", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    ap.add_argument("--out", type=Path, default=MODELS / "lungsentry-unet.onnx")
+    ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(args.threads)
+    args.run.mkdir(parents=True, exist_ok=True)
+    log = open(args.run / "log.txt", "a")
+
+    def say(*a):
+        line = " ".join(str(x) for x in a)
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    if args.data:
+        os.environ["LUNGSENTRY_DATA"] = str(args.data)
+    ct, lab = data_real.load_real()
+    sp = split_mod.load_split()
+    tr_idx, va_idx, per_patient = split_mod.split_indices(sp)
+    say(f"real: {len(ct)} slices, train {len(tr_idx)}, val {len(va_idx)} ({[p for p, _ in per_patient]})")
+
+    ph_tr = ph_va = None
+    if args.phantoms:
+        cache = HERE / "cache"
+        def load_set(name, seeds):
+            f = cache / f"phantoms-{name}-{len(seeds)}x{args.phantom_slices}x{args.phantom_size}.npz"
+            if f.exists():
+                z = np.load(f, allow_pickle=True)
+                return {k: (z[k].tolist() if k in ("severity", "seeds", "gt_involvement") else z[k]) for k in z.files}
+            import phantoms
+            d = phantoms.build_set(args.phantom_bin, args.phantom_cache, seeds, args.phantom_slices, args.phantom_size)
+            np.savez(f, **d)
+            return d
+        t0 = time.time()
+        ph_tr = load_set("train", list(range(1000, 1000 + args.phantom_train_series)))
+        ph_va = load_set("val", list(range(9000, 9000 + args.phantom_val_series)))
+        say(f"phantoms: train {len(ph_tr['ct'])} slices, val {len(ph_va['ct'])} slices ({time.time() - t0:.0f} s)")
+
+    model = UNet(args.width, args.levels)
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
+    model = model.to(memory_format=torch.channels_last)
+    say(f"model: width {args.width} levels {args.levels} params {count_params(model)}")
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = args.samples_per_epoch // args.batch
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    best, best_score, history = None, -1.0, []
+    t_start = time.time()
+    for ep in range(args.epochs):
+        model.train()
+        t0 = time.time()
+        losses = []
+        for _ in range(steps_per_epoch):
+            xs, ys = [], []
+            for _ in range(args.batch):
+                if ph_tr is not None and rng.random() < args.phantom_fraction:
+                    i = int(rng.integers(len(ph_tr["ct"])))
+                    img, l = ph_tr["ct"][i], ph_tr["labels"][i]
+                else:
+                    i = int(tr_idx[rng.integers(len(tr_idx))])
+                    img, l = ct[i], lab[i]
+                a, b = augment(img.astype(np.float32) / 255.0, l, rng)
+                if args.crop and args.crop < 256:
+                    oy, ox = rng.integers(0, 256 - args.crop + 1, 2)
+                    a, b = a[oy:oy + args.crop, ox:ox + args.crop], b[oy:oy + args.crop, ox:ox + args.crop]
+                xs.append(a)
+                ys.append(b)
+            x = torch.from_numpy(np.stack(xs))[:, None].contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(np.stack(ys).astype(np.int64))
+            loss = dice_ce_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        r = eval_real(model, ct, lab, va_idx, per_patient)
+        rec = dict(epoch=ep + 1, loss=round(float(np.mean(losses)), 4), secs=round(time.time() - t0, 1),
+                   real_lung=r["global"]["lung_dice"], real_lesion=r["global"]["lesion_dice"])
+        score = r["global"]["lesion_dice"] + r["global"]["lung_dice"]
+        if ph_va is not None:
+            p = eval_phantoms(model, ph_va)
+            rec.update(ph_lesion=p["global_lesion_dice"], ph_inv_err=p["max_involvement_error_points"],
+                       ph_fp=p["false_positive_series"])
+            score += p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"] - 0.1 * p["false_positive_series"]
+        rec["score"] = score
+        history.append(rec)
+        say(json.dumps(rec))
+        if score > best_score:
+            best_score = score
+            best = {k: v.clone() for k, v in model.state_dict().items()}
+            torch.save(best, args.run / "best.pt")
+    train_secs = time.time() - t_start
+    model.load_state_dict(best)
+    r = eval_real(model, ct, lab, va_idx, per_patient)
+    p = eval_phantoms(model, ph_va) if ph_va is not None else None
+    model = model.to(memory_format=torch.contiguous_format)
+    export_onnx(model, args.out)
+    summary = dict(width=args.width, levels=args.levels, params=count_params(model), epochs=args.epochs,
+                   batch=args.batch, lr=args.lr, seed=args.seed, phantoms=bool(args.phantoms),
+                   phantom_fraction=args.phantom_fraction if args.phantoms else 0.0,
+                   samples_per_epoch=args.samples_per_epoch, crop=args.crop, train_seconds=round(train_secs),
+                   threads=args.threads, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
+                   real_val=r, phantom_val=p, history=history)
+    (args.run / "summary.json").write_text(json.dumps(summary, indent=1))
+    say(json.dumps(dict(real=r["global"], phantom=None if p is None else
+                        {k: v for k, v in p.items() if k != "series"})))
+    say(f"exported {args.out}; summary {args.run / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,494 @@
-//! analysis — (being built)
+//! analysis — from class scores to masks, 3D lesions, volumes and the involvement flag.
+//!
+//! Owns: upsampling each slice's score maps to native resolution and taking the argmax (lesion implies lung);
+//! bit-packed masks; 3D lesion components (26-connectivity across adjacent slices) with the small ones dropped;
+//! per-lesion volume, mean HU, extent, centroid and side; lung and lesion volumes; involvement and the positive flag.
+//! Hands on: [`SeriesAnalysis`] (serialisable; its field names are the result JSON's) to `store`/`notify`.
+//! Never: decodes pixels, runs the model, or decides what happens with a positive result.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::AnalysisConfig;
+use crate::preprocess::HuSlice;
+
+/// Class channel of lung in the model output (manifest order: background, lung, lesion).
+pub const LUNG_CLASS: usize = 1;
+/// Class channel of lesion in the model output.
+pub const LESION_CLASS: usize = 2;
+
+/// A rows×cols binary mask, one bit per pixel (row-major).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitMask {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Bits, pixel i at word i / 64, bit i % 64.
+    words: Vec<u64>,
+}
+
+impl BitMask {
+    /// An all-zero mask.
+    pub fn new(rows: usize, cols: usize) -> BitMask {
+        BitMask { rows, cols, words: vec![0; (rows * cols).div_ceil(64)] }
+    }
+
+    /// Builds a mask from one bool per pixel (row-major).
+    pub fn from_bools(rows: usize, cols: usize, px: &[bool]) -> BitMask {
+        assert_eq!(px.len(), rows * cols, "BitMask::from_bools: length is not rows×cols");
+        let mut m = BitMask::new(rows, cols);
+        for (i, &b) in px.iter().enumerate() {
+            if b {
+                m.words[i / 64] |= 1 << (i % 64);
+            }
+        }
+        m
+    }
+
+    /// Pixel (row, col).
+    #[inline]
+    pub fn get(&self, row: usize, col: usize) -> bool {
+        self.get_index(row * self.cols + col)
+    }
+
+    /// Pixel by row-major index.
+    #[inline]
+    pub fn get_index(&self, i: usize) -> bool {
+        (self.words[i / 64] >> (i % 64)) & 1 == 1
+    }
+
+    /// Sets pixel (row, col).
+    #[inline]
+    pub fn set(&mut self, row: usize, col: usize, value: bool) {
+        let i = row * self.cols + col;
+        if value {
+            self.words[i / 64] |= 1 << (i % 64);
+        } else {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// Number of set pixels.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// One bool per pixel.
+    pub fn to_bools(&self) -> Vec<bool> {
+        (0..self.rows * self.cols).map(|i| self.get_index(i)).collect()
+    }
+
+    /// Horizontal runs of set pixels in raster order: (row, first col, last col inclusive).
+    pub fn runs(&self) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for r in 0..self.rows {
+            let mut c = 0;
+            while c < self.cols {
+                if self.get(r, c) {
+                    let s = c;
+                    while c + 1 < self.cols && self.get(r, c + 1) {
+                        c += 1;
+                    }
+                    out.push((r, s, c));
+                }
+                c += 1;
+            }
+        }
+        out
+    }
+
+    /// Bytes the mask holds (for memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+/// One slice's segmentation at native resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceSegmentation {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Lung, including lesion pixels (lesion implies lung).
+    pub lung: BitMask,
+    /// Lesion (before the 3D minimum-volume filter).
+    pub lesion: BitMask,
+    /// HU of each lesion pixel, in raster order of the lesion mask, so mean HU per 3D lesion needs no HU slice.
+    pub lesion_hu: Vec<f32>,
+    /// Highest lesion probability (softmax of the scores, at model resolution) anywhere in the slice.
+    pub max_lesion_probability: f32,
+}
+
+/// Bilinear upsampling table (half-pixel centres, clamped): two source indices and the weight of the second.
+fn upsample_table(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
+    let scale = src as f64 / dst as f64;
+    (0..dst)
+        .map(|d| {
+            let f = ((d as f64 + 0.5) * scale - 0.5).clamp(0.0, (src - 1) as f64);
+            let s0 = f.floor() as usize;
+            let s1 = (s0 + 1).min(src - 1);
+            (s0, s1, (f - s0 as f64) as f32)
+        })
+        .collect()
+}
+
+/// Highest softmax probability of `class` over the pixels of one K×H×W score map.
+pub fn max_class_probability(scores: &[f32], classes: usize, h: usize, w: usize, class: usize) -> f32 {
+    let plane = h * w;
+    let mut best = 0f32;
+    for p in 0..plane {
+        let m = (0..classes).map(|k| scores[k * plane + p]).fold(f32::NEG_INFINITY, f32::max);
+        let denom: f32 = (0..classes).map(|k| (scores[k * plane + p] - m).exp()).sum();
+        let prob = (scores[class * plane + p] - m).exp() / denom;
+        best = best.max(prob);
+    }
+    best
+}
+
+/// Turns one slice's K×H×W scores (logits or probabilities, channel order background, lung, lesion) into masks at
+/// the native rows×cols of `hu`: each class map is upsampled bilinearly (half-pixel centres), then argmax per
+/// pixel (ties go to the lower class). Lesion pixels count as lung too; their HU values are kept.
+pub fn segment_slice(scores: &[f32], classes: usize, h: usize, w: usize, hu: &HuSlice) -> SliceSegmentation {
+    assert!(classes > LESION_CLASS, "segment_slice: need background, lung and lesion channels");
+    assert_eq!(scores.len(), classes * h * w, "segment_slice: scores are not K×H×W");
+    assert_eq!(hu.hu.len(), hu.rows * hu.cols, "segment_slice: HU slice is not rows×cols");
+    let (rows, cols) = (hu.rows, hu.cols);
+    let xt = upsample_table(w, cols);
+    let yt = upsample_table(h, rows);
+    let plane = h * w;
+    let mut lung = BitMask::new(rows, cols);
+    let mut lesion = BitMask::new(rows, cols);
+    let mut lesion_hu = Vec::new();
+    let mut vals = vec![0f32; classes];
+    for (r, &(y0, y1, fy)) in yt.iter().enumerate() {
+        for (c, &(x0, x1, fx)) in xt.iter().enumerate() {
+            for (k, v) in vals.iter_mut().enumerate() {
+                let m = &scores[k * plane..(k + 1) * plane];
+                let top = m[y0 * w + x0] * (1.0 - fx) + m[y0 * w + x1] * fx;
+                let bottom = m[y1 * w + x0] * (1.0 - fx) + m[y1 * w + x1] * fx;
+                *v = top * (1.0 - fy) + bottom * fy;
+            }
+            let mut best = 0;
+            for k in 1..classes {
+                if vals[k] > vals[best] {
+                    best = k;
+                }
+            }
+            if best == LESION_CLASS {
+                lesion.set(r, c, true);
+                lung.set(r, c, true);
+                lesion_hu.push(hu.hu[r * cols + c]);
+            } else if best == LUNG_CLASS {
+                lung.set(r, c, true);
+            }
+        }
+    }
+    SliceSegmentation {
+        rows,
+        cols,
+        lung,
+        lesion,
+        lesion_hu,
+        max_lesion_probability: max_class_probability(scores, classes, h, w, LESION_CLASS),
+    }
+}
+
+/// A segmented slice with where it sits in the patient.
+#[derive(Debug, Clone)]
+pub struct PlacedSlice {
+    /// The slice's masks.
+    pub segmentation: SliceSegmentation,
+    /// Position along the series' slice normal, mm (sorting key and spacing source).
+    pub position_mm: f64,
+    /// Image Position (Patient) of the first pixel, mm (LPS).
+    pub image_position: [f64; 3],
+    /// Image Orientation (Patient): row direction then column direction cosines.
+    pub image_orientation: [f64; 6],
+    /// Pixel Spacing: row spacing (between rows), column spacing (between columns), mm.
+    pub pixel_spacing: [f64; 2],
+    /// Slice Thickness, mm (voxel depth when the series has a single slice).
+    pub slice_thickness: Option<f64>,
+}
+
+impl PlacedSlice {
+    /// LPS coordinates of pixel (row, col) — `col` may be fractional (run sums).
+    fn point(&self, row: f64, col: f64) -> [f64; 3] {
+        let o = &self.image_orientation;
+        let p = &self.image_position;
+        let (dr, dc) = (self.pixel_spacing[0], self.pixel_spacing[1]);
+        [
+            p[0] + o[0] * dc * col + o[3] * dr * row,
+            p[1] + o[1] * dc * col + o[4] * dr * row,
+            p[2] + o[2] * dc * col + o[5] * dr * row,
+        ]
+    }
+}
+
+/// Thresholds of the series analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisParams {
+    /// 3D lesion components smaller than this (mL) are dropped and no longer count as lesion.
+    pub min_lesion_volume_ml: f64,
+    /// Positive when involvement exceeds this percentage.
+    pub positive_threshold_percent: f64,
+}
+
+impl From<&AnalysisConfig> for AnalysisParams {
+    fn from(c: &AnalysisConfig) -> Self {
+        AnalysisParams {
+            min_lesion_volume_ml: c.min_lesion_volume_ml,
+            positive_threshold_percent: c.positive_threshold_percent,
+        }
+    }
+}
+
+/// One 3D lesion (a connected component of lesion voxels that survived the minimum volume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lesion {
+    /// 1-based, in order of first appearance (lowest slice, then raster order).
+    pub id: u32,
+    /// Volume, mL.
+    pub volume_ml: f64,
+    /// Mean HU of its voxels.
+    pub mean_hu: f64,
+    /// First slice index (in position order) it appears on.
+    pub first_slice: usize,
+    /// Last slice index (in position order) it appears on.
+    pub last_slice: usize,
+    /// Centroid in patient coordinates (DICOM LPS), mm.
+    pub centroid_mm: [f64; 3],
+    /// "left" or "right" (patient side), relative to the lungs' mid-line.
+    pub side: String,
+}
+
+/// The outcome of a series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesAnalysis {
+    /// Lesions, largest first is not implied: ordered by id.
+    pub lesions: Vec<Lesion>,
+    /// Lung volume (lesion included), mL.
+    pub lung_volume_ml: f64,
+    /// Volume of the surviving lesions, mL.
+    pub lesion_volume_ml: f64,
+    /// lesion / lung × 100; 0 when no lung was found.
+    pub involvement_percent: f64,
+    /// Slice indices (position order) holding at least one surviving lesion voxel.
+    pub positive_slices: Vec<usize>,
+    /// involvement_percent > the positive threshold.
+    pub positive: bool,
+    /// Voxel depth used, mm (median spacing between positions; slice thickness for a single slice).
+    pub slice_spacing_mm: f64,
+    /// For each position-order index, the index of that slice in the input.
+    pub slice_order: Vec<usize>,
+    /// Surviving lesion mask per slice, position order (not part of the JSON result).
+    #[serde(skip)]
+    pub lesion_masks: Vec<BitMask>,
+}
+
+/// Disjoint-set forest over lesion runs.
+struct Dsu {
+    parent: Vec<u32>,
+}
+
+impl Dsu {
+    fn find(&mut self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            let p = self.parent[x as usize];
+            self.parent[x as usize] = self.parent[p as usize];
+            x = p;
+        }
+        x
+    }
+    fn union(&mut self, a: u32, b: u32) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            let (lo, hi) = if ra < rb { (ra, rb) } else { (rb, ra) };
+            self.parent[hi as usize] = lo;
+        }
+    }
+}
+
+/// One horizontal run of lesion pixels.
+struct Run {
+    slice: usize,
+    row: usize,
+    start: usize,
+    end: usize,
+    hu_sum: f64,
+}
+
+/// Median of the gaps between consecutive sorted positions (ignoring duplicates), if any.
+fn median_spacing(positions: &[f64]) -> Option<f64> {
+    let mut gaps: Vec<f64> = positions.windows(2).map(|w| (w[1] - w[0]).abs()).filter(|g| *g > 1e-6).collect();
+    if gaps.is_empty() {
+        return None;
+    }
+    gaps.sort_by(|a, b| a.total_cmp(b));
+    let n = gaps.len();
+    Some(if n % 2 == 1 { gaps[n / 2] } else { (gaps[n / 2 - 1] + gaps[n / 2]) / 2.0 })
+}
+
+/// Links runs of slice `a` rows to runs of slice `b` that touch with 8-connectivity in-plane (same slice, adjacent
+/// rows) or 26-connectivity across slices (rows r−1..=r+1). `a_runs`/`b_runs` are indices into `runs`, raster order.
+fn link_runs(runs: &[Run], a_runs: &[u32], b_runs: &[u32], row_delta_max: isize, dsu: &mut Dsu, same_slice: bool) {
+    // Group b's runs by row for lookup.
+    let mut j0 = 0usize;
+    for &ia in a_runs {
+        let ra = &runs[ia as usize];
+        let lo_row = ra.row as isize - row_delta_max;
+        let hi_row = ra.row as isize + row_delta_max;
+        // advance the window start in b
+        while j0 < b_runs.len() && (runs[b_runs[j0] as usize].row as isize) < lo_row {
+            j0 += 1;
+        }
+        let mut j = j0;
+        while j < b_runs.len() {
+            let rb = &runs[b_runs[j] as usize];
+            if rb.row as isize > hi_row {
+                break;
+            }
+            if !(same_slice && rb.row == ra.row) && rb.start <= ra.end + 1 && ra.start <= rb.end + 1 {
+                dsu.union(ia, b_runs[j]);
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Runs the 3D analysis over a series' segmented slices (any order; they are sorted by position).
+pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> SeriesAnalysis {
+    let mut order: Vec<usize> = (0..slices.len()).collect();
+    order.sort_by(|&a, &b| slices[a].position_mm.total_cmp(&slices[b].position_mm));
+    let sorted: Vec<&PlacedSlice> = order.iter().map(|&i| &slices[i]).collect();
+    let positions: Vec<f64> = sorted.iter().map(|s| s.position_mm).collect();
+    let spacing = median_spacing(&positions)
+        .or_else(|| sorted.first().and_then(|s| s.slice_thickness).filter(|t| *t > 0.0))
+        .unwrap_or(1.0);
+    let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
+
+    // Lung volume and the lungs' mid-line (centre of their x extent in patient coordinates).
+    let mut lung_volume_ml = 0.0;
+    let (mut min_x, mut max_x) = (f64::INFINITY, f64::NEG_INFINITY);
+    for s in &sorted {
+        let seg = &s.segmentation;
+        lung_volume_ml += seg.lung.count() as f64 * voxel_ml(s);
+        for (r, c0, c1) in seg.lung.runs() {
+            for c in [c0, c1] {
+                let x = s.point(r as f64, c as f64)[0];
+                min_x = min_x.min(x);
+                max_x = max_x.max(x);
+            }
+        }
+    }
+    let midline_x = if min_x.is_finite() { (min_x + max_x) / 2.0 } else { f64::NAN };
+
+    // Lesion runs per slice, each with its HU sum.
+    let mut runs: Vec<Run> = Vec::new();
+    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
+    for (si, s) in sorted.iter().enumerate() {
+        let seg = &s.segmentation;
+        let mut idx = Vec::new();
+        let mut hu_offset = 0usize;
+        for (r, c0, c1) in seg.lesion.runs() {
+            let len = c1 - c0 + 1;
+            let hu_sum: f64 = seg.lesion_hu.get(hu_offset..hu_offset + len).map_or(0.0, |v| v.iter().map(|&x| x as f64).sum());
+            hu_offset += len;
+            idx.push(runs.len() as u32);
+            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum });
+        }
+        slice_runs.push(idx);
+    }
+    let mut dsu = Dsu { parent: (0..runs.len() as u32).collect() };
+    for si in 0..sorted.len() {
+        link_runs(&runs, &slice_runs[si], &slice_runs[si], 1, &mut dsu, true);
+        if si + 1 < sorted.len() {
+            let (a, b) = (&sorted[si].segmentation, &sorted[si + 1].segmentation);
+            if a.rows == b.rows && a.cols == b.cols {
+                link_runs(&runs, &slice_runs[si], &slice_runs[si + 1], 1, &mut dsu, false);
+            }
+        }
+    }
+
+    // Accumulate per component (root).
+    #[derive(Default, Clone)]
+    struct Acc {
+        voxels: f64,
+        volume_ml: f64,
+        hu_sum: f64,
+        coord_sum: [f64; 3],
+        first: usize,
+        last: usize,
+        seen: bool,
+        order: usize,
+    }
+    let mut accs: std::collections::HashMap<u32, Acc> = std::collections::HashMap::new();
+    for (i, run) in runs.iter().enumerate() {
+        let root = dsu.find(i as u32);
+        let s = sorted[run.slice];
+        let len = (run.end - run.start + 1) as f64;
+        let mid_col = (run.start + run.end) as f64 / 2.0;
+        let p = s.point(run.row as f64, mid_col);
+        let next_order = accs.len();
+        let a = accs.entry(root).or_insert_with(|| Acc { first: run.slice, order: next_order, ..Default::default() });
+        if !a.seen {
+            a.seen = true;
+            a.first = run.slice;
+        }
+        a.voxels += len;
+        a.volume_ml += len * voxel_ml(s);
+        a.hu_sum += run.hu_sum;
+        for k in 0..3 {
+            a.coord_sum[k] += p[k] * len;
+        }
+        a.first = a.first.min(run.slice);
+        a.last = a.last.max(run.slice);
+    }
+    let mut comps: Vec<(u32, Acc)> = accs.into_iter().collect();
+    comps.sort_by_key(|(_, a)| a.order);
+    let mut kept_roots = std::collections::HashSet::new();
+    let mut lesions = Vec::new();
+    let mut lesion_volume_ml = 0.0;
+    for (root, a) in comps {
+        if a.volume_ml < params.min_lesion_volume_ml {
+            continue;
+        }
+        kept_roots.insert(root);
+        let centroid = [a.coord_sum[0] / a.voxels, a.coord_sum[1] / a.voxels, a.coord_sum[2] / a.voxels];
+        let side = if centroid[0] > midline_x { "left" } else { "right" };
+        lesion_volume_ml += a.volume_ml;
+        lesions.push(Lesion {
+            id: lesions.len() as u32 + 1,
+            volume_ml: a.volume_ml,
+            mean_hu: a.hu_sum / a.voxels,
+            first_slice: a.first,
+            last_slice: a.last,
+            centroid_mm: centroid,
+            side: side.to_string(),
+        });
+    }
+
+    let mut lesion_masks: Vec<BitMask> =
+        sorted.iter().map(|s| BitMask::new(s.segmentation.rows, s.segmentation.cols)).collect();
+    let mut positive = vec![false; sorted.len()];
+    for (i, run) in runs.iter().enumerate() {
+        if kept_roots.contains(&dsu.find(i as u32)) {
+            positive[run.slice] = true;
+            for c in run.start..=run.end {
+                lesion_masks[run.slice].set(run.row, c, true);
+            }
+        }
+    }
+    let involvement_percent = if lung_volume_ml > 0.0 { lesion_volume_ml / lung_volume_ml * 100.0 } else { 0.0 };
+    SeriesAnalysis {
+        lesions,
+        lung_volume_ml,
+        lesion_volume_ml,
+        involvement_percent,
+        positive_slices: positive.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i).collect(),
+        positive: involvement_percent > params.positive_threshold_percent,
+        slice_spacing_mm: spacing,
+        slice_order: order,
+        lesion_masks,
+    }
+}

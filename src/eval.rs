@@ -1,15 +1,556 @@
-//! eval — the paper's metrics over labelled series or 2D image folders (see issue 3).
+//! eval — the paper's metrics over labelled 2D image folders or labelled phantom series (issue 3).
+//!
+//! Owns: `lungsentry eval`. Two modes:
+//! - `--images DIR --masks DIR [--lungs DIR]`: 2D PNG folders (any size, already the normalised 8-bit image; masks
+//!   matched by file stem, any nonzero pixel = lesion). Reports lesion Dice (global and mean per image), mean
+//!   per-image IoU with the paper's convention (1 for a normal image with no prediction, 0 for a false positive),
+//!   slice-level accuracy / sensitivity / specificity, AUC of the per-slice maximum lesion probability (softmax of
+//!   the scores), lung Dice when lung masks are given, and ms/slice — per engine.
+//! - `--series DIR...`: phantom folders (`lungsentry phantom`: DICOM files + `labels.raw` u8 z,y,x + `truth.json`).
+//!   Runs the same series path as the daemon (decode → HU → contract → engine → masks → 3D analysis) and reports
+//!   voxel Dice, involvement error and series-level sensitivity/specificity at the 0.4 % threshold.
+//! Never: changes a model or writes anything but its report to stdout.
 
-use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::analysis::{self, AnalysisParams, PlacedSlice};
+use crate::config::EngineKind;
+use crate::engine::{load_engine, Engine};
+use crate::model::Model;
+use crate::preprocess::{self, HuSlice};
 
 /// `lungsentry eval` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// Print one JSON object.
+    /// Print one JSON object (otherwise a short human summary).
     #[arg(long)]
     pub json: bool,
+    /// Folder of 8-bit PNG images (2D mode).
+    #[arg(long, requires = "masks")]
+    pub images: Option<PathBuf>,
+    /// Folder of lesion masks matched to `--images` by file stem (nonzero = lesion).
+    #[arg(long, requires = "images")]
+    pub masks: Option<PathBuf>,
+    /// Folder of lung masks matched by file stem (optional, 2D mode).
+    #[arg(long, requires = "images")]
+    pub lungs: Option<PathBuf>,
+    /// Phantom series folders (series mode).
+    #[arg(long, num_args = 1.., conflicts_with = "images")]
+    pub series: Vec<PathBuf>,
+    /// Use only the first N images / series (sorted by name).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Engine(s) to evaluate; repeat to compare (auto, tract, ort).
+    #[arg(long, default_value = "auto")]
+    pub engine: Vec<EngineKind>,
+    /// Model manifest.
+    #[arg(long, default_value = "models/manifest.toml")]
+    pub manifest: PathBuf,
+    /// Series mode: positive when involvement exceeds this percentage.
+    #[arg(long, default_value_t = 0.4)]
+    pub threshold_percent: f64,
+    /// Series mode: lesion components below this volume (mL) are dropped.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lesion_volume_ml: f64,
+    /// Slices per engine call.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
 }
 
-pub fn run(_args: EvalArgs) -> Result<()> {
-    bail!("eval: not built yet")
+/// Overlap counts of a binary prediction against a binary truth.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Overlap {
+    /// Pixels predicted and true.
+    pub tp: u64,
+    /// Pixels predicted, not true.
+    pub fp: u64,
+    /// Pixels true, not predicted.
+    pub fn_: u64,
+}
+
+impl Overlap {
+    /// Counts over two equally long pixel lists.
+    pub fn count(pred: impl Iterator<Item = bool>, truth: impl Iterator<Item = bool>) -> Overlap {
+        let mut o = Overlap::default();
+        for (p, t) in pred.zip(truth) {
+            match (p, t) {
+                (true, true) => o.tp += 1,
+                (true, false) => o.fp += 1,
+                (false, true) => o.fn_ += 1,
+                _ => {}
+            }
+        }
+        o
+    }
+    /// Adds another image's counts.
+    pub fn add(&mut self, o: Overlap) {
+        self.tp += o.tp;
+        self.fp += o.fp;
+        self.fn_ += o.fn_;
+    }
+    /// Dice; 1 when both prediction and truth are empty.
+    pub fn dice(&self) -> f64 {
+        let d = 2 * self.tp + self.fp + self.fn_;
+        if d == 0 {
+            1.0
+        } else {
+            2.0 * self.tp as f64 / d as f64
+        }
+    }
+    /// IoU with the paper's convention: 1 when both are empty, 0 for a false positive on a normal image.
+    pub fn iou(&self) -> f64 {
+        let u = self.tp + self.fp + self.fn_;
+        if u == 0 {
+            1.0
+        } else {
+            self.tp as f64 / u as f64
+        }
+    }
+}
+
+/// Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney, ties counted half); None when one
+/// class is absent.
+pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (np, nn) = (labels.iter().filter(|l| **l).count(), labels.iter().filter(|l| !**l).count());
+    if np == 0 || nn == 0 {
+        return None;
+    }
+    // Average ranks over ties.
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            if labels[k] {
+                rank_sum_pos += avg_rank;
+            }
+        }
+        i = j + 1;
+    }
+    Some((rank_sum_pos - (np * (np + 1)) as f64 / 2.0) / (np as f64 * nn as f64))
+}
+
+/// Slice- or series-level confusion counts.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Confusion {
+    pub tp: usize,
+    pub fp: usize,
+    pub tn: usize,
+    pub fn_: usize,
+}
+
+impl Confusion {
+    pub fn add(&mut self, predicted: bool, truth: bool) {
+        match (predicted, truth) {
+            (true, true) => self.tp += 1,
+            (true, false) => self.fp += 1,
+            (false, false) => self.tn += 1,
+            (false, true) => self.fn_ += 1,
+        }
+    }
+    pub fn accuracy(&self) -> Option<f64> {
+        let n = self.tp + self.fp + self.tn + self.fn_;
+        (n > 0).then(|| (self.tp + self.tn) as f64 / n as f64)
+    }
+    pub fn sensitivity(&self) -> Option<f64> {
+        (self.tp + self.fn_ > 0).then(|| self.tp as f64 / (self.tp + self.fn_) as f64)
+    }
+    pub fn specificity(&self) -> Option<f64> {
+        (self.tn + self.fp > 0).then(|| self.tn as f64 / (self.tn + self.fp) as f64)
+    }
+}
+
+/// An 8-bit grayscale image read from a PNG (first channel of colour images, 16-bit reduced to its high byte).
+pub struct GrayImage {
+    pub rows: usize,
+    pub cols: usize,
+    pub px: Vec<u8>,
+}
+
+/// Reads a PNG as 8-bit grayscale.
+pub fn read_png_gray(path: &Path) -> Result<GrayImage> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(f));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec.read_info().with_context(|| format!("reading PNG header of {}", path.display()))?;
+    let size = reader.output_buffer_size().context("PNG too large")?;
+    let mut buf = vec![0u8; size];
+    let info = reader.next_frame(&mut buf).with_context(|| format!("decoding {}", path.display()))?;
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => bail!("{}: palette PNG was not expanded", path.display()),
+    };
+    let (rows, cols) = (info.height as usize, info.width as usize);
+    let line = info.line_size;
+    let mut px = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let row = &buf[r * line..r * line + cols * channels];
+        px.extend(row.chunks_exact(channels).map(|c| c[0]));
+    }
+    Ok(GrayImage { rows, cols, px })
+}
+
+/// Files of a folder by stem, only the given extension (lower case compare).
+fn files_by_stem(dir: &Path, ext: &str) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        let ok = p.extension().and_then(|x| x.to_str()).is_some_and(|x| x.eq_ignore_ascii_case(ext));
+        if ok {
+            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                out.insert(stem.to_string(), p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn load_engines(args: &EvalArgs, model: &Model) -> Result<Vec<Box<dyn Engine>>> {
+    let mut kinds = args.engine.clone();
+    kinds.dedup();
+    kinds.iter().map(|k| load_engine(*k, model).with_context(|| format!("loading engine {k:?}"))).collect()
+}
+
+/// Result of one engine over the 2D folders.
+#[derive(Debug, Serialize)]
+pub struct ImageEval {
+    pub engine: String,
+    pub n_images: usize,
+    pub ms_per_slice: f64,
+    pub lesion_dice_global: f64,
+    pub lesion_dice_mean: f64,
+    pub lesion_iou_mean: f64,
+    pub slice_accuracy: Option<f64>,
+    pub slice_sensitivity: Option<f64>,
+    pub slice_specificity: Option<f64>,
+    pub slice_auc: Option<f64>,
+    pub slice_confusion: Confusion,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lung_dice_global: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lung_dice_mean: Option<f64>,
+}
+
+/// Evaluates one engine over prepared image pairs.
+pub fn eval_images(
+    engine: &dyn Engine,
+    model: &Model,
+    items: &[(String, PathBuf, PathBuf, Option<PathBuf>)],
+    batch: usize,
+) -> Result<ImageEval> {
+    let inp = &model.manifest.input;
+    let classes = model.manifest.output.classes.len();
+    let (h, w) = (inp.height, inp.width);
+    let plane = h * w;
+    if inp.channels != 1 {
+        bail!("2D evaluation needs a single-channel model (manifest input.channels = {})", inp.channels);
+    }
+    let mut lesion_all = Overlap::default();
+    let mut lung_all = Overlap::default();
+    let (mut dice_sum, mut iou_sum, mut lung_dice_sum) = (0.0, 0.0, 0.0);
+    let mut lung_n = 0usize;
+    let mut conf = Confusion::default();
+    let mut scores_max = Vec::new();
+    let mut labels = Vec::new();
+    let mut infer_s = 0.0;
+    for chunk in items.chunks(batch.max(1)) {
+        let mut x = vec![0f32; chunk.len() * plane];
+        for (i, (_, img, _, _)) in chunk.iter().enumerate() {
+            let g = read_png_gray(img)?;
+            let r = preprocess::resize_bilinear_u8(&g.px, g.rows, g.cols, h, w);
+            preprocess::u8_to_input(&r, &mut x[i * plane..(i + 1) * plane]);
+        }
+        let t = Instant::now();
+        let scores = engine.infer(&x, chunk.len())?;
+        infer_s += t.elapsed().as_secs_f64();
+        for (i, (stem, _, mask, lung)) in chunk.iter().enumerate() {
+            let m = read_png_gray(mask)?;
+            let s = &scores[i * classes * plane..(i + 1) * classes * plane];
+            let dummy = HuSlice::from_hu(m.rows, m.cols, vec![0.0; m.rows * m.cols]);
+            let seg = analysis::segment_slice(s, classes, h, w, &dummy);
+            let truth: Vec<bool> = m.px.iter().map(|&v| v != 0).collect();
+            let o = Overlap::count(seg.lesion.to_bools().into_iter(), truth.iter().copied());
+            lesion_all.add(o);
+            dice_sum += o.dice();
+            iou_sum += o.iou();
+            let truth_pos = truth.iter().any(|&t| t);
+            conf.add(seg.lesion.count() > 0, truth_pos);
+            scores_max.push(seg.max_lesion_probability as f64);
+            labels.push(truth_pos);
+            if let Some(lp) = lung {
+                let l = read_png_gray(lp)?;
+                if (l.rows, l.cols) != (m.rows, m.cols) {
+                    bail!("{stem}: lung mask is {}×{}, lesion mask {}×{}", l.rows, l.cols, m.rows, m.cols);
+                }
+                let lo = Overlap::count(seg.lung.to_bools().into_iter(), l.px.iter().map(|&v| v != 0));
+                lung_all.add(lo);
+                lung_dice_sum += lo.dice();
+                lung_n += 1;
+            }
+        }
+    }
+    let n = items.len().max(1) as f64;
+    Ok(ImageEval {
+        engine: engine.name().to_string(),
+        n_images: items.len(),
+        ms_per_slice: infer_s * 1000.0 / n,
+        lesion_dice_global: lesion_all.dice(),
+        lesion_dice_mean: dice_sum / n,
+        lesion_iou_mean: iou_sum / n,
+        slice_accuracy: conf.accuracy(),
+        slice_sensitivity: conf.sensitivity(),
+        slice_specificity: conf.specificity(),
+        slice_auc: auc(&scores_max, &labels),
+        slice_confusion: conf,
+        lung_dice_global: (lung_n > 0).then(|| lung_all.dice()),
+        lung_dice_mean: (lung_n > 0).then(|| lung_dice_sum / lung_n as f64),
+    })
+}
+
+fn run_images(args: &EvalArgs, model: &Model, images: &Path, masks: &Path) -> Result<Value> {
+    let imgs = files_by_stem(images, "png")?;
+    let msks = files_by_stem(masks, "png")?;
+    let lungs = args.lungs.as_deref().map(|d| files_by_stem(d, "png")).transpose()?;
+    let mut items = Vec::new();
+    for (stem, img) in &imgs {
+        let Some(mask) = msks.get(stem) else { bail!("no mask for image {stem} in {}", masks.display()) };
+        let lung = match &lungs {
+            Some(l) => Some(l.get(stem).with_context(|| format!("no lung mask for image {stem}"))?.clone()),
+            None => None,
+        };
+        items.push((stem.clone(), img.clone(), mask.clone(), lung));
+    }
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("no PNG images in {}", images.display());
+    }
+    let mut out = Vec::new();
+    for engine in load_engines(args, model)? {
+        out.push(eval_images(engine.as_ref(), model, &items, args.batch)?);
+    }
+    Ok(json!({"mode": "images", "model": model.identity(), "n_images": items.len(), "engines": out}))
+}
+
+/// Truth of a phantom folder as eval reads it (a subset of `truth.json`).
+#[derive(Debug, serde::Deserialize)]
+struct PhantomTruthView {
+    n_slices: usize,
+    size: usize,
+    involvement_percent: f64,
+    positive: bool,
+    lung_volume_ml: f64,
+    lesion_volume_ml: f64,
+    files: Vec<String>,
+}
+
+/// Per-series evaluation result.
+#[derive(Debug, Serialize)]
+pub struct SeriesEval {
+    pub series: String,
+    pub truth_involvement_percent: f64,
+    pub predicted_involvement_percent: f64,
+    pub involvement_error: f64,
+    pub truth_positive: bool,
+    pub predicted_positive: bool,
+    pub truth_lung_volume_ml: f64,
+    pub predicted_lung_volume_ml: f64,
+    pub truth_lesion_volume_ml: f64,
+    pub predicted_lesion_volume_ml: f64,
+    pub lesion_dice: f64,
+    pub lung_dice: f64,
+    pub n_lesions: usize,
+    pub ms_per_slice: f64,
+}
+
+/// Runs one engine over one phantom folder.
+pub fn eval_series(engine: &dyn Engine, model: &Model, dir: &Path, params: &AnalysisParams, batch: usize) -> Result<SeriesEval> {
+    let truth: PhantomTruthView = serde_json::from_slice(
+        &std::fs::read(dir.join("truth.json")).with_context(|| format!("reading {}/truth.json", dir.display()))?,
+    )
+    .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
+    let labels = std::fs::read(dir.join("labels.raw")).with_context(|| format!("reading {}/labels.raw", dir.display()))?;
+    let plane_native = truth.size * truth.size;
+    if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
+        bail!("{}: labels.raw / files do not match n_slices × size²", dir.display());
+    }
+    let inp = &model.manifest.input;
+    let classes = model.manifest.output.classes.len();
+    let plane = inp.height * inp.width;
+    let mut placed = Vec::with_capacity(truth.n_slices);
+    let mut lesion_o = Overlap::default();
+    let mut lung_o = Overlap::default();
+    let mut infer_s = 0.0;
+    let file_idx: Vec<usize> = (0..truth.files.len()).collect();
+    for chunk in file_idx.chunks(batch.max(1)) {
+        let mut hus = Vec::with_capacity(chunk.len());
+        let mut x = vec![0f32; chunk.len() * plane];
+        for (i, &fi) in chunk.iter().enumerate() {
+            let path = dir.join(&truth.files[fi]);
+            let obj = dicom_object::open_file(&path).with_context(|| format!("opening {}", path.display()))?;
+            let hu = preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?;
+            preprocess::prepare(&hu, inp, &mut x[i * plane..(i + 1) * plane])?;
+            hus.push(hu);
+        }
+        let t = Instant::now();
+        let scores = engine.infer(&x, chunk.len())?;
+        infer_s += t.elapsed().as_secs_f64();
+        for (i, (&fi, hu)) in chunk.iter().zip(&hus).enumerate() {
+            let seg = analysis::segment_slice(&scores[i * classes * plane..(i + 1) * classes * plane], classes, inp.height, inp.width, hu);
+            if (seg.rows, seg.cols) != (truth.size, truth.size) {
+                bail!("{}: slice {fi} is {}×{}, labels are {}²", dir.display(), seg.rows, seg.cols, truth.size);
+            }
+            let lab = &labels[fi * plane_native..(fi + 1) * plane_native];
+            lesion_o.add(Overlap::count(seg.lesion.to_bools().into_iter(), lab.iter().map(|&v| v == 2)));
+            lung_o.add(Overlap::count(seg.lung.to_bools().into_iter(), lab.iter().map(|&v| v >= 1)));
+            let orientation = hu.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+            let position = hu.image_position.unwrap_or([0.0, 0.0, fi as f64]);
+            let n = [
+                orientation[1] * orientation[5] - orientation[2] * orientation[4],
+                orientation[2] * orientation[3] - orientation[0] * orientation[5],
+                orientation[0] * orientation[4] - orientation[1] * orientation[3],
+            ];
+            placed.push(PlacedSlice {
+                segmentation: seg,
+                position_mm: position[0] * n[0] + position[1] * n[1] + position[2] * n[2],
+                image_position: position,
+                image_orientation: orientation,
+                pixel_spacing: hu.pixel_spacing,
+                slice_thickness: hu.slice_thickness,
+            });
+        }
+    }
+    let res = analysis::analyse_series(&placed, params);
+    Ok(SeriesEval {
+        series: dir.display().to_string(),
+        truth_involvement_percent: truth.involvement_percent,
+        predicted_involvement_percent: res.involvement_percent,
+        involvement_error: res.involvement_percent - truth.involvement_percent,
+        truth_positive: truth.positive,
+        predicted_positive: res.positive,
+        truth_lung_volume_ml: truth.lung_volume_ml,
+        predicted_lung_volume_ml: res.lung_volume_ml,
+        truth_lesion_volume_ml: truth.lesion_volume_ml,
+        predicted_lesion_volume_ml: res.lesion_volume_ml,
+        lesion_dice: lesion_o.dice(),
+        lung_dice: lung_o.dice(),
+        n_lesions: res.lesions.len(),
+        ms_per_slice: infer_s * 1000.0 / truth.n_slices.max(1) as f64,
+    })
+}
+
+fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
+    let mut dirs = args.series.clone();
+    dirs.sort();
+    if let Some(n) = args.limit {
+        dirs.truncate(n);
+    }
+    let params = AnalysisParams {
+        min_lesion_volume_ml: args.min_lesion_volume_ml,
+        positive_threshold_percent: args.threshold_percent,
+    };
+    let mut engines_out = Vec::new();
+    for engine in load_engines(args, model)? {
+        let mut per = Vec::new();
+        let mut conf = Confusion::default();
+        for d in &dirs {
+            let e = eval_series(engine.as_ref(), model, d, &params, args.batch)?;
+            conf.add(e.predicted_positive, e.truth_positive);
+            per.push(e);
+        }
+        let n = per.len().max(1) as f64;
+        engines_out.push(json!({
+            "engine": engine.name(),
+            "n_series": per.len(),
+            "involvement_mae": per.iter().map(|e| e.involvement_error.abs()).sum::<f64>() / n,
+            "involvement_bias": per.iter().map(|e| e.involvement_error).sum::<f64>() / n,
+            "lesion_dice_mean": per.iter().map(|e| e.lesion_dice).sum::<f64>() / n,
+            "lung_dice_mean": per.iter().map(|e| e.lung_dice).sum::<f64>() / n,
+            "series_sensitivity": conf.sensitivity(),
+            "series_specificity": conf.specificity(),
+            "series_accuracy": conf.accuracy(),
+            "series_confusion": conf,
+            "threshold_percent": args.threshold_percent,
+            "ms_per_slice": per.iter().map(|e| e.ms_per_slice).sum::<f64>() / n,
+            "series": per,
+        }));
+    }
+    Ok(json!({"mode": "series", "model": model.identity(), "engines": engines_out}))
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let model = Model::load(&args.manifest)?;
+    let report = match (&args.images, &args.masks) {
+        (Some(images), Some(masks)) => run_images(&args, &model, images, masks)?,
+        _ if !args.series.is_empty() => run_series(&args, &model)?,
+        _ => bail!("eval needs either --images DIR --masks DIR [--lungs DIR] or --series DIR..."),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for e in report["engines"].as_array().into_iter().flatten() {
+            let mut line = format!("{}:", e["engine"].as_str().unwrap_or("?"));
+            for k in [
+                "lesion_dice_global",
+                "lesion_dice_mean",
+                "lesion_iou_mean",
+                "slice_accuracy",
+                "slice_sensitivity",
+                "slice_specificity",
+                "slice_auc",
+                "lung_dice_global",
+                "involvement_mae",
+                "lesion_dice_mean",
+                "series_sensitivity",
+                "series_specificity",
+                "ms_per_slice",
+            ] {
+                if let Some(v) = e.get(k).and_then(|v| v.as_f64()) {
+                    line.push_str(&format!(" {k}={v:.4}"));
+                }
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_known_values() {
+        assert_eq!(auc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), Some(1.0));
+        assert_eq!(auc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]), Some(0.0));
+        assert_eq!(auc(&[0.5, 0.5], &[false, true]), Some(0.5));
+        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]), Some(0.75));
+        assert_eq!(auc(&[0.1], &[true]), None);
+    }
+
+    #[test]
+    fn iou_convention() {
+        assert_eq!(Overlap::default().iou(), 1.0, "normal image, no prediction");
+        assert_eq!(Overlap { tp: 0, fp: 5, fn_: 0 }.iou(), 0.0, "false positive on a normal image");
+        let o = Overlap::count([true, true, false, false].into_iter(), [true, false, true, false].into_iter());
+        assert_eq!(o, Overlap { tp: 1, fp: 1, fn_: 1 });
+        assert!((o.dice() - 0.5).abs() < 1e-12);
+        assert!((o.iou() - 1.0 / 3.0).abs() < 1e-12);
+    }
 }

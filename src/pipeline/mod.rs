@@ -47,14 +47,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => Config::default(),
     };
     let daemon = Daemon::start(cfg).await?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
     tracing::info!("shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     daemon.shutdown().await;
     Ok(())
 }
@@ -88,8 +88,6 @@ struct Shared {
     tracker: Mutex<CompletionTracker>,
     /// Live series workers by Series Instance UID.
     workers: Mutex<HashMap<String, mpsc::Sender<WorkerMsg>>>,
-    /// Wakes the webhook outbox after a result with an alert is recorded.
-    outbox_wake: Arc<tokio::sync::Notify>,
     /// Number of results recorded (for tests/demo to wait on).
     results_tx: watch::Sender<u64>,
 }
@@ -139,7 +137,6 @@ impl Daemon {
             salt,
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
-            outbox_wake: Arc::new(tokio::sync::Notify::new()),
             results_tx,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -147,7 +144,7 @@ impl Daemon {
 
         // Resume series that had instances without a result when we last stopped (or crashed).
         for series_uid in store.series_pending_analysis()? {
-            tracing::info!(series = %series_key(&series_uid), "resuming series interrupted before analysis");
+            tracing::info!(series = %crate::store::series_log_key(&series_uid), "resuming series interrupted before analysis");
             ensure_worker(&shared, &series_uid);
             shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
         }
@@ -173,9 +170,8 @@ impl Daemon {
         if config.alerts.webhook_url.is_some() {
             let store = store.clone();
             let alerts = config.alerts.clone();
-            let wake = shared.outbox_wake.clone();
             let sd = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, wake, sd).await }));
+            tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, sd).await }));
         }
         Ok(Daemon { dicom_addr, store, results: results_rx, shutdown_tx, tasks })
     }
@@ -192,12 +188,6 @@ impl Daemon {
 fn set_private(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-}
-
-/// Hashed series key for logs (UIDs can embed site identifiers).
-pub fn series_key(series_uid: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(series_uid.as_bytes())[..6])
 }
 
 async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<ReceiveEvent>) {
@@ -244,7 +234,7 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
     };
     let series_uid = spooled.meta.series_instance_uid.clone();
     // A repeat of an instance already analysed does not re-open the series; a new one does.
-    if rec.is_new || !rec.series_had_result {
+    if rec.new_instance || !rec.series_had_result {
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
     }
@@ -265,7 +255,7 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
             }
         }
     }
-    tracing::error!(series = %series_key(series_uid), "could not reach a series worker");
+    tracing::error!(series = %crate::store::series_log_key(series_uid), "could not reach a series worker");
 }
 
 fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::Sender<WorkerMsg> {
@@ -329,11 +319,11 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     Ok((w, r)) => {
                         work = Some(w);
                         if let Err(e) = r {
-                            tracing::error!(series = %series_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
+                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
                         }
                     }
                     Err(e) => {
-                        tracing::error!(series = %series_key(&series_uid), error = %e, "analysis panicked");
+                        tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %e, "analysis panicked");
                         work = Some(SeriesWork::default());
                     }
                 }
@@ -370,6 +360,8 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     if work.instance_count() == 0 {
         return Ok(());
     }
+    // The revision read before the analysis: instances arriving meanwhile leave the series pending.
+    let revision = shared.store.series_revision(series_uid)?;
     let patient_key = {
         let instances = shared.store.series_instances(series_uid)?;
         instances
@@ -387,12 +379,9 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         .unwrap_or(false);
     let alert = positive && !previously_positive && shared.config.alerts.webhook_url.is_some();
     result["alert"] = serde_json::json!(positive && !previously_positive);
-    let version = shared.store.record_result(series_uid, positive, involvement, &result, alert)?;
+    let version = shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
     result["version"] = serde_json::json!(version);
     crate::notify::log_result(&result);
-    if alert {
-        shared.outbox_wake.notify_one();
-    }
     shared.results_tx.send_modify(|n| *n += 1);
     Ok(())
 }
@@ -406,7 +395,7 @@ async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
         }
         let done = shared.tracker.lock().unwrap().take_complete(Instant::now(), &shared.config.series);
         for series_uid in done {
-            tracing::info!(series = %series_key(&series_uid), "series complete");
+            tracing::info!(series = %crate::store::series_log_key(&series_uid), "series complete");
             enqueue(&shared, &series_uid, WorkerMsg::Complete).await;
         }
     }

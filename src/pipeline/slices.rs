@@ -90,7 +90,7 @@ impl SeriesWork {
         let hu = frames.drain(..).next().context("no frame")?;
         let input = &ctx.model.manifest.input;
         let mut x = vec![0f32; input.channels * input.height * input.width];
-        preprocess::prepare(&hu, input, &mut x);
+        preprocess::prepare(&hu, input, &mut x).context("normalising")?;
         let t1 = Instant::now();
         let scores = ctx.engine.infer(&x, 1).context("inference")?;
         let t2 = Instant::now();
@@ -121,13 +121,19 @@ impl SeriesWork {
             .order
             .iter()
             .zip(order.positions_mm.iter())
-            .map(|(&i, &z)| PlacedSlice::new(&segs[i].segmentation, &segs[i].meta, z))
+            .map(|(&i, &z)| {
+                let m = &segs[i].meta;
+                PlacedSlice {
+                    segmentation: segs[i].segmentation.clone(),
+                    position_mm: z,
+                    image_position: m.image_position.unwrap_or([0.0; 3]),
+                    image_orientation: m.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+                    pixel_spacing: m.pixel_spacing.unwrap_or([1.0, 1.0]),
+                    slice_thickness: m.slice_thickness,
+                }
+            })
             .collect();
-        let params = AnalysisParams {
-            positive_threshold_percent: ctx.config.analysis.positive_threshold_percent,
-            min_lesion_volume_ml: ctx.config.analysis.min_lesion_volume_ml,
-            slice_spacing_mm: order.spacing_mm,
-        };
+        let params = AnalysisParams::from(&ctx.config.analysis);
         let analysed = !placed.is_empty();
         let result = analysis::analyse_series(&placed, &params);
         let analysis_ms = ms(t0.elapsed()) + self.segment_ms;

@@ -1,0 +1,187 @@
+//! Helpers shared by the end-to-end tests: data paths, phantoms, a real `lungsentry serve` process, a real
+//! HTTP webhook receiver, DCMTK invocations.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lungsentry")
+}
+
+pub fn data_dir() -> PathBuf {
+    let p = std::env::var("LUNGSENTRY_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    assert!(p.is_dir(), "LUNGSENTRY_DATA {} is missing", p.display());
+    p
+}
+
+/// Whether the shipped model exists (tests needing it say so when it does not).
+pub fn model_shipped() -> bool {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/manifest.toml").exists()
+}
+
+/// Runs `lungsentry phantom` into `out` and returns its truth.json.
+pub fn phantom(out: &Path, seed: u64, slices: usize, severity: &str) -> serde_json::Value {
+    let st = Command::new(bin())
+        .args(["phantom", "--out"])
+        .arg(out)
+        .args(["--seed", &seed.to_string(), "--slices", &slices.to_string(), "--size", "512"])
+        .args(["--severity", severity])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run lungsentry phantom");
+    assert!(st.success(), "phantom generation failed");
+    serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// What the webhook receiver got: (dedup key header, signature header, body).
+pub type Received = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A real HTTP server on loopback that records every POST and answers 200.
+pub fn webhook_receiver(rt: &tokio::runtime::Runtime) -> (SocketAddr, Received) {
+    use axum::{http::HeaderMap, routing::post, Router};
+    let got: Received = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let app = Router::new().route(
+        "/alert",
+        post(move |headers: HeaderMap, body: String| {
+            let g = g.clone();
+            async move {
+                let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                g.lock().unwrap().push((h("x-lungsentry-dedup-key"), h("x-lungsentry-signature"), body));
+                "ok"
+            }
+        }),
+    );
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, got)
+}
+
+/// A `lungsentry serve` child process with its own data dir and config.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config_extra` (TOML, appended to the test defaults) and starts the daemon; waits until it answers.
+    pub fn start(dir: &Path, config_extra: &str) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let config = dir.join("lungsentry.toml");
+        let text = format!(
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
+            dir.join("data").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        Self::spawn(dir, port, config)
+    }
+
+    fn spawn(dir: &Path, port: u16, config: PathBuf) -> Daemon {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lungsentry serve");
+        let d = Daemon { child, port, dir: dir.to_path_buf(), config };
+        d.wait_ready();
+        d
+    }
+
+    /// Same data dir and config, new process (after a kill).
+    pub fn restart(mut self) -> Daemon {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (dir, port, config) = (self.dir.clone(), self.port, self.config.clone());
+        std::mem::forget(self);
+        Self::spawn(&dir, port, config)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ok = Command::new("echoscu")
+                .args(["-aec", "LUNGSENTRY", "127.0.0.1", &self.port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "daemon did not answer C-ECHO; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn store(&self) -> lungsentry::store::Store {
+        lungsentry::store::Store::open(&self.dir.join("data/lungsentry.sqlite")).unwrap()
+    }
+
+    /// Waits for a result of `series_uid` with at least `version`.
+    pub fn wait_result(&self, series_uid: &str, version: u32, timeout: Duration) -> lungsentry::store::StoredResult {
+        let store = self.store();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = store.latest_result(series_uid).unwrap() {
+                if r.version >= version {
+                    return r;
+                }
+            }
+            assert!(Instant::now() < deadline, "no result v{version} for {series_uid}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DCMTK storescu of every `*.dcm` under `dir` (recursively); returns (success, combined output).
+pub fn storescu(port: u16, calling_ae: &str, paths: &[&Path], nodelay: bool) -> (bool, String) {
+    let mut cmd = Command::new("storescu");
+    cmd.args(["-v", "-aet", calling_ae, "-aec", "LUNGSENTRY", "+sd", "+r", "+sp", "*.dcm"]);
+    cmd.args(["127.0.0.1", &port.to_string()]);
+    for p in paths {
+        cmd.arg(p);
+    }
+    if nodelay {
+        cmd.env("TCP_NODELAY", "1");
+    }
+    let out = cmd.output().expect("run storescu (apt-get install dcmtk)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}

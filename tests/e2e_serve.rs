@@ -1,0 +1,177 @@
+//! End to end through real DCMTK peers: `storescu` → `lungsentry serve` (a separate process) → results in the
+//! store and alerts at a real HTTP webhook receiver.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn skip_without_model() -> bool {
+    if !model_shipped() {
+        eprintln!("SKIP: models/manifest.toml is not shipped yet");
+        return true;
+    }
+    false
+}
+
+/// The acceptance test of the vertical slice: a 300-slice 512² positive phantom and a negative phantom.
+#[test]
+fn positive_and_negative_phantoms_over_dcmtk() {
+    if skip_without_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pos = tmp.path().join("pos");
+    let neg = tmp.path().join("neg");
+    let pos_truth = phantom(&pos, 20_001, 300, "moderate");
+    let neg_truth = phantom(&neg, 20_002, 120, "none");
+    let rt = runtime();
+    let (hook, got) = webhook_receiver(&rt);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[series]\nquiet_period_s = 1.0\n\n[alerts]\nwebhook_url = \"http://{hook}/alert\"\nwebhook_secret = \"s3cret\"\n"),
+    );
+    let (ok, out) = storescu(d.port, "CT1", &[&pos, &neg], true);
+    assert!(ok, "storescu failed:\n{out}");
+    assert_eq!(out.matches("Received Store Response (Success)").count(), 420, "{out}");
+
+    let p = d.wait_result(pos_truth["series_instance_uid"].as_str().unwrap(), 1, Duration::from_secs(600));
+    let n = d.wait_result(neg_truth["series_instance_uid"].as_str().unwrap(), 1, Duration::from_secs(600));
+    let truth_inv = pos_truth["involvement_percent"].as_f64().unwrap();
+    let got_inv = p.involvement_percent;
+    eprintln!("positive: truth {truth_inv:.2} %, measured {got_inv:.2} %; negative measured {:.3} %", n.involvement_percent);
+    assert!(p.positive, "positive phantom not flagged: {}", p.result);
+    assert!((got_inv - truth_inv).abs() <= 1.0, "involvement {got_inv} vs truth {truth_inv}");
+    assert!(!n.positive, "negative phantom flagged: {}", n.result);
+    assert_eq!(p.result["n_slices"], 300);
+    assert_eq!(p.result["analysed_slices"], 300);
+    assert!(p.result["patient_key"].as_str().unwrap().len() >= 16);
+
+    // Exactly one alert: the positive, signed, with its dedup key, and no patient identifiers.
+    std::thread::sleep(Duration::from_secs(3));
+    let alerts = got.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "alerts: {alerts:?}");
+    let (key, sig, body) = &alerts[0];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["series_instance_uid"], pos_truth["series_instance_uid"]);
+    assert_eq!(key, v["dedup_key"].as_str().unwrap());
+    assert_eq!(sig, &lungsentry::notify::signature(b"s3cret", body.as_bytes()));
+    let pid = pos_truth["patient_id"].as_str().unwrap();
+    assert!(!body.contains(pid), "patient id leaked into the webhook body");
+    assert!(!d.log().contains(pid), "patient id leaked into the log");
+}
+
+/// kill -9 mid-series, restart: every acknowledged instance is there, the series completes and is analysed,
+/// and the alert goes out exactly once.
+#[test]
+fn kill9_mid_series_loses_nothing_acknowledged() {
+    if skip_without_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pos = tmp.path().join("pos");
+    let truth = phantom(&pos, 20_003, 160, "severe");
+    let series_uid = truth["series_instance_uid"].as_str().unwrap().to_string();
+    let rt = runtime();
+    let (hook, got) = webhook_receiver(&rt);
+    let mut d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[series]\nquiet_period_s = 1.0\nstable_timeout_s = 8.0\n\n[alerts]\nwebhook_url = \"http://{hook}/alert\"\n"),
+    );
+    // Send paced so the kill lands mid-series.
+    let port = d.port;
+    let sender = std::process::Command::new(bin())
+        .args(["send", "--host", "127.0.0.1", "--port", &port.to_string(), "--rate", "40"])
+        .arg(&pos)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = d.store();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while store.series_instances(&series_uid).unwrap().len() < 60 {
+        assert!(std::time::Instant::now() < deadline, "instances not arriving; log:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    let out = sender.wait_with_output().unwrap();
+    let acked = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("stored")).count();
+    let present = store.series_instances(&series_uid).unwrap();
+    eprintln!("acknowledged before the kill (per sender): {acked}; present after: {}", present.len());
+    assert!(present.len() >= acked, "acknowledged {acked} but only {} present", present.len());
+    for (_, path) in &present {
+        assert!(path.exists(), "spooled file {} missing", path.display());
+    }
+    drop(store);
+
+    // Restart; the scanner resends the whole series (its retry after the failed association).
+    let d = d.restart();
+    let (ok, out) = storescu(d.port, "CT1", &[&pos], true);
+    assert!(ok, "{out}");
+    let r = d.wait_result(&series_uid, 1, Duration::from_secs(600));
+    assert!(r.positive, "{}", r.result);
+    assert_eq!(r.result["n_slices"], 160);
+    std::thread::sleep(Duration::from_secs(4));
+    let alerts = got.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "alert must go out exactly once: {alerts:?}");
+}
+
+fn make_bad_files(src: &Path, out: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use dicom_dictionary_std::tags;
+    std::fs::create_dir_all(out).unwrap();
+    let mut obj = dicom_object::open_file(src).unwrap();
+    obj.remove_element(tags::PIXEL_DATA);
+    obj.update_meta(|m| m.media_storage_sop_instance_uid = format!("{}.1", m.media_storage_sop_instance_uid()));
+    let uid = obj.meta().media_storage_sop_instance_uid().to_string();
+    obj.put(dicom_core::DataElement::new(tags::SOP_INSTANCE_UID, dicom_core::VR::UI, uid.as_str()));
+    let no_pixels = out.join("no-pixels.dcm");
+    obj.write_to_file(&no_pixels).unwrap();
+
+    let mut obj = dicom_object::open_file(src).unwrap();
+    obj.put(dicom_core::DataElement::new(
+        tags::PIXEL_DATA,
+        dicom_core::VR::OW,
+        dicom_core::PrimitiveValue::from(vec![0u8; 1000]),
+    ));
+    obj.update_meta(|m| m.media_storage_sop_instance_uid = format!("{}.2", m.media_storage_sop_instance_uid()));
+    let uid = obj.meta().media_storage_sop_instance_uid().to_string();
+    obj.put(dicom_core::DataElement::new(tags::SOP_INSTANCE_UID, dicom_core::VR::UI, uid.as_str()));
+    let short = out.join("short-pixels.dcm");
+    obj.write_to_file(&short).unwrap();
+    (no_pixels, short)
+}
+
+/// Allow-list rejection and failure statuses for unusable datasets; the daemon keeps serving.
+#[test]
+fn allow_list_and_bad_datasets() {
+    if skip_without_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = tmp.path().join("ph");
+    phantom(&ph, 20_004, 4, "none");
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        "[[dicom.allowed_peers]]\nae_title = \"CT1\"\nhost = \"127.0.0.1\"\n",
+    );
+    let (ok, out) = storescu(d.port, "INTRUDER", &[&ph], true);
+    assert!(!ok, "unknown calling AE must be rejected:\n{out}");
+    assert!(out.contains("Rejected") || out.contains("rejected"), "{out}");
+
+    let (no_pixels, short) = make_bad_files(&ph.join("IM00001.dcm"), &tmp.path().join("bad"));
+    for f in [&no_pixels, &short] {
+        let (ok, out) = storescu(d.port, "CT1", &[f.as_path()], true);
+        assert!(!ok || !out.contains("Received Store Response (Success)"), "{} accepted:\n{out}", f.display());
+        assert!(out.contains("Received Store Response"), "no response for {}:\n{out}", f.display());
+    }
+    // Still serving the next association.
+    let (ok, out) = storescu(d.port, "CT1", &[&ph], true);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("Received Store Response (Success)").count(), 4, "{out}");
+}

@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod eval;
+pub mod http;
 pub mod instance;
 pub mod logging;
 pub mod model;

@@ -96,6 +96,8 @@ struct Shared {
 pub struct Daemon {
     /// Where the DICOM listener is bound.
     pub dicom_addr: SocketAddr,
+    /// Where the HTTP endpoints are bound (None when `http.bind` is empty).
+    pub http_addr: Option<SocketAddr>,
     /// The results store (for tests and demo to read results).
     pub store: Arc<Store>,
     /// Count of recorded results; changes after each analysis.
@@ -166,6 +168,19 @@ impl Daemon {
             }));
         }
         tasks.push(tokio::spawn(dispatch_events(shared.clone(), events_rx)));
+        let mut http_addr = None;
+        if !config.http.bind.is_empty() {
+            let readiness = crate::http::Readiness {
+                model: format!("{} {}", shared.ctx.model.manifest.model.name, shared.ctx.model.manifest.model.version),
+                engine: shared.ctx.engine.name(),
+                dicom_addr,
+                store: store.clone(),
+            };
+            let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;
+            tracing::info!(%addr, "HTTP health endpoints listening");
+            http_addr = Some(addr);
+            tasks.push(task);
+        }
         tasks.push(tokio::spawn(completion_ticker(shared.clone(), shutdown_rx.clone())));
         if config.alerts.webhook_url.is_some() {
             let store = store.clone();
@@ -173,7 +188,7 @@ impl Daemon {
             let sd = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, sd).await }));
         }
-        Ok(Daemon { dicom_addr, store, results: results_rx, shutdown_tx, tasks })
+        Ok(Daemon { dicom_addr, http_addr, store, results: results_rx, shutdown_tx, tasks })
     }
 
     /// Stops accepting, lets in-flight instances finish, and waits for the tasks.

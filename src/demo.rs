@@ -54,6 +54,24 @@ async fn webhook_listener() -> Result<(SocketAddr, mpsc::UnboundedReceiver<(Stri
     Ok((addr, rx))
 }
 
+/// The result without its long per-slice lists, and only the five largest lesions, for reading on a terminal.
+fn compact(r: &serde_json::Value) -> serde_json::Value {
+    let mut v = r.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("slice_sop_instance_uids");
+        if let Some(p) = o.get("positive_slices").and_then(|p| p.as_array()).map(|a| a.len()) {
+            o.insert("positive_slices".into(), serde_json::json!(format!("{p} slice(s)")));
+        }
+        if let Some(mut l) = o.get("lesions").and_then(|l| l.as_array()).cloned() {
+            let n = l.len();
+            l.sort_by(|a, b| b["volume_ml"].as_f64().partial_cmp(&a["volume_ml"].as_f64()).unwrap());
+            l.truncate(5);
+            o.insert("lesions".into(), serde_json::json!({"count": n, "largest": l}));
+        }
+    }
+    v
+}
+
 /// Builds a subcommand's arguments exactly as the command line would (defaults included).
 fn parse_args<A: clap::Args>(argv: &[&str]) -> Result<A> {
     use clap::Parser;
@@ -155,13 +173,13 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
             crate::analyze::summary_line(&r.result),
             truth["involvement_percent"].as_f64().unwrap_or(f64::NAN)
         );
-        println!("{}", serde_json::to_string_pretty(&r.result)?);
+        println!("{}", serde_json::to_string_pretty(&compact(&r.result))?);
     }
     match tokio::time::timeout(Duration::from_secs(30), alerts.recv()).await {
         Ok(Some((key, body))) => {
             println!("\n== webhook alert received {:.1} s after sending began (dedup key {key}):", sent_at.elapsed().as_secs_f64());
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", serde_json::to_string_pretty(&compact(&v))?);
         }
         _ => println!("\n== no webhook alert (the positive series was not flagged)"),
     }

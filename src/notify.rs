@@ -1,1 +1,200 @@
-//! notify — (being built)
+//! notify — tells people about results: the webhook outbox worker and the one-line-per-series log record.
+//!
+//! Owns: draining the store's `outbox` (POST each payload to `alerts.webhook_url`, HMAC-signed when a secret is
+//! set, exponential back-off on failure, retried until a 2xx — across restarts, because the row lives in SQLite
+//! until delivered) and the structured log line for every analysed series (positives at WARN → journald
+//! PRIORITY=4, negatives at INFO).
+//! Hands on: nothing; it is the end of the pipeline.
+//! Never: decides what deserves an alert (the caller of [`crate::store::Store::record_result`] does, through its
+//! `alert` flag), rewrites payloads, or logs PatientName/PatientID (only the pseudonymous `patient_key` and a
+//! hash of the Series Instance UID).
+//!
+//! Receivers see at-least-once delivery: a crash between the receiver's 2xx and our `mark_delivered` repeats the
+//! POST. Every request carries `X-Lungsentry-Dedup-Key` (also `dedup_key` in the body) to deduplicate on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{KeyInit, Mac};
+use sha2::Sha256;
+use tokio::sync::watch;
+
+use crate::config::AlertsConfig;
+use crate::store::{now_ms, series_log_key, OutboxRow, Store};
+
+/// Header carrying the row's dedup key.
+pub const DEDUP_HEADER: &str = "X-Lungsentry-Dedup-Key";
+/// Header carrying `sha256=<hex HMAC-SHA256(webhook_secret, body)>` when a secret is configured.
+pub const SIGNATURE_HEADER: &str = "X-Lungsentry-Signature";
+/// Per-request timeout (connect + send + response).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry delay; doubles per failed attempt.
+pub const BACKOFF_START: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// Longest sleep between outbox checks when nothing wakes the worker (guards against a missed wake-up, e.g.
+/// rows queued by another process sharing the database).
+const IDLE_POLL: Duration = Duration::from_secs(30);
+/// Shortest pause between rounds that found nothing more to send.
+const MIN_WAIT: Duration = Duration::from_millis(100);
+/// Rows fetched per round.
+const BATCH: usize = 32;
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`, the value of [`SIGNATURE_HEADER`].
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Delay before the next try after `attempts_so_far` failed attempts (0 → 1 s, 1 → 2 s, ... capped at 5 min).
+pub fn backoff(attempts_so_far: u32) -> Duration {
+    let secs = BACKOFF_START.as_secs().saturating_mul(1u64 << attempts_so_far.min(20));
+    Duration::from_secs(secs).min(BACKOFF_CAP)
+}
+
+/// The outbox worker: delivers due webhook rows until `shutdown` turns true (or its sender is dropped).
+///
+/// Wakes when [`Store::outbox_wake`] is signalled (every `record_result` with `alert`), when the earliest
+/// retry falls due, or every 30 s. Without `webhook_url` it delivers nothing and waits for shutdown (rows queued
+/// anyway stay pending and go out once a URL is configured). A shutdown during a request abandons it; the row
+/// stays undelivered and is sent again after the restart.
+pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdown: watch::Receiver<bool>) {
+    let Some(url) = cfg.webhook_url.clone() else {
+        tracing::info!("notify: no alerts.webhook_url configured; webhook outbox idle");
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        return;
+    };
+    let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "notify: cannot build the HTTP client; webhook outbox stopped");
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            return;
+        }
+    };
+    let secret = cfg.webhook_secret.clone().map(String::into_bytes);
+    tracing::info!(signed = secret.is_some(), "notify: webhook outbox running");
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let due = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.due_outbox(now_ms(), BATCH)).await
+        };
+        let due = match due {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "notify: reading the outbox failed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "notify: outbox task failed");
+                Vec::new()
+            }
+        };
+        let full_batch = due.len() == BATCH;
+        for row in due {
+            let outcome = tokio::select! {
+                r = deliver(&client, &url, secret.as_deref(), &row) => r,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let store = store.clone();
+            let id = row.id;
+            let key = series_key_of(&row.dedup_key);
+            match outcome {
+                Ok(status) => {
+                    tracing::info!(outbox_id = id, series = %key, status, attempts = row.attempts + 1, "notify: webhook delivered");
+                    if let Err(e) = blocking(move || store.mark_delivered(id)).await {
+                        tracing::error!(outbox_id = id, error = %e, "notify: cannot mark webhook delivered");
+                    }
+                }
+                Err(err) => {
+                    let delay = backoff(row.attempts);
+                    let next = now_ms() + delay.as_millis() as i64;
+                    tracing::warn!(outbox_id = id, series = %key, attempts = row.attempts + 1, retry_in_s = delay.as_secs(),
+                        error = %err, "notify: webhook delivery failed");
+                    if let Err(e) = blocking(move || store.mark_attempt_failed(id, &err, next)).await {
+                        tracing::error!(outbox_id = id, error = %e, "notify: cannot record the failed attempt");
+                    }
+                }
+            }
+        }
+        if full_batch {
+            continue;
+        }
+        let next_due = {
+            let store = store.clone();
+            blocking(move || store.next_outbox_due()).await.ok().flatten()
+        };
+        let wait = match next_due {
+            Some(t) => Duration::from_millis((t - now_ms()).max(0) as u64).min(IDLE_POLL),
+            None => IDLE_POLL,
+        }
+        // Never spin: if the store keeps failing, a due row would otherwise be retried in a tight loop.
+        .max(MIN_WAIT);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = store.outbox_wake().notified() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow::anyhow!("store task failed: {e}"))?
+}
+
+/// One POST. Ok(status) on 2xx; Err(description) otherwise (kept in `outbox.last_error`).
+async fn deliver(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, row: &OutboxRow) -> Result<u16, String> {
+    let mut req = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(DEDUP_HEADER, row.dedup_key.as_str());
+    if let Some(secret) = secret {
+        req = req.header(SIGNATURE_HEADER, signature(secret, row.payload_json.as_bytes()));
+    }
+    let resp = req.body(row.payload_json.clone()).send().await.map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status();
+    if status.is_success() {
+        Ok(status.as_u16())
+    } else {
+        let body = resp.text().await.unwrap_or_default();
+        let snippet: String = body.chars().take(200).collect();
+        Err(format!("HTTP {status}: {snippet}"))
+    }
+}
+
+/// Logs the series part of a dedup key (`"{series_uid}/v{n}"`) as a hash.
+fn series_key_of(dedup_key: &str) -> String {
+    match dedup_key.rsplit_once("/v") {
+        Some((series, v)) => format!("{}/v{v}", series_log_key(series)),
+        None => series_log_key(dedup_key),
+    }
+}
+
+/// One log line per analysed series, with structured fields picked from the result JSON: hashed series key,
+/// `patient_key`, `positive`, `involvement_percent`, `version`, and `timings` (compact JSON) when present.
+/// Positives at WARN (journald PRIORITY=4 through the log bridge), negatives at INFO. Only known fields are
+/// read, so raw identifiers in the JSON can never reach the log.
+pub fn log_result(result: &serde_json::Value) {
+    let get = |k: &str| result.get(k);
+    let series = get("series_instance_uid").and_then(|v| v.as_str()).map(series_log_key).unwrap_or_else(|| "-".into());
+    let patient = get("patient_key").and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let positive = get("positive").and_then(|v| v.as_bool()).unwrap_or(false);
+    let involvement = get("involvement_percent").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let version = get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    let timings = get("timings_ms")
+        .or_else(|| get("timings"))
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "-".into());
+    if positive {
+        tracing::warn!(series = %series, patient_key = %patient, positive, involvement_percent = involvement, version,
+            timings = %timings, "series analysed: POSITIVE (involvement {involvement:.2} %)");
+    } else {
+        tracing::info!(series = %series, patient_key = %patient, positive, involvement_percent = involvement, version,
+            timings = %timings, "series analysed: negative (involvement {involvement:.2} %)");
+    }
+}

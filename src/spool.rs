@@ -1,1 +1,491 @@
-//! spool — (being built)
+//! spool — makes every received instance durable before the sender is told "success".
+//!
+//! Owns: checking that a C-STORE dataset can be used at all (parses in its transfer syntax with every length
+//! bounded by the bytes actually received, carries the UIDs, matches the command, has enough pixel bytes), and
+//! writing it as a DICOM Part-10 file — our file meta group followed by the received dataset bytes *verbatim* —
+//! through a temporary file, `fsync`, atomic rename and a directory `fsync`. Only after [`Spool::store`] returns
+//! `Ok` may the SCP answer 0000: nothing acknowledged is ever lost.
+//! Hands on: a [`SpooledInstance`] (routing attributes + file path) that `store` records and `series` groups.
+//! Never: re-encodes or decodes pixel data, touches the database, or knows when a series is complete.
+//!
+//! On-disk layout (all directories mode 0700, files 0600):
+//!
+//! ```text
+//! <data_dir>/spool/tmp/                          partially written files (removed at open)
+//! <data_dir>/spool/<h[0..2]>/<h[0..16]>/<sop>.dcm  h = hex sha256(SeriesInstanceUID)
+//! ```
+//!
+//! A repeated SOP Instance UID replaces the earlier file atomically (same series ⇒ same path).
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntaxIndex};
+use dicom_object::{FileDicomObject, FileMetaTableBuilder, InMemDicomObject};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use sha2::{Digest, Sha256};
+
+use crate::instance::InstanceMeta;
+use crate::receive::{status, IncomingInstance};
+
+/// Our Implementation Class UID: `2.25.` + the decimal form of a fixed random 128-bit value (ISO/IEC 9834-8
+/// UUID-derived root, so no registration is needed). Never change it: files written by earlier versions carry it.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.218337455914981707327163553066519470731";
+/// Implementation Version Name written into every file meta group (max 16 characters).
+pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("LSENTRY_", env!("CARGO_PKG_VERSION"));
+
+/// Implicit VR Little Endian, the only standard transfer syntax without explicit VRs.
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+/// Deepest sequence nesting the bounds check walks before refusing the dataset.
+const MAX_NESTING: usize = 32;
+
+/// Why an instance was not spooled; each maps to the DIMSE status the SCP answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The dataset cannot be used: unparseable, not DICOM, missing UIDs or pixel data (→ 0xC000).
+    #[error("cannot understand dataset: {0}")]
+    CannotUnderstand(String),
+    /// The dataset contradicts the C-STORE command (SOP Instance/Class UID differ) (→ 0xA900).
+    #[error("dataset does not match the command: {0}")]
+    DatasetMismatch(String),
+    /// The spool could not make the instance durable: disk full, quota, I/O error, permissions (→ 0xA700).
+    #[error("spool out of resources while {0}: {1}")]
+    OutOfResources(String, #[source] io::Error),
+}
+
+impl SpoolError {
+    /// The DIMSE status for the C-STORE-RSP (constants of [`crate::receive::status`]).
+    pub fn status(&self) -> u16 {
+        match self {
+            SpoolError::CannotUnderstand(_) => status::CANNOT_UNDERSTAND,
+            SpoolError::DatasetMismatch(_) => status::DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            SpoolError::OutOfResources(..) => status::OUT_OF_RESOURCES,
+        }
+    }
+}
+
+/// One instance made durable: what `store` records and `series` groups by.
+#[derive(Debug, Clone)]
+pub struct SpooledInstance {
+    /// Routing/grouping/ordering attributes extracted once from the dataset.
+    pub meta: InstanceMeta,
+    /// Absolute path of the Part-10 file in the spool.
+    pub path: PathBuf,
+    /// Transfer syntax of the dataset as received (also in the file meta group).
+    pub transfer_syntax_uid: String,
+    /// Size of the whole file on disk (meta group + dataset), bytes.
+    pub bytes: u64,
+}
+
+/// The spool directory. Cheap to share (`Arc<Spool>`); [`Spool::store`] is safe to call concurrently.
+#[derive(Debug)]
+pub struct Spool {
+    /// `<data_dir>/spool`: root of the series directories.
+    root: PathBuf,
+    /// `<data_dir>/spool/tmp`: files being written; same filesystem as `root` so rename is atomic.
+    tmp: PathBuf,
+    /// Distinguishes concurrent temporary files of this process.
+    counter: AtomicU64,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
+    let what = what.into();
+    move |e| SpoolError::OutOfResources(what, e)
+}
+
+/// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.
+fn make_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// `fsync` of a directory, so a rename/create inside it survives power loss.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Spool {
+    /// Opens (creating if needed) `<data_dir>/spool` and `<data_dir>/spool/tmp`, mode 0700, and removes
+    /// temporary files left by a crash (they were never acknowledged, so nothing is lost).
+    pub fn open(data_dir: &Path) -> anyhow::Result<Spool> {
+        use anyhow::Context;
+        let root = data_dir.join("spool");
+        let tmp = root.join("tmp");
+        make_dir(&tmp).with_context(|| format!("creating spool directory {}", tmp.display()))?;
+        for d in [&root, &tmp] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("setting mode 0700 on {}", d.display()))?;
+        }
+        let mut removed = 0usize;
+        for entry in fs::read_dir(&tmp).with_context(|| format!("listing {}", tmp.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "spool: removed unacknowledged temporary files left by an earlier run");
+        }
+        Ok(Spool { root, tmp, counter: AtomicU64::new(0) })
+    }
+
+    /// The spool root (`<data_dir>/spool`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where an instance of `series_uid` with `sop_uid` lives in the spool.
+    pub fn path_for(&self, series_uid: &str, sop_uid: &str) -> PathBuf {
+        let h = hex::encode(Sha256::digest(series_uid.as_bytes()));
+        self.root.join(&h[..2]).join(&h[..16]).join(format!("{}.dcm", file_stem(sop_uid)))
+    }
+
+    /// Validates `inc` and writes it durably; blocking (call from `spawn_blocking`).
+    ///
+    /// `Ok` means the file and its directory entry are on stable storage: the SCP may answer 0000.
+    /// `Err(e)`: answer `e.status()`; nothing was left behind in the spool.
+    pub fn store(&self, inc: &IncomingInstance) -> Result<SpooledInstance, SpoolError> {
+        let ts_uid = inc.transfer_syntax_uid.trim_end_matches(['\0', ' ']).to_string();
+        let meta = validate(inc, &ts_uid)?;
+        let final_path = self.path_for(&meta.series_instance_uid, &meta.sop_instance_uid);
+        let bytes = self.write_durably(&final_path, &meta, &ts_uid, &inc.dataset)?;
+        Ok(SpooledInstance { meta, path: final_path, transfer_syntax_uid: ts_uid, bytes })
+    }
+
+    fn write_durably(&self, final_path: &Path, meta: &InstanceMeta, ts_uid: &str, dataset: &[u8]) -> Result<u64, SpoolError> {
+        let header = part10_header(meta, ts_uid)?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp_path)
+                .map_err(io_err(format!("creating {}", tmp_path.display())))?;
+            f.write_all(&header).map_err(io_err("writing file meta"))?;
+            f.write_all(dataset).map_err(io_err("writing dataset"))?;
+            f.sync_all().map_err(io_err("fsync of the instance file"))?;
+            drop(f);
+            let dir = final_path.parent().expect("spool paths have a parent");
+            let created_dir = !dir.exists();
+            make_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            fs::rename(&tmp_path, final_path).map_err(io_err(format!("renaming into {}", final_path.display())))?;
+            sync_dir(dir).map_err(io_err("fsync of the series directory"))?;
+            if created_dir {
+                // New series directories must themselves survive a crash: sync their parents too.
+                for d in [dir.parent().unwrap_or(&self.root), &self.root] {
+                    sync_dir(d).map_err(io_err("fsync of the spool directory"))?;
+                }
+            }
+            Ok((header.len() + dataset.len()) as u64)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        result
+    }
+}
+
+/// File name for a SOP Instance UID: the UID itself when it is a well-formed UID (digits and dots, ≤ 64
+/// characters, starting with a digit), else the hex SHA-256 of it — a peer can never steer the path.
+fn file_stem(sop_uid: &str) -> String {
+    let well_formed = !sop_uid.is_empty()
+        && sop_uid.len() <= 64
+        && sop_uid.as_bytes()[0].is_ascii_digit()
+        && sop_uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if well_formed {
+        sop_uid.to_string()
+    } else {
+        format!("x{}", hex::encode(Sha256::digest(sop_uid.as_bytes())))
+    }
+}
+
+/// Preamble + "DICM" + our file meta group, ready to be followed by the dataset bytes.
+fn part10_header(meta: &InstanceMeta, ts_uid: &str) -> Result<Vec<u8>, SpoolError> {
+    let table = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(meta.sop_class_uid.as_str())
+        .media_storage_sop_instance_uid(meta.sop_instance_uid.as_str())
+        .transfer_syntax(ts_uid)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+        .build()
+        .map_err(|e| SpoolError::CannotUnderstand(format!("cannot build file meta group: {e}")))?;
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    table
+        .write(&mut out)
+        .map_err(|e| SpoolError::CannotUnderstand(format!("cannot encode file meta group: {e}")))?;
+    Ok(out)
+}
+
+/// Every check before anything is written; returns the routing attributes.
+fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
+    let cu = SpoolError::CannotUnderstand;
+    let ts = TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
+    if matches!(ts.codec(), Codec::Dataset(_)) {
+        return Err(cu(format!("dataset-compressed transfer syntax {} is not supported", ts.name())));
+    }
+    if inc.dataset.is_empty() {
+        return Err(cu("empty dataset".into()));
+    }
+    let big_endian = matches!(ts.endianness(), Endianness::Big);
+    check_lengths(&inc.dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
+    let obj = InMemDicomObject::read_dataset_with_ts(&inc.dataset[..], ts)
+        .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
+    let meta = InstanceMeta::from_object(&obj, Some(&inc.sop_class_uid)).map_err(|e| cu(e.to_string()))?;
+    let cmd_sop = inc.sop_instance_uid.trim_end_matches(['\0', ' ']);
+    if meta.sop_instance_uid != cmd_sop {
+        return Err(SpoolError::DatasetMismatch(format!(
+            "command SOP Instance UID {cmd_sop:?} but dataset carries {:?}",
+            meta.sop_instance_uid
+        )));
+    }
+    let cmd_class = inc.sop_class_uid.trim_end_matches(['\0', ' ']);
+    if !cmd_class.is_empty() && meta.sop_class_uid != cmd_class {
+        return Err(SpoolError::DatasetMismatch(format!(
+            "command SOP Class UID {cmd_class:?} but dataset carries {:?}",
+            meta.sop_class_uid
+        )));
+    }
+    if meta.is_ct_image_class() {
+        check_pixel_data(&obj, &meta)?;
+    }
+    Ok(meta)
+}
+
+fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
+    obj.element(tag).ok().and_then(|e| e.to_int::<u64>().ok())
+}
+
+/// For image classes: Pixel Data present, and native Pixel Data long enough for the image it claims.
+/// All arithmetic in u64 with overflow checks; nothing is allocated.
+fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta) -> Result<(), SpoolError> {
+    let cu = SpoolError::CannotUnderstand;
+    let pixel = obj.element(tags::PIXEL_DATA).map_err(|_| cu("no PixelData".into()))?;
+    if let Some(fragments) = pixel.value().fragments() {
+        if fragments.is_empty() || fragments.iter().all(|f| f.is_empty()) {
+            return Err(cu("encapsulated PixelData has no fragments".into()));
+        }
+        return Ok(());
+    }
+    let rows = uint(obj, tags::ROWS).ok_or_else(|| cu("image without Rows".into()))?;
+    let cols = uint(obj, tags::COLUMNS).ok_or_else(|| cu("image without Columns".into()))?;
+    let bits = uint(obj, tags::BITS_ALLOCATED).ok_or_else(|| cu("image without BitsAllocated".into()))?;
+    let spp = uint(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let frames = u64::from(meta.number_of_frames.max(1));
+    if rows == 0 || cols == 0 || bits == 0 || spp == 0 {
+        return Err(cu(format!("degenerate image {rows}x{cols}, {bits} bits, {spp} samples")));
+    }
+    let need_bits = [cols, bits, spp, frames]
+        .iter()
+        .try_fold(rows, |acc, &x| acc.checked_mul(x))
+        .ok_or_else(|| cu("image dimensions overflow".into()))?;
+    let need = need_bits.div_ceil(8);
+    let have = match pixel.value().primitive() {
+        Some(p) => p.calculate_byte_len() as u64,
+        None => return Err(cu("PixelData is neither native nor encapsulated".into())),
+    };
+    if have < need {
+        return Err(cu(format!(
+            "PixelData has {have} bytes, {rows}x{cols}x{spp} samples of {bits} bits x {frames} frames need {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// Walks every element header of an encoded dataset and checks each defined length against the bytes that
+/// actually follow, before the parser sees it. The parser allocates (and zero-fills) a value's declared
+/// length up front, so a header claiming 4 GiB in a 1 KiB message must be refused here, not allocated there.
+fn check_lengths(data: &[u8], explicit: bool, big_endian: bool) -> Result<(), String> {
+    let mut w = Walker { data, explicit, big_endian };
+    let mut pos = 0usize;
+    w.elements(&mut pos, data.len(), 0, false)
+}
+
+/// Cursor state of [`check_lengths`].
+struct Walker<'a> {
+    /// The whole dataset.
+    data: &'a [u8],
+    /// Explicit VR encoding (every standard TS except Implicit VR LE).
+    explicit: bool,
+    /// Explicit VR Big Endian (retired, still registered).
+    big_endian: bool,
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const ITEM: (u16, u16) = (0xFFFE, 0xE000);
+const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
+const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
+
+impl Walker<'_> {
+    fn u16_at(&self, p: usize) -> u16 {
+        let b = [self.data[p], self.data[p + 1]];
+        if self.big_endian { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+    }
+
+    fn u32_at(&self, p: usize) -> u32 {
+        let b = [self.data[p], self.data[p + 1], self.data[p + 2], self.data[p + 3]];
+        if self.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+    }
+
+    /// Tag at `p` (needs 4 bytes before `end`).
+    fn tag(&self, p: usize, end: usize) -> Result<(u16, u16), String> {
+        if end.saturating_sub(p) < 4 {
+            return Err(format!("truncated element header at offset {p}"));
+        }
+        Ok((self.u16_at(p), self.u16_at(p + 2)))
+    }
+
+    /// A defined length that must fit in `[p, end)`.
+    fn fits(&self, p: usize, len: u32, end: usize, tag: (u16, u16)) -> Result<usize, String> {
+        let len = len as usize;
+        if len > end - p {
+            return Err(format!(
+                "element ({:04X},{:04X}) at offset {p} claims {len} bytes but only {} remain",
+                tag.0,
+                tag.1,
+                end - p
+            ));
+        }
+        Ok(p + len)
+    }
+
+    /// Elements from `*pos` up to `end`; with `until_item_end`, stops after an Item Delimitation.
+    fn elements(&mut self, pos: &mut usize, end: usize, depth: usize, until_item_end: bool) -> Result<(), String> {
+        if depth > MAX_NESTING {
+            return Err(format!("sequences nested deeper than {MAX_NESTING}"));
+        }
+        while *pos < end {
+            let tag = self.tag(*pos, end)?;
+            if tag == ITEM_END {
+                if !until_item_end {
+                    return Err(format!("unexpected item delimitation at offset {pos}"));
+                }
+                *pos += 8;
+                return if *pos <= end { Ok(()) } else { Err("truncated item delimitation".into()) };
+            }
+            if tag.0 == 0xFFFE {
+                return Err(format!("unexpected item tag ({:04X},{:04X}) at offset {pos}", tag.0, tag.1));
+            }
+            let (vr, len, header) = if self.explicit {
+                if end - *pos < 8 {
+                    return Err(format!("truncated element header at offset {pos}"));
+                }
+                let vr = [self.data[*pos + 4], self.data[*pos + 5]];
+                if !vr.iter().all(u8::is_ascii_uppercase) {
+                    return Err(format!("invalid VR bytes {vr:?} at offset {}", *pos + 4));
+                }
+                let long = matches!(
+                    &vr,
+                    b"OB" | b"OW" | b"OF" | b"OD" | b"OL" | b"OV" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"SV" | b"UV"
+                );
+                if long {
+                    if end - *pos < 12 {
+                        return Err(format!("truncated element header at offset {pos}"));
+                    }
+                    (Some(vr), self.u32_at(*pos + 8), 12)
+                } else {
+                    (Some(vr), u32::from(self.u16_at(*pos + 6)), 8)
+                }
+            } else {
+                if end - *pos < 8 {
+                    return Err(format!("truncated element header at offset {pos}"));
+                }
+                (None, self.u32_at(*pos + 4), 8)
+            };
+            *pos += header;
+            let is_sq = match vr {
+                Some(v) => &v == b"SQ" || (len == UNDEFINED && &v == b"UN"),
+                None => len == UNDEFINED || dictionary_says_sequence(tag),
+            };
+            if tag == (0x7FE0, 0x0010) && len == UNDEFINED {
+                self.fragments(pos, end, tag)?;
+            } else if is_sq {
+                self.sequence(pos, end, len, depth, tag)?;
+            } else if len == UNDEFINED {
+                return Err(format!("undefined length on non-sequence element ({:04X},{:04X})", tag.0, tag.1));
+            } else {
+                *pos = self.fits(*pos, len, end, tag)?;
+            }
+        }
+        if until_item_end {
+            return Err("item without delimitation".into());
+        }
+        Ok(())
+    }
+
+    /// Items of a sequence whose value starts at `*pos`.
+    fn sequence(&mut self, pos: &mut usize, end: usize, len: u32, depth: usize, tag: (u16, u16)) -> Result<(), String> {
+        let seq_end = if len == UNDEFINED { end } else { self.fits(*pos, len, end, tag)? };
+        while *pos < seq_end {
+            let t = self.tag(*pos, seq_end)?;
+            if seq_end - *pos < 8 {
+                return Err(format!("truncated item header at offset {pos}"));
+            }
+            let item_len = self.u32_at(*pos + 4);
+            *pos += 8;
+            if t == SEQ_END {
+                if len != UNDEFINED {
+                    return Err("sequence delimitation in a defined-length sequence".into());
+                }
+                return Ok(());
+            }
+            if t != ITEM {
+                return Err(format!("expected an item in sequence ({:04X},{:04X}), found ({:04X},{:04X})", tag.0, tag.1, t.0, t.1));
+            }
+            if item_len == UNDEFINED {
+                self.elements(pos, seq_end, depth + 1, true)?;
+            } else {
+                let item_end = self.fits(*pos, item_len, seq_end, t)?;
+                self.elements(pos, item_end, depth + 1, false)?;
+            }
+        }
+        if len == UNDEFINED {
+            return Err(format!("sequence ({:04X},{:04X}) without delimitation", tag.0, tag.1));
+        }
+        Ok(())
+    }
+
+    /// Encapsulated Pixel Data: items of raw bytes, ended by a Sequence Delimitation.
+    fn fragments(&mut self, pos: &mut usize, end: usize, tag: (u16, u16)) -> Result<(), String> {
+        loop {
+            let t = self.tag(*pos, end)?;
+            if end - *pos < 8 {
+                return Err(format!("truncated fragment header at offset {pos}"));
+            }
+            let len = self.u32_at(*pos + 4);
+            *pos += 8;
+            if t == SEQ_END {
+                return Ok(());
+            }
+            if t != ITEM || len == UNDEFINED {
+                return Err(format!("malformed pixel data fragment in ({:04X},{:04X}) at offset {pos}", tag.0, tag.1));
+            }
+            *pos = self.fits(*pos, len, end, t)?;
+        }
+    }
+}
+
+/// Implicit VR: whether the standard dictionary types `tag` as a sequence (the parser decides the same way).
+fn dictionary_says_sequence(tag: (u16, u16)) -> bool {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    use dicom_core::VR;
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(Tag(tag.0, tag.1))
+        .map(|e| matches!(e.vr(), VirtualVr::Exact(VR::SQ)))
+        .unwrap_or(false)
+}
+
+/// Reads a spooled Part-10 file back (for `preprocess`, `analyze` and tests).
+pub fn read_instance(path: &Path) -> anyhow::Result<FileDicomObject<InMemDicomObject>> {
+    use anyhow::Context;
+    dicom_object::open_file(path).with_context(|| format!("reading spooled instance {}", path.display()))
+}

@@ -1,0 +1,204 @@
+//! The webhook outbox against a real local HTTP server (axum): retry with back-off, HMAC signature, exactly one
+//! successful delivery, and survival of a restart (the alert lives in SQLite until delivered).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use hmac::{KeyInit, Mac};
+use lungsentry::config::AlertsConfig;
+use lungsentry::instance::InstanceMeta;
+use lungsentry::notify::{run_webhook_outbox, DEDUP_HEADER, SIGNATURE_HEADER};
+use lungsentry::spool::SpooledInstance;
+use lungsentry::store::Store;
+
+const SECRET: &str = "s3cret-for-tests";
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Test receiver: answers 500 to the first `fail_first` requests, then 200; records everything.
+#[derive(Default)]
+struct Receiver {
+    fail_first: usize,
+    seen: Mutex<Vec<Seen>>,
+}
+
+async fn hook(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let mut seen = rx.seen.lock().unwrap();
+    let status = if seen.len() < rx.fail_first { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
+    seen.push(Seen { at: Instant::now(), status: status.as_u16(), headers, body });
+    status
+}
+
+async fn start_receiver(fail_first: usize) -> (String, Arc<Receiver>) {
+    let rx = Arc::new(Receiver { fail_first, ..Default::default() });
+    let app = Router::new().route("/hook", post(hook)).with_state(rx.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), rx)
+}
+
+fn instance(series: &str) -> SpooledInstance {
+    SpooledInstance {
+        meta: InstanceMeta {
+            sop_instance_uid: format!("{series}.1"),
+            sop_class_uid: lungsentry::instance::CT_IMAGE_STORAGE.into(),
+            study_instance_uid: format!("{series}.0"),
+            series_instance_uid: series.into(),
+            patient_id: "PID9".into(),
+            patient_name: "ROE^RICHARD".into(),
+            study_date: "20200402".into(),
+            modality: "CT".into(),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into()],
+            image_position: None,
+            image_orientation: None,
+            slice_thickness: Some(1.0),
+            pixel_spacing: None,
+            instance_number: Some(1),
+            rows: Some(512),
+            columns: Some(512),
+            number_of_frames: 1,
+            has_pixel_data: true,
+        },
+        path: PathBuf::from("/nonexistent.dcm"),
+        transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+        bytes: 1,
+    }
+}
+
+fn alerts(url: &str) -> AlertsConfig {
+    AlertsConfig { webhook_url: Some(url.into()), webhook_secret: Some(SECRET.into()), patient_key_salt: None }
+}
+
+fn expected_signature(body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_is_retried_signed_and_delivered_once() {
+    let (url, rx) = start_receiver(1).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&tmp.path().join("db.sqlite")).unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(run_webhook_outbox(store.clone(), alerts(&url), stop_rx));
+
+    let series = "1.2.826.0.9.1";
+    store.record_instance(&instance(series), 1, "0123456789abcdef0123456789abcdef").unwrap();
+    let result = serde_json::json!({
+        "series_instance_uid": series, "patient_key": "0123456789abcdef0123456789abcdef",
+        "positive": true, "involvement_percent": 7.25
+    });
+    // The worker is idle (long poll); recording the result must wake it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued_at = Instant::now();
+    store.record_result(series, true, 7.25, &result, true).unwrap();
+
+    wait_for("a successful delivery", Duration::from_secs(15), || {
+        rx.seen.lock().unwrap().iter().any(|s| s.status == 200)
+    })
+    .await;
+    // Give a duplicate every chance to show up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let seen = rx.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "expected exactly one failed and one successful request, got {}", seen.len());
+    assert_eq!((seen[0].status, seen[1].status), (500, 200));
+    assert!(seen[0].at - queued_at < Duration::from_secs(1), "the first try must follow the wake-up at once");
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(900), "retry came after {gap:?}, before the 1 s back-off");
+
+    let ok = &seen[1];
+    assert_eq!(ok.headers["content-type"], "application/json");
+    assert_eq!(ok.headers[DEDUP_HEADER], format!("{series}/v1").as_str());
+    let sig = ok.headers[SIGNATURE_HEADER].to_str().unwrap();
+    assert_eq!(sig, expected_signature(&ok.body), "HMAC signature must cover the exact body");
+    assert_ne!(sig, expected_signature(b"{}"));
+    assert_eq!(seen[0].body, ok.body, "a retry sends the same bytes");
+    let body: serde_json::Value = serde_json::from_slice(&ok.body).unwrap();
+    assert_eq!(body["dedup_key"], format!("{series}/v1"));
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["involvement_percent"], 7.25);
+    let text = String::from_utf8_lossy(&ok.body);
+    assert!(!text.contains("ROE^RICHARD") && !text.contains("PID9"), "raw identifiers in the webhook: {text}");
+
+    let c = store.outbox_counts().unwrap();
+    assert_eq!((c.pending, c.delivered), (0, 1));
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), worker).await.expect("worker stops on shutdown").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_alert_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db.sqlite");
+    let series = "1.2.826.0.9.2";
+
+    // First life: the receiver is down (a port nobody listens on); the attempt fails and is recorded.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    {
+        let store = Arc::new(Store::open(&db).unwrap());
+        store.record_instance(&instance(series), 1, "fedcba9876543210fedcba9876543210").unwrap();
+        let result = serde_json::json!({"series_instance_uid": series, "positive": true, "involvement_percent": 3.0});
+        store.record_result(series, true, 3.0, &result, true).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let worker = tokio::spawn(run_webhook_outbox(store.clone(), alerts(&dead), stop_rx));
+        let s = store.clone();
+        wait_for("a failed attempt", Duration::from_secs(15), move || s.outbox_counts().unwrap().failing == 1).await;
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
+        assert_eq!(store.outbox_counts().unwrap().pending, 1);
+    } // "crash": everything in memory is gone
+
+    // Second life: reopen the database; the receiver is up; the alert goes out.
+    let (url, rx) = start_receiver(0).await;
+    let store = Arc::new(Store::open(&db).unwrap());
+    assert_eq!(store.outbox_counts().unwrap().pending, 1, "the alert must survive the restart");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(run_webhook_outbox(store.clone(), alerts(&url), stop_rx));
+    wait_for("delivery after restart", Duration::from_secs(15), || !rx.seen.lock().unwrap().is_empty()).await;
+    let s = store.clone();
+    wait_for("delivered mark", Duration::from_secs(5), move || s.outbox_counts().unwrap().delivered == 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = rx.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers[DEDUP_HEADER], format!("{series}/v1").as_str());
+    assert_eq!(seen[0].headers[SIGNATURE_HEADER].to_str().unwrap(), expected_signature(&seen[0].body));
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
+}
+
+#[test]
+fn backoff_doubles_from_one_second_and_caps_at_five_minutes() {
+    use lungsentry::notify::backoff;
+    assert_eq!(backoff(0), Duration::from_secs(1));
+    assert_eq!(backoff(1), Duration::from_secs(2));
+    assert_eq!(backoff(5), Duration::from_secs(32));
+    assert_eq!(backoff(9), Duration::from_secs(300));
+    assert_eq!(backoff(1000), Duration::from_secs(300));
+}

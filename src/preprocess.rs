@@ -241,6 +241,31 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
         None => (p, p),
     });
 
+    // dicom-pixeldata insists on attributes real scanners sometimes omit (HighBit, PixelRepresentation, ...):
+    // decode a copy with the values used above filled in when any is missing.
+    let patched;
+    let obj = if [
+        tags::HIGH_BIT,
+        tags::BITS_STORED,
+        tags::PIXEL_REPRESENTATION,
+        tags::SAMPLES_PER_PIXEL,
+        tags::PHOTOMETRIC_INTERPRETATION,
+    ]
+    .iter()
+    .any(|t| obj.element(*t).is_err())
+    {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let mut o = obj.clone();
+        o.put(DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(fmt.high_bit)));
+        o.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(fmt.bits_stored)));
+        o.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(signed as u16)));
+        o.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)));
+        o.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from(photometric.as_str())));
+        patched = o;
+        &patched
+    } else {
+        obj
+    };
     let decoded = obj.decode_pixel_data().map_err(|e| PreprocessError::Decode(e.to_string()))?;
     let data = decoded.data();
     let bytes_per_sample = (fmt.bits_allocated / 8) as usize;
@@ -310,12 +335,14 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
     Ok(out)
 }
 
-/// Step 1–2 of "minmax_clahe": clip to `hu_clip`, then per-slice min-max to 0..=255 (round half to even, float32
-/// arithmetic as numpy does on a float32 array: `np.round((v - lo) / (hi - lo) * 255)`); a constant slice is all 0.
+/// Step 1–2 of "minmax_clahe": clip to `hu_clip`, then per-slice min-max to 0..=255 in f64, rounded half away
+/// from zero — exactly `models/train/normalise.py::minmax_u8` (`floor((v - lo) / (hi - lo) * 255 + 0.5)`);
+/// a constant slice is all 0.
 pub fn minmax_u8(hu: &[f32], hu_clip: [f32; 2]) -> Vec<u8> {
-    let clip = |v: f32| v.max(hu_clip[0]).min(hu_clip[1]);
-    let mut lo = f32::INFINITY;
-    let mut hi = f32::NEG_INFINITY;
+    let (clo, chi) = (hu_clip[0] as f64, hu_clip[1] as f64);
+    let clip = |v: f32| (v as f64).max(clo).min(chi);
+    let mut lo = f64::INFINITY;
+    let mut hi = f64::NEG_INFINITY;
     for &v in hu {
         let v = clip(v);
         lo = lo.min(v);
@@ -327,8 +354,8 @@ pub fn minmax_u8(hu: &[f32], hu_clip: [f32; 2]) -> Vec<u8> {
     let range = hi - lo;
     hu.iter()
         .map(|&v| {
-            let x = (clip(v) - lo) / range * 255.0f32;
-            x.round_ties_even().clamp(0.0, 255.0) as u8
+            let x = (clip(v) - lo) / range * 255.0;
+            (x + 0.5).floor().clamp(0.0, 255.0) as u8
         })
         .collect()
 }
@@ -608,7 +635,7 @@ mod tests {
         assert_eq!(v[1], 0);
         assert_eq!(v[3], 255);
         assert_eq!(v[4], 255);
-        assert_eq!(v[2], ((1024.0f32 / 4095.0 * 255.0).round()) as u8);
+        assert_eq!(v[2], ((1024.0f64 / 4095.0 * 255.0).round()) as u8);
         assert_eq!(minmax_u8(&[5.0; 4], [-1024.0, 3071.0]), vec![0; 4]);
     }
 

@@ -132,14 +132,15 @@ fn opencv_reference(hu: &[f32], rows: usize, cols: usize, out_h: usize, out_w: u
     let dir = tempfile::tempdir().unwrap();
     let inp = dir.path().join("hu.f32");
     std::fs::write(&inp, hu.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    // The trainer's own normalisation code (models/train/normalise.py) for steps 1-3, OpenCV for the resize.
     let script = r#"
 import sys, numpy as np, cv2
+sys.path.insert(0, sys.argv[7])
+import normalise
 inp, rows, cols, oh, ow, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 v = np.fromfile(inp, dtype='<f4').reshape(rows, cols)
-v = np.clip(v, np.float32(-1024), np.float32(3071))
-lo, hi = v.min(), v.max()
-u8 = np.zeros_like(v, dtype=np.uint8) if hi <= lo else np.round((v - lo) / (hi - lo) * np.float32(255)).astype(np.uint8)
-eq = cv2.createCLAHE(clipLimit=7.0, tileGridSize=(8, 8)).apply(u8)
+u8 = normalise.minmax_u8(v)
+eq = normalise.clahe_u8(u8)
 rs = cv2.resize(eq, (ow, oh), interpolation=cv2.INTER_LINEAR)
 u8.tofile(outdir + '/minmax.u8'); eq.tofile(outdir + '/clahe.u8'); rs.tofile(outdir + '/resized.u8')
 "#;
@@ -149,6 +150,7 @@ u8.tofile(outdir + '/minmax.u8'); eq.tofile(outdir + '/clahe.u8'); rs.tofile(out
         .arg(&inp)
         .args([rows, cols, out_h, out_w].map(|v| v.to_string()))
         .arg(dir.path())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/train"))
         .output()
         .expect("run python3");
     assert!(

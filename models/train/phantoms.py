@@ -28,8 +28,9 @@ def read_hu(path: Path) -> np.ndarray:
 
 def read_series(d: Path) -> tuple[np.ndarray, np.ndarray]:
     """(HU slices z x y x x in file order, labels z x y x x). Files IM00001.dcm... are in label z order."""
-    files = sorted(d.glob("*.dcm"))
     meta = json.loads((d / "labels.json").read_text())
+    # labels.json lists the DICOM files in labels.raw z order; fall back to name order
+    files = [d / f for f in meta["files"]] if "files" in meta else sorted(d.glob("*.dcm"))
     z, y, x = meta["dims"]
     labels = np.fromfile(d / "labels.raw", dtype=np.uint8).reshape(z, y, x)
     hu = np.stack([read_hu(f) for f in files])

@@ -202,3 +202,44 @@ fn backoff_doubles_from_one_second_and_caps_at_five_minutes() {
     assert_eq!(backoff(9), Duration::from_secs(300));
     assert_eq!(backoff(1000), Duration::from_secs(300));
 }
+
+/// Captures what `tracing` writes, for the log-line test.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn result_log_line_levels_and_no_raw_identifiers() {
+    let cap = Captured::default();
+    let writer = cap.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let series = "1.2.826.0.9.3";
+    tracing::subscriber::with_default(subscriber, || {
+        lungsentry::notify::log_result(&serde_json::json!({
+            "series_instance_uid": series, "patient_key": "00aa", "positive": true, "involvement_percent": 9.5,
+            "version": 2, "timings_ms": {"inference": 812}, "patient_name": "ROE^RICHARD", "patient_id": "PID9"
+        }));
+        lungsentry::notify::log_result(&serde_json::json!({
+            "series_instance_uid": series, "patient_key": "00aa", "positive": false, "involvement_percent": 0.1
+        }));
+    });
+    let text = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("WARN") && lines[0].contains("POSITIVE") && lines[0].contains("involvement_percent=9.5"), "{}", lines[0]);
+    assert!(lines[0].contains("inference") && lines[0].contains("version=2"), "{}", lines[0]);
+    assert!(lines[1].contains("INFO") && lines[1].contains("negative"), "{}", lines[1]);
+    assert!(lines[0].contains(&lungsentry::store::series_log_key(series)));
+    for bad in ["ROE^RICHARD", "PID9", series] {
+        assert!(!text.contains(bad), "{bad:?} leaked into the log: {text}");
+    }
+}

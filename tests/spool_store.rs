@@ -98,6 +98,10 @@ fn check_spooled(inc: &IncomingInstance, s: &SpooledInstance, spool_root: &Path)
     assert!(text.contains(&inc.sop_instance_uid), "dcmdump output lacks the SOP Instance UID");
     assert!(text.contains("(7fe0,0010)"), "dcmdump output lacks PixelData");
     assert!(!text.contains("E: "), "dcmdump reported errors:\n{text}");
+    assert!(out.stderr.is_empty(), "dcmdump warned: {}", String::from_utf8_lossy(&out.stderr));
+    if std::env::var_os("SPOOL_TEST_SHOW").is_some() {
+        eprintln!("{}", text.lines().take(14).collect::<Vec<_>>().join("\n"));
+    }
 
     let back = read_instance(&s.path).unwrap();
     assert_eq!(back.meta().transfer_syntax().trim_end_matches('\0'), inc.transfer_syntax_uid);

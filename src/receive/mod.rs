@@ -12,6 +12,16 @@ use std::net::SocketAddr;
 
 use tokio::sync::oneshot;
 
+mod association;
+pub mod dimse;
+mod echo;
+mod listener;
+mod policy;
+mod store;
+pub mod syntax;
+
+pub use listener::{run, run_with, Tuning};
+
 /// Process-unique id of one association, for logs and for telling the series stage which sender finished.
 pub type AssociationId = u64;
 
@@ -29,6 +39,17 @@ pub mod status {
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     /// Failure: processing failure.
     pub const PROCESSING_FAILURE: u16 = 0x0110;
+    /// Failure: unrecognized operation (a DIMSE command we do not serve).
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    /// Failure: no such SOP class (AffectedSOPClassUID is not the presentation context's abstract syntax).
+    pub const NO_SUCH_SOP_CLASS: u16 = 0x0118;
+    /// Warning: coercion of data elements (B000); the first of the warning range B000–BFFF.
+    pub const WARNING_COERCION: u16 = 0xB000;
+
+    /// Whether a C-STORE status means the instance was stored (success or any warning).
+    pub fn is_stored(status: u16) -> bool {
+        status == SUCCESS || status == 0x0107 || status == 0x0116 || (0xB000..=0xBFFF).contains(&status)
+    }
 }
 
 /// One C-STORE's payload, as received.

@@ -71,6 +71,7 @@ pub struct Overlap {
     /// Pixels predicted, not true.
     pub fp: u64,
     /// Pixels true, not predicted.
+    #[serde(rename = "fn")]
     pub fn_: u64,
 }
 
@@ -148,6 +149,7 @@ pub struct Confusion {
     pub tp: usize,
     pub fp: usize,
     pub tn: usize,
+    #[serde(rename = "fn")]
     pub fn_: usize,
 }
 

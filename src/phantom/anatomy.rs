@@ -89,6 +89,8 @@ pub struct Anatomy {
     aorta: Vec<([f32; 3], f32)>,
     /// Trachea and main bronchi: (a, b, radius incl. wall).
     central_airways: Vec<([f32; 3], [f32; 3], f32)>,
+    /// Pulmonary trunk → hilum arteries: (a, b, radius at a, radius at b); mediastinal, never lung.
+    pulmonary_arteries: Vec<([f32; 3], [f32; 3], f32, f32)>,
     /// Esophagus centre (x, y) and radius.
     esoph: [f32; 3],
     /// Dome heights above the lung base (right, left) and dome half-extent in x, y; dome centre y.
@@ -140,7 +142,7 @@ impl Anatomy {
         let h = r.range(225.0, 280.0) as f32;
         let r_vb = r.range(15.0, 19.0) as f32;
         let y_vb = b - r.range(58.0, 68.0) as f32;
-        let heart_c = [a * r.range(0.08, 0.16) as f32, -b * r.range(0.12, 0.22) as f32, -h * r.range(0.68, 0.74) as f32];
+        let heart_c = [a * r.range(0.15, 0.24) as f32, -b * r.range(0.12, 0.22) as f32, -h * r.range(0.68, 0.74) as f32];
         let heart_ax = [a * r.range(0.36, 0.44) as f32, b * r.range(0.40, 0.48) as f32, h * r.range(0.19, 0.23) as f32];
         let ang = -r.range(0.35, 0.6) as f32;
         let y_tr = y_vb - r_vb - r.range(16.0, 22.0) as f32;
@@ -165,7 +167,10 @@ impl Anatomy {
             ([r_vb + 4.0, y_vb - r_vb * 0.7, -h * 0.6], ao_r * 0.8),
             ([r_vb * 0.3, y_vb - r_vb - 6.0, -h * 1.4], ao_r * 0.75),
         ];
+        let trunk = [heart_c[0] + 0.1 * a, heart_c[1] - 0.1 * b, heart_c[2] + heart_ax[2] * 0.9];
+        let pulmonary_arteries = hilum.iter().map(|hl| (trunk, [hl[0], hl[1] - 8.0, hl[2] + 4.0], 11.0, 9.0)).collect();
         Anatomy {
+            pulmonary_arteries,
             h,
             a,
             b,
@@ -179,7 +184,7 @@ impl Anatomy {
             vert_z0: r.range(0.0, 25.0) as f32,
             rib_z0: h * r.range(0.02, 0.08) as f32,
             rib_gap: h * r.range(0.085, 0.095) as f32,
-            rib_drop: r.range(55.0, 80.0) as f32,
+            rib_drop: r.range(95.0, 125.0) as f32,
             heart_c,
             heart_ax,
             heart_rot: [ang.cos(), ang.sin()],
@@ -193,7 +198,7 @@ impl Anatomy {
             apex_u: r.range(0.16, 0.24) as f32,
             apex_c: [a * 0.38, b * r.range(0.1, 0.2) as f32],
             apex_r: [a * 0.36, b * 0.62],
-            lung_hu: r.range(-885.0, -860.0) as f32,
+            lung_hu: r.range(-915.0, -890.0) as f32,
             lung_grad: r.range(10.0, 35.0) as f32,
             lung_tex: r.range(50.0, 80.0) as f32,
             fat_hu: r.range(-110.0, -85.0) as f32,
@@ -276,7 +281,7 @@ impl Anatomy {
         // mediastinal half width: narrow anterior/posterior junctions, wider for the great vessels above the heart
         let ant = smooth(0.25 * self.b, -0.1 * self.b, y) * smooth(-0.95 * self.b, -0.6 * self.b, y);
         let upper = smooth(0.5, 0.3, u);
-        let hw = 7.0 + 20.0 * ant * upper;
+        let hw = 7.0 - 4.5 * ant * (1.0 - upper) + 20.0 * ant * upper;
         if ax < hw {
             return false;
         }
@@ -306,8 +311,16 @@ impl Anatomy {
         if ax < 60.0 && self.aorta_sd(p) < 5.0 {
             return false;
         }
-        if ax < self.hilum[1][0].abs() + 10.0 && z > self.hilum[0][2] - 30.0 && self.central_airway_sd(p) < 3.0 {
-            return false;
+        if ax < self.hilum[1][0].abs() + 10.0 && z > self.hilum[0][2] - 30.0 {
+            if self.central_airway_sd(p) < 3.0 {
+                return false;
+            }
+            for &(a, b, ra, rb) in &self.pulmonary_arteries {
+                let (d, t) = seg_dist(p, a, b);
+                if d < ra + (rb - ra) * t + 3.0 {
+                    return false;
+                }
+            }
         }
         true
     }
@@ -430,7 +443,7 @@ impl Anatomy {
         if phi < 0.3 {
             return self.muscle_hu;
         }
-        let zz = z + self.rib_drop * (phi / std::f32::consts::PI).powf(1.4);
+        let zz = z + self.rib_drop * (phi / std::f32::consts::PI);
         let k = ((self.rib_z0 - zz) / self.rib_gap).round();
         if !(0.0..12.0).contains(&k) {
             return self.muscle_hu;
@@ -492,11 +505,11 @@ impl Anatomy {
         }
         let mut rng = Rng::stream(seed, "trees");
         // pulmonary trunk to the hila (mediastinal part)
-        let trunk = [self.heart_c[0] + 0.1 * self.a, self.heart_c[1] - 0.1 * self.b, self.heart_c[2] + self.heart_ax[2] * 0.9];
         for side in 0..2 {
             let hl = self.hilum[side];
             let sx = if side == 0 { -1.0f64 } else { 1.0 };
-            out.push(Tube { a: trunk, b: [hl[0], hl[1] - 8.0, hl[2] + 4.0], ra: 11.0, rb: 9.0, kind: TubeKind::Vessel });
+            let (a, b, ra, rb) = self.pulmonary_arteries[side];
+            out.push(Tube { a, b, ra, rb, kind: TubeKind::Vessel });
             let h = [hl[0] as f64, hl[1] as f64, hl[2] as f64];
             let dirs: [[f64; 3]; 6] = [
                 [0.25 * sx, 0.1, 1.0],

@@ -285,8 +285,8 @@ fn make_lesion(id: u16, class: LesionClass, c: [f64; 3], r: f64, rng: &mut Rng) 
         axes: [r * e[0] / g, r * e[1] / g, r * e[2] / g],
         angles: [rng.range(0.0, std::f64::consts::TAU), rng.range(-0.5, 0.5), rng.range(-0.5, 0.5)],
         hu: class_hu(class, rng),
-        shape_amp: if r < 6.0 { rng.range(0.08, 0.18) } else { rng.range(0.18, 0.34) },
-        shape_freq: rng.range(1.2, 2.4),
+        shape_amp: if r < 6.0 { rng.range(0.1, 0.2) } else { rng.range(0.25, 0.45) },
+        shape_freq: rng.range(1.4, 2.8),
         shape_seed: rng.next_u64() as u32,
     }
 }
@@ -316,19 +316,22 @@ pub fn place(anat: &Anatomy, seed: u64, sev: Severity, z_lo: f64, z_hi: f64) -> 
         forced.swap(i, j);
     }
     forced.reverse();
+    let max_n: usize = match sev {
+        Severity::Mild => 2 + rng.below(5) as usize,
+        Severity::Moderate => 4 + rng.below(9) as usize,
+        _ => 6 + rng.below(12) as usize,
+    };
     let mut out = Vec::new();
     let mut tries = 0;
-    while (grid.n_covered as f64) < target * grid.n_lung as f64 && tries < 300 && out.len() < 60 {
+    while (grid.n_covered as f64) < target * grid.n_lung as f64 && tries < 300 && out.len() < max_n + 6 {
         tries += 1;
         let Some(c) = grid.pick_site(anat, &mut rng, z_mid) else { break };
         let rem_ml = (target * grid.n_lung as f64 - grid.n_covered as f64) * cell_ml;
-        // equivalent radius of the remaining volume (mm), allowing for pleural clipping
-        let r_rem = (3.0 * rem_ml * 1000.0 * 1.6 / (4.0 * std::f64::consts::PI)).cbrt();
-        let r = if rng.chance(0.2) || r_rem < 6.0 {
-            rng.range(2.6, 6.5).min(r_rem.max(2.6))
-        } else {
-            (rng.range(0.4, 1.0) * r_rem.min(r_max)).max(4.0)
-        };
+        let slots = max_n.saturating_sub(out.len()).max(1) as f64;
+        let share_ml = rem_ml / slots * rng.range(0.6, 1.7);
+        // equivalent radius of this lesion's share (mm), allowing for pleural clipping
+        let r_share = (3.0 * share_ml * 1000.0 * 1.5 / (4.0 * std::f64::consts::PI)).cbrt();
+        let r = if slots > 2.0 && rng.chance(0.15) { rng.range(2.6, 5.0) } else { r_share.clamp(2.6, r_max) };
         let class = forced.pop().unwrap_or_else(|| draw_class(sev, &mut rng));
         let mut s = make_lesion(out.len() as u16 + 1, class, c, r, &mut rng);
         // keep whole lesion inside the scanned range
@@ -345,13 +348,9 @@ pub fn place(anat: &Anatomy, seed: u64, sev: Severity, z_lo: f64, z_hi: f64) -> 
             }
         }
         let (touched, fresh) = grid.cover(&s, false);
-        if touched == 0 || (fresh as f64) < 0.3 * touched as f64 {
-            if fresh == 0 {
-                forced.push(class);
-            }
-            if touched == 0 || fresh == 0 {
-                continue;
-            }
+        if touched == 0 || (fresh as f64) < 0.5 * touched as f64 {
+            forced.push(class);
+            continue;
         }
         grid.cover(&s, true);
         s.id = out.len() as u16 + 1;

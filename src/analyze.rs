@@ -66,7 +66,7 @@ pub fn group_by_series(files: &[PathBuf]) -> BTreeMap<String, Vec<(InstanceMeta,
                 continue;
             }
         };
-        match InstanceMeta::from_object(&obj, None) {
+        match InstanceMeta::from_file(&obj) {
             Ok(m) => series.entry(m.series_instance_uid.clone()).or_default().push((m, f.clone())),
             Err(e) => eprintln!("skipping {}: {e}", f.display()),
         }
@@ -100,7 +100,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         for (meta, path) in instances {
             work.add(&ctx, meta, &path);
         }
-        let result = work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now());
+        let result = work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
         let mut out = stdout.lock();
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&result)?)?;

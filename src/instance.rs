@@ -60,6 +60,11 @@ pub struct InstanceMeta {
     pub number_of_frames: u32,
     /// Whether Pixel Data is present at all.
     pub has_pixel_data: bool,
+    /// Identifiers the dataset lacked (e.g. an anonymiser blanked them) and that were derived instead:
+    /// SOP Instance UID from the command/file meta, Study/Series UIDs from a hash of the other study/series
+    /// attributes. Such instances are stored; the daemon does not analyse a series grouped by a derived UID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived_uids: Vec<String>,
 }
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
@@ -70,17 +75,83 @@ fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
     obj.element(tag).ok().and_then(|e| e.to_multi_float64().ok())
 }
 
+/// A UID under the 2.25 root from a hash of the attributes that identify a study or series.
+fn derived_uid(kind: &str, basis: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("lungsentry-derived-{kind}|{basis}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    format!("2.25.{}", u128::from_be_bytes(b))
+}
+
 impl InstanceMeta {
-    /// Extracts the routing attributes; only the UIDs are required.
+    /// Extracts the routing attributes. SOP Class/Instance UIDs missing from the dataset are taken from the
+    /// hints (the C-STORE command, or the file meta); without them they are required.
     pub fn from_object(obj: &InMemDicomObject, sop_class_hint: Option<&str>) -> Result<InstanceMeta, InstanceError> {
-        let req = |tag: Tag, name: &'static str| text(obj, tag).filter(|s| !s.is_empty()).ok_or(InstanceError::Missing(name));
-        let sop_instance_uid = req(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?;
+        Self::from_object_with(obj, sop_class_hint, None)
+    }
+
+    /// Reads a Part-10 file's attributes, with the file meta as the fallback for blank SOP UIDs.
+    pub fn from_file(obj: &dicom_object::FileDicomObject<InMemDicomObject>) -> Result<InstanceMeta, InstanceError> {
+        let m = obj.meta();
+        let class = m.media_storage_sop_class_uid().trim_end_matches(['\0', ' ']).to_string();
+        let inst = m.media_storage_sop_instance_uid().trim_end_matches(['\0', ' ']).to_string();
+        Self::from_object_with(obj, Some(&class), Some(&inst))
+    }
+
+    /// [`InstanceMeta::from_object`] with a SOP Instance UID hint as well.
+    pub fn from_object_with(
+        obj: &InMemDicomObject,
+        sop_class_hint: Option<&str>,
+        sop_instance_hint: Option<&str>,
+    ) -> Result<InstanceMeta, InstanceError> {
+        let mut derived_uids = Vec::new();
+        let hint = |h: Option<&str>| h.map(str::to_string).filter(|s| !s.is_empty());
+        let sop_instance_uid = match text(obj, tags::SOP_INSTANCE_UID).filter(|s| !s.is_empty()) {
+            Some(s) => s,
+            None => {
+                let h = hint(sop_instance_hint).ok_or(InstanceError::Missing("SOPInstanceUID"))?;
+                derived_uids.push("SOPInstanceUID".to_string());
+                h
+            }
+        };
         let sop_class_uid = match text(obj, tags::SOP_CLASS_UID).filter(|s| !s.is_empty()) {
             Some(s) => s,
-            None => sop_class_hint.map(str::to_string).ok_or(InstanceError::Missing("SOPClassUID"))?,
+            None => hint(sop_class_hint).ok_or(InstanceError::Missing("SOPClassUID"))?,
         };
-        let study_instance_uid = req(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?;
-        let series_instance_uid = req(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?;
+        let attrs = |list: &[Tag]| -> String {
+            list.iter().map(|t| text(obj, *t).unwrap_or_default()).collect::<Vec<_>>().join("|")
+        };
+        let study_basis = attrs(&[
+            tags::PATIENT_ID,
+            tags::PATIENT_NAME,
+            tags::STUDY_DATE,
+            tags::STUDY_TIME,
+            tags::ACCESSION_NUMBER,
+            tags::STUDY_ID,
+        ]);
+        let study_instance_uid = match text(obj, tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()) {
+            Some(s) => s,
+            None => {
+                derived_uids.push("StudyInstanceUID".to_string());
+                derived_uid("study", &study_basis)
+            }
+        };
+        let series_instance_uid = match text(obj, tags::SERIES_INSTANCE_UID).filter(|s| !s.is_empty()) {
+            Some(s) => s,
+            None => {
+                derived_uids.push("SeriesInstanceUID".to_string());
+                let basis = attrs(&[
+                    tags::SERIES_NUMBER,
+                    tags::SERIES_DATE,
+                    tags::SERIES_TIME,
+                    tags::MODALITY,
+                    tags::FRAME_OF_REFERENCE_UID,
+                    tags::SERIES_DESCRIPTION,
+                ]);
+                derived_uid("series", &format!("{study_basis}|{basis}"))
+            }
+        };
         let arr3 = |v: Vec<f64>| (v.len() >= 3).then(|| [v[0], v[1], v[2]]);
         let arr6 = |v: Vec<f64>| (v.len() >= 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]]);
         let arr2 = |v: Vec<f64>| (v.len() >= 2).then(|| [v[0], v[1]]);
@@ -105,6 +176,7 @@ impl InstanceMeta {
             columns: obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()),
             number_of_frames: text(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse().ok()).unwrap_or(1),
             has_pixel_data: obj.element(tags::PIXEL_DATA).is_ok(),
+            derived_uids,
         })
     }
 

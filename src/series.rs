@@ -25,6 +25,12 @@ pub fn instance_skip_reasons(meta: &InstanceMeta) -> Vec<String> {
         reasons.push(format!("SOP class {} is not a CT image (stored, not analysed)", meta.sop_class_uid));
         return reasons;
     }
+    if meta.derived_uids.iter().any(|u| u != "SOPInstanceUID") {
+        reasons.push(format!(
+            "{} missing in the dataset: grouped under a derived UID (stored, not analysed by the daemon)",
+            meta.derived_uids.iter().filter(|u| *u != "SOPInstanceUID").cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
     if meta.sop_class_uid == crate::instance::ENHANCED_CT_IMAGE_STORAGE {
         reasons.push("Enhanced CT (multi-frame) is stored but not analysed by this version".into());
     }
@@ -250,6 +256,7 @@ mod tests {
             columns: Some(512),
             number_of_frames: 1,
             has_pixel_data: true,
+            derived_uids: Vec::new(),
         }
     }
 

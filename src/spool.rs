@@ -240,7 +240,7 @@ fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolE
     check_lengths(&inc.dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
     let obj = InMemDicomObject::read_dataset_with_ts(&inc.dataset[..], ts)
         .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
-    let meta = InstanceMeta::from_object(&obj, Some(&inc.sop_class_uid)).map_err(|e| cu(e.to_string()))?;
+    let meta = InstanceMeta::from_object_with(&obj, Some(&inc.sop_class_uid), Some(inc.sop_instance_uid.trim_end_matches(['\0', ' ']))).map_err(|e| cu(e.to_string()))?;
     let cmd_sop = inc.sop_instance_uid.trim_end_matches(['\0', ' ']);
     if meta.sop_instance_uid != cmd_sop {
         return Err(SpoolError::DatasetMismatch(format!(

@@ -136,13 +136,24 @@ fn j2k_files() -> Vec<PathBuf> {
 }
 
 /// The Siemens series was anonymised down to *empty* SOP/Study/Series UIDs in the dataset (only the file meta
-/// keeps the SOP Instance UID). Such a dataset cannot be grouped: the spool must refuse it (C000), not guess.
+/// keeps the SOP Instance UID). Nothing acknowledged may be lost and nothing readable refused: the spool stores
+/// it under the command's SOP Instance UID and derived Study/Series UIDs, recorded in `derived_uids` (the
+/// series stage then skips analysis with that reason). The derivation is stable: all 20 slices share a series.
 #[test]
-fn real_dataset_with_empty_uids_is_refused() {
+fn real_dataset_with_empty_uids_is_stored_under_derived_uids() {
     let tmp = tempfile::tempdir().unwrap();
     let spool = Spool::open(tmp.path()).unwrap();
-    let inc = incoming_from_file(&j2k_files()[0]);
-    expect_err(&spool, &inc, status::CANNOT_UNDERSTAND, "missing required attribute");
+    let mut series = std::collections::HashSet::new();
+    for f in j2k_files() {
+        let inc = incoming_from_file(&f);
+        let s = spool.store(&inc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert_eq!(s.meta.sop_instance_uid, inc.sop_instance_uid.trim_end_matches(['\0', ' ']));
+        assert_eq!(s.meta.derived_uids, vec!["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]);
+        assert!(s.meta.series_instance_uid.starts_with("2.25."));
+        series.insert(s.meta.series_instance_uid.clone());
+        assert!(s.path.exists());
+    }
+    assert_eq!(series.len(), 1, "the 20 slices must group into one derived series");
 }
 
 /// JPEG 2000 (encapsulated Pixel Data) once the UIDs are filled in: stored verbatim, DCMTK reads it.

@@ -384,7 +384,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
             .map(|(m, _)| crate::store::patient_key(&shared.salt, &m.patient_id, &m.patient_name))
             .unwrap_or_default()
     };
-    let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now());
+    let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     let positive = result["positive"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
     let previously_positive = shared
@@ -396,6 +396,10 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     result["alert"] = serde_json::json!(positive && !previously_positive);
     let version = shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
     result["version"] = serde_json::json!(version);
+    if result["status"] == "skipped" {
+        let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
+        shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
+    }
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);
     Ok(())

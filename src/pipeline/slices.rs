@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -105,8 +104,17 @@ impl SeriesWork {
     }
 
     /// The 3D analysis and the result JSON (without store-assigned fields such as `version`).
-    /// `patient_key` and the two timestamps (RFC 3339) come from the caller.
-    pub fn finish(&self, ctx: &InferenceContext, patient_key: &str, received_at: &str, completed_at: &str) -> Value {
+    /// `patient_key` and the two timestamps (RFC 3339) come from the caller. With `enforce_eligibility` (the
+    /// daemon) a series that breaks an eligibility rule gets a `skipped` result with the reasons and no
+    /// figures; without it (`analyze`) every CT series is analysed and the reasons are only listed.
+    pub fn finish(
+        &self,
+        ctx: &InferenceContext,
+        patient_key: &str,
+        received_at: &str,
+        completed_at: &str,
+        enforce_eligibility: bool,
+    ) -> Value {
         let t0 = Instant::now();
         let all: Vec<&InstanceMeta> = self.metas.values().collect();
         let would_skip = series::series_skip_reasons(&all, &ctx.config.series);
@@ -134,8 +142,8 @@ impl SeriesWork {
             })
             .collect();
         let params = AnalysisParams::from(&ctx.config.analysis);
-        let analysed = !placed.is_empty();
-        let result = analysis::analyse_series(&placed, &params);
+        let analysed = !placed.is_empty() && !(enforce_eligibility && !would_skip.is_empty());
+        let result = if analysed { Some(analysis::analyse_series(&placed, &params)) } else { None };
         let analysis_ms = ms(t0.elapsed()) + self.segment_ms;
         let sop_order: Vec<&str> = order.order.iter().map(|&i| segs[i].meta.sop_instance_uid.as_str()).collect();
 
@@ -164,7 +172,7 @@ impl SeriesWork {
             "received_at": received_at,
             "completed_at": completed_at,
         });
-        let a = serde_json::to_value(&result).unwrap_or(Value::Null);
+        let a = result.map(|r| serde_json::to_value(&r).unwrap_or(Value::Null)).unwrap_or(Value::Null);
         if let (Value::Object(dst), Value::Object(src)) = (&mut v, a) {
             for (k, val) in src {
                 dst.insert(k, val);
@@ -172,6 +180,7 @@ impl SeriesWork {
         }
         if !analysed {
             v["positive"] = json!(false);
+            v["analysed_slices"] = json!(0);
         }
         v
     }
@@ -184,6 +193,3 @@ fn ms(d: std::time::Duration) -> f64 {
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
-
-/// Shared handle for workers.
-pub type SharedContext = Arc<InferenceContext>;

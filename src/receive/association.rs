@@ -168,16 +168,21 @@ impl AssociationHandler {
         let mut assembler = MessageAssembler::new(self.settings.max_message_bytes);
         let max_pdu = self.settings.tuning.max_pdu_length;
         let quickack = self.settings.tuning.tcp_quickack;
-        let mut stopping = *self.shutdown.borrow();
+        let mut stopping = false;
         loop {
+            if !stopping && *self.shutdown.borrow() {
+                stopping = true;
+            }
             if stopping && assembler.is_idle() {
                 info!("daemon stopping: aborting association between messages");
                 abort(assoc).await;
                 return End::WeAborted;
             }
             let next = tokio::select! {
-                r = tokio::time::timeout(self.settings.idle_timeout, read_pdu(assoc, max_pdu, quickack)) => r,
+                biased;
+                // also resolves when the sender is gone: a daemon nobody can stop any more should stop
                 _ = self.shutdown.wait_for(|v| *v), if !stopping => { stopping = true; continue; }
+                r = tokio::time::timeout(self.settings.idle_timeout, read_pdu(assoc, max_pdu, quickack)) => r,
             };
             let pdu = match next {
                 Err(_) => {

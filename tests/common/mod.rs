@@ -120,7 +120,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let ok = Command::new("echoscu")
-                .args(["-aec", "LUNGSENTRY", "127.0.0.1", &self.port.to_string()])
+                .args(["-aet", "CT1", "-aec", "LUNGSENTRY", "127.0.0.1", &self.port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()

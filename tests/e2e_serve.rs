@@ -191,9 +191,28 @@ fn every_real_dicom_file_is_accepted_and_analysed_or_skipped() {
     let groups = lungsentry::analyze::group_by_series(&files);
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
-    let (ok, out) = storescu(d.port, "CT1", &[&real], true);
+    // The Siemens files have a blank SOPClassUID in the dataset (only the file meta keeps it): DCMTK storescu
+    // cannot propose a presentation context for them ("unknown SOP class") and fails before sending, so they go
+    // through `lungsentry send`, which proposes from the file meta. Everything else goes through storescu.
+    let j2k = real.join("siemens-abdomen-j2k-series");
+    let others: Vec<std::path::PathBuf> = std::fs::read_dir(&real)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| *p != j2k)
+        .collect();
+    let other_refs: Vec<&Path> = others.iter().map(|p| p.as_path()).collect();
+    let (ok, out) = storescu(d.port, "CT1", &other_refs, true);
     assert!(ok, "{out}");
-    assert_eq!(out.matches("Received Store Response (Success)").count(), files.len(), "{out}");
+    let n_j2k = std::fs::read_dir(&j2k).unwrap().count();
+    assert_eq!(out.matches("Received Store Response (Success)").count(), files.len() - n_j2k, "{out}");
+    let out = std::process::Command::new(bin())
+        .args(["send", "--host", "127.0.0.1", "--port", &d.port.to_string(), "--calling-ae", "CT1"])
+        .arg(&j2k)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("sent {n_j2k} of {n_j2k}")), "{text}");
     for uid in groups.keys() {
         let r = d.wait_result(uid, 1, Duration::from_secs(300));
         let status = r.result["status"].as_str().unwrap();

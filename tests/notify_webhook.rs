@@ -72,6 +72,7 @@ fn instance(series: &str) -> SpooledInstance {
             columns: Some(512),
             number_of_frames: 1,
             has_pixel_data: true,
+            derived_uids: Vec::new(),
         },
         path: PathBuf::from("/nonexistent.dcm"),
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),

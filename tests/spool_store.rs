@@ -359,6 +359,7 @@ fn fake_instance(series: &str, sop: &str, patient: (&str, &str), n: i64) -> Spoo
             columns: Some(512),
             number_of_frames: 1,
             has_pixel_data: true,
+            derived_uids: Vec::new(),
         },
         path: PathBuf::from(format!("/spool/{sop}.dcm")),
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),

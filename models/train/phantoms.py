@@ -46,15 +46,24 @@ def generate(binary: str, out: Path, seed: int, slices: int, size: int, severity
                     "--size", str(size), "--severity", severity], check=True, capture_output=True)
 
 
-def build_set(binary: str, root: Path, seeds: list[int], slices: int, size: int) -> dict:
-    """Generates (if missing) and normalises a phantom set; severity cycles none/mild/moderate/severe.
+def severity_for(k: int, none_every: int = 4) -> str:
+    """Severity of the k-th series of a set: `none` every `none_every`-th series (k % none_every == 0), the
+    others cycle mild/moderate/severe. none_every=4 is the v0.1.0 pattern (none/mild/moderate/severe)."""
+    if k % none_every == 0:
+        return "none"
+    j = (k // none_every) * (none_every - 1) + (k % none_every) - 1
+    return SEVERITIES[1 + j % 3]
+
+
+def build_set(binary: str, root: Path, seeds: list[int], slices: int, size: int, none_every: int = 4) -> dict:
+    """Generates (if missing) and normalises a phantom set; see `severity_for` for the severity pattern.
 
     Returns {"ct": u8 N x 256 x 256, "labels": u8 N x 256 x 256, "series": int N (series number),
     "severity": [str per series], "seeds": [...], "gt_involvement": [percent per series]}.
     """
     cts, labs, ser, sev, inv = [], [], [], [], []
     for k, seed in enumerate(seeds):
-        s = SEVERITIES[k % len(SEVERITIES)]
+        s = severity_for(k, none_every)
         d = root / f"seed{seed}-{s}-{slices}x{size}"
         generate(binary, d, seed, slices, size, s)
         hu, lab = read_series(d)

@@ -157,10 +157,22 @@ def main() -> None:
     ap.add_argument("--phantom-slices", type=int, default=40)
     ap.add_argument("--phantom-size", type=int, default=512)
     ap.add_argument("--phantom-fraction", type=float, default=0.4, help="share of each batch drawn from phantoms")
+    ap.add_argument("--phantom-none-every", type=int, default=4,
+                    help="every n-th phantom series is lesion-free (severity none); 4 = v0.1.0 pattern")
+    ap.add_argument("--phantom-lesion-free-share", type=float, default=None,
+                    help="class-balanced phantom sampling: this share of phantom draws is a slice without lesion "
+                         "(from none series or outside lesions), the rest a slice with lesion (default: uniform)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="time budget: cosine LR over wall-clock time, stop after this many minutes "
+                         "(--epochs then only caps the number of epochs)")
+    ap.add_argument("--full-after", type=float, default=1.0,
+                    help="fraction of training (steps, or time with --minutes) after which inputs are full 256^2")
     ap.add_argument("--samples-per-epoch", type=int, default=800)
     ap.add_argument("--crop", type=int, default=160, help="train on random crops of this size (0: full 256)")
     ap.add_argument("--run", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     ap.add_argument("--out", type=Path, default=MODELS / "lungsentry-unet.onnx")
+    ap.add_argument("--fp-penalty", type=float, default=0.1,
+                    help="checkpoint score penalty per false-positive lesion-free validation phantom series")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
     args = ap.parse_args()
 
@@ -187,19 +199,27 @@ def main() -> None:
     ph_tr = ph_va = None
     if args.phantoms:
         cache = HERE / "cache"
+        tag = "" if args.phantom_none_every == 4 else f"-none{args.phantom_none_every}"
         def load_set(name, seeds):
-            f = cache / f"phantoms-{name}-{len(seeds)}x{args.phantom_slices}x{args.phantom_size}.npz"
+            f = cache / f"phantoms-{name}-{len(seeds)}x{args.phantom_slices}x{args.phantom_size}{tag}.npz"
             if f.exists():
                 z = np.load(f, allow_pickle=True)
                 return {k: (z[k].tolist() if k in ("severity", "seeds", "gt_involvement") else z[k]) for k in z.files}
             import phantoms
-            d = phantoms.build_set(args.phantom_bin, args.phantom_cache, seeds, args.phantom_slices, args.phantom_size)
+            d = phantoms.build_set(args.phantom_bin, args.phantom_cache, seeds, args.phantom_slices, args.phantom_size,
+                                  args.phantom_none_every)
             np.savez(f, **d)
             return d
         t0 = time.time()
         ph_tr = load_set("train", list(range(1000, 1000 + args.phantom_train_series)))
         ph_va = load_set("val", list(range(9000, 9000 + args.phantom_val_series)))
         say(f"phantoms: train {len(ph_tr['ct'])} slices, val {len(ph_va['ct'])} slices ({time.time() - t0:.0f} s)")
+
+    ph_les_idx = ph_free_idx = None
+    if ph_tr is not None:
+        has_les = (ph_tr["labels"] == 2).reshape(len(ph_tr["labels"]), -1).any(1)
+        ph_les_idx, ph_free_idx = np.flatnonzero(has_les), np.flatnonzero(~has_les)
+        say(f"phantom train slices: {len(ph_les_idx)} with lesion, {len(ph_free_idx)} lesion-free")
 
     model = UNet(args.width, args.levels)
     if args.init:
@@ -209,8 +229,18 @@ def main() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = args.samples_per_epoch // args.batch
     total = steps_per_epoch * args.epochs
+    budget = None if args.minutes is None else 60.0 * args.minutes
+    t_begin = time.time()
+
+    def progress(step: int) -> float:
+        """Fraction of training done: by wall-clock time with --minutes, else by steps."""
+        if budget is not None:
+            return min(1.0, (time.time() - t_begin) / budget)
+        return min(1.0, step / total)
+
+    step_no = [0]
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress(s))))
 
     best, best_score, history = None, -1.0, []
     t_start = time.time()
@@ -218,19 +248,30 @@ def main() -> None:
         model.train()
         t0 = time.time()
         losses = []
+        if budget is not None and time.time() - t_begin >= budget:
+            say(f"time budget of {args.minutes} min used up after {ep} epochs")
+            break
         for _ in range(steps_per_epoch):
+            if budget is not None and losses and time.time() - t_begin >= budget:
+                break
+            step_no[0] += 1
+            crop = args.crop if progress(step_no[0]) < args.full_after else 0
             xs, ys = [], []
             for _ in range(args.batch):
                 if ph_tr is not None and rng.random() < args.phantom_fraction:
-                    i = int(rng.integers(len(ph_tr["ct"])))
+                    if args.phantom_lesion_free_share is None:
+                        i = int(rng.integers(len(ph_tr["ct"])))
+                    else:
+                        pool = ph_free_idx if rng.random() < args.phantom_lesion_free_share else ph_les_idx
+                        i = int(pool[rng.integers(len(pool))])
                     img, l = ph_tr["ct"][i], ph_tr["labels"][i]
                 else:
                     i = int(tr_idx[rng.integers(len(tr_idx))])
                     img, l = ct[i], lab[i]
                 a, b = augment(img.astype(np.float32) / 255.0, l, rng)
-                if args.crop and args.crop < 256:
-                    oy, ox = rng.integers(0, 256 - args.crop + 1, 2)
-                    a, b = a[oy:oy + args.crop, ox:ox + args.crop], b[oy:oy + args.crop, ox:ox + args.crop]
+                if crop and crop < 256:
+                    oy, ox = rng.integers(0, 256 - crop + 1, 2)
+                    a, b = a[oy:oy + crop, ox:ox + crop], b[oy:oy + crop, ox:ox + crop]
                 xs.append(a)
                 ys.append(b)
             x = torch.from_numpy(np.stack(xs))[:, None].contiguous(memory_format=torch.channels_last)
@@ -243,13 +284,15 @@ def main() -> None:
             losses.append(loss.item())
         r = eval_real(model, ct, lab, va_idx, per_patient)
         rec = dict(epoch=ep + 1, loss=round(float(np.mean(losses)), 4), secs=round(time.time() - t0, 1),
+                   lr=round(sched.get_last_lr()[0], 6), crop=crop,
                    real_lung=r["global"]["lung_dice"], real_lesion=r["global"]["lesion_dice"])
         score = r["global"]["lesion_dice"] + r["global"]["lung_dice"]
         if ph_va is not None:
             p = eval_phantoms(model, ph_va)
             rec.update(ph_lesion=p["global_lesion_dice"], ph_inv_err=p["max_involvement_error_points"],
                        ph_fp=p["false_positive_series"])
-            score += p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"] - 0.1 * p["false_positive_series"]
+            score += (p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"]
+                      - args.fp_penalty * p["false_positive_series"])
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))
@@ -263,10 +306,13 @@ def main() -> None:
     p = eval_phantoms(model, ph_va) if ph_va is not None else None
     model = model.to(memory_format=torch.contiguous_format)
     export_onnx(model, args.out)
-    summary = dict(width=args.width, levels=args.levels, params=count_params(model), epochs=args.epochs,
+    summary = dict(width=args.width, levels=args.levels, params=count_params(model), epochs=len(history),
                    batch=args.batch, lr=args.lr, seed=args.seed, phantoms=bool(args.phantoms),
                    phantom_fraction=args.phantom_fraction if args.phantoms else 0.0,
-                   samples_per_epoch=args.samples_per_epoch, crop=args.crop, train_seconds=round(train_secs),
+                   samples_per_epoch=args.samples_per_epoch, crop=args.crop, full_after=args.full_after,
+                   minutes=args.minutes, init=str(args.init) if args.init else None,
+                   phantom_none_every=args.phantom_none_every,
+                   phantom_lesion_free_share=args.phantom_lesion_free_share, train_seconds=round(train_secs),
                    threads=args.threads, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -392,7 +392,8 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         let mut hu_offset = 0usize;
         for (r, c0, c1) in seg.lesion.runs() {
             let len = c1 - c0 + 1;
-            let hu_sum: f64 = seg.lesion_hu.get(hu_offset..hu_offset + len).map_or(0.0, |v| v.iter().map(|&x| x as f64).sum());
+            let hu_sum: f64 =
+                seg.lesion_hu.get(hu_offset..hu_offset + len).map_or(0.0, |v| v.iter().map(|&x| x as f64).sum());
             hu_offset += len;
             idx.push(runs.len() as u32);
             runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum });

@@ -37,8 +37,7 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let md = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
         if md.is_dir() {
-            let mut entries: Vec<PathBuf> =
-                std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
             entries.sort();
             for e in entries {
                 walk(&e, out)?;

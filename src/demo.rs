@@ -36,11 +36,7 @@ async fn webhook_listener() -> Result<(SocketAddr, mpsc::UnboundedReceiver<(Stri
         post(move |headers: HeaderMap, body: String| {
             let tx = tx.clone();
             async move {
-                let key = headers
-                    .get("x-lungsentry-dedup-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
+                let key = headers.get("x-lungsentry-dedup-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 let _ = tx.send((key, body));
                 "ok"
             }
@@ -166,7 +162,8 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    for (label, r, dir) in [("positive phantom", &results[0], &positive), ("negative phantom", &results[1], &negative)] {
+    for (label, r, dir) in [("positive phantom", &results[0], &positive), ("negative phantom", &results[1], &negative)]
+    {
         let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("truth.json"))?)?;
         println!(
             "\n== {label}: {} (truth: involvement {:.2} %)",
@@ -177,7 +174,10 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
     }
     match tokio::time::timeout(Duration::from_secs(30), alerts.recv()).await {
         Ok(Some((key, body))) => {
-            println!("\n== webhook alert received {:.1} s after sending began (dedup key {key}):", sent_at.elapsed().as_secs_f64());
+            println!(
+                "\n== webhook alert received {:.1} s after sending began (dedup key {key}):",
+                sent_at.elapsed().as_secs_f64()
+            );
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
             println!("{}", serde_json::to_string_pretty(&compact(&v))?);
         }

@@ -382,12 +382,19 @@ pub struct SeriesEval {
 }
 
 /// Runs one engine over one phantom folder.
-pub fn eval_series(engine: &dyn Engine, model: &Model, dir: &Path, params: &AnalysisParams, batch: usize) -> Result<SeriesEval> {
+pub fn eval_series(
+    engine: &dyn Engine,
+    model: &Model,
+    dir: &Path,
+    params: &AnalysisParams,
+    batch: usize,
+) -> Result<SeriesEval> {
     let truth: PhantomTruthView = serde_json::from_slice(
         &std::fs::read(dir.join("truth.json")).with_context(|| format!("reading {}/truth.json", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
-    let labels = std::fs::read(dir.join("labels.raw")).with_context(|| format!("reading {}/labels.raw", dir.display()))?;
+    let labels =
+        std::fs::read(dir.join("labels.raw")).with_context(|| format!("reading {}/labels.raw", dir.display()))?;
     let plane_native = truth.size * truth.size;
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
         bail!("{}: labels.raw / files do not match n_slices × size²", dir.display());
@@ -414,7 +421,13 @@ pub fn eval_series(engine: &dyn Engine, model: &Model, dir: &Path, params: &Anal
         let scores = engine.infer(&x, chunk.len())?;
         infer_s += t.elapsed().as_secs_f64();
         for (i, (&fi, hu)) in chunk.iter().zip(&hus).enumerate() {
-            let seg = analysis::segment_slice(&scores[i * classes * plane..(i + 1) * classes * plane], classes, inp.height, inp.width, hu);
+            let seg = analysis::segment_slice(
+                &scores[i * classes * plane..(i + 1) * classes * plane],
+                classes,
+                inp.height,
+                inp.width,
+                hu,
+            );
             if (seg.rows, seg.cols) != (truth.size, truth.size) {
                 bail!("{}: slice {fi} is {}×{}, labels are {}²", dir.display(), seg.rows, seg.cols, truth.size);
             }

@@ -48,10 +48,8 @@ pub async fn start(
     readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(Arc::new(readiness));
+    let app =
+        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(Arc::new(readiness));
     let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding http.bind {bind}"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {

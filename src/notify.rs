@@ -186,10 +186,7 @@ pub fn log_result(result: &serde_json::Value) {
     let positive = get("positive").and_then(|v| v.as_bool()).unwrap_or(false);
     let involvement = get("involvement_percent").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     let version = get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    let timings = get("timings_ms")
-        .or_else(|| get("timings"))
-        .map(|t| t.to_string())
-        .unwrap_or_else(|| "-".into());
+    let timings = get("timings_ms").or_else(|| get("timings")).map(|t| t.to_string()).unwrap_or_else(|| "-".into());
     if positive {
         tracing::warn!(series = %series, patient_key = %patient, positive, involvement_percent = involvement, version,
             timings = %timings, "series analysed: POSITIVE (involvement {involvement:.2} %)");

@@ -589,7 +589,8 @@ pub fn normalise_u8(slice: &HuSlice, input: &InputContract) -> Result<Vec<u8>, P
         return Err(PreprocessError::Contract("clahe_tiles is 0".into()));
     }
     let u8img = minmax_u8(&slice.hu, input.hu_clip);
-    let eq = clahe_u8(&u8img, slice.rows, slice.cols, input.clahe_clip_limit as f64, input.clahe_tiles, input.clahe_tiles);
+    let eq =
+        clahe_u8(&u8img, slice.rows, slice.cols, input.clahe_clip_limit as f64, input.clahe_tiles, input.clahe_tiles);
     Ok(resize_bilinear_u8(&eq, slice.rows, slice.cols, input.height, input.width))
 }
 

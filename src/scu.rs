@@ -174,7 +174,9 @@ pub async fn send_files(opts: &SendOptions, paths: &[PathBuf]) -> Result<SendRep
         } else {
             match scan(path) {
                 Ok(c) => candidates.push(c),
-                Err(e) => report.failed.push(FileFailure { path: path.clone(), status: None, reason: format!("{e:#}") }),
+                Err(e) => {
+                    report.failed.push(FileFailure { path: path.clone(), status: None, reason: format!("{e:#}") })
+                }
             }
         }
     }
@@ -288,7 +290,11 @@ async fn send_batch(opts: &SendOptions, batch: &[Candidate], pacer: &mut Pacer, 
                 Err(e) => {
                     let reason = format!("{e:#}");
                     for rest in &batch[i..] {
-                        report.failed.push(FileFailure { path: rest.path.clone(), status: None, reason: reason.clone() });
+                        report.failed.push(FileFailure {
+                            path: rest.path.clone(),
+                            status: None,
+                            reason: reason.clone(),
+                        });
                     }
                     return;
                 }
@@ -298,9 +304,11 @@ async fn send_batch(opts: &SendOptions, batch: &[Candidate], pacer: &mut Pacer, 
         message_id = message_id.wrapping_add(1).max(1);
         pacer.wait().await;
         match store_one(a, c, message_id, opts.peer.timeout).await {
-            Ok(Outcome::Stored(code)) => {
-                report.sent.push(SentInstance { path: c.path.clone(), sop_instance_uid: c.sop_instance.clone(), status: code })
-            }
+            Ok(Outcome::Stored(code)) => report.sent.push(SentInstance {
+                path: c.path.clone(),
+                sop_instance_uid: c.sop_instance.clone(),
+                status: code,
+            }),
             Ok(Outcome::Refused(code, comment)) => {
                 let reason = match comment {
                     Some(text) => format!("peer answered status {code:#06X} ({text})"),
@@ -412,7 +420,8 @@ async fn receive_response(
                     }
                     if let Some(message) = assembler.push(pdv)? {
                         let rsp = message.command;
-                        if rsp.command_field == expected_field && rsp.message_id_being_responded_to == Some(message_id) {
+                        if rsp.command_field == expected_field && rsp.message_id_being_responded_to == Some(message_id)
+                        {
                             return Ok(rsp);
                         }
                         warn!(command_field = rsp.command_field, "ignoring an unexpected message from the peer");
@@ -480,7 +489,8 @@ fn load_dataset(path: &Path, file_ts: &str, target_ts: &str) -> Result<Vec<u8>> 
     let obj = InMemDicomObject::read_dataset_with_ts(&bytes[offset..], from)
         .with_context(|| format!("parsing {} for re-encoding", path.display()))?;
     let mut out = Vec::with_capacity(bytes.len());
-    obj.write_dataset_with_ts(&mut out, to).with_context(|| format!("re-encoding {} as {target_ts}", path.display()))?;
+    obj.write_dataset_with_ts(&mut out, to)
+        .with_context(|| format!("re-encoding {} as {target_ts}", path.display()))?;
     debug!(path = %path.display(), from = file_ts, to = target_ts, "re-encoded");
     Ok(out)
 }
@@ -587,7 +597,13 @@ pub async fn echo(args: EchoArgs) -> Result<()> {
     };
     let t = Instant::now();
     echo_peer(&peer).await?;
-    println!("C-ECHO to {} at {}:{} succeeded in {:.1} ms", peer.called_ae, peer.host, peer.port, t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "C-ECHO to {} at {}:{} succeeded in {:.1} ms",
+        peer.called_ae,
+        peer.host,
+        peer.port,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

@@ -157,7 +157,13 @@ impl Spool {
         Ok(SpooledInstance { meta, path: final_path, transfer_syntax_uid: ts_uid, bytes })
     }
 
-    fn write_durably(&self, final_path: &Path, meta: &InstanceMeta, ts_uid: &str, dataset: &[u8]) -> Result<u64, SpoolError> {
+    fn write_durably(
+        &self,
+        final_path: &Path,
+        meta: &InstanceMeta,
+        ts_uid: &str,
+        dataset: &[u8],
+    ) -> Result<u64, SpoolError> {
         let header = part10_header(meta, ts_uid)?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
@@ -218,18 +224,14 @@ fn part10_header(meta: &InstanceMeta, ts_uid: &str) -> Result<Vec<u8>, SpoolErro
         .map_err(|e| SpoolError::CannotUnderstand(format!("cannot build file meta group: {e}")))?;
     let mut out = vec![0u8; 128];
     out.extend_from_slice(b"DICM");
-    table
-        .write(&mut out)
-        .map_err(|e| SpoolError::CannotUnderstand(format!("cannot encode file meta group: {e}")))?;
+    table.write(&mut out).map_err(|e| SpoolError::CannotUnderstand(format!("cannot encode file meta group: {e}")))?;
     Ok(out)
 }
 
 /// Every check before anything is written; returns the routing attributes.
 fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
     let cu = SpoolError::CannotUnderstand;
-    let ts = TransferSyntaxRegistry
-        .get(ts_uid)
-        .ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
+    let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
     if matches!(ts.codec(), Codec::Dataset(_)) {
         return Err(cu(format!("dataset-compressed transfer syntax {} is not supported", ts.name())));
     }
@@ -240,7 +242,12 @@ fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolE
     check_lengths(&inc.dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
     let obj = InMemDicomObject::read_dataset_with_ts(&inc.dataset[..], ts)
         .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
-    let meta = InstanceMeta::from_object_with(&obj, Some(&inc.sop_class_uid), Some(inc.sop_instance_uid.trim_end_matches(['\0', ' ']))).map_err(|e| cu(e.to_string()))?;
+    let meta = InstanceMeta::from_object_with(
+        &obj,
+        Some(&inc.sop_class_uid),
+        Some(inc.sop_instance_uid.trim_end_matches(['\0', ' '])),
+    )
+    .map_err(|e| cu(e.to_string()))?;
     let cmd_sop = inc.sop_instance_uid.trim_end_matches(['\0', ' ']);
     if meta.sop_instance_uid != cmd_sop {
         return Err(SpoolError::DatasetMismatch(format!(
@@ -328,12 +335,20 @@ const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
 impl Walker<'_> {
     fn u16_at(&self, p: usize) -> u16 {
         let b = [self.data[p], self.data[p + 1]];
-        if self.big_endian { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+        if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
     }
 
     fn u32_at(&self, p: usize) -> u32 {
         let b = [self.data[p], self.data[p + 1], self.data[p + 2], self.data[p + 3]];
-        if self.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+        if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
     }
 
     /// Tag at `p` (needs 4 bytes before `end`).
@@ -385,7 +400,19 @@ impl Walker<'_> {
                 }
                 let long = matches!(
                     &vr,
-                    b"OB" | b"OW" | b"OF" | b"OD" | b"OL" | b"OV" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"SV" | b"UV"
+                    b"OB"
+                        | b"OW"
+                        | b"OF"
+                        | b"OD"
+                        | b"OL"
+                        | b"OV"
+                        | b"SQ"
+                        | b"UT"
+                        | b"UN"
+                        | b"UC"
+                        | b"UR"
+                        | b"SV"
+                        | b"UV"
                 );
                 if long {
                     if end - *pos < 12 {
@@ -439,7 +466,10 @@ impl Walker<'_> {
                 return Ok(());
             }
             if t != ITEM {
-                return Err(format!("expected an item in sequence ({:04X},{:04X}), found ({:04X},{:04X})", tag.0, tag.1, t.0, t.1));
+                return Err(format!(
+                    "expected an item in sequence ({:04X},{:04X}), found ({:04X},{:04X})",
+                    tag.0, tag.1, t.0, t.1
+                ));
             }
             if item_len == UNDEFINED {
                 self.elements(pos, seq_end, depth + 1, true)?;

@@ -114,10 +114,7 @@ pub const MIGRATIONS: &[&str] = &[
 
 /// Current time as unix-epoch milliseconds (the store's one time unit).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Pseudonymous patient key: hex of the first 16 bytes of sha256(salt ‖ patient_id ‖ 0x00 ‖ patient_name).
@@ -153,9 +150,7 @@ pub fn load_or_create_salt(data_dir: &Path) -> Result<Vec<u8>> {
         .create(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let mut salt = vec![0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut salt))
-        .context("reading /dev/urandom")?;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut salt)).context("reading /dev/urandom")?;
     let tmp = data_dir.join(format!("patient-key.salt.{}.tmp", std::process::id()));
     let mut f = OpenOptions::new()
         .write(true)
@@ -382,7 +377,12 @@ impl Store {
     /// Records a spooled instance in one transaction: upserts the patient (raw identifiers from `inst.meta`
     /// under `patient_key`), the series (state back to `receiving`, revision + 1) and the instance (a repeat
     /// SOP Instance UID replaces the earlier row).
-    pub fn record_instance(&self, inst: &SpooledInstance, association: u64, patient_key: &str) -> Result<InstanceRecorded> {
+    pub fn record_instance(
+        &self,
+        inst: &SpooledInstance,
+        association: u64,
+        patient_key: &str,
+    ) -> Result<InstanceRecorded> {
         let m = &inst.meta;
         let now = now_ms();
         let mut meta_no_ids = m.clone();
@@ -462,7 +462,9 @@ impl Store {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let series_had_result = tx
-            .query_row("SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1", [&m.series_instance_uid], |_| Ok(()))
+            .query_row("SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1", [&m.series_instance_uid], |_| {
+                Ok(())
+            })
             .optional()?
             .is_some();
         tx.commit()?;
@@ -765,7 +767,8 @@ fn insert_outbox(tx: &Transaction<'_>, dedup_key: &str, payload_json: &str, now:
     Ok((n == 1).then(|| tx.last_insert_rowid()))
 }
 
-const SERIES_SELECT: &str = "SELECT s.series_instance_uid, s.study_instance_uid, s.patient_key, s.study_date, s.modality,
+const SERIES_SELECT: &str =
+    "SELECT s.series_instance_uid, s.study_instance_uid, s.patient_key, s.study_date, s.modality,
         s.state, s.state_reason, s.n_instances, s.revision, s.last_instance_at, s.updated_at,
         r.version, r.positive, r.involvement_percent
     FROM series s LEFT JOIN results r ON r.series_instance_uid = s.series_instance_uid

@@ -122,7 +122,8 @@ fn diagonal_touch_across_slices_joins_with_26_connectivity() {
     assert_eq!((res.lesions[0].first_slice, res.lesions[0].last_slice), (0, 1));
     assert!((res.lesions[0].volume_ml - 0.002).abs() < 1e-12);
     // Slices two apart never connect: move s1 away and s0/s2 stay separate.
-    let slices = vec![placed(0.0, &lung, &s0, 0.0), placed(1.0, &lung, &vec![false; N * N], 0.0), placed(2.0, &lung, &s0, 0.0)];
+    let slices =
+        vec![placed(0.0, &lung, &s0, 0.0), placed(1.0, &lung, &vec![false; N * N], 0.0), placed(2.0, &lung, &s0, 0.0)];
     assert_eq!(analyse_series(&slices, &params(0.0)).lesions.len(), 2);
 }
 
@@ -131,9 +132,8 @@ fn tiny_component_is_dropped_and_not_counted() {
     let lung = vec![true; N * N];
     let big = rect(2, 12, 2, 12); // 100 voxels per slice × 3 slices = 0.3 mL
     let tiny = rect(25, 26, 25, 27); // 2 voxels on one slice = 0.002 mL
-    let slices: Vec<PlacedSlice> = (0..3)
-        .map(|z| placed(z as f64, &lung, &if z == 1 { or(&big, &tiny) } else { big.clone() }, -500.0))
-        .collect();
+    let slices: Vec<PlacedSlice> =
+        (0..3).map(|z| placed(z as f64, &lung, &if z == 1 { or(&big, &tiny) } else { big.clone() }, -500.0)).collect();
     let res = analyse_series(&slices, &params(0.01));
     assert_eq!(res.lesions.len(), 1);
     assert!((res.lesion_volume_ml - 0.3).abs() < 1e-9);
@@ -201,8 +201,7 @@ fn upsampling_and_argmax_on_a_hand_built_score_map() {
     // (1,2): src (.25,.75): bg 5·.75·.25=.9375, lung 5·(.75·.75+.25·.25)=3.125, lesion 10·.25·.75=1.875 → lung
     assert!(seg.lung.get(1, 2) && !seg.lesion.get(1, 2));
     // Lesion HU kept in raster order.
-    let expected: Vec<f32> =
-        (0..16).filter(|i| seg.lesion.get(i / 4, i % 4)).map(|i| i as f32 * 10.0).collect();
+    let expected: Vec<f32> = (0..16).filter(|i| seg.lesion.get(i / 4, i % 4)).map(|i| i as f32 * 10.0).collect();
     assert_eq!(seg.lesion_hu, expected);
     assert!(seg.lesion_hu.contains(&150.0));
     // max lesion probability: softmax(0,0,10) at the bottom-right model pixel.

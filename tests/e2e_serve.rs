@@ -191,10 +191,7 @@ fn allow_list_and_bad_datasets() {
     let tmp = tempfile::tempdir().unwrap();
     let ph = tmp.path().join("ph");
     phantom(&ph, 20_004, 4, "none");
-    let d = Daemon::start(
-        &tmp.path().join("d"),
-        "[[dicom.allowed_peers]]\nae_title = \"CT1\"\nhost = \"127.0.0.1\"\n",
-    );
+    let d = Daemon::start(&tmp.path().join("d"), "[[dicom.allowed_peers]]\nae_title = \"CT1\"\nhost = \"127.0.0.1\"\n");
     let (ok, out) = storescu(d.port, "INTRUDER", &[&ph], true);
     assert!(!ok, "unknown calling AE must be rejected:\n{out}");
     assert!(out.contains("Rejected") || out.contains("rejected"), "{out}");
@@ -227,11 +224,8 @@ fn every_real_dicom_file_is_accepted_and_analysed_or_skipped() {
     // cannot propose a presentation context for them ("unknown SOP class") and fails before sending, so they go
     // through `lungsentry send`, which proposes from the file meta. Everything else goes through storescu.
     let j2k = real.join("siemens-abdomen-j2k-series");
-    let others: Vec<std::path::PathBuf> = std::fs::read_dir(&real)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| *p != j2k)
-        .collect();
+    let others: Vec<std::path::PathBuf> =
+        std::fs::read_dir(&real).unwrap().map(|e| e.unwrap().path()).filter(|p| *p != j2k).collect();
     let other_refs: Vec<&Path> = others.iter().map(|p| p.as_path()).collect();
     let (ok, out) = storescu(d.port, "CT1", &other_refs, true);
     assert!(ok, "{out}");

@@ -54,10 +54,8 @@ fn tract_and_ort_labels_agree_on_real_slices() {
 
     let mut x: Vec<f32> = Vec::new();
     let mut names = Vec::new();
-    let mut dicoms = vec![
-        data.join("real-dicom/lidc-idri-2-slices/0.dcm"),
-        data.join("real-dicom/lidc-idri-2-slices/1.dcm"),
-    ];
+    let mut dicoms =
+        vec![data.join("real-dicom/lidc-idri-2-slices/0.dcm"), data.join("real-dicom/lidc-idri-2-slices/1.dcm")];
     for f in ["A002304_19001231-076.dcm", "A046441_19001111-045.dcm", "A072894_19010103-40.dcm"] {
         dicoms.push(data.join("real-dicom/covid19-ny-sbu-axial").join(f));
     }

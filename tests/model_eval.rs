@@ -33,9 +33,10 @@ fn shipped_model_matches_its_manifest_and_a_tampered_copy_is_refused() {
 /// `lungsentry eval --images` on validation patient P03 gives the per-patient Dice the model card reports.
 #[test]
 fn eval_reproduces_the_model_card_on_a_validation_patient() {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/validation.json")).unwrap())
-            .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/validation.json")).unwrap(),
+    )
+    .unwrap();
     let p = &v["covid19_ct_seg_256_val"]["per_patient"]["P03"];
     let files = p["files"].as_str().unwrap(); // "0279.png-0396.png"
     let (a, b) = files.split_once('-').unwrap();

@@ -236,7 +236,11 @@ fn result_log_line_levels_and_no_raw_identifiers() {
     let text = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(lines[0].contains("WARN") && lines[0].contains("POSITIVE") && lines[0].contains("involvement_percent=9.5"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("POSITIVE") && lines[0].contains("involvement_percent=9.5"),
+        "{}",
+        lines[0]
+    );
     assert!(lines[0].contains("inference") && lines[0].contains("version=2"), "{}", lines[0]);
     assert!(lines[1].contains("INFO") && lines[1].contains("negative"), "{}", lines[1]);
     assert!(lines[0].contains(&lungsentry::store::series_log_key(series)));

@@ -203,7 +203,9 @@ fn follow_up_is_same_patient_with_consistent_changes() {
         match c.change.as_str() {
             "grown" => assert!(c.volume_after_ml >= 1.2 * c.volume_before_ml, "{c:?}"),
             "shrunk" => assert!(c.volume_after_ml <= 0.8 * c.volume_before_ml, "{c:?}"),
-            "stable" => assert!(c.volume_after_ml > 0.8 * c.volume_before_ml && c.volume_after_ml < 1.2 * c.volume_before_ml),
+            "stable" => {
+                assert!(c.volume_after_ml > 0.8 * c.volume_before_ml && c.volume_after_ml < 1.2 * c.volume_before_ml)
+            }
             "resolved" => assert!(c.id.is_none() && c.volume_after_ml == 0.0 && c.prior_id.is_some()),
             "new" => assert!(c.prior_id.is_none() && c.volume_before_ml == 0.0 && c.volume_after_ml > 0.0),
             other => panic!("unknown change {other}"),

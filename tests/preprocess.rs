@@ -97,10 +97,7 @@ fn compressed_transfer_syntaxes_decode_identically() {
     let path = lidc(0);
     let native = decode(&path)[0].hu.clone();
     let dir = tempfile::tempdir().unwrap();
-    for (tool, args, name) in [
-        ("dcmcjpeg", vec!["+e1"], "jpegls.dcm"),
-        ("dcmcrle", vec![], "rle.dcm"),
-    ] {
+    for (tool, args, name) in [("dcmcjpeg", vec!["+e1"], "jpegls.dcm"), ("dcmcrle", vec![], "rle.dcm")] {
         let out = dir.path().join(name);
         let st = Command::new(tool).args(&args).arg(&path).arg(&out).output().expect("run DCMTK encoder");
         assert!(st.status.success(), "{tool} failed: {}", String::from_utf8_lossy(&st.stderr));

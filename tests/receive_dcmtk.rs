@@ -118,7 +118,9 @@ async fn start_scp(cfg: DicomConfig, tuning: Tuning) -> Scp {
                             }
                         });
                     }
-                    ReceiveEvent::Released { association, aborted } => released.lock().unwrap().push((association, aborted)),
+                    ReceiveEvent::Released { association, aborted } => {
+                        released.lock().unwrap().push((association, aborted))
+                    }
                 }
             }
         });
@@ -344,7 +346,10 @@ async fn max_associations_bounds_concurrent_peers() {
 }
 
 /// Establishes an association with our own client (for protocol cases DCMTK will not produce).
-async fn raw_client(port: u16, abstract_syntax: &str) -> dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream> {
+async fn raw_client(
+    port: u16,
+    abstract_syntax: &str,
+) -> dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream> {
     ClientAssociationOptions::new()
         .calling_ae_title("RAW")
         .called_ae_title("LUNGSENTRY")
@@ -374,7 +379,12 @@ async fn unknown_command_oversize_and_bad_command_set() {
     // unknown DIMSE command (C-FIND-RQ on Verification) → 0x0211 response, association still usable
     let mut a = raw_client(scp.port, "1.2.840.10008.1.1").await;
     let pc = a.presentation_contexts()[0].id;
-    let find = CommandSet { command_field: 0x0020, message_id: Some(9), affected_sop_class_uid: Some("1.2.840.10008.1.1".into()), ..Default::default() };
+    let find = CommandSet {
+        command_field: 0x0020,
+        message_id: Some(9),
+        affected_sop_class_uid: Some("1.2.840.10008.1.1".into()),
+        ..Default::default()
+    };
     a.send(&Pdu::PData { data: vec![command_pdv(pc, find.encode().unwrap())] }).await.unwrap();
     let rsp = command_of(response(&mut a).await);
     assert_eq!(rsp.command_field, 0x8020);
@@ -397,7 +407,12 @@ async fn unknown_command_oversize_and_bad_command_set() {
         let n = chunk.min(total - sent);
         sent += n;
         a.send(&Pdu::PData {
-            data: vec![PDataValue { presentation_context_id: pc, value_type: PDataValueType::Data, is_last: sent == total, data: vec![0; n] }],
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Data,
+                is_last: sent == total,
+                data: vec![0; n],
+            }],
         })
         .await
         .unwrap();
@@ -416,11 +431,22 @@ async fn unknown_command_oversize_and_bad_command_set() {
         dicom_core::VR::UI,
         dicom_core::PrimitiveValue::from("1.2.3.4.6\0"),
     )]);
-    obj.write_dataset_with_ts(&mut dataset, &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+    obj.write_dataset_with_ts(
+        &mut dataset,
+        &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+    )
+    .unwrap();
     a.send(&Pdu::PData { data: vec![command_pdv(pc, small.encode().unwrap())] }).await.unwrap();
-    a.send(&Pdu::PData { data: vec![PDataValue { presentation_context_id: pc, value_type: PDataValueType::Data, is_last: true, data: dataset }] })
-        .await
-        .unwrap();
+    a.send(&Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc,
+            value_type: PDataValueType::Data,
+            is_last: true,
+            data: dataset,
+        }],
+    })
+    .await
+    .unwrap();
     let rsp = command_of(response(&mut a).await);
     assert_eq!(rsp.status, Some(status::SUCCESS));
     assert_eq!(scp.seen.lock().unwrap()[0].parsed_instance.as_deref(), Some("1.2.3.4.6"));
@@ -446,7 +472,10 @@ async fn idle_timeout_aborts_silent_peers() {
     let t = Instant::now();
     let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", scp.port)).await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await.expect("silent peer not dropped").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got))
+        .await
+        .expect("silent peer not dropped")
+        .unwrap();
     assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
     assert_eq!(got.first(), Some(&0x07), "expected an A-ABORT PDU, got {got:?}");
 
@@ -497,7 +526,8 @@ async fn timing_nagle_sender_vs_quickack() {
     }
     // Measured on the dev box (Linux loopback, DCMTK 3.6.7): 26.6 ms/image Nagle without quickack (the 40 ms
     // delayed-ACK stall on most images), 2.3 ms/image Nagle with quickack, 2.4-3.0 ms/image with TCP_NODELAY=1.
-    let per_image = |quickack: bool, nodelay: bool| results.iter().find(|r| r.0 == quickack && r.1 == nodelay).unwrap().2;
+    let per_image =
+        |quickack: bool, nodelay: bool| results.iter().find(|r| r.0 == quickack && r.1 == nodelay).unwrap().2;
     let (with, without) = (per_image(true, false), per_image(false, false));
     assert!(
         with < 0.015 && with < 0.6 * without,

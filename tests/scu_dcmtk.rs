@@ -105,8 +105,13 @@ fn peer(port: u16) -> Peer {
 fn complete_copies(tmp: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut ready = Vec::new();
     let mut incomplete = Vec::new();
-    for f in files_under(&data_dir().join("real-dicom")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dcm")) {
-        let obj = dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA).open_file(&f).unwrap();
+    for f in
+        files_under(&data_dir().join("real-dicom")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+    {
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+            .open_file(&f)
+            .unwrap();
         let has_uid = obj
             .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
             .and_then(|e| e.to_str().ok())
@@ -119,7 +124,12 @@ fn complete_copies(tmp: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
         std::fs::copy(&f, &copy).unwrap();
         let class = format!("(0008,0016)={}", obj.meta().media_storage_sop_class_uid());
         let inst = format!("(0008,0018)={}", obj.meta().media_storage_sop_instance_uid());
-        assert!(Command::new("/usr/bin/dcmodify").args(["-nb", "-i", &class, "-i", &inst]).arg(&copy).status().unwrap().success());
+        assert!(Command::new("/usr/bin/dcmodify")
+            .args(["-nb", "-i", &class, "-i", &inst])
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
         ready.push(copy);
         incomplete.push(f);
     }
@@ -150,7 +160,10 @@ async fn send_real_data_to_storescp() {
     let j2k = received
         .iter()
         .filter(|p| {
-            let o = dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA).open_file(p).unwrap();
+            let o = dicom_object::OpenFileOptions::new()
+                .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+                .open_file(p)
+                .unwrap();
             o.meta().transfer_syntax() == "1.2.840.10008.1.2.4.90"
         })
         .count();
@@ -213,7 +226,8 @@ async fn not_dicom_named_directly_fails_and_cli_exits_non_zero() {
     assert_eq!(report.failed.len(), 1);
     assert!(report.sent.is_empty());
     // inside a folder it is skipped, not failed
-    let report = send_files(&SendOptions { peer: peer(scp.port), rate: None }, &[tmp.path().to_path_buf()]).await.unwrap();
+    let report =
+        send_files(&SendOptions { peer: peer(scp.port), rate: None }, &[tmp.path().to_path_buf()]).await.unwrap();
     assert!(report.failed.is_empty());
     assert_eq!(report.skipped.len(), 1);
 

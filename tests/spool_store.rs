@@ -116,7 +116,8 @@ fn real_files_are_spooled_verbatim_and_dcmtk_reads_them() {
     assert_eq!(mode(&tmp.path().join("spool")), 0o700);
     assert_eq!(mode(&tmp.path().join("spool/tmp")), 0o700);
     let mut files = vec![real("lidc-idri-2-slices/0.dcm"), real("lidc-idri-2-slices/1.dcm")];
-    let mut sbu: Vec<PathBuf> = std::fs::read_dir(real("covid19-ny-sbu-axial")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut sbu: Vec<PathBuf> =
+        std::fs::read_dir(real("covid19-ny-sbu-axial")).unwrap().map(|e| e.unwrap().path()).collect();
     sbu.sort();
     files.extend(sbu.into_iter().take(3));
     for f in &files {
@@ -172,7 +173,10 @@ fn encapsulated_jpeg2000_is_spooled_verbatim() {
         put_uid(&mut obj, tags::STUDY_INSTANCE_UID, "2.25.1111");
         put_uid(&mut obj, tags::SERIES_INSTANCE_UID, "2.25.1111.2");
         let inc = incoming_from_object(&template, &obj);
-        assert!(parse(&inc).element(tags::PIXEL_DATA).unwrap().value().fragments().is_some(), "file {i} not encapsulated");
+        assert!(
+            parse(&inc).element(tags::PIXEL_DATA).unwrap().value().fragments().is_some(),
+            "file {i} not encapsulated"
+        );
         let s = spool.store(&inc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         assert_eq!(s.transfer_syntax_uid, "1.2.840.10008.1.2.4.90");
         check_spooled(&inc, &s, spool.root());
@@ -191,10 +195,9 @@ fn encapsulated_jpeg2000_is_spooled_verbatim() {
     obj.put(DataElement::new(
         tags::PIXEL_DATA,
         VR::OB,
-        dicom_core::value::Value::<InMemDicomObject, Vec<u8>>::PixelSequence(dicom_core::value::PixelFragmentSequence::new(
-            vec![],
-            vec![],
-        )),
+        dicom_core::value::Value::<InMemDicomObject, Vec<u8>>::PixelSequence(
+            dicom_core::value::PixelFragmentSequence::new(vec![], vec![]),
+        ),
     ));
     expect_err(&spool, &incoming_from_object(&template, &obj), status::CANNOT_UNDERSTAND, "no fragments");
 }
@@ -426,7 +429,8 @@ fn instances_results_pending_and_outbox() {
     // Raw identifiers are refused in results.
     assert!(store.record_result(s, true, 1.0, &serde_json::json!({"patient_name": "DOE^JANE"}), false).is_err());
 
-    let result = serde_json::json!({"series_instance_uid": s, "patient_key": pk, "positive": true, "involvement_percent": 12.5});
+    let result =
+        serde_json::json!({"series_instance_uid": s, "patient_key": pk, "positive": true, "involvement_percent": 12.5});
     let v1 = store.record_result(s, true, 12.5, &result, true).unwrap();
     assert_eq!(v1, 1);
     assert!(store.series_pending_analysis().unwrap().is_empty());
@@ -500,7 +504,8 @@ fn instances_results_pending_and_outbox() {
         let n: i64 = c.query_row(&sql, [], |r| r.get(0)).unwrap();
         assert_eq!(n, 0, "raw patient identifier found in {table}");
     }
-    let n: i64 = c.query_row("SELECT COUNT(*) FROM patients WHERE patient_name = 'DOE^JANE'", [], |r| r.get(0)).unwrap();
+    let n: i64 =
+        c.query_row("SELECT COUNT(*) FROM patients WHERE patient_name = 'DOE^JANE'", [], |r| r.get(0)).unwrap();
     assert_eq!(n, 1);
 }
 

@@ -164,12 +164,9 @@ impl Engine for OrtEngine {
         let tensor = TensorRef::from_array_view(([n, i.channels, i.height, i.width], input))
             .map_err(|e| anyhow!("ort: input tensor: {e}"))?;
         let mut session = self.session.lock().map_err(|_| anyhow!("ort: session lock poisoned"))?;
-        let outputs = session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(|e| anyhow!("ort: run: {e}"))?;
-        let value = outputs
-            .get(&self.output_name)
-            .with_context(|| format!("ort: no output {:?}", self.output_name))?;
+        let outputs =
+            session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(|e| anyhow!("ort: run: {e}"))?;
+        let value = outputs.get(&self.output_name).with_context(|| format!("ort: no output {:?}", self.output_name))?;
         let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow!("ort: output: {e}"))?;
         let expected = [n as i64, classes as i64, i.height as i64, i.width as i64];
         if shape.iter().copied().collect::<Vec<i64>>() != expected {

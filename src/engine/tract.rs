@@ -37,11 +37,7 @@ impl TractEngine {
         let out_name = &model.manifest.output.name;
         let outlets = inference.output_outlets()?.to_vec();
         if outlets.len() > 1 {
-            let wanted: Vec<_> = outlets
-                .iter()
-                .copied()
-                .filter(|o| inference.node(o.node).name == *out_name)
-                .collect();
+            let wanted: Vec<_> = outlets.iter().copied().filter(|o| inference.node(o.node).name == *out_name).collect();
             if wanted.len() == 1 {
                 inference.select_output_outlets(&wanted)?;
             }

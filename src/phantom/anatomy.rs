@@ -142,7 +142,8 @@ impl Anatomy {
         let h = r.range(225.0, 280.0) as f32;
         let r_vb = r.range(15.0, 19.0) as f32;
         let y_vb = b - r.range(58.0, 68.0) as f32;
-        let heart_c = [a * r.range(0.15, 0.24) as f32, -b * r.range(0.12, 0.22) as f32, -h * r.range(0.68, 0.74) as f32];
+        let heart_c =
+            [a * r.range(0.15, 0.24) as f32, -b * r.range(0.12, 0.22) as f32, -h * r.range(0.68, 0.74) as f32];
         let heart_ax = [a * r.range(0.36, 0.44) as f32, b * r.range(0.40, 0.48) as f32, h * r.range(0.19, 0.23) as f32];
         let ang = -r.range(0.35, 0.6) as f32;
         let y_tr = y_vb - r_vb - r.range(16.0, 22.0) as f32;
@@ -392,9 +393,8 @@ impl Anatomy {
             return (self.fat_hu, Region::Wall);
         }
         let apex_extra = if u < 0.2 { (0.2 - u).min(0.3) / 0.2 * 0.2 * self.a } else { 0.0 };
-        let musc = self.musc0
-            + self.paraspinal * (-(x / 45.0) * (x / 45.0)).exp() * smooth(0.3, 0.8, sinp)
-            + apex_extra;
+        let musc =
+            self.musc0 + self.paraspinal * (-(x / 45.0) * (x / 45.0)).exp() * smooth(0.3, 0.8, sinp) + apex_extra;
         let wall = fat + musc;
         if d < wall {
             if u > -0.03 && u < 0.72 && sinp < -0.85 && d > fat + 0.5 && d < fat + 11.0 {
@@ -536,7 +536,18 @@ impl Anatomy {
             };
             for d in dirs {
                 let mut budget = 40usize;
-                self.grow(&mut rng, &mut out, broot, norm(d), 24.0, 4.2, 0, broot, &mut budget, TubeKind::Airway { wall: 1.0 });
+                self.grow(
+                    &mut rng,
+                    &mut out,
+                    broot,
+                    norm(d),
+                    24.0,
+                    4.2,
+                    0,
+                    broot,
+                    &mut budget,
+                    TubeKind::Airway { wall: 1.0 },
+                );
             }
         }
         out

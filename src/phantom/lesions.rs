@@ -170,7 +170,11 @@ impl LungGrid {
         let i = idx % self.dims[0];
         let j = (idx / self.dims[0]) % self.dims[1];
         let k = idx / (self.dims[0] * self.dims[1]);
-        [self.origin[0] + i as f64 * self.step, self.origin[1] + j as f64 * self.step, self.origin[2] + k as f64 * self.step]
+        [
+            self.origin[0] + i as f64 * self.step,
+            self.origin[1] + j as f64 * self.step,
+            self.origin[2] + k as f64 * self.step,
+        ]
     }
 
     /// Marks the lung cells inside the lesion; returns how many lung cells it touches (new or not).

@@ -410,12 +410,17 @@ struct Totals {
     lesions: Vec<render::LesionSums>,
 }
 
-fn write_study(opts: &PhantomOptions, mut gen: Generation, prior: Option<(PhantomTruth, PathBuf)>) -> Result<PhantomTruth> {
+fn write_study(
+    opts: &PhantomOptions,
+    mut gen: Generation,
+    prior: Option<(PhantomTruth, PathBuf)>,
+) -> Result<PhantomTruth> {
     let out = &opts.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let anat = Anatomy::new(gen.seed, gen.scanner.fov);
     let (n, size) = (gen.slices, gen.size);
-    let scene = Scene::new(anat, gen.pose.clone(), gen.scanner.clone(), size, n, &gen.lesions, gen.seed, gen.noise_seed);
+    let scene =
+        Scene::new(anat, gen.pose.clone(), gen.scanner.clone(), size, n, &gen.lesions, gen.seed, gen.noise_seed);
     let study_key = rng::mix64(gen.seed ^ rng::mix64(gen.study_index as u64 + 1));
     let study_uid = uid(study_key, "study", 0);
     let series_uid = uid(study_key, "series", 0);
@@ -446,7 +451,11 @@ fn write_study(opts: &PhantomOptions, mut gen: Generation, prior: Option<(Phanto
     let ids_f = File::create(out.join("lesion_ids.raw")).context("creating lesion_ids.raw")?;
     labels_f.set_len((n * size * size) as u64)?;
     ids_f.set_len((n * size * size * 2) as u64)?;
-    let threads = if opts.threads > 0 { opts.threads } else { std::thread::available_parallelism().map(|v| v.get()).unwrap_or(2) };
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism().map(|v| v.get()).unwrap_or(2)
+    };
     let next = AtomicUsize::new(0);
     let totals = Mutex::new(Totals { lesions: vec![Default::default(); max_id + 1], ..Default::default() });
     let first_err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -515,7 +524,11 @@ fn write_study(opts: &PhantomOptions, mut gen: Generation, prior: Option<(Phanto
             class: s.class.name().to_string(),
             voxels: e.voxels,
             volume_ml: v * voxel_ml,
-            centroid_mm: [g.x0 + g.ps * e.sum_c as f64 / v, g.y0 + g.ps * e.sum_r as f64 / v, g.z_top - g.dz * e.sum_i as f64 / v],
+            centroid_mm: [
+                g.x0 + g.ps * e.sum_c as f64 / v,
+                g.y0 + g.ps * e.sum_r as f64 / v,
+                g.z_top - g.dz * e.sum_i as f64 / v,
+            ],
             mean_hu: e.sum_hu as f64 / v,
             side: if s.center[0] < 0.0 { "right" } else { "left" }.to_string(),
         });
@@ -527,7 +540,11 @@ fn write_study(opts: &PhantomOptions, mut gen: Generation, prior: Option<(Phanto
     let follow_up = prior.map(|(p, dir)| follow_up_changes(&p, &dir, &lesion_truth, involvement, &gen));
     let truth = PhantomTruth {
         seed: gen.seed,
-        severity: if gen.study_index == 0 { gen.severity.name().to_string() } else { Severity::of_involvement(involvement).name().to_string() },
+        severity: if gen.study_index == 0 {
+            gen.severity.name().to_string()
+        } else {
+            Severity::of_involvement(involvement).name().to_string()
+        },
         n_slices: n,
         size,
         spacing: [g.dz, g.ps, g.ps],
@@ -560,7 +577,13 @@ fn write_study(opts: &PhantomOptions, mut gen: Generation, prior: Option<(Phanto
     Ok(truth)
 }
 
-fn follow_up_changes(prior: &PhantomTruth, dir: &Path, now: &[LesionTruth], involvement: f64, gen: &Generation) -> FollowUp {
+fn follow_up_changes(
+    prior: &PhantomTruth,
+    dir: &Path,
+    now: &[LesionTruth],
+    involvement: f64,
+    gen: &Generation,
+) -> FollowUp {
     let mut changes = Vec::new();
     for pl in &prior.lesions {
         let cur = now.iter().find(|l| l.id == pl.id);
@@ -604,8 +627,15 @@ fn follow_up_changes(prior: &PhantomTruth, dir: &Path, now: &[LesionTruth], invo
     let rp = &prior.generation.pose.rotation;
     let rn = &gen.pose.rotation;
     // relative rotation angle about z (yaw) etc., small-angle read-out of R_now · R_priorᵀ
-    let rel = render::mat(*rn, [[rp[0][0], rp[1][0], rp[2][0]], [rp[0][1], rp[1][1], rp[2][1]], [rp[0][2], rp[1][2], rp[2][2]]]);
-    let motion_deg = [rel[1][0].atan2(rel[0][0]).to_degrees(), rel[2][1].atan2(rel[2][2]).to_degrees(), (-rel[2][0]).asin().to_degrees()];
+    let rel = render::mat(
+        *rn,
+        [[rp[0][0], rp[1][0], rp[2][0]], [rp[0][1], rp[1][1], rp[2][1]], [rp[0][2], rp[1][2], rp[2][2]]],
+    );
+    let motion_deg = [
+        rel[1][0].atan2(rel[0][0]).to_degrees(),
+        rel[2][1].atan2(rel[2][2]).to_degrees(),
+        (-rel[2][0]).asin().to_degrees(),
+    ];
     let c_prior = prior.generation.pose.apply([0.0, 0.0, -130.0]);
     let c_now = gen.pose.apply([0.0, 0.0, -130.0]);
     FollowUp {

@@ -307,7 +307,16 @@ fn pad_to(k: &[f32], len: usize) -> Vec<f64> {
 
 impl Scene {
     /// Prepares a scene: compiles lesions and tubes into patient coordinates, sets up kernel and noise.
-    pub fn new(anatomy: Anatomy, pose: Pose, scanner: Scanner, size: usize, n: usize, lesions: &[LesionSpec], tree_seed: u64, noise_seed: u64) -> Scene {
+    pub fn new(
+        anatomy: Anatomy,
+        pose: Pose,
+        scanner: Scanner,
+        size: usize,
+        n: usize,
+        lesions: &[LesionSpec],
+        tree_seed: u64,
+        noise_seed: u64,
+    ) -> Scene {
         let geom = Geometry::new(&scanner, size, n);
         let r = pose.rotation;
         let mut compiled = Vec::new();
@@ -470,8 +479,10 @@ impl Scene {
             }
             let p1 = [t.a[0] + (t.b[0] - t.a[0]) * t1, t.a[1] + (t.b[1] - t.a[1]) * t1];
             let p2 = [t.a[0] + (t.b[0] - t.a[0]) * t2, t.a[1] + (t.b[1] - t.a[1]) * t2];
-            let (c0, c1) = self.px_range((p1[0].min(p2[0]) - pt.rmax) as f64, (p1[0].max(p2[0]) + pt.rmax) as f64, g.x0);
-            let (r0, r1) = self.px_range((p1[1].min(p2[1]) - pt.rmax) as f64, (p1[1].max(p2[1]) + pt.rmax) as f64, g.y0);
+            let (c0, c1) =
+                self.px_range((p1[0].min(p2[0]) - pt.rmax) as f64, (p1[0].max(p2[0]) + pt.rmax) as f64, g.x0);
+            let (r0, r1) =
+                self.px_range((p1[1].min(p2[1]) - pt.rmax) as f64, (p1[1].max(p2[1]) + pt.rmax) as f64, g.y0);
             for r in r0..r1 {
                 let sy = (g.y0 + r as f64 * ps) as f32;
                 for c in c0..c1 {

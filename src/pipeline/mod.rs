@@ -387,14 +387,11 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     let positive = result["positive"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-    let previously_positive = shared
-        .store
-        .latest_result(series_uid)?
-        .map(|r| r.positive)
-        .unwrap_or(false);
+    let previously_positive = shared.store.latest_result(series_uid)?.map(|r| r.positive).unwrap_or(false);
     let alert = positive && !previously_positive && shared.config.alerts.webhook_url.is_some();
     result["alert"] = serde_json::json!(positive && !previously_positive);
-    let version = shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
+    let version =
+        shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
     result["version"] = serde_json::json!(version);
     if result["status"] == "skipped" {
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();

@@ -94,7 +94,10 @@ impl AssociationHandler {
         };
         match first {
             Err(_) => {
-                info!(timeout_s = self.settings.idle_timeout.as_secs(), "no association request within the idle timeout; aborting");
+                info!(
+                    timeout_s = self.settings.idle_timeout.as_secs(),
+                    "no association request within the idle timeout; aborting"
+                );
                 let mut buf = Vec::new();
                 if dicom_ul::write_pdu(&mut buf, &abort_pdu()).is_ok() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), socket.write_all(&buf)).await;
@@ -139,10 +142,13 @@ impl AssociationHandler {
             .iter()
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .map(|pc| {
-                (pc.id, Context {
-                    abstract_syntax: syntax::trim_uid(&pc.abstract_syntax).to_string(),
-                    transfer_syntax: syntax::trim_uid(&pc.transfer_syntax).to_string(),
-                })
+                (
+                    pc.id,
+                    Context {
+                        abstract_syntax: syntax::trim_uid(&pc.abstract_syntax).to_string(),
+                        transfer_syntax: syntax::trim_uid(&pc.transfer_syntax).to_string(),
+                    },
+                )
             })
             .collect();
         info!(
@@ -205,7 +211,10 @@ impl AssociationHandler {
                 Pdu::PData { data } => {
                     for pdv in data {
                         if !contexts.contains_key(&pdv.presentation_context_id) {
-                            warn!(context = pdv.presentation_context_id, "P-DATA on a context that was not accepted; aborting");
+                            warn!(
+                                context = pdv.presentation_context_id,
+                                "P-DATA on a context that was not accepted; aborting"
+                            );
                             abort(assoc).await;
                             return End::WeAborted;
                         }
@@ -343,7 +352,11 @@ enum ReadError {
 /// Reads one PDU from the association's socket into its read buffer. Like dicom-ul's own receive, but it
 /// re-arms TCP_QUICKACK after every read so a Nagle-enabled sender never waits for our delayed ACK, and it
 /// keeps the buffer's spare capacity large enough for whole PDUs. Cancel-safe: bytes read stay buffered.
-async fn read_pdu(assoc: &mut AsyncServerAssociation<TcpStream>, max_pdu: u32, quickack: bool) -> Result<Pdu, ReadError> {
+async fn read_pdu(
+    assoc: &mut AsyncServerAssociation<TcpStream>,
+    max_pdu: u32,
+    quickack: bool,
+) -> Result<Pdu, ReadError> {
     let (socket, buf) = assoc.get_mut();
     loop {
         let mut cursor = Cursor::new(&buf[..]);

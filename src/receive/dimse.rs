@@ -324,7 +324,8 @@ impl MessageAssembler {
         if command.has_dataset {
             // The command's own bytes count against the cap too.
             let received = buf.len() as u64;
-            self.state = State::Data { pc, command, buf: Vec::new(), received, oversize: received > self.max_message_bytes };
+            self.state =
+                State::Data { pc, command, buf: Vec::new(), received, oversize: received > self.max_message_bytes };
             Ok(None)
         } else {
             Ok(Some(Message { presentation_context_id: pc, command, payload: Payload::None }))

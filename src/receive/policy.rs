@@ -30,7 +30,12 @@ impl PeerPolicy {
     }
 
     /// The decision, separate from dicom-ul's trait so it can be tested directly.
-    pub(crate) fn decide(&self, our_ae: &str, calling: &str, called: &str) -> Result<(), AssociationRJServiceUserReason> {
+    pub(crate) fn decide(
+        &self,
+        our_ae: &str,
+        calling: &str,
+        called: &str,
+    ) -> Result<(), AssociationRJServiceUserReason> {
         if called.trim() != our_ae.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
@@ -39,7 +44,8 @@ impl PeerPolicy {
         }
         let ip = self.peer.ip();
         let ok = self.allowed.iter().any(|p| {
-            p.ae_title.trim() == calling.trim() && p.host.parse::<IpAddr>().map(|h| h.to_canonical() == ip).unwrap_or(false)
+            p.ae_title.trim() == calling.trim()
+                && p.host.parse::<IpAddr>().map(|h| h.to_canonical() == ip).unwrap_or(false)
         });
         if ok {
             Ok(())
@@ -73,7 +79,9 @@ mod tests {
     fn policy(peer: &str, allowed: &[(&str, &str)]) -> PeerPolicy {
         PeerPolicy::new(
             peer.parse().unwrap(),
-            Arc::new(allowed.iter().map(|(a, h)| AllowedPeer { ae_title: a.to_string(), host: h.to_string() }).collect()),
+            Arc::new(
+                allowed.iter().map(|(a, h)| AllowedPeer { ae_title: a.to_string(), host: h.to_string() }).collect(),
+            ),
         )
     }
 
@@ -82,7 +90,10 @@ mod tests {
         let p = policy("10.0.0.5:4000", &[]);
         assert!(p.decide("LUNGSENTRY", "CT1", "LUNGSENTRY").is_ok());
         assert!(p.decide("LUNGSENTRY", "CT1", "LUNGSENTRY ").is_ok());
-        assert_eq!(p.decide("LUNGSENTRY", "CT1", "OTHER"), Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        assert_eq!(
+            p.decide("LUNGSENTRY", "CT1", "OTHER"),
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        );
     }
 
     #[test]

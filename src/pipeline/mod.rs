@@ -377,13 +377,9 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     }
     // The revision read before the analysis: instances arriving meanwhile leave the series pending.
     let revision = shared.store.series_revision(series_uid)?;
-    let patient_key = {
-        let instances = shared.store.series_instances(series_uid)?;
-        instances
-            .first()
-            .map(|(m, _)| crate::store::patient_key(&shared.salt, &m.patient_id, &m.patient_name))
-            .unwrap_or_default()
-    };
+    // The key was computed from the raw identifiers when the instances were recorded (the store hands
+    // instance metadata back without them).
+    let patient_key = shared.store.series(series_uid)?.map(|s| s.patient_key).unwrap_or_default();
     let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     let positive = result["positive"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);

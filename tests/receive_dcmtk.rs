@@ -1,6 +1,8 @@
 //! The receiver (SCP) against real DCMTK peers (`echoscu`, `storescu`) and a few hand-made protocol
 //! violations, on an ephemeral loopback port with an in-process consumer answering the events.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -21,31 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-fn data_dir() -> PathBuf {
-    let dir = std::env::var_os("LUNGSENTRY_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    assert!(dir.join("real-dicom").is_dir(), "test data missing: {} (set LUNGSENTRY_DATA)", dir.display());
-    dir
-}
-
-fn real_dicom_files() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![data_dir().join("real-dicom")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "dcm") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    assert!(out.len() >= 40, "expected the real-dicom files, found {}", out.len());
-    out
-}
+use common::real_dicom_files;
 
 fn sop_instance_of(path: &Path) -> String {
     let obj = dicom_object::OpenFileOptions::new()
@@ -175,33 +153,7 @@ async fn echoscu_succeeds_and_wrong_called_ae_is_rejected() {
 /// class/instance UIDs only in the meta group (storescu reads them from the dataset), so the copies get them
 /// written into the dataset with `dcmodify`; the other files are used in place.
 fn storescu_ready_files(tmp: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for f in real_dicom_files() {
-        let obj = dicom_object::OpenFileOptions::new()
-            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-            .open_file(&f)
-            .unwrap();
-        let has_uid = obj
-            .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-            .and_then(|e| e.to_str().ok())
-            .is_some_and(|s| !s.trim_end_matches(['\0', ' ']).is_empty());
-        if has_uid {
-            out.push(f);
-            continue;
-        }
-        let copy = tmp.join(f.file_name().unwrap());
-        std::fs::copy(&f, &copy).unwrap();
-        let class = format!("(0008,0016)={}", obj.meta().media_storage_sop_class_uid());
-        let inst = format!("(0008,0018)={}", obj.meta().media_storage_sop_instance_uid());
-        let st = std::process::Command::new("/usr/bin/dcmodify")
-            .args(["-nb", "-i", &class, "-i", &inst])
-            .arg(&copy)
-            .status()
-            .unwrap();
-        assert!(st.success(), "dcmodify failed on {}", copy.display());
-        out.push(copy);
-    }
-    out
+    real_dicom_files().into_iter().map(|f| common::dcmtk_sendable_copy(&f, tmp).unwrap_or(f)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! The sender (`lungsentry send` / `echo` library functions) against DCMTK's `storescp`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,13 +9,7 @@ use std::time::{Duration, Instant};
 
 use lungsentry::scu::{echo_peer, send_files, Peer, SendOptions};
 
-fn data_dir() -> PathBuf {
-    let dir = std::env::var_os("LUNGSENTRY_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    assert!(dir.join("real-dicom").is_dir(), "test data missing: {} (set LUNGSENTRY_DATA)", dir.display());
-    dir
-}
+use common::data_dir;
 
 fn meta_uid(path: &Path) -> String {
     let obj = dicom_object::OpenFileOptions::new()
@@ -105,33 +101,14 @@ fn peer(port: u16) -> Peer {
 fn complete_copies(tmp: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut ready = Vec::new();
     let mut incomplete = Vec::new();
-    for f in
-        files_under(&data_dir().join("real-dicom")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-    {
-        let obj = dicom_object::OpenFileOptions::new()
-            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-            .open_file(&f)
-            .unwrap();
-        let has_uid = obj
-            .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-            .and_then(|e| e.to_str().ok())
-            .is_some_and(|s| !s.trim_end_matches(['\0', ' ']).is_empty());
-        if has_uid {
-            ready.push(f);
-            continue;
+    for f in common::real_dicom_files() {
+        match common::dcmtk_sendable_copy(&f, tmp) {
+            Some(copy) => {
+                ready.push(copy);
+                incomplete.push(f);
+            }
+            None => ready.push(f),
         }
-        let copy = tmp.join(f.file_name().unwrap());
-        std::fs::copy(&f, &copy).unwrap();
-        let class = format!("(0008,0016)={}", obj.meta().media_storage_sop_class_uid());
-        let inst = format!("(0008,0018)={}", obj.meta().media_storage_sop_instance_uid());
-        assert!(Command::new("/usr/bin/dcmodify")
-            .args(["-nb", "-i", &class, "-i", &inst])
-            .arg(&copy)
-            .status()
-            .unwrap()
-            .success());
-        ready.push(copy);
-        incomplete.push(f);
     }
     (ready, incomplete)
 }

@@ -185,3 +185,43 @@ pub fn storescu(port: u16, calling_ae: &str, paths: &[&Path], nodelay: bool) -> 
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
+
+/// Every `*.dcm` under $LUNGSENTRY_DATA/real-dicom, sorted.
+pub fn real_dicom_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![data_dir().join("real-dicom")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "dcm") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// DCMTK's storescu/storescp read SOP Class/Instance UIDs from the dataset; the real Siemens JPEG 2000 files
+/// keep them only in the file meta. For such a file this writes a copy into `tmp` with the UIDs put into the
+/// dataset by `dcmodify` and returns it; files that already carry them give None (use them in place).
+pub fn dcmtk_sendable_copy(f: &Path, tmp: &Path) -> Option<PathBuf> {
+    let obj =
+        dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA).open_file(f).unwrap();
+    let has_uid = obj
+        .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+        .and_then(|e| e.to_str().ok())
+        .is_some_and(|s| !s.trim_end_matches(['\0', ' ']).is_empty());
+    if has_uid {
+        return None;
+    }
+    let copy = tmp.join(f.file_name().unwrap());
+    std::fs::copy(f, &copy).unwrap();
+    let class = format!("(0008,0016)={}", obj.meta().media_storage_sop_class_uid());
+    let inst = format!("(0008,0018)={}", obj.meta().media_storage_sop_instance_uid());
+    let st = Command::new("/usr/bin/dcmodify").args(["-nb", "-i", &class, "-i", &inst]).arg(&copy).status().unwrap();
+    assert!(st.success(), "dcmodify failed on {}", copy.display());
+    Some(copy)
+}

@@ -8,7 +8,8 @@
 //!   the scores), lung Dice when lung masks are given, and ms/slice — per engine.
 //! - `--series DIR...`: phantom folders (`lungsentry phantom`: DICOM files + `labels.raw` u8 z,y,x + `truth.json`).
 //!   Runs the same series path as the daemon (decode → HU → contract → engine → masks → 3D analysis) and reports
-//!   voxel Dice, involvement error and series-level sensitivity/specificity at the 0.4 % threshold.
+//!   voxel Dice, involvement error and series-level sensitivity/specificity at the 0.4 % threshold, plus the
+//!   image-level metrics above over all slices of all series (`slice_level`).
 //! Never: changes a model or writes anything but its report to stdout.
 
 use std::collections::BTreeMap;
@@ -55,8 +56,8 @@ pub struct EvalArgs {
     /// Series mode: positive when involvement exceeds this percentage.
     #[arg(long, default_value_t = 0.4)]
     pub threshold_percent: f64,
-    /// Series mode: lesion components below this volume (mL) are dropped.
-    #[arg(long, default_value_t = 0.0)]
+    /// Series mode: lesion components below this volume (mL) are dropped (the daemon's default).
+    #[arg(long, default_value_t = 0.01)]
     pub min_lesion_volume_ml: f64,
     /// Slices per engine call.
     #[arg(long, default_value_t = 8)]
@@ -174,6 +175,64 @@ impl Confusion {
     }
 }
 
+/// Per-slice accumulation of the paper's image-level metrics, shared by both modes.
+#[derive(Debug, Default)]
+pub struct SliceMetrics {
+    /// Lesion overlap pooled over every slice (global Dice).
+    pub lesion: Overlap,
+    dice_sum: f64,
+    iou_sum: f64,
+    n: usize,
+    /// Slice flags: predicted lesion present vs truth lesion present.
+    pub confusion: Confusion,
+    max_prob: Vec<f64>,
+    truth_pos: Vec<bool>,
+}
+
+impl SliceMetrics {
+    /// Adds one slice: its lesion overlap, whether any lesion pixel was predicted, and the slice's maximum lesion
+    /// probability (the AUC score).
+    pub fn add(&mut self, o: Overlap, predicted_positive: bool, max_lesion_probability: f64) {
+        let truth_pos = o.tp + o.fn_ > 0;
+        self.lesion.add(o);
+        self.dice_sum += o.dice();
+        self.iou_sum += o.iou();
+        self.n += 1;
+        self.confusion.add(predicted_positive, truth_pos);
+        self.max_prob.push(max_lesion_probability);
+        self.truth_pos.push(truth_pos);
+    }
+    /// Merges another accumulator (e.g. one series into the whole set).
+    pub fn merge(&mut self, o: &SliceMetrics) {
+        self.lesion.add(o.lesion);
+        self.dice_sum += o.dice_sum;
+        self.iou_sum += o.iou_sum;
+        self.n += o.n;
+        self.confusion.tp += o.confusion.tp;
+        self.confusion.fp += o.confusion.fp;
+        self.confusion.tn += o.confusion.tn;
+        self.confusion.fn_ += o.confusion.fn_;
+        self.max_prob.extend_from_slice(&o.max_prob);
+        self.truth_pos.extend_from_slice(&o.truth_pos);
+    }
+    /// The report fields: lesion Dice global and mean per image, mean IoU (paper convention), slice-level
+    /// accuracy / sensitivity / specificity / AUC.
+    pub fn report(&self) -> Value {
+        let n = self.n.max(1) as f64;
+        json!({
+            "n_slices": self.n,
+            "lesion_dice_global": self.lesion.dice(),
+            "lesion_dice_mean_per_image": self.dice_sum / n,
+            "lesion_iou_mean": self.iou_sum / n,
+            "slice_accuracy": self.confusion.accuracy(),
+            "slice_sensitivity": self.confusion.sensitivity(),
+            "slice_specificity": self.confusion.specificity(),
+            "slice_auc": auc(&self.max_prob, &self.truth_pos),
+            "slice_confusion": self.confusion,
+        })
+    }
+}
+
 /// An 8-bit grayscale image read from a PNG (first channel of colour images, 16-bit reduced to its high byte).
 pub struct GrayImage {
     pub rows: usize,
@@ -262,13 +321,10 @@ pub fn eval_images(
     if inp.channels != 1 {
         bail!("2D evaluation needs a single-channel model (manifest input.channels = {})", inp.channels);
     }
-    let mut lesion_all = Overlap::default();
+    let mut slices = SliceMetrics::default();
     let mut lung_all = Overlap::default();
-    let (mut dice_sum, mut iou_sum, mut lung_dice_sum) = (0.0, 0.0, 0.0);
+    let mut lung_dice_sum = 0.0;
     let mut lung_n = 0usize;
-    let mut conf = Confusion::default();
-    let mut scores_max = Vec::new();
-    let mut labels = Vec::new();
     let mut infer_s = 0.0;
     for chunk in items.chunks(batch.max(1)) {
         let mut x = vec![0f32; chunk.len() * plane];
@@ -287,13 +343,7 @@ pub fn eval_images(
             let seg = analysis::segment_slice(s, classes, h, w, &dummy);
             let truth: Vec<bool> = m.px.iter().map(|&v| v != 0).collect();
             let o = Overlap::count(seg.lesion.to_bools().into_iter(), truth.iter().copied());
-            lesion_all.add(o);
-            dice_sum += o.dice();
-            iou_sum += o.iou();
-            let truth_pos = truth.iter().any(|&t| t);
-            conf.add(seg.lesion.count() > 0, truth_pos);
-            scores_max.push(seg.max_lesion_probability as f64);
-            labels.push(truth_pos);
+            slices.add(o, seg.lesion.count() > 0, seg.max_lesion_probability as f64);
             if let Some(lp) = lung {
                 let l = read_png_gray(lp)?;
                 if (l.rows, l.cols) != (m.rows, m.cols) {
@@ -311,14 +361,14 @@ pub fn eval_images(
         engine: engine.name().to_string(),
         n_images: items.len(),
         ms_per_slice: infer_s * 1000.0 / n,
-        lesion_dice_global: lesion_all.dice(),
-        lesion_dice_mean: dice_sum / n,
-        lesion_iou_mean: iou_sum / n,
-        slice_accuracy: conf.accuracy(),
-        slice_sensitivity: conf.sensitivity(),
-        slice_specificity: conf.specificity(),
-        slice_auc: auc(&scores_max, &labels),
-        slice_confusion: conf,
+        lesion_dice_global: slices.lesion.dice(),
+        lesion_dice_mean: slices.dice_sum / n,
+        lesion_iou_mean: slices.iou_sum / n,
+        slice_accuracy: slices.confusion.accuracy(),
+        slice_sensitivity: slices.confusion.sensitivity(),
+        slice_specificity: slices.confusion.specificity(),
+        slice_auc: auc(&slices.max_prob, &slices.truth_pos),
+        slice_confusion: slices.confusion,
         lung_dice_global: (lung_n > 0).then(|| lung_all.dice()),
         lung_dice_mean: (lung_n > 0).then(|| lung_dice_sum / lung_n as f64),
     })
@@ -379,6 +429,9 @@ pub struct SeriesEval {
     pub lung_dice: f64,
     pub n_lesions: usize,
     pub ms_per_slice: f64,
+    /// Image-level metrics of this series' slices.
+    #[serde(skip)]
+    pub slices: SliceMetrics,
 }
 
 /// Runs one engine over one phantom folder.
@@ -405,6 +458,7 @@ pub fn eval_series(
     let mut placed = Vec::with_capacity(truth.n_slices);
     let mut lesion_o = Overlap::default();
     let mut lung_o = Overlap::default();
+    let mut slices = SliceMetrics::default();
     let mut infer_s = 0.0;
     let file_idx: Vec<usize> = (0..truth.files.len()).collect();
     for chunk in file_idx.chunks(batch.max(1)) {
@@ -432,7 +486,9 @@ pub fn eval_series(
                 bail!("{}: slice {fi} is {}×{}, labels are {}²", dir.display(), seg.rows, seg.cols, truth.size);
             }
             let lab = &labels[fi * plane_native..(fi + 1) * plane_native];
-            lesion_o.add(Overlap::count(seg.lesion.to_bools().into_iter(), lab.iter().map(|&v| v == 2)));
+            let o = Overlap::count(seg.lesion.to_bools().into_iter(), lab.iter().map(|&v| v == 2));
+            lesion_o.add(o);
+            slices.add(o, seg.lesion.count() > 0, seg.max_lesion_probability as f64);
             lung_o.add(Overlap::count(seg.lung.to_bools().into_iter(), lab.iter().map(|&v| v >= 1)));
             let orientation = hu.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
             let position = hu.image_position.unwrap_or([0.0, 0.0, fi as f64]);
@@ -467,6 +523,7 @@ pub fn eval_series(
         lung_dice: lung_o.dice(),
         n_lesions: res.lesions.len(),
         ms_per_slice: infer_s * 1000.0 / truth.n_slices.max(1) as f64,
+        slices,
     })
 }
 
@@ -484,9 +541,11 @@ fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
     for engine in load_engines(args, model)? {
         let mut per = Vec::new();
         let mut conf = Confusion::default();
+        let mut all_slices = SliceMetrics::default();
         for d in &dirs {
             let e = eval_series(engine.as_ref(), model, d, &params, args.batch)?;
             conf.add(e.predicted_positive, e.truth_positive);
+            all_slices.merge(&e.slices);
             per.push(e);
         }
         let n = per.len().max(1) as f64;
@@ -503,6 +562,8 @@ fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
             "series_confusion": conf,
             "threshold_percent": args.threshold_percent,
             "ms_per_slice": per.iter().map(|e| e.ms_per_slice).sum::<f64>() / n,
+            "max_abs_involvement_error": per.iter().map(|e| e.involvement_error.abs()).fold(0.0, f64::max),
+            "slice_level": all_slices.report(),
             "series": per,
         }));
     }

@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--phantom-val-series", type=int, default=12)
     ap.add_argument("--phantom-slices", type=int, default=40)
     ap.add_argument("--phantom-size", type=int, default=512)
+    ap.add_argument("--phantom-long-series", type=int, default=0,
+                    help="extra 120-slice phantom series (seeds 2000..) whose lower slices are lung-free abdomen")
     ap.add_argument("--phantom-fraction", type=float, default=0.4, help="share of each batch drawn from phantoms")
     ap.add_argument("--phantom-none-every", type=int, default=4,
                     help="every n-th phantom series is lesion-free (severity none); 4 = v0.1.0 pattern")
@@ -212,6 +214,17 @@ def main() -> None:
             return d
         t0 = time.time()
         ph_tr = load_set("train", list(range(1000, 1000 + args.phantom_train_series)))
+        if args.phantom_long_series:
+            # long series (120 slices at the seed's thickness) reach below the diaphragm: lung-free abdomen slices
+            # the 40-slice chest series almost never contain
+            n_slices = args.phantom_slices
+            args.phantom_slices = 120
+            long = load_set("long", list(range(2000, 2000 + args.phantom_long_series)))
+            args.phantom_slices = n_slices
+            off = int(ph_tr["series"].max()) + 1
+            for k in ("ct", "labels"):
+                ph_tr[k] = np.concatenate([ph_tr[k], long[k]])
+            ph_tr["series"] = np.concatenate([ph_tr["series"], long["series"] + off])
         ph_va = load_set("val", list(range(9000, 9000 + args.phantom_val_series)))
         say(f"phantoms: train {len(ph_tr['ct'])} slices, val {len(ph_va['ct'])} slices ({time.time() - t0:.0f} s)")
 
@@ -312,7 +325,8 @@ def main() -> None:
                    samples_per_epoch=args.samples_per_epoch, crop=args.crop, full_after=args.full_after,
                    minutes=args.minutes, init=str(args.init) if args.init else None,
                    phantom_none_every=args.phantom_none_every,
-                   phantom_lesion_free_share=args.phantom_lesion_free_share, train_seconds=round(train_secs),
+                   phantom_lesion_free_share=args.phantom_lesion_free_share,
+                   phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
                    threads=args.threads, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -11,7 +11,10 @@
 //! one worker task per active series, the completion ticker, graceful shutdown.
 //! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
 
+mod liveness;
 mod slices;
+
+pub use liveness::Liveness;
 
 pub use slices::{InferenceContext, SeriesWork};
 
@@ -47,7 +50,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => Config::default(),
     };
     let daemon = Daemon::start(cfg).await?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // READY only now: the SCP is bound, the model verified and the engine warmed (Daemon::start).
+    let status = format!("ready: DICOM on {}", daemon.dicom_addr);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
@@ -90,6 +95,8 @@ struct Shared {
     workers: Mutex<HashMap<String, mpsc::Sender<WorkerMsg>>>,
     /// Number of results recorded (for tests/demo to wait on).
     results_tx: watch::Sender<u64>,
+    /// Progress evidence the systemd watchdog trusts.
+    live: Arc<Liveness>,
 }
 
 /// A running daemon (also used in-process by `demo` and the tests).
@@ -140,6 +147,7 @@ impl Daemon {
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
             results_tx,
+            live: Arc::new(Liveness::default()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -182,6 +190,11 @@ impl Daemon {
             tasks.push(task);
         }
         tasks.push(tokio::spawn(completion_ticker(shared.clone(), shutdown_rx.clone())));
+        {
+            let s = shared.clone();
+            let workers = move || s.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
+            tasks.push(tokio::spawn(liveness::run(shared.live.clone(), store.clone(), workers, shutdown_rx.clone())));
+        }
         if config.alerts.webhook_url.is_some() {
             let store = store.clone();
             let alerts = config.alerts.clone();
@@ -326,7 +339,9 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                 let uid = series_uid.clone();
                 let ra = received_at.clone();
                 let done = tokio::task::spawn_blocking(move || {
+                    let _busy = s.live.busy("3D analysis");
                     let r = finish_series(&s, &uid, &w, &ra);
+                    s.live.analysed();
                     (w, r)
                 })
                 .await;
@@ -356,7 +371,9 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
 
 async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
     let ctx = shared.ctx.clone();
+    let live = shared.live.clone();
     match tokio::task::spawn_blocking(move || {
+        let _busy = live.busy("slice segmentation");
         work.add(&ctx, meta, &path);
         work
     })
@@ -405,6 +422,7 @@ async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
             _ = tick.tick() => {},
             _ = shutdown.changed() => return,
         }
+        shared.live.beat();
         let done = shared.tracker.lock().unwrap().take_complete(Instant::now(), &shared.config.series);
         for series_uid in done {
             tracing::info!(series = %crate::store::series_log_key(&series_uid), "series complete");

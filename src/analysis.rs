@@ -3,8 +3,12 @@
 //! Owns: upsampling each slice's score maps to native resolution and taking the argmax (lesion implies lung);
 //! bit-packed masks; 3D lesion components (26-connectivity across adjacent slices) with the small ones dropped;
 //! per-lesion volume, mean HU, extent, centroid and side; lung and lesion volumes; involvement and the positive flag.
+//! Per-lung / per-zone involvement and the severity score: [`regions`]; comparison with a prior study: [`followup`].
 //! Hands on: [`SeriesAnalysis`] (serialisable; its field names are the result JSON's) to `store`/`notify`.
 //! Never: decodes pixels, runs the model, or decides what happens with a positive result.
+
+pub mod followup;
+pub mod regions;
 
 use serde::{Deserialize, Serialize};
 
@@ -284,6 +288,8 @@ pub struct SeriesAnalysis {
     /// Surviving lesion mask per slice, position order (not part of the JSON result).
     #[serde(skip)]
     pub lesion_masks: Vec<BitMask>,
+    /// Per-lung and per-zone involvement and the severity score.
+    pub regional: regions::Regional,
 }
 
 /// Disjoint-set forest over lesion runs.
@@ -481,6 +487,7 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         }
     }
     let involvement_percent = if lung_volume_ml > 0.0 { lesion_volume_ml / lung_volume_ml * 100.0 } else { 0.0 };
+    let regional = regions::regional(&sorted, &lesion_masks, midline_x, spacing);
     SeriesAnalysis {
         lesions,
         lung_volume_ml,
@@ -491,5 +498,6 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         slice_spacing_mm: spacing,
         slice_order: order,
         lesion_masks,
+        regional,
     }
 }

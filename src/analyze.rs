@@ -88,7 +88,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     if groups.is_empty() {
         bail!("no DICOM instances found under the given paths");
     }
-    let stdout = std::io::stdout();
+    let mut results = Vec::new();
     for (_, instances) in groups {
         let received_at = crate::pipeline::chrono_now();
         let mut work = SeriesWork::default();
@@ -99,15 +99,39 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         for (meta, path) in instances {
             work.add(&ctx, meta, &path);
         }
-        let result = work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
-        let mut out = stdout.lock();
+        results.push(work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false));
+    }
+    link_follow_ups(&mut results, (&ctx.config.analysis).into());
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for result in &results {
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(&result)?)?;
+            writeln!(out, "{}", serde_json::to_string(result)?)?;
         } else {
-            writeln!(out, "{}", summary_line(&result))?;
+            writeln!(out, "{}", summary_line(result))?;
         }
     }
     Ok(())
+}
+
+/// Orders results by patient and study date and adds `follow_up` to each one that has an earlier study of the
+/// same patient — the daemon's rule ([`crate::analysis::followup`]) applied to the series given together.
+pub fn link_follow_ups(results: &mut [serde_json::Value], rule: crate::analysis::followup::ProgressionRule) {
+    use crate::analysis::followup;
+    let key = |r: &serde_json::Value, f: &str| r[f].as_str().unwrap_or("").to_string();
+    results.sort_by_key(|r| (key(r, "patient_key"), key(r, "study_date"), key(r, "series_instance_uid")));
+    for i in 0..results.len() {
+        let pk = key(&results[i], "patient_key");
+        if pk.is_empty() || !followup::comparable(&results[i]) {
+            continue;
+        }
+        let history: Vec<serde_json::Value> =
+            results[..i].iter().filter(|r| key(r, "patient_key") == pk).cloned().collect();
+        if let Some(prior) = followup::pick_prior(&results[i], &history) {
+            let f = followup::compare(&results[i], prior, rule);
+            results[i]["follow_up"] = serde_json::to_value(&f).unwrap_or(serde_json::Value::Null);
+        }
+    }
 }
 
 /// One human line per series.
@@ -117,9 +141,13 @@ pub fn summary_line(r: &serde_json::Value) -> String {
         return format!("{series}: skipped — {}", r["skip_reasons"]);
     }
     format!(
-        "{series}: {} — involvement {:.2} %, {} lesion(s), lung {:.0} mL, {} of {} slices analysed{}",
+        "{series}: {} — involvement {:.2} % (R {:.2} / L {:.2}, severity score {}/25), {} lesion(s), lung {:.0} mL, \
+         {} of {} slices analysed{}{}",
         if r["positive"].as_bool().unwrap_or(false) { "POSITIVE" } else { "negative" },
         r["involvement_percent"].as_f64().unwrap_or(0.0),
+        r["regional"]["lungs"][0]["involvement_percent"].as_f64().unwrap_or(0.0),
+        r["regional"]["lungs"][1]["involvement_percent"].as_f64().unwrap_or(0.0),
+        r["regional"]["severity_score"],
         r["lesions"].as_array().map(|a| a.len()).unwrap_or(0),
         r["lung_volume_ml"].as_f64().unwrap_or(0.0),
         r["analysed_slices"],
@@ -127,6 +155,20 @@ pub fn summary_line(r: &serde_json::Value) -> String {
         match r["skip_reasons"].as_array() {
             Some(a) if !a.is_empty() => format!(" (the daemon would skip it: {})", r["skip_reasons"]),
             _ => String::new(),
+        },
+        match r.get("follow_up") {
+            Some(f) => format!(
+                "; vs {}: {:+.2} points{}, lesions new {} grown {} shrunk {} stable {} resolved {}",
+                f["prior_study_date"].as_str().unwrap_or("?"),
+                f["involvement_change_points"].as_f64().unwrap_or(0.0),
+                if f["progression"].as_bool().unwrap_or(false) { " PROGRESSION" } else { "" },
+                f["new"],
+                f["grown"],
+                f["shrunk"],
+                f["stable"],
+                f["resolved"]
+            ),
+            None => String::new(),
         }
     )
 }

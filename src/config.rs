@@ -80,6 +80,10 @@ pub struct AnalysisConfig {
     pub positive_threshold_percent: f64,
     /// 3D lesion components smaller than this (mL) are dropped as noise.
     pub min_lesion_volume_ml: f64,
+    /// Follow-up: a "progression" alert when involvement rises by more than this % of the prior study's...
+    pub progression_relative_percent: f64,
+    /// ...and by more than this many percentage points.
+    pub progression_absolute_points: f64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -164,7 +168,12 @@ impl Default for SeriesConfig {
 
 impl Default for AnalysisConfig {
     fn default() -> Self {
-        AnalysisConfig { positive_threshold_percent: 0.4, min_lesion_volume_ml: 0.01 }
+        AnalysisConfig {
+            positive_threshold_percent: 0.4,
+            min_lesion_volume_ml: 0.01,
+            progression_relative_percent: 50.0,
+            progression_absolute_points: 1.0,
+        }
     }
 }
 
@@ -258,6 +267,12 @@ impl Config {
         }
         if !(a.min_lesion_volume_ml >= 0.0) {
             bail!("analysis.min_lesion_volume_ml must be >= 0");
+        }
+        if !(a.progression_relative_percent >= 0.0) {
+            bail!("analysis.progression_relative_percent must be >= 0");
+        }
+        if !(a.progression_absolute_points >= 0.0) {
+            bail!("analysis.progression_absolute_points must be >= 0");
         }
         if self.engine.kind == EngineKind::Tensorrt && !cfg!(feature = "tensorrt") {
             bail!("engine.kind = \"tensorrt\" needs a build with the `tensorrt` feature");

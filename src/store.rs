@@ -120,6 +120,10 @@ pub fn now_ms() -> i64 {
 /// Pseudonymous patient key: hex of the first 16 bytes of sha256(salt ‖ patient_id ‖ 0x00 ‖ patient_name).
 /// Used in logs, webhooks and every table but `patients`.
 pub fn patient_key(salt: &[u8], patient_id: &str, patient_name: &str) -> String {
+    // No identity at all (anonymised data): no key, so such series are never linked to each other.
+    if patient_id.trim().is_empty() && patient_name.trim().is_empty() {
+        return String::new();
+    }
     let mut h = Sha256::new();
     h.update(salt);
     h.update(patient_id.as_bytes());

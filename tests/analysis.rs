@@ -216,3 +216,53 @@ fn bitmask_is_small_for_a_large_series() {
     assert_eq!(m.heap_bytes(), 512 * 512 / 8);
     assert!(300 * 2 * m.heap_bytes() < 20 << 20);
 }
+
+#[test]
+fn regional_involvement_by_lung_and_zone_and_severity_score() {
+    // Two lungs: patient right = low x (cols 2..14), patient left = high x (cols 18..30), 9 slices z = 0..8 (z up).
+    // A lesion fills the right lung's rows 4..12 (half of its 16 rows) on the lowest 3 slices (its lower third),
+    // and the left lung has a small lesion (2×2) on the top slice.
+    let right = rect(4, 20, 2, 14);
+    let left = rect(4, 20, 18, 30);
+    let lungs = or(&right, &left);
+    let slices: Vec<PlacedSlice> = (0..9)
+        .map(|z| {
+            let mut les = vec![false; N * N];
+            if z < 3 {
+                les = or(&les, &rect(4, 12, 2, 14));
+            }
+            if z == 8 {
+                les = or(&les, &rect(10, 12, 20, 22));
+            }
+            placed(z as f64, &lungs, &les, -500.0)
+        })
+        .collect();
+    let r = analyse_series(&slices, &params(0.0));
+    let g = &r.regional;
+    let by = |lung: &str, zone: &str| {
+        g.lungs.iter().chain(&g.zones).find(|x| x.lung == lung && x.zone == zone).unwrap().clone()
+    };
+    // Right lung: 16×12 px × 9 slices = 1.728 mL; lesion 8×12 × 3 = 0.288 mL → 16.67 %.
+    let rw = by("right", "whole");
+    assert!((rw.lung_volume_ml - 1.728).abs() < 1e-9, "{rw:?}");
+    assert!((rw.involvement_percent - 100.0 / 6.0).abs() < 1e-6, "{rw:?}");
+    // All of it in the lower third: 50 % there, none above.
+    assert!((by("right", "lower").involvement_percent - 50.0).abs() < 1e-6);
+    assert_eq!(by("right", "upper").lesion_volume_ml, 0.0);
+    assert_eq!(by("right", "middle").lesion_volume_ml, 0.0);
+    // Left: 4 px on the top slice → upper third, 4 / (192×3) = 0.69 %.
+    assert!((by("left", "upper").involvement_percent - 400.0 / 576.0).abs() < 1e-6);
+    assert_eq!(by("left", "lower").lesion_volume_ml, 0.0);
+    // Zones split each lung's volume in thirds.
+    for z in ["upper", "middle", "lower"] {
+        assert!((by("left", z).lung_volume_ml - 0.576).abs() < 1e-9);
+    }
+    // Chung-style score: RLL 50 % → 4, LUL (upper+middle: 4 / 1152 = 0.35 %) → 1, others 0 → 5.
+    let score = |l: &str| g.lobes.iter().find(|x| x.lobe == l).unwrap().score;
+    assert_eq!((score("RUL"), score("RML"), score("RLL"), score("LUL"), score("LLL")), (0, 0, 4, 1, 0));
+    assert_eq!(g.severity_score, 5);
+    assert!(g.score_basis.contains("lobe proxies"));
+    // The totals are unchanged by the split.
+    let sum: f64 = g.lungs.iter().map(|x| x.lesion_volume_ml).sum();
+    assert!((sum - r.lesion_volume_ml).abs() < 1e-9);
+}

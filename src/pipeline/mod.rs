@@ -398,11 +398,38 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     // instance metadata back without them).
     let patient_key = shared.store.series(series_uid)?.map(|s| s.patient_key).unwrap_or_default();
     let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
+    // Follow-up: compare with the same patient's latest earlier study (other series of this patient only).
+    if crate::analysis::followup::comparable(&result) && !patient_key.is_empty() {
+        let history: Vec<serde_json::Value> = shared
+            .store
+            .results_for_patient(&patient_key)?
+            .into_iter()
+            .filter(|r| r.series_instance_uid != series_uid)
+            .map(|r| r.result)
+            .collect();
+        if let Some(prior) = crate::analysis::followup::pick_prior(&result, &history) {
+            let f = crate::analysis::followup::compare(&result, prior, (&shared.config.analysis).into());
+            result["follow_up"] = serde_json::to_value(&f)?;
+        }
+    }
     let positive = result["positive"].as_bool().unwrap_or(false);
+    let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-    let previously_positive = shared.store.latest_result(series_uid)?.map(|r| r.positive).unwrap_or(false);
-    let alert = positive && !previously_positive && shared.config.alerts.webhook_url.is_some();
-    result["alert"] = serde_json::json!(positive && !previously_positive);
+    let previous = shared.store.latest_result(series_uid)?;
+    let previously_positive = previous.as_ref().map(|r| r.positive).unwrap_or(false);
+    let previously_progression =
+        previous.as_ref().and_then(|r| r.result["follow_up"]["progression"].as_bool()).unwrap_or(false);
+    // Alerts: once when the series first becomes positive, once when it first shows progression.
+    let mut reasons = Vec::new();
+    if positive && !previously_positive {
+        reasons.push("positive");
+    }
+    if progression && !previously_progression {
+        reasons.push("progression");
+    }
+    let alert = !reasons.is_empty() && shared.config.alerts.webhook_url.is_some();
+    result["alert"] = serde_json::json!(!reasons.is_empty());
+    result["alert_reasons"] = serde_json::json!(reasons);
     let version =
         shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
     result["version"] = serde_json::json!(version);

@@ -290,6 +290,56 @@ pub struct SeriesAnalysis {
     pub lesion_masks: Vec<BitMask>,
     /// Per-lung and per-zone involvement and the severity score.
     pub regional: regions::Regional,
+    /// Volume of lung-labelled 3D components dropped as implausible (e.g. bowel gas below the diaphragm), mL.
+    #[serde(default)]
+    pub dropped_lung_ml: f64,
+}
+
+/// Of the 3D components (26-connectivity) of the per-slice lung masks, keeps the two largest and every other one of
+/// at least 5 % of the largest's volume; the rest (isolated air-like blobs such as bowel gas or an oesophagus, which
+/// the 2D model can call lung) are dropped. Returns the kept masks (position order) and the dropped volume (mL).
+fn plausible_lungs(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64) -> (Vec<BitMask>, f64) {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
+    for (si, s) in sorted.iter().enumerate() {
+        let mut idx = Vec::new();
+        for (r, c0, c1) in s.segmentation.lung.runs() {
+            idx.push(runs.len() as u32);
+            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
+        }
+        slice_runs.push(idx);
+    }
+    let mut dsu = Dsu { parent: (0..runs.len() as u32).collect() };
+    for si in 0..sorted.len() {
+        link_runs(&runs, &slice_runs[si], &slice_runs[si], 1, &mut dsu, true);
+        if si + 1 < sorted.len() {
+            let (a, b) = (&sorted[si].segmentation, &sorted[si + 1].segmentation);
+            if a.rows == b.rows && a.cols == b.cols {
+                link_runs(&runs, &slice_runs[si], &slice_runs[si + 1], 1, &mut dsu, false);
+            }
+        }
+    }
+    let mut volume: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
+    for (run, &root) in runs.iter().zip(&roots) {
+        *volume.entry(root).or_default() += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
+    }
+    let mut by_size: Vec<(u32, f64)> = volume.into_iter().collect();
+    by_size.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let largest = by_size.first().map_or(0.0, |x| x.1);
+    let keep: std::collections::HashSet<u32> =
+        by_size.iter().enumerate().filter(|(i, (_, v))| *i < 2 || *v >= 0.05 * largest).map(|(_, (r, _))| *r).collect();
+    let dropped: f64 = by_size.iter().filter(|(r, _)| !keep.contains(r)).map(|x| x.1).sum();
+    let mut masks: Vec<BitMask> =
+        sorted.iter().map(|s| BitMask::new(s.segmentation.rows, s.segmentation.cols)).collect();
+    for (run, root) in runs.iter().zip(&roots) {
+        if keep.contains(root) {
+            for c in run.start..=run.end {
+                masks[run.slice].set(run.row, c, true);
+            }
+        }
+    }
+    (masks, dropped)
 }
 
 /// Disjoint-set forest over lesion runs.
@@ -373,13 +423,14 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         .unwrap_or(1.0);
     let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
 
+    // The lungs: 3D components of the lung masks that are plausibly lungs (see `plausible_lungs`).
+    let (lungs, dropped_lung_ml) = plausible_lungs(&sorted, voxel_ml);
     // Lung volume and the lungs' mid-line (centre of their x extent in patient coordinates).
     let mut lung_volume_ml = 0.0;
     let (mut min_x, mut max_x) = (f64::INFINITY, f64::NEG_INFINITY);
-    for s in &sorted {
-        let seg = &s.segmentation;
-        lung_volume_ml += seg.lung.count() as f64 * voxel_ml(s);
-        for (r, c0, c1) in seg.lung.runs() {
+    for (s, lung) in sorted.iter().zip(&lungs) {
+        lung_volume_ml += lung.count() as f64 * voxel_ml(s);
+        for (r, c0, c1) in lung.runs() {
             for c in [c0, c1] {
                 let x = s.point(r as f64, c as f64)[0];
                 min_x = min_x.min(x);
@@ -396,13 +447,27 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         let seg = &s.segmentation;
         let mut idx = Vec::new();
         let mut hu_offset = 0usize;
+        let lung = &lungs[si];
         for (r, c0, c1) in seg.lesion.runs() {
             let len = c1 - c0 + 1;
-            let hu_sum: f64 =
-                seg.lesion_hu.get(hu_offset..hu_offset + len).map_or(0.0, |v| v.iter().map(|&x| x as f64).sum());
+            let hus = seg.lesion_hu.get(hu_offset..hu_offset + len);
             hu_offset += len;
-            idx.push(runs.len() as u32);
-            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum });
+            // Only the parts inside the kept lungs (lesion implies lung).
+            let mut c = c0;
+            while c <= c1 {
+                if !lung.get(r, c) {
+                    c += 1;
+                    continue;
+                }
+                let start = c;
+                let mut hu_sum = 0.0;
+                while c <= c1 && lung.get(r, c) {
+                    hu_sum += hus.map_or(0.0, |v| v[c - c0] as f64);
+                    c += 1;
+                }
+                idx.push(runs.len() as u32);
+                runs.push(Run { slice: si, row: r, start, end: c - 1, hu_sum });
+            }
         }
         slice_runs.push(idx);
     }
@@ -487,7 +552,7 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         }
     }
     let involvement_percent = if lung_volume_ml > 0.0 { lesion_volume_ml / lung_volume_ml * 100.0 } else { 0.0 };
-    let regional = regions::regional(&sorted, &lesion_masks, midline_x, spacing);
+    let regional = regions::regional(&sorted, &lungs, &lesion_masks, midline_x, spacing);
     SeriesAnalysis {
         lesions,
         lung_volume_ml,
@@ -499,5 +564,6 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         slice_order: order,
         lesion_masks,
         regional,
+        dropped_lung_ml,
     }
 }

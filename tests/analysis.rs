@@ -266,3 +266,30 @@ fn regional_involvement_by_lung_and_zone_and_severity_score() {
     let sum: f64 = g.lungs.iter().map(|x| x.lesion_volume_ml).sum();
     assert!((sum - r.lesion_volume_ml).abs() < 1e-9);
 }
+
+#[test]
+fn isolated_lung_labelled_blobs_are_dropped_with_their_lesions() {
+    // Two lungs on slices 5..15; a small separate "lung" blob (bowel gas called lung by the model) on slices
+    // 0..2, not touching the lungs, holding a "lesion".
+    let lungs = or(&rect(4, 20, 2, 14), &rect(4, 20, 18, 30));
+    let blob = rect(26, 30, 14, 18);
+    let slices: Vec<PlacedSlice> = (0..15)
+        .map(|z| {
+            if z < 3 {
+                placed(z as f64, &blob, &rect(27, 29, 15, 17), -300.0)
+            } else if z >= 5 {
+                placed(z as f64, &lungs, &vec![false; N * N], 0.0)
+            } else {
+                placed(z as f64, &vec![false; N * N], &vec![false; N * N], 0.0)
+            }
+        })
+        .collect();
+    // Every blob counts as a component; with only two lungs and one blob, the blob is the third largest and
+    // smaller than 5 % of the largest lung (48 vs 1920 voxels): dropped, and its lesion with it.
+    let r = analyse_series(&slices, &params(0.0));
+    assert!((r.dropped_lung_ml - 0.048).abs() < 1e-9, "{}", r.dropped_lung_ml);
+    assert!((r.lung_volume_ml - 3.84).abs() < 1e-9, "{}", r.lung_volume_ml);
+    assert_eq!(r.lesion_volume_ml, 0.0);
+    assert!(r.lesions.is_empty());
+    assert!(!r.positive);
+}

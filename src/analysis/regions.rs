@@ -86,9 +86,15 @@ struct SideVolumes {
     moment: [[f64; 3]; 2],
 }
 
-/// Splits `sorted` slices (position order) and their surviving `lesion_masks` by side of `midline_x` (patient x;
+/// Splits the kept `lungs` of `sorted` slices (position order) and their surviving `lesion_masks` by side of `midline_x` (patient x;
 /// LPS: x grows towards the patient's left) and by thirds of each lung's extent along patient z (superior +).
-pub fn regional(sorted: &[&PlacedSlice], lesion_masks: &[BitMask], midline_x: f64, spacing_mm: f64) -> Regional {
+pub fn regional(
+    sorted: &[&PlacedSlice],
+    lungs: &[BitMask],
+    lesion_masks: &[BitMask],
+    midline_x: f64,
+    spacing_mm: f64,
+) -> Regional {
     const RIGHT: usize = 0;
     const LEFT: usize = 1;
     let mut per_slice = Vec::with_capacity(sorted.len());
@@ -97,7 +103,7 @@ pub fn regional(sorted: &[&PlacedSlice], lesion_masks: &[BitMask], midline_x: f6
         let seg = &s.segmentation;
         let voxel_ml = s.pixel_spacing[0] * s.pixel_spacing[1] * spacing_mm / 1000.0;
         let mut v = SideVolumes::default();
-        for (r, c0, c1) in seg.lung.runs() {
+        for (r, c0, c1) in lungs[si].runs() {
             for c in c0..=c1 {
                 let p = s.point(r as f64, c as f64);
                 let side = if p[0] > midline_x { LEFT } else { RIGHT };

@@ -114,7 +114,7 @@ impl Daemon {
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         set_private(&data_dir);
         let store = Arc::new(Store::open(&data_dir.join("lungsentry.sqlite"))?);
-        let spool = Spool::open(&data_dir)?;
+        let spool = Spool::open(&data_dir)?.with_max_dataset_bytes(config.dicom.max_message_mb << 20);
         let salt = match &config.alerts.patient_key_salt {
             Some(s) => s.as_bytes().to_vec(),
             None => crate::store::load_or_create_salt(&data_dir)?,

@@ -334,7 +334,10 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     Ok((w, r)) => {
                         work = Some(w);
                         if let Err(e) = r {
-                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
+                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
+                            // A failed write (disk full, I/O error) must not leave the series unanalysed until
+                            // the next instance or restart: the ticker completes it again later.
+                            shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
                         }
                     }
                     Err(e) => {

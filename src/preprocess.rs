@@ -162,6 +162,41 @@ impl StoredFormat {
     }
 }
 
+/// (rows, columns) from the header of a JPEG (SOFn) or JPEG 2000 (SIZ) codestream at the start of a fragment;
+/// None when the fragment does not start one (RLE, continuation fragments) or the header is unreadable.
+pub fn codestream_size(f: &[u8]) -> Option<(u32, u32)> {
+    let be16 = |p: usize| f.get(p..p + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u32);
+    let be32 = |p: usize| f.get(p..p + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    if f.starts_with(&[0xFF, 0xD8]) {
+        // JPEG: walk marker segments to the first SOFn (C0–CF except C4 DHT, C8 JPG, CC DAC).
+        let mut p = 2;
+        while p + 4 <= f.len() {
+            if f[p] != 0xFF {
+                return None;
+            }
+            let marker = f[p + 1];
+            if marker == 0xFF {
+                p += 1; // fill byte
+                continue;
+            }
+            let len = be16(p + 2)? as usize;
+            if (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker) {
+                return Some((be16(p + 5)?, be16(p + 7)?));
+            }
+            if marker == 0xDA {
+                return None;
+            }
+            p += 2 + len;
+        }
+        return None;
+    }
+    // JPEG 2000: a raw codestream (SOC FF4F, then SIZ FF51), or a JP2 file with the codestream in a box.
+    let soc = f.windows(4).take(256).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])?;
+    let siz = soc + 2;
+    let (xsiz, ysiz, xo, yo) = (be32(siz + 6)?, be32(siz + 10)?, be32(siz + 14)?, be32(siz + 18)?);
+    Some((ysiz.checked_sub(yo)?, xsiz.checked_sub(xo)?))
+}
+
 /// Decodes every frame of a CT (or Enhanced CT) object into HU slices.
 ///
 /// Pixel data is decoded without any modality or VOI LUT; the stored values are masked to BitsStored and
@@ -241,6 +276,21 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
         None => (p, p),
     });
 
+    // A codestream whose own header claims another size than Rows×Columns would make the codec allocate (and
+    // grind through) what the header says — 65535² for a lying JPEG SOF — so it is refused before decoding.
+    if let Some(fragments) = obj.element(tags::PIXEL_DATA).ok().and_then(|e| e.value().fragments()) {
+        for f in fragments {
+            if let Some((h, w)) = codestream_size(f) {
+                if (h as usize, w as usize) != (rows, cols) {
+                    return Err(PreprocessError::Invalid {
+                        name: "PixelData",
+                        detail: format!("codestream header says {h}×{w}, the dataset says {rows}×{cols}"),
+                    });
+                }
+            }
+        }
+    }
+
     // dicom-pixeldata insists on attributes real scanners sometimes omit (HighBit, PixelRepresentation, ...):
     // decode a copy with the values used above filled in when any is missing.
     let patched;
@@ -266,7 +316,19 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
     } else {
         obj
     };
-    let decoded = obj.decode_pixel_data().map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    // The codecs behind dicom-pixeldata index into fragment bytes a peer controls; some panic on lying headers
+    // (an RLE header whose segment offsets point past the fragment). A panic here is one bad slice, not a bad
+    // series: it becomes a decode error (corpus case dataset/rle-header-offsets-out-of-range).
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            PreprocessError::Decode(format!("decoder panicked: {msg}"))
+        })?
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     let data = decoded.data();
     let bytes_per_sample = (fmt.bits_allocated / 8) as usize;
     let frame_bytes = rows * cols * bytes_per_sample;

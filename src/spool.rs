@@ -4,7 +4,8 @@
 //! bounded by the bytes actually received, carries the UIDs, matches the command, has enough pixel bytes), and
 //! writing it as a DICOM Part-10 file — our file meta group followed by the received dataset bytes *verbatim* —
 //! through a temporary file, `fsync`, atomic rename and a directory `fsync`. Only after [`Spool::store`] returns
-//! `Ok` may the SCP answer 0000: nothing acknowledged is ever lost.
+//! `Ok` may the SCP answer 0000: nothing acknowledged is ever lost. A Deflated Explicit VR LE dataset is
+//! inflated (size-capped) and stored as the Explicit VR LE dataset it wraps.
 //! Hands on: a [`SpooledInstance`] (routing attributes + file path) that `store` records and `series` groups.
 //! Never: re-encodes or decodes pixel data, touches the database, or knows when a series is complete.
 //!
@@ -91,7 +92,16 @@ pub struct Spool {
     tmp: PathBuf,
     /// Distinguishes concurrent temporary files of this process.
     counter: AtomicU64,
+    /// Largest dataset accepted after inflating a Deflated Explicit VR LE one (a deflate bomb stops here).
+    max_dataset_bytes: usize,
 }
+
+/// Default for [`Spool::with_max_dataset_bytes`]: the default `dicom.max_message_mb`.
+pub const DEFAULT_MAX_DATASET_BYTES: usize = 256 << 20;
+/// Deflated Explicit VR Little Endian.
+const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+/// Explicit VR Little Endian: what an inflated dataset is stored as.
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
     let what = what.into();
@@ -131,7 +141,13 @@ impl Spool {
         if removed > 0 {
             tracing::info!(removed, "spool: removed unacknowledged temporary files left by an earlier run");
         }
-        Ok(Spool { root, tmp, counter: AtomicU64::new(0) })
+        Ok(Spool { root, tmp, counter: AtomicU64::new(0), max_dataset_bytes: DEFAULT_MAX_DATASET_BYTES })
+    }
+
+    /// Caps the size of an inflated Deflated Explicit VR LE dataset (use `dicom.max_message_mb`).
+    pub fn with_max_dataset_bytes(mut self, bytes: usize) -> Spool {
+        self.max_dataset_bytes = bytes;
+        self
     }
 
     /// The spool root (`<data_dir>/spool`).
@@ -149,11 +165,22 @@ impl Spool {
     ///
     /// `Ok` means the file and its directory entry are on stable storage: the SCP may answer 0000.
     /// `Err(e)`: answer `e.status()`; nothing was left behind in the spool.
+    ///
+    /// A Deflated Explicit VR LE dataset is inflated (at most `max_dataset_bytes`) and stored as the Explicit VR
+    /// LE dataset it wraps — lossless, and readers never inflate a peer's stream again.
     pub fn store(&self, inc: &IncomingInstance) -> Result<SpooledInstance, SpoolError> {
-        let ts_uid = inc.transfer_syntax_uid.trim_end_matches(['\0', ' ']).to_string();
-        let meta = validate(inc, &ts_uid)?;
+        let mut ts_uid = inc.transfer_syntax_uid.trim_end_matches(['\0', ' ']).to_string();
+        let inflated;
+        let dataset: &[u8] = if ts_uid == DEFLATED_EXPLICIT_VR_LE {
+            inflated = inflate(&inc.dataset, self.max_dataset_bytes)?;
+            ts_uid = EXPLICIT_VR_LE.to_string();
+            &inflated
+        } else {
+            &inc.dataset
+        };
+        let meta = validate(inc, dataset, &ts_uid)?;
         let final_path = self.path_for(&meta.series_instance_uid, &meta.sop_instance_uid);
-        let bytes = self.write_durably(&final_path, &meta, &ts_uid, &inc.dataset)?;
+        let bytes = self.write_durably(&final_path, &meta, &ts_uid, dataset)?;
         Ok(SpooledInstance { meta, path: final_path, transfer_syntax_uid: ts_uid, bytes })
     }
 
@@ -228,19 +255,33 @@ fn part10_header(meta: &InstanceMeta, ts_uid: &str) -> Result<Vec<u8>, SpoolErro
     Ok(out)
 }
 
-/// Every check before anything is written; returns the routing attributes.
-fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
+/// Inflates a raw DEFLATE stream (PS3.5 §A.5: no zlib header), refusing more than `limit` bytes of output.
+fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, SpoolError> {
+    use std::io::Read;
+    let cu = SpoolError::CannotUnderstand;
+    let mut out = Vec::new();
+    let mut reader = flate2::read::DeflateDecoder::new(data).take(limit as u64 + 1);
+    reader.read_to_end(&mut out).map_err(|e| cu(format!("deflated dataset does not inflate: {e}")))?;
+    if out.len() > limit {
+        return Err(cu(format!("deflated dataset inflates past the {limit}-byte limit")));
+    }
+    Ok(out)
+}
+
+/// Every check before anything is written; returns the routing attributes. `dataset` is `inc.dataset`, or
+/// its inflated form (then `ts_uid` is Explicit VR LE).
+fn validate(inc: &IncomingInstance, dataset: &[u8], ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
     let cu = SpoolError::CannotUnderstand;
     let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
     if matches!(ts.codec(), Codec::Dataset(_)) {
         return Err(cu(format!("dataset-compressed transfer syntax {} is not supported", ts.name())));
     }
-    if inc.dataset.is_empty() {
+    if dataset.is_empty() {
         return Err(cu("empty dataset".into()));
     }
     let big_endian = matches!(ts.endianness(), Endianness::Big);
-    check_lengths(&inc.dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
-    let obj = InMemDicomObject::read_dataset_with_ts(&inc.dataset[..], ts)
+    check_lengths(dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
+    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts)
         .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
     let meta = InstanceMeta::from_object_with(
         &obj,
@@ -263,7 +304,7 @@ fn validate(inc: &IncomingInstance, ts_uid: &str) -> Result<InstanceMeta, SpoolE
         )));
     }
     if meta.is_ct_image_class() {
-        check_pixel_data(&obj, &meta)?;
+        check_pixel_data(&obj, &meta, ts.is_encapsulated_pixel_data())?;
     }
     Ok(meta)
 }
@@ -272,22 +313,47 @@ fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
     obj.element(tag).ok().and_then(|e| e.to_int::<u64>().ok())
 }
 
-/// For image classes: Pixel Data present, and native Pixel Data long enough for the image it claims.
-/// All arithmetic in u64 with overflow checks; nothing is allocated.
-fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta) -> Result<(), SpoolError> {
+/// For CT image classes: Pixel Data present; encapsulated only in an encapsulated transfer syntax, with at least
+/// one fragment per frame; Rows and Columns within what `preprocess` decodes (so no decoder is ever handed an
+/// image claiming gigabytes); native Pixel Data long enough for the image it claims. All arithmetic in u64
+/// with overflow checks; nothing is allocated.
+fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta, encapsulated_ts: bool) -> Result<(), SpoolError> {
     let cu = SpoolError::CannotUnderstand;
     let pixel = obj.element(tags::PIXEL_DATA).map_err(|_| cu("no PixelData".into()))?;
+    let rows = uint(obj, tags::ROWS).ok_or_else(|| cu("image without Rows".into()))?;
+    let cols = uint(obj, tags::COLUMNS).ok_or_else(|| cu("image without Columns".into()))?;
+    for (tag, name) in [(tags::ROWS, "Rows"), (tags::COLUMNS, "Columns"), (tags::BITS_ALLOCATED, "BitsAllocated")] {
+        if let Ok(e) = obj.element(tag) {
+            if e.vr() != dicom_core::VR::US {
+                return Err(cu(format!("{name} has VR {} (must be US)", e.vr())));
+            }
+        }
+    }
+    let max = u64::from(crate::preprocess::MAX_DIMENSION);
+    if rows > max || cols > max {
+        return Err(cu(format!("CT image of {rows}x{cols} pixels exceeds {max} in a dimension")));
+    }
+    let frames = u64::from(meta.number_of_frames.max(1));
     if let Some(fragments) = pixel.value().fragments() {
+        if !encapsulated_ts {
+            return Err(cu("encapsulated PixelData in a native transfer syntax".into()));
+        }
         if fragments.is_empty() || fragments.iter().all(|f| f.is_empty()) {
             return Err(cu("encapsulated PixelData has no fragments".into()));
         }
+        if frames > fragments.len() as u64 {
+            return Err(cu(format!("{frames} frames claimed but only {} fragments", fragments.len())));
+        }
+        if rows == 0 || cols == 0 {
+            return Err(cu(format!("degenerate image {rows}x{cols}")));
+        }
         return Ok(());
     }
-    let rows = uint(obj, tags::ROWS).ok_or_else(|| cu("image without Rows".into()))?;
-    let cols = uint(obj, tags::COLUMNS).ok_or_else(|| cu("image without Columns".into()))?;
+    if encapsulated_ts {
+        return Err(cu("native PixelData in an encapsulated transfer syntax".into()));
+    }
     let bits = uint(obj, tags::BITS_ALLOCATED).ok_or_else(|| cu("image without BitsAllocated".into()))?;
     let spp = uint(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
-    let frames = u64::from(meta.number_of_frames.max(1));
     if rows == 0 || cols == 0 || bits == 0 || spp == 0 {
         return Err(cu(format!("degenerate image {rows}x{cols}, {bits} bits, {spp} samples")));
     }

@@ -121,7 +121,7 @@ impl Daemon {
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         set_private(&data_dir);
         let store = Arc::new(Store::open(&data_dir.join("lungsentry.sqlite"))?);
-        let spool = Spool::open(&data_dir)?;
+        let spool = Spool::open(&data_dir)?.with_max_dataset_bytes(config.dicom.max_message_mb << 20);
         let salt = match &config.alerts.patient_key_salt {
             Some(s) => s.as_bytes().to_vec(),
             None => crate::store::load_or_create_salt(&data_dir)?,
@@ -349,7 +349,10 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     Ok((w, r)) => {
                         work = Some(w);
                         if let Err(e) = r {
-                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
+                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
+                            // A failed write (disk full, I/O error) must not leave the series unanalysed until
+                            // the next instance or restart: the ticker completes it again later.
+                            shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
                         }
                     }
                     Err(e) => {

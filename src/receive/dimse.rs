@@ -180,6 +180,7 @@ impl CommandSet {
     /// Decodes an Implicit VR LE command set. Command Field is required; the rest is optional here and
     /// checked by each command's handler.
     pub fn decode(bytes: &[u8]) -> Result<Self, DimseError> {
+        check_command_lengths(bytes)?;
         let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
             .map_err(|e| DimseError::CommandParse(e.to_string()))?;
         let uint = |tag: Tag| obj.get(tag).and_then(|e| e.to_int::<u16>().ok());
@@ -205,6 +206,29 @@ impl CommandSet {
             error_comment: text(tags::ERROR_COMMENT),
         })
     }
+}
+
+/// Checks every element length of a (flat, Implicit VR LE) command set against the bytes that follow, before
+/// the parser sees it: the parser allocates and zero-fills each declared length up front, so 40 bytes of noise
+/// claiming a 3 GiB element would otherwise cost 3 GiB and seconds of memset (corpus case dimse/command-noise).
+fn check_command_lengths(bytes: &[u8]) -> Result<(), DimseError> {
+    let mut p = 0usize;
+    while p < bytes.len() {
+        if bytes.len() - p < 8 {
+            return Err(DimseError::CommandParse(format!("truncated element header at offset {p}")));
+        }
+        let len = u32::from_le_bytes([bytes[p + 4], bytes[p + 5], bytes[p + 6], bytes[p + 7]]) as usize;
+        p += 8;
+        if len > bytes.len() - p {
+            return Err(DimseError::CommandParse(format!(
+                "element at offset {} claims {len} bytes but only {} remain",
+                p - 8,
+                bytes.len() - p
+            )));
+        }
+        p += len;
+    }
+    Ok(())
 }
 
 /// The dataset part of a message.

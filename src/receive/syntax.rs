@@ -32,7 +32,8 @@ pub const ABSTRACT_SYNTAXES: &[&str] = &[
 
 /// Transfer syntaxes we accept for storage: the uncompressed and deflated ones, RLE, lossless JPEG
 /// (process 14 and its selection value 1), JPEG 2000 (lossless and lossy) and baseline JPEG.
-/// Datasets are kept as received; decoding happens in `preprocess`.
+/// Datasets are kept as received (a deflated one is stored inflated, see `spool`); decoding happens in
+/// `preprocess`.
 pub const TRANSFER_SYNTAXES: &[&str] = &[
     uids::EXPLICIT_VR_LITTLE_ENDIAN,
     uids::IMPLICIT_VR_LITTLE_ENDIAN,

@@ -81,11 +81,16 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config_extra` (TOML, appended to the test defaults) and starts the daemon; waits until it answers.
     pub fn start(dir: &Path, config_extra: &str) -> Daemon {
+        Self::start_with(dir, "", config_extra)
+    }
+
+    /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
+    pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");
         let text = format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n{dicom_extra}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
             dir.join("data").display()
         );
         std::fs::write(&config, text).unwrap();

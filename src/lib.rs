@@ -23,6 +23,7 @@ pub mod instance;
 pub mod logging;
 pub mod model;
 pub mod notify;
+pub mod outputs;
 pub mod phantom;
 pub mod pipeline;
 pub mod preprocess;

@@ -162,7 +162,11 @@ pub fn software_version() -> &'static str {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "unknown".to_string())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// Builds the requested objects for one analysed result. `slices` are in position order (index i is slice i of
@@ -235,10 +239,9 @@ pub fn write_dir(objects: &[OutputObject], dir: &Path) -> Result<Vec<PathBuf>, O
             0
         };
         let path = dir.join(o.file_name(idx));
-        o.file.write_to_file(&path).map_err(|e| OutputError::Write {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        o.file
+            .write_to_file(&path)
+            .map_err(|e| OutputError::Write { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
         paths.push(path);
     }
     Ok(paths)

@@ -8,7 +8,9 @@ use dicom_core::VR;
 use dicom_dictionary_std::tags;
 
 use super::common::{code, code_seq, derived_uid, ds, el, obj, part10, seq, strs, Code, Obj};
-use super::{BuildContext, ObjectKind, OutputError, OutputObject, SourceSlice, SEGMENTATION_STORAGE, SEG_SERIES_NUMBER};
+use super::{
+    BuildContext, ObjectKind, OutputError, OutputObject, SourceSlice, SEGMENTATION_STORAGE, SEG_SERIES_NUMBER,
+};
 
 /// Segment category of the lungs.
 pub const ANATOMICAL_STRUCTURE: Code = code("91723000", "SCT", "Anatomical Structure");
@@ -221,11 +223,10 @@ pub fn build(ctx: &BuildContext, slices: &[SourceSlice]) -> Result<OutputObject,
         el(tags::INSTANCE_NUMBER, VR::IS, "1"),
         el(tags::FRAME_OF_REFERENCE_UID, VR::UI, h.frame_of_reference_uid.as_str()),
         el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, h.position_reference_indicator.as_str()),
-        seq(tags::DIMENSION_ORGANIZATION_SEQUENCE, vec![obj(vec![el(
-            tags::DIMENSION_ORGANIZATION_UID,
-            VR::UI,
-            dim_org_uid.as_str(),
-        )])]),
+        seq(
+            tags::DIMENSION_ORGANIZATION_SEQUENCE,
+            vec![obj(vec![el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org_uid.as_str())])],
+        ),
         seq(
             tags::DIMENSION_INDEX_SEQUENCE,
             vec![
@@ -266,10 +267,8 @@ pub fn build(ctx: &BuildContext, slices: &[SourceSlice]) -> Result<OutputObject,
 /// Median distance between consecutive slice positions along the normal, if there are two or more slices.
 fn slice_spacing(slices: &[SourceSlice]) -> Option<f64> {
     let n = slices[0].meta.normal()?;
-    let mut z: Vec<f64> = slices
-        .iter()
-        .filter_map(|s| s.meta.image_position.map(|p| p[0] * n[0] + p[1] * n[1] + p[2] * n[2]))
-        .collect();
+    let mut z: Vec<f64> =
+        slices.iter().filter_map(|s| s.meta.image_position.map(|p| p[0] * n[0] + p[1] * n[1] + p[2] * n[2])).collect();
     z.sort_by(|a, b| a.total_cmp(b));
     let mut gaps: Vec<f64> = z.windows(2).map(|w| w[1] - w[0]).filter(|g| *g > 1e-6).collect();
     if gaps.is_empty() {

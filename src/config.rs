@@ -29,6 +29,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Dashboard, metrics and health endpoints.
     pub http: HttpConfig,
+    /// DICOM outputs (SEG, SR, key images) and their C-STORE destinations.
+    pub outputs: crate::outputs::OutputsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -270,6 +272,7 @@ impl Config {
         if !self.http.bind.is_empty() && self.http.bind.parse::<SocketAddr>().is_err() {
             bail!("http.bind must be ADDRESS:PORT (or empty to disable), got {:?}", self.http.bind);
         }
+        self.outputs.validate()?;
         Ok(())
     }
 }

@@ -17,7 +17,9 @@
 mod common;
 mod font;
 pub mod keyimage;
+pub mod outbox;
 mod seg;
+mod settings;
 mod sr;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use crate::analysis::BitMask;
 use crate::instance::InstanceMeta;
 
 pub use common::{derived_uid, SourceHeader};
+pub use settings::{DicomDestination, OutputsConfig};
 
 /// Segmentation Storage.
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";

@@ -90,6 +90,8 @@ struct Shared {
     workers: Mutex<HashMap<String, mpsc::Sender<WorkerMsg>>>,
     /// Number of results recorded (for tests/demo to wait on).
     results_tx: watch::Sender<u64>,
+    /// Wakes the DICOM outputs outbox worker when rows are queued.
+    dicom_outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running daemon (also used in-process by `demo` and the tests).
@@ -140,6 +142,7 @@ impl Daemon {
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
             results_tx,
+            dicom_outbox_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -187,6 +190,11 @@ impl Daemon {
             let alerts = config.alerts.clone();
             let sd = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, sd).await }));
+        }
+        if !config.outputs.dicom.is_empty() {
+            let (store, cfg, ae) = (store.clone(), config.outputs.clone(), config.dicom.ae_title.clone());
+            let (wake, sd) = (shared.dicom_outbox_wake.clone(), shutdown_rx.clone());
+            tasks.push(tokio::spawn(crate::outputs::outbox::run_dicom_outbox(store, cfg, ae, wake, sd)));
         }
         Ok(Daemon { dicom_addr, http_addr, store, results: results_rx, shutdown_tx, tasks })
     }
@@ -380,7 +388,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     // The key was computed from the raw identifiers when the instances were recorded (the store hands
     // instance metadata back without them).
     let patient_key = shared.store.series(series_uid)?.map(|s| s.patient_key).unwrap_or_default();
-    let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
+    let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     let positive = result["positive"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
     let previously_positive = shared.store.latest_result(series_uid)?.map(|r| r.positive).unwrap_or(false);
@@ -392,6 +400,22 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     if result["status"] == "skipped" {
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
         shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
+    }
+    if !shared.config.outputs.dicom.is_empty() {
+        let data_dir = &shared.config.storage.data_dir;
+        match crate::outputs::outbox::enqueue_result(
+            &shared.store,
+            &shared.config.outputs,
+            data_dir,
+            &result,
+            &slices,
+            version as i64,
+        ) {
+            Ok(n) if n > 0 => shared.dicom_outbox_wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
+                "DICOM outputs could not be made"),
+        }
     }
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);

@@ -124,6 +124,8 @@ pub struct EngineConfig {
 pub struct StorageConfig {
     /// Root of the spool, the SQLite database and derived outputs.
     pub data_dir: PathBuf,
+    /// `/readyz` reports not ready when the data dir's file system is fuller than this (percent used).
+    pub disk_high_water_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -178,7 +180,7 @@ impl Default for EngineConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./lungsentry-data") }
+        StorageConfig { data_dir: PathBuf::from("./lungsentry-data"), disk_high_water_percent: 90.0 }
     }
 }
 
@@ -271,6 +273,10 @@ impl Config {
         }
         if !self.http.bind.is_empty() && self.http.bind.parse::<SocketAddr>().is_err() {
             bail!("http.bind must be ADDRESS:PORT (or empty to disable), got {:?}", self.http.bind);
+        }
+        let hw = self.storage.disk_high_water_percent;
+        if !(hw > 0.0 && hw <= 100.0) {
+            bail!("storage.disk_high_water_percent must be within 0 (exclusive) ..= 100, got {hw}");
         }
         self.outputs.validate()?;
         Ok(())

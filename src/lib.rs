@@ -21,6 +21,7 @@ pub mod eval;
 pub mod http;
 pub mod instance;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod outputs;

@@ -226,6 +226,7 @@ async fn send_rows(
     let by_path: BTreeMap<&Path, &DicomOutboxRow> = rows.iter().map(|r| (r.path.as_path(), r)).collect();
     for s in &report.sent {
         if let Some(r) = by_path.get(s.path.as_path()) {
+            crate::metrics::metrics().dicom_output(true);
             let (st, id, status) = (store.clone(), r.id, s.status);
             blocking(move || st.mark_dicom_delivered(id, status)).await?;
             tracing::info!(destination = %dest, kind = %r.kind, status = format!("{:#06X}", s.status),
@@ -248,6 +249,7 @@ async fn record_failure(
     reason: &str,
     verdict: Verdict,
 ) -> Result<()> {
+    crate::metrics::metrics().dicom_output(false);
     let out_of_attempts = r.attempts + 1 >= cfg.max_attempts;
     let next = if verdict == Verdict::Park || out_of_attempts {
         tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = r.attempts + 1, error = %reason,

@@ -178,6 +178,8 @@ impl Daemon {
                 engine: shared.ctx.engine.name(),
                 dicom_addr,
                 store: store.clone(),
+                disk: Some((data_dir.clone(), config.storage.disk_high_water_percent)),
+                gauges: Some(scrape_gauges(shared.clone())),
             };
             let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;
             tracing::info!(%addr, "HTTP health endpoints listening");
@@ -206,6 +208,57 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
     }
+}
+
+/// The gauges `/metrics` reads at scrape time: live series workers, slices queued to them, outbox depths.
+fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
+    Arc::new(move || {
+        use crate::metrics::gauge;
+        let mut out = String::new();
+        let (workers, queued) = {
+            let w = shared.workers.lock().unwrap();
+            let live: Vec<_> = w.values().filter(|tx| !tx.is_closed()).collect();
+            (live.len(), live.iter().map(|tx| WORKER_QUEUE - tx.capacity()).sum::<usize>())
+        };
+        gauge(
+            &mut out,
+            "lungsentry_series_workers",
+            "Series with a live worker (receiving, analysing or lingering).",
+            &[(String::new(), workers as f64)],
+        );
+        gauge(
+            &mut out,
+            "lungsentry_worker_queue_depth",
+            "Slices queued to series workers, not yet segmented.",
+            &[(String::new(), queued as f64)],
+        );
+        if let Ok(c) = shared.store.outbox_counts() {
+            gauge(
+                &mut out,
+                "lungsentry_webhook_outbox",
+                "Webhook alert outbox rows by state.",
+                &[
+                    ("state=\"pending\"".into(), c.pending as f64),
+                    ("state=\"failing\"".into(), c.failing as f64),
+                    ("state=\"delivered\"".into(), c.delivered as f64),
+                ],
+            );
+        }
+        if let Ok(c) = shared.store.dicom_outbox_counts() {
+            gauge(
+                &mut out,
+                "lungsentry_dicom_outbox",
+                "DICOM output outbox rows by state (parked: refused for good).",
+                &[
+                    ("state=\"pending\"".into(), c.pending as f64),
+                    ("state=\"failing\"".into(), c.failing as f64),
+                    ("state=\"delivered\"".into(), c.delivered as f64),
+                    ("state=\"parked\"".into(), c.parked as f64),
+                ],
+            );
+        }
+        out
+    })
 }
 
 fn set_private(dir: &std::path::Path) {
@@ -247,10 +300,12 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
     let (spooled, rec) = match stored {
         Ok(Ok(v)) => v,
         Ok(Err(code)) => {
+            crate::metrics::metrics().instance(false);
             let _ = reply.send(code);
             return;
         }
         Err(_) => {
+            crate::metrics::metrics().instance(false);
             let _ = reply.send(status::PROCESSING_FAILURE);
             return;
         }
@@ -261,6 +316,7 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
     }
+    crate::metrics::metrics().instance(true);
     let _ = reply.send(status::SUCCESS);
 }
 
@@ -342,10 +398,12 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     Ok((w, r)) => {
                         work = Some(w);
                         if let Err(e) = r {
+                            crate::metrics::metrics().series("failed");
                             tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed");
                         }
                     }
                     Err(e) => {
+                        crate::metrics::metrics().series("failed");
                         tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %e, "analysis panicked");
                         work = Some(SeriesWork::default());
                     }
@@ -416,6 +474,11 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
             Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
                 "DICOM outputs could not be made"),
         }
+    }
+    crate::metrics::metrics().result(&result);
+    if let Ok(Some(row)) = shared.store.series(series_uid) {
+        crate::metrics::metrics()
+            .stage("last_slice_to_result", (crate::store::now_ms() - row.last_instance_at) as f64 / 1000.0);
     }
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);

@@ -1,7 +1,8 @@
 //! The daemon sends its DICOM outputs from the durable outbox to `[[outputs.dicom]]` destinations, all real peers:
 //! DCMTK `storescp` (stores everything), a second lungsentry daemon (accepts Secondary Capture, has no
 //! presentation context for SEG or 3D SR: those are parked at once) and a port where nothing listens (retried
-//! with back-off, parked after `max_attempts`). After a restart nothing is queued or sent twice.
+//! with back-off, parked after `max_attempts`). After a restart nothing is queued or sent twice. Orthanc (Debian
+//! package, started by the test on free ports) files the objects in the original study.
 
 mod common;
 
@@ -146,4 +147,114 @@ fn outputs_reach_storescp_refusals_park_and_restart_sends_nothing_twice() {
     assert_eq!(d.store().dicom_outbox_of_series(&series).unwrap().len(), 9);
     assert_eq!(received_uids(&pacs_dir).len(), 4, "no duplicate after the restart");
     drop(refuser);
+}
+
+/// Orthanc (Debian package) started by the test on free ports, with its own storage in `dir`.
+struct Orthanc {
+    child: Child,
+    http_port: u16,
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn orthanc(dir: &Path) -> (Orthanc, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (http_port, dicom_port) = (common::free_port(), common::free_port());
+    let config = serde_json::json!({
+        "Name": "lungsentry-test",
+        "StorageDirectory": dir.join("storage"),
+        "IndexDirectory": dir.join("index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "DicomCheckCalledAet": true,
+        "RemoteAccessAllowed": false,
+        "AuthenticationEnabled": false,
+        "Plugins": [],
+    });
+    let path = dir.join("orthanc.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let log = std::fs::File::create(dir.join("orthanc.log")).unwrap();
+    let child = Command::new("Orthanc")
+        .arg(&path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("Orthanc (apt-get install orthanc)");
+    let o = Orthanc { child, http_port };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(http_port, "/system").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "Orthanc did not start: {}",
+            std::fs::read_to_string(dir.join("orthanc.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (o, dicom_port)
+}
+
+/// JSON body of a plain HTTP/1.0 GET answered 200.
+fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    if text.split(' ').nth(1)? != "200" {
+        return None;
+    }
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
+
+#[test]
+fn outputs_reach_orthanc_in_the_original_study() {
+    if !common::model_shipped() {
+        panic!("models/manifest.toml missing: the shipped model is needed");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, orthanc_port) = orthanc(&tmp.path().join("orthanc"));
+    let extra = format!(
+        "[series]\nquiet_period_s = 0.5\n\n[[outputs.dicom]]\nae_title = \"ORTHANC\"\nhost = \"127.0.0.1\"\nport = {orthanc_port}\n"
+    );
+    let d = common::Daemon::start(&tmp.path().join("main"), &extra);
+    let src = tmp.path().join("severe");
+    let truth = common::phantom(&src, 51, 30, "severe");
+    let (ok, out) = common::storescu(d.port, "CT1", &[&src], true);
+    assert!(ok, "storescu failed:\n{out}");
+    let series = truth["series_instance_uid"].as_str().unwrap();
+    d.wait_result(series, 1, Duration::from_secs(120));
+    let store = d.store();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = store.dicom_outbox_of_series(series).unwrap();
+        if !rows.is_empty() && rows.iter().all(|r| r.1 || r.2) {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "outbox not settled: {rows:#?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(rows.iter().all(|r| r.1), "Orthanc stores every object: {rows:#?}");
+    let sent: BTreeSet<String> = rows.iter().map(|r| r.0.sop_instance_uid.clone()).collect();
+
+    // Orthanc's own view: exactly those instances, one study (the CT's), one series per object kind.
+    let ids = http_get(o.http_port, "/instances").unwrap();
+    let mut got = BTreeSet::new();
+    let mut modalities = BTreeSet::new();
+    for id in ids.as_array().unwrap() {
+        let tags = http_get(o.http_port, &format!("/instances/{}/simplified-tags", id.as_str().unwrap())).unwrap();
+        assert_eq!(tags["StudyInstanceUID"], truth["study_instance_uid"], "in the original study");
+        got.insert(tags["SOPInstanceUID"].as_str().unwrap().to_string());
+        modalities.insert(tags["Modality"].as_str().unwrap().to_string());
+    }
+    assert_eq!(sent, got);
+    assert_eq!(modalities, ["OT", "SEG", "SR"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(http_get(o.http_port, "/studies").unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(http_get(o.http_port, "/series").unwrap().as_array().unwrap().len(), 3);
 }

@@ -144,6 +144,8 @@ pub struct AlertsConfig {
 pub struct HttpConfig {
     /// Address of the dashboard/metrics/health server ("" disables it).
     pub bind: String,
+    /// Access token of everything but `/healthz`; unset = a random one kept in `data_dir/http-token`.
+    pub token: Option<String>,
 }
 
 impl Default for DicomConfig {
@@ -186,7 +188,7 @@ impl Default for StorageConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: "127.0.0.1:8080".into() }
+        HttpConfig { bind: "127.0.0.1:8080".into(), token: None }
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Readiness {
     pub disk: Option<(std::path::PathBuf, f64)>,
     /// Gauges read at scrape time (queue depths, outbox depths), as Prometheus text.
     pub gauges: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// The dashboard and its token; with it, every route but `/healthz` needs the token.
+    pub dashboard: Option<Arc<crate::dashboard::DashboardState>>,
 }
 
 /// Used fraction (0..=1) and free bytes of the file system holding `path`.
@@ -116,11 +118,24 @@ pub async fn start(
     readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let app = Router::new()
+    let dashboard = readiness.dashboard.clone();
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(Arc::new(readiness));
+    if let Some(d) = dashboard {
+        use crate::dashboard as dash;
+        let token = Arc::new(d.token.clone());
+        let routes = Router::new()
+            .route("/", get(dash::index))
+            .route("/api/series", get(dash::list))
+            .route("/api/events", get(dash::events))
+            .route("/api/series/{uid}", get(dash::series))
+            .route("/api/series/{uid}/key.png", get(dash::key_png))
+            .with_state(d);
+        app = app.merge(routes).layer(axum::middleware::from_fn_with_state(token, dash::require_token));
+    }
     let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding http.bind {bind}"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {

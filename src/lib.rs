@@ -15,6 +15,7 @@
 pub mod analysis;
 pub mod analyze;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod engine;
 pub mod eval;

@@ -44,6 +44,7 @@ fn serve(dir: &Path, extra: &str) -> Serve {
         .spawn()
         .unwrap();
     let s = Serve { child, dicom_port, http_port, dir: dir.to_path_buf() };
+    TOKEN_DIR.with(|d| *d.borrow_mut() = dir.to_path_buf());
     let deadline = Instant::now() + Duration::from_secs(120);
     while get(http_port, "/healthz").is_none() {
         assert!(
@@ -56,16 +57,27 @@ fn serve(dir: &Path, extra: &str) -> Serve {
     s
 }
 
-/// (status code, body) of a plain HTTP/1.0 GET.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
+/// (status code, body) of a plain HTTP/1.0 GET, with the daemon's token when given.
+fn get_with(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split(' ').nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
+}
+
+/// GET with the token the daemon keeps in its data dir.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let token = std::fs::read_to_string(TOKEN_DIR.with(|d| d.borrow().join("data/http-token"))).ok();
+    get_with(port, path, token.as_deref())
+}
+
+thread_local! {
+    static TOKEN_DIR: std::cell::RefCell<std::path::PathBuf> = std::cell::RefCell::new(std::path::PathBuf::new());
 }
 
 /// Value of the sample line `name_and_labels value`.
@@ -86,6 +98,10 @@ fn metrics_count_a_series_and_readyz_reports_the_disk() {
     let d = serve(&tmp.path().join("d"), "");
     let (code, body) = get(d.http_port, "/readyz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // Everything but /healthz needs the token.
+    assert_eq!(get_with(d.http_port, "/readyz", None).unwrap().0, 401);
+    assert_eq!(get_with(d.http_port, "/metrics", Some("wrong")).unwrap().0, 401);
+    assert_eq!(get_with(d.http_port, "/healthz", None).unwrap().0, 200);
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["disk"]["ok"], true, "{body}");
     assert!(ready["disk"]["used_percent"].as_f64().unwrap() > 0.0);

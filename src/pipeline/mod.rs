@@ -180,6 +180,11 @@ impl Daemon {
                 store: store.clone(),
                 disk: Some((data_dir.clone(), config.storage.disk_high_water_percent)),
                 gauges: Some(scrape_gauges(shared.clone())),
+                dashboard: Some(Arc::new(crate::dashboard::DashboardState {
+                    store: store.clone(),
+                    data_dir: data_dir.clone(),
+                    token: crate::dashboard::load_or_create_token(config.http.token.as_deref(), &data_dir)?,
+                })),
             };
             let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;
             tracing::info!(%addr, "HTTP health endpoints listening");
@@ -474,6 +479,9 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
             Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
                 "DICOM outputs could not be made"),
         }
+    }
+    if let Err(e) = crate::dashboard::write_key_png(&shared.config.storage.data_dir, &result, &slices) {
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"), "no dashboard key image");
     }
     crate::metrics::metrics().result(&result);
     if let Ok(Some(row)) = shared.store.series(series_uid) {

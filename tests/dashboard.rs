@@ -119,8 +119,16 @@ fn positive_series_is_flagged_on_the_dashboard() {
     assert!(!row.to_string().contains(truth["patient_id"].as_str().unwrap()), "no raw patient ID in the list");
 
     // Key image PNG and the result detail.
-    let (code, png) = get(d.http_port, &format!("/api/series/{series}/key.png"), Some(token)).unwrap();
-    assert_eq!(code, 200);
+    // The PNG is rendered just after the result is recorded: allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let png = loop {
+        let (code, png) = get(d.http_port, &format!("/api/series/{series}/key.png"), Some(token)).unwrap();
+        if code == 200 {
+            break png;
+        }
+        assert!(code == 404 && Instant::now() < deadline, "key.png answered {code}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let decoder = png::Decoder::new(std::io::Cursor::new(png.clone()));
     let reader = decoder.read_info().expect("a valid PNG");
     assert_eq!(reader.info().width, 512);

@@ -121,8 +121,19 @@ fn metrics_count_a_series_and_readyz_reports_the_disk() {
         std::thread::sleep(Duration::from_millis(200));
     };
 
-    let (code, text) = get(d.http_port, "/metrics").unwrap();
-    assert_eq!(code, 200);
+    // The registry is updated just after the result row is committed: wait for the series to be counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let (code, text) = get(d.http_port, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        if text.contains("lungsentry_series_total{outcome=\"positive\"} 1")
+            || text.contains("lungsentry_series_total{outcome=\"negative\"} 1")
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "series never counted:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
         assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");

@@ -464,6 +464,15 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
         shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
     }
+    if let Ok(Some(row)) = shared.store.series(series_uid) {
+        crate::metrics::metrics()
+            .stage("last_slice_to_result", (crate::store::now_ms() - row.last_instance_at) as f64 / 1000.0);
+    }
+    // After the stage above: a test that sees the series counted sees every metric of it.
+    crate::metrics::metrics().result(&result);
+    if let Err(e) = crate::dashboard::write_key_png(&shared.config.storage.data_dir, &result, &slices) {
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"), "no dashboard key image");
+    }
     if !shared.config.outputs.dicom.is_empty() {
         let data_dir = &shared.config.storage.data_dir;
         match crate::outputs::outbox::enqueue_result(
@@ -479,14 +488,6 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
             Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
                 "DICOM outputs could not be made"),
         }
-    }
-    if let Err(e) = crate::dashboard::write_key_png(&shared.config.storage.data_dir, &result, &slices) {
-        tracing::warn!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"), "no dashboard key image");
-    }
-    crate::metrics::metrics().result(&result);
-    if let Ok(Some(row)) = shared.store.series(series_uid) {
-        crate::metrics::metrics()
-            .stage("last_slice_to_result", (crate::store::now_ms() - row.last_instance_at) as f64 / 1000.0);
     }
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);

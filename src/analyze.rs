@@ -30,6 +30,15 @@ pub struct AnalyzeArgs {
     /// Config file (thresholds, series rules); embedded defaults otherwise.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Also write the DICOM outputs (SEG, SR, key images) of each analysed series into DIR/<SeriesInstanceUID>/.
+    #[arg(long, value_name = "DIR")]
+    pub dicom_out: Option<PathBuf>,
+    /// With --dicom-out: which objects (comma-separated: seg, sr, key_images).
+    #[arg(long, value_delimiter = ',', default_value = "seg,sr,key_images")]
+    pub objects: Vec<crate::outputs::ObjectKind>,
+    /// With --dicom-out: at most this many key images per series.
+    #[arg(long, default_value_t = 3)]
+    pub key_images: usize,
 }
 
 /// Every file under `paths` (folders recursed, sorted for a stable order).
@@ -99,7 +108,24 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         for (meta, path) in instances {
             work.add(&ctx, meta, &path);
         }
-        results.push(work.finish(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false));
+        let (mut result, slices) =
+            work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
+        if let Some(dir) = &args.dicom_out {
+            let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
+            let opts = crate::outputs::OutputOptions {
+                kinds: args.objects.clone(),
+                key_images: args.key_images,
+                uid_seed: String::new(),
+            };
+            match crate::outputs::build(&result, &slices, &opts) {
+                Ok(objects) => {
+                    let paths = crate::outputs::write_dir(&objects, &dir.join(&series_uid))?;
+                    result["dicom_outputs"] = serde_json::json!(paths);
+                }
+                Err(e) => eprintln!("{series_uid}: no DICOM outputs: {e}"),
+            }
+        }
+        results.push(result);
     }
     link_follow_ups(&mut results, (&ctx.config.analysis).into());
     let stdout = std::io::stdout();

@@ -29,6 +29,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Dashboard, metrics and health endpoints.
     pub http: HttpConfig,
+    /// DICOM outputs (SEG, SR, key images) and their C-STORE destinations.
+    pub outputs: crate::outputs::OutputsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -126,6 +128,8 @@ pub struct EngineConfig {
 pub struct StorageConfig {
     /// Root of the spool, the SQLite database and derived outputs.
     pub data_dir: PathBuf,
+    /// `/readyz` reports not ready when the data dir's file system is fuller than this (percent used).
+    pub disk_high_water_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -144,6 +148,8 @@ pub struct AlertsConfig {
 pub struct HttpConfig {
     /// Address of the dashboard/metrics/health server ("" disables it).
     pub bind: String,
+    /// Access token of everything but `/healthz`; unset = a random one kept in `data_dir/http-token`.
+    pub token: Option<String>,
 }
 
 impl Default for DicomConfig {
@@ -185,13 +191,13 @@ impl Default for EngineConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./lungsentry-data") }
+        StorageConfig { data_dir: PathBuf::from("./lungsentry-data"), disk_high_water_percent: 90.0 }
     }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: "127.0.0.1:8080".into() }
+        HttpConfig { bind: "127.0.0.1:8080".into(), token: None }
     }
 }
 
@@ -285,6 +291,11 @@ impl Config {
         if !self.http.bind.is_empty() && self.http.bind.parse::<SocketAddr>().is_err() {
             bail!("http.bind must be ADDRESS:PORT (or empty to disable), got {:?}", self.http.bind);
         }
+        let hw = self.storage.disk_high_water_percent;
+        if !(hw > 0.0 && hw <= 100.0) {
+            bail!("storage.disk_high_water_percent must be within 0 (exclusive) ..= 100, got {hw}");
+        }
+        self.outputs.validate()?;
         Ok(())
     }
 }

@@ -1,5 +1,7 @@
-//! http — the daemon's HTTP surface: `/healthz` (the process is alive) and `/readyz` (model verified,
-//! engine warmed, SCP bound, store writable). The technologists' dashboard and `/metrics` build on this.
+//! http — the daemon's HTTP surface: `/healthz` (the process is alive), `/readyz` (model verified,
+//! engine warmed, SCP bound, store answering, data disk below its high-water mark) and `/metrics` (Prometheus
+//! text: the [`crate::metrics`] registry plus the gauges the daemon reads at scrape time).
+//! The technologists' dashboard builds on this.
 //!
 //! Never: exposes patient identifiers or accepts writes.
 
@@ -23,6 +25,60 @@ pub struct Readiness {
     pub dicom_addr: SocketAddr,
     /// The results store (a cheap query proves it answers).
     pub store: Arc<Store>,
+    /// Data dir and its high-water mark (percent used); not ready above it.
+    pub disk: Option<(std::path::PathBuf, f64)>,
+    /// Gauges read at scrape time (queue depths, outbox depths), as Prometheus text.
+    pub gauges: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// The dashboard and its token; with it, every route but `/healthz` needs the token.
+    pub dashboard: Option<Arc<crate::dashboard::DashboardState>>,
+}
+
+/// Used fraction (0..=1) and free bytes of the file system holding `path`.
+pub fn disk_usage(path: &std::path::Path) -> Option<(f64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * frsize;
+    let free = st.f_bfree as u64 * frsize;
+    let avail = st.f_bavail as u64 * frsize;
+    // "Used" as df counts it: used / (used + available to unprivileged users).
+    let used = total.saturating_sub(free);
+    let denom = used + avail;
+    Some((if denom == 0 { 0.0 } else { used as f64 / denom as f64 }, avail))
+}
+
+async fn metrics(State(r): State<Arc<Readiness>>) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let gauges = r.gauges.clone();
+    let disk = r.disk.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = crate::metrics::metrics().render();
+        if let Some(g) = gauges {
+            text.push_str(&g());
+        }
+        if let Some((u, free)) = disk.and_then(|(p, _)| disk_usage(&p)) {
+            crate::metrics::gauge(
+                &mut text,
+                "lungsentry_disk_used_ratio",
+                "Used fraction of the data dir's file system.",
+                &[(String::new(), u)],
+            );
+            crate::metrics::gauge(
+                &mut text,
+                "lungsentry_disk_available_bytes",
+                "Bytes available in the data dir's file system.",
+                &[(String::new(), free as f64)],
+            );
+        }
+        text
+    })
+    .await
+    .unwrap_or_default();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 async fn healthz() -> &'static str {
@@ -32,14 +88,28 @@ async fn healthz() -> &'static str {
 async fn readyz(State(r): State<Arc<Readiness>>) -> (StatusCode, Json<serde_json::Value>) {
     let store = r.store.clone();
     let store_ok = tokio::task::spawn_blocking(move || store.outbox_counts().is_ok()).await.unwrap_or(false);
-    let body = json!({
-        "ready": store_ok,
+    let disk = r.disk.as_ref().map(|(p, hw)| (disk_usage(p), *hw));
+    let disk_ok = match disk {
+        Some((Some((used, _)), hw)) => used * 100.0 <= hw,
+        Some((None, _)) => false,
+        None => true,
+    };
+    let ready = store_ok && disk_ok;
+    let mut body = json!({
+        "ready": ready,
         "model": r.model,
         "engine": r.engine,
         "dicom": r.dicom_addr.to_string(),
         "store": if store_ok { "ok" } else { "error" },
     });
-    (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+    if let Some((usage, hw)) = disk {
+        body["disk"] = json!({
+            "ok": disk_ok,
+            "used_percent": usage.map(|(u, _)| (u * 1000.0).round() / 10.0),
+            "high_water_percent": hw,
+        });
+    }
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
 /// Binds `bind` and serves until `shutdown` turns true; returns the bound address.
@@ -48,8 +118,24 @@ pub async fn start(
     readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let app =
-        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(Arc::new(readiness));
+    let dashboard = readiness.dashboard.clone();
+    let mut app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(readiness));
+    if let Some(d) = dashboard {
+        use crate::dashboard as dash;
+        let token = Arc::new(d.token.clone());
+        let routes = Router::new()
+            .route("/", get(dash::index))
+            .route("/api/series", get(dash::list))
+            .route("/api/events", get(dash::events))
+            .route("/api/series/{uid}", get(dash::series))
+            .route("/api/series/{uid}/key.png", get(dash::key_png))
+            .with_state(d);
+        app = app.merge(routes).layer(axum::middleware::from_fn_with_state(token, dash::require_token));
+    }
     let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding http.bind {bind}"))?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {

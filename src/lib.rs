@@ -15,14 +15,17 @@
 pub mod analysis;
 pub mod analyze;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod engine;
 pub mod eval;
 pub mod http;
 pub mod instance;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod outputs;
 pub mod phantom;
 pub mod pipeline;
 pub mod preprocess;

@@ -105,12 +105,14 @@ pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdo
             let key = series_key_of(&row.dedup_key);
             match outcome {
                 Ok(status) => {
+                    crate::metrics::metrics().alert(true);
                     tracing::info!(outbox_id = id, series = %key, status, attempts = row.attempts + 1, "notify: webhook delivered");
                     if let Err(e) = blocking(move || store.mark_delivered(id)).await {
                         tracing::error!(outbox_id = id, error = %e, "notify: cannot mark webhook delivered");
                     }
                 }
                 Err(err) => {
+                    crate::metrics::metrics().alert(false);
                     let delay = backoff(row.attempts);
                     let next = now_ms() + delay.as_millis() as i64;
                     tracing::warn!(outbox_id = id, series = %key, attempts = row.attempts + 1, retry_in_s = delay.as_secs(),

@@ -18,6 +18,7 @@
 //! | `instances` | `sop_instance_uid` | series, classes, routing attributes as JSON, spool path, size, association |
 //! | `results` | (`series_instance_uid`, `version`) | every analysis of a series, with the `series_revision` it saw |
 //! | `outbox` | `id`, `dedup_key` UNIQUE | alerts to deliver (kind `webhook`), attempts and back-off |
+//! | `dicom_outbox` | `id`, (`destination`, `sop_instance_uid`) UNIQUE | DICOM outputs to C-STORE; delivered or parked |
 //!
 //! `series.revision` grows by one with every instance recorded for the series (new or repeated). A result
 //! remembers the revision it was computed from; a series whose revision moved past its latest result's (or that
@@ -109,6 +110,28 @@ pub const MIGRATIONS: &[&str] = &[
         created_at      INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE delivered_at IS NULL;
+    "#,
+    // 2: DICOM outputs outbox (one row per object per destination; a SOP instance goes to a destination once).
+    r#"
+    CREATE TABLE dicom_outbox (
+        id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+        destination         TEXT NOT NULL,     -- "AE@host:port"
+        series_instance_uid TEXT NOT NULL,     -- source series
+        result_version      INTEGER NOT NULL,
+        kind                TEXT NOT NULL CHECK (kind IN ('seg', 'sr', 'key_images')),
+        sop_class_uid       TEXT NOT NULL,
+        sop_instance_uid    TEXT NOT NULL,
+        path                TEXT NOT NULL,     -- the Part-10 file under data_dir/outputs/
+        attempts            INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at     INTEGER NOT NULL,
+        delivered_at        INTEGER,
+        parked_at           INTEGER,           -- refused for good (or out of attempts): kept, never retried
+        last_status         INTEGER,           -- last C-STORE status from the peer, if it answered
+        last_error          TEXT,
+        created_at          INTEGER NOT NULL,
+        UNIQUE (destination, sop_instance_uid)
+    ) STRICT;
+    CREATE INDEX dicom_outbox_due ON dicom_outbox(next_attempt_at) WHERE delivered_at IS NULL AND parked_at IS NULL;
     "#,
 ];
 
@@ -815,4 +838,209 @@ fn stored_result(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredResult> {
         created_at: r.get(6)?,
         study_date: r.get(7)?,
     })
+}
+
+/// One DICOM output object queued for one destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomOutboxRow {
+    /// Row id.
+    pub id: i64,
+    /// `AE@host:port` of the destination.
+    pub destination: String,
+    /// Source series.
+    pub series_instance_uid: String,
+    /// Result version the object was made from.
+    pub result_version: i64,
+    /// `seg`, `sr` or `key_images`.
+    pub kind: String,
+    /// SOP Class UID of the object.
+    pub sop_class_uid: String,
+    /// SOP Instance UID of the object.
+    pub sop_instance_uid: String,
+    /// Its Part-10 file.
+    pub path: PathBuf,
+    /// Attempts so far.
+    pub attempts: u32,
+}
+
+/// A new row for [`Store::enqueue_dicom_outputs`].
+#[derive(Debug, Clone)]
+pub struct NewDicomOutput {
+    /// `AE@host:port`.
+    pub destination: String,
+    /// `seg`, `sr` or `key_images`.
+    pub kind: String,
+    /// SOP Class UID.
+    pub sop_class_uid: String,
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// The durable Part-10 file.
+    pub path: PathBuf,
+}
+
+/// DICOM outbox totals, for metrics.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct DicomOutboxCounts {
+    /// Neither delivered nor parked.
+    pub pending: u64,
+    /// Pending and failed at least once.
+    pub failing: u64,
+    /// Stored by the destination.
+    pub delivered: u64,
+    /// Refused for good or out of attempts.
+    pub parked: u64,
+}
+
+impl Store {
+    /// Queues objects of one result version in one transaction; a (destination, SOP instance) already queued is
+    /// left as it is (no duplicate after a restart or a rebuild). Returns how many rows were new.
+    pub fn enqueue_dicom_outputs(
+        &self,
+        series_uid: &str,
+        result_version: i64,
+        rows: &[NewDicomOutput],
+    ) -> Result<usize> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let now = now_ms();
+        let mut n = 0;
+        for r in rows {
+            n += tx.execute(
+                "INSERT INTO dicom_outbox (destination, series_instance_uid, result_version, kind, sop_class_uid,
+                    sop_instance_uid, path, next_attempt_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
+                params![
+                    r.destination,
+                    series_uid,
+                    result_version,
+                    r.kind,
+                    r.sop_class_uid,
+                    r.sop_instance_uid,
+                    r.path.to_string_lossy(),
+                    now
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Rows neither delivered nor parked whose `next_attempt_at <= now_ms`, oldest due first, at most `limit`.
+    pub fn due_dicom_outbox(&self, now_ms: i64, limit: usize) -> Result<Vec<DicomOutboxRow>> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT id, destination, series_instance_uid, result_version, kind, sop_class_uid, sop_instance_uid,
+                    path, attempts FROM dicom_outbox
+             WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_at <= ?1
+             ORDER BY next_attempt_at, id LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![now_ms, limit as i64], |r| {
+            Ok(DicomOutboxRow {
+                id: r.get(0)?,
+                destination: r.get(1)?,
+                series_instance_uid: r.get(2)?,
+                result_version: r.get(3)?,
+                kind: r.get(4)?,
+                sop_class_uid: r.get(5)?,
+                sop_instance_uid: r.get(6)?,
+                path: PathBuf::from(r.get::<_, String>(7)?),
+                attempts: r.get::<_, i64>(8)? as u32,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When the next pending DICOM output falls due (None: nothing pending).
+    pub fn next_dicom_outbox_due(&self) -> Result<Option<i64>> {
+        let c = self.lock();
+        Ok(c.query_row(
+            "SELECT MIN(next_attempt_at) FROM dicom_outbox WHERE delivered_at IS NULL AND parked_at IS NULL",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Marks an object stored by its destination (with the peer's status).
+    pub fn mark_dicom_delivered(&self, id: i64, status: u16) -> Result<bool> {
+        let c = self.lock();
+        let n = c.execute(
+            "UPDATE dicom_outbox SET delivered_at = ?2, attempts = attempts + 1, last_status = ?3, last_error = NULL
+             WHERE id = ?1 AND delivered_at IS NULL AND parked_at IS NULL",
+            params![id, now_ms(), status as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records a failed attempt: retried at `next_attempt_at`, or parked when `next_attempt_at` is None.
+    pub fn mark_dicom_failed(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: &str,
+        next_attempt_at: Option<i64>,
+    ) -> Result<()> {
+        let c = self.lock();
+        let now = now_ms();
+        c.execute(
+            "UPDATE dicom_outbox SET attempts = attempts + 1, last_status = ?2, last_error = ?3,
+                next_attempt_at = COALESCE(?4, next_attempt_at), parked_at = CASE WHEN ?4 IS NULL THEN ?5 END
+             WHERE id = ?1 AND delivered_at IS NULL AND parked_at IS NULL",
+            params![id, status.map(|s| s as i64), error, next_attempt_at, now],
+        )?;
+        Ok(())
+    }
+
+    /// Pending / failing / delivered / parked totals.
+    pub fn dicom_outbox_counts(&self) -> Result<DicomOutboxCounts> {
+        let c = self.lock();
+        Ok(c.query_row(
+            "SELECT COALESCE(SUM(delivered_at IS NULL AND parked_at IS NULL), 0),
+                    COALESCE(SUM(delivered_at IS NULL AND parked_at IS NULL AND attempts > 0), 0),
+                    COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(parked_at IS NOT NULL), 0)
+             FROM dicom_outbox",
+            [],
+            |r| {
+                Ok(DicomOutboxCounts {
+                    pending: r.get::<_, i64>(0)? as u64,
+                    failing: r.get::<_, i64>(1)? as u64,
+                    delivered: r.get::<_, i64>(2)? as u64,
+                    parked: r.get::<_, i64>(3)? as u64,
+                })
+            },
+        )?)
+    }
+
+    /// Every DICOM outbox row of a series (any state), for tests and the dashboard:
+    /// (row, delivered, parked, last status, last error).
+    pub fn dicom_outbox_of_series(
+        &self,
+        series_uid: &str,
+    ) -> Result<Vec<(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)>> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT id, destination, series_instance_uid, result_version, kind, sop_class_uid, sop_instance_uid,
+                    path, attempts, delivered_at IS NOT NULL, parked_at IS NOT NULL, last_status, last_error
+             FROM dicom_outbox WHERE series_instance_uid = ?1 ORDER BY id",
+        )?;
+        let rows = st.query_map([series_uid], |r| {
+            Ok((
+                DicomOutboxRow {
+                    id: r.get(0)?,
+                    destination: r.get(1)?,
+                    series_instance_uid: r.get(2)?,
+                    result_version: r.get(3)?,
+                    kind: r.get(4)?,
+                    sop_class_uid: r.get(5)?,
+                    sop_instance_uid: r.get(6)?,
+                    path: PathBuf::from(r.get::<_, String>(7)?),
+                    attempts: r.get::<_, i64>(8)? as u32,
+                },
+                r.get::<_, bool>(9)?,
+                r.get::<_, bool>(10)?,
+                r.get::<_, Option<i64>>(11)?.map(|s| s as u16),
+                r.get::<_, Option<String>>(12)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }

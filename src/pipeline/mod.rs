@@ -97,6 +97,8 @@ struct Shared {
     results_tx: watch::Sender<u64>,
     /// Progress evidence the systemd watchdog trusts.
     live: Arc<Liveness>,
+    /// Wakes the DICOM outputs outbox worker when rows are queued.
+    dicom_outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running daemon (also used in-process by `demo` and the tests).
@@ -148,6 +150,7 @@ impl Daemon {
             workers: Mutex::new(HashMap::new()),
             results_tx,
             live: Arc::new(Liveness::default()),
+            dicom_outbox_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -183,6 +186,13 @@ impl Daemon {
                 engine: shared.ctx.engine.name(),
                 dicom_addr,
                 store: store.clone(),
+                disk: Some((data_dir.clone(), config.storage.disk_high_water_percent)),
+                gauges: Some(scrape_gauges(shared.clone())),
+                dashboard: Some(Arc::new(crate::dashboard::DashboardState {
+                    store: store.clone(),
+                    data_dir: data_dir.clone(),
+                    token: crate::dashboard::load_or_create_token(config.http.token.as_deref(), &data_dir)?,
+                })),
             };
             let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;
             tracing::info!(%addr, "HTTP health endpoints listening");
@@ -201,6 +211,11 @@ impl Daemon {
             let sd = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, sd).await }));
         }
+        if !config.outputs.dicom.is_empty() {
+            let (store, cfg, ae) = (store.clone(), config.outputs.clone(), config.dicom.ae_title.clone());
+            let (wake, sd) = (shared.dicom_outbox_wake.clone(), shutdown_rx.clone());
+            tasks.push(tokio::spawn(crate::outputs::outbox::run_dicom_outbox(store, cfg, ae, wake, sd)));
+        }
         Ok(Daemon { dicom_addr, http_addr, store, results: results_rx, shutdown_tx, tasks })
     }
 
@@ -211,6 +226,57 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
     }
+}
+
+/// The gauges `/metrics` reads at scrape time: live series workers, slices queued to them, outbox depths.
+fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
+    Arc::new(move || {
+        use crate::metrics::gauge;
+        let mut out = String::new();
+        let (workers, queued) = {
+            let w = shared.workers.lock().unwrap();
+            let live: Vec<_> = w.values().filter(|tx| !tx.is_closed()).collect();
+            (live.len(), live.iter().map(|tx| WORKER_QUEUE - tx.capacity()).sum::<usize>())
+        };
+        gauge(
+            &mut out,
+            "lungsentry_series_workers",
+            "Series with a live worker (receiving, analysing or lingering).",
+            &[(String::new(), workers as f64)],
+        );
+        gauge(
+            &mut out,
+            "lungsentry_worker_queue_depth",
+            "Slices queued to series workers, not yet segmented.",
+            &[(String::new(), queued as f64)],
+        );
+        if let Ok(c) = shared.store.outbox_counts() {
+            gauge(
+                &mut out,
+                "lungsentry_webhook_outbox",
+                "Webhook alert outbox rows by state.",
+                &[
+                    ("state=\"pending\"".into(), c.pending as f64),
+                    ("state=\"failing\"".into(), c.failing as f64),
+                    ("state=\"delivered\"".into(), c.delivered as f64),
+                ],
+            );
+        }
+        if let Ok(c) = shared.store.dicom_outbox_counts() {
+            gauge(
+                &mut out,
+                "lungsentry_dicom_outbox",
+                "DICOM output outbox rows by state (parked: refused for good).",
+                &[
+                    ("state=\"pending\"".into(), c.pending as f64),
+                    ("state=\"failing\"".into(), c.failing as f64),
+                    ("state=\"delivered\"".into(), c.delivered as f64),
+                    ("state=\"parked\"".into(), c.parked as f64),
+                ],
+            );
+        }
+        out
+    })
 }
 
 fn set_private(dir: &std::path::Path) {
@@ -252,10 +318,12 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
     let (spooled, rec) = match stored {
         Ok(Ok(v)) => v,
         Ok(Err(code)) => {
+            crate::metrics::metrics().instance(false);
             let _ = reply.send(code);
             return;
         }
         Err(_) => {
+            crate::metrics::metrics().instance(false);
             let _ = reply.send(status::PROCESSING_FAILURE);
             return;
         }
@@ -266,6 +334,7 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
     }
+    crate::metrics::metrics().instance(true);
     let _ = reply.send(status::SUCCESS);
 }
 
@@ -349,6 +418,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     Ok((w, r)) => {
                         work = Some(w);
                         if let Err(e) = r {
+                            crate::metrics::metrics().series("failed");
                             tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
                             // A failed write (disk full, I/O error) must not leave the series unanalysed until
                             // the next instance or restart: the ticker completes it again later.
@@ -356,6 +426,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                         }
                     }
                     Err(e) => {
+                        crate::metrics::metrics().series("failed");
                         tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %e, "analysis panicked");
                         work = Some(SeriesWork::default());
                     }
@@ -400,7 +471,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     // The key was computed from the raw identifiers when the instances were recorded (the store hands
     // instance metadata back without them).
     let patient_key = shared.store.series(series_uid)?.map(|s| s.patient_key).unwrap_or_default();
-    let mut result = work.finish(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
+    let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     // Follow-up: compare with the same patient's latest earlier study (other series of this patient only).
     if crate::analysis::followup::comparable(&result) && !patient_key.is_empty() {
         let history: Vec<serde_json::Value> = shared
@@ -439,6 +510,31 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     if result["status"] == "skipped" {
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
         shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
+    }
+    if let Ok(Some(row)) = shared.store.series(series_uid) {
+        crate::metrics::metrics()
+            .stage("last_slice_to_result", (crate::store::now_ms() - row.last_instance_at) as f64 / 1000.0);
+    }
+    // After the stage above: a test that sees the series counted sees every metric of it.
+    crate::metrics::metrics().result(&result);
+    if let Err(e) = crate::dashboard::write_key_png(&shared.config.storage.data_dir, &result, &slices) {
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"), "no dashboard key image");
+    }
+    if !shared.config.outputs.dicom.is_empty() {
+        let data_dir = &shared.config.storage.data_dir;
+        match crate::outputs::outbox::enqueue_result(
+            &shared.store,
+            &shared.config.outputs,
+            data_dir,
+            &result,
+            &slices,
+            version as i64,
+        ) {
+            Ok(n) if n > 0 => shared.dicom_outbox_wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
+                "DICOM outputs could not be made"),
+        }
     }
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);

@@ -36,6 +36,8 @@ struct SegmentedInstance {
     meta: InstanceMeta,
     /// Native-resolution masks and lesion HU.
     segmentation: SliceSegmentation,
+    /// The instance's file (DICOM outputs re-read it for attributes and key-image pixels).
+    path: std::path::PathBuf,
 }
 
 /// Everything accumulated for one series so far.
@@ -73,7 +75,7 @@ impl SeriesWork {
         }
         match self.segment(ctx, &meta, path) {
             Ok(seg) => {
-                self.segmented.insert(uid, SegmentedInstance { meta, segmentation: seg });
+                self.segmented.insert(uid, SegmentedInstance { meta, segmentation: seg, path: path.to_path_buf() });
             }
             Err(e) => {
                 tracing::warn!(sop_instance = %uid, error = %format!("{e:#}"), "slice not analysed");
@@ -115,6 +117,19 @@ impl SeriesWork {
         completed_at: &str,
         enforce_eligibility: bool,
     ) -> Value {
+        self.finish_with_slices(ctx, patient_key, received_at, completed_at, enforce_eligibility).0
+    }
+
+    /// [`SeriesWork::finish`], plus the analysed slices in position order with their final masks (the input of
+    /// the DICOM outputs); empty when the series was not analysed.
+    pub fn finish_with_slices(
+        &self,
+        ctx: &InferenceContext,
+        patient_key: &str,
+        received_at: &str,
+        completed_at: &str,
+        enforce_eligibility: bool,
+    ) -> (Value, Vec<crate::outputs::SourceSlice>) {
         let t0 = Instant::now();
         let all: Vec<&InstanceMeta> = self.metas.values().collect();
         let would_skip = series::series_skip_reasons(&all, &ctx.config.series);
@@ -172,7 +187,7 @@ impl SeriesWork {
             "received_at": received_at,
             "completed_at": completed_at,
         });
-        let a = result.map(|r| serde_json::to_value(&r).unwrap_or(Value::Null)).unwrap_or(Value::Null);
+        let a = result.as_ref().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).unwrap_or(Value::Null);
         if let (Value::Object(dst), Value::Object(src)) = (&mut v, a) {
             for (k, val) in src {
                 dst.insert(k, val);
@@ -182,7 +197,23 @@ impl SeriesWork {
             v["positive"] = json!(false);
             v["analysed_slices"] = json!(0);
         }
-        v
+        let source_slices = match &result {
+            // lesion_masks[k] belongs to placed[slice_order[k]], which is segs[order.order[slice_order[k]]].
+            Some(r) => r
+                .slice_order
+                .iter()
+                .zip(&r.lesion_masks)
+                .map(|(&j, lesion)| (order.order[j], lesion))
+                .map(|(i, lesion)| crate::outputs::SourceSlice {
+                    meta: segs[i].meta.clone(),
+                    path: segs[i].path.clone(),
+                    lung: segs[i].segmentation.lung.clone(),
+                    lesion: lesion.clone(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        (v, source_slices)
     }
 }
 

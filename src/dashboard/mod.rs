@@ -1,0 +1,251 @@
+//! dashboard — the technologists' live view, served by `http`: one embedded HTML/CSS/JS page (no build step), a
+//! JSON list of recent series, a server-sent-events stream that pushes that list whenever it changes, the latest
+//! result of a series (lesion table, timings) and its key image as PNG; plus the token check every route except
+//! `/healthz` goes through.
+//!
+//! Owns: the list rows (state, slices so far, flag, involvement, lesion count, last slice → result seconds), the
+//! SSE change detection (the store polled every 500 ms; an event only when the list changed), the key-image PNG
+//! files (`data_dir/keyimages/`, written by the pipeline through [`write_key_png`]), and the token
+//! (`[http] token`, else a random one kept in `data_dir/http-token`, mode 0600).
+//! Never: shows PatientName/PatientID (rows carry the pseudonymous `patient_key`), or accepts writes.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::outputs::SourceSlice;
+use crate::store::Store;
+
+/// The page.
+const INDEX_HTML: &str = include_str!("index.html");
+/// Rows in the list.
+const LIST_LIMIT: usize = 50;
+/// How often the SSE stream looks for changes.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What the dashboard routes read.
+pub struct DashboardState {
+    /// Results and series.
+    pub store: Arc<Store>,
+    /// Where key-image PNGs live.
+    pub data_dir: PathBuf,
+    /// The access token.
+    pub token: String,
+}
+
+/// The token: `configured`, else the one in `data_dir/http-token`, created (random, 0600) on first use.
+pub fn load_or_create_token(configured: Option<&str>, data_dir: &Path) -> anyhow::Result<String> {
+    if let Some(t) = configured {
+        return Ok(t.to_string());
+    }
+    let path = data_dir.join("http-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))?;
+    let token = hex::encode(bytes);
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+/// Constant-time comparison.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware: every path except `/healthz` needs the token, as `Authorization: Bearer <token>`, a
+/// `lungsentry_token` cookie (set by the page), or `?token=` (for the first page load, `EventSource` and images).
+pub async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let cookie = headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').find_map(|kv| kv.trim().strip_prefix("lungsentry_token=").map(str::to_string)));
+    let query =
+        req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=").map(str::to_string)));
+    if [bearer, cookie, query].iter().flatten().any(|t| same(t, &token)) {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "token required: Authorization: Bearer <token> or ?token=<token>\n").into_response()
+    }
+}
+
+/// `GET /`: the page.
+pub async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+/// The list rows, newest first.
+fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for s in store.recent_series(LIST_LIMIT)? {
+        let latest = store.latest_result(&s.series_instance_uid)?;
+        let r = latest.as_ref().map(|r| r.result.clone()).unwrap_or(Value::Null);
+        let lesions = r["lesions"].as_array().map(|a| a.len());
+        let flag_s = r["completed_at"]
+            .as_str()
+            .and_then(parse_rfc3339_ms)
+            .map(|done| ((done - s.last_instance_at) as f64 / 1000.0).max(0.0));
+        out.push(json!({
+            "series_instance_uid": s.series_instance_uid,
+            "study_instance_uid": s.study_instance_uid,
+            "patient_key": s.patient_key,
+            "state": s.state,
+            "reason": s.state_reason,
+            "n_slices": s.n_instances,
+            "version": s.latest_version,
+            "positive": s.latest_positive,
+            "involvement_percent": s.latest_involvement_percent,
+            "lesion_count": lesions,
+            "last_slice_to_flag_s": flag_s,
+            "updated_at": s.updated_at,
+        }));
+    }
+    Ok(out)
+}
+
+/// Unix ms of an RFC 3339 UTC timestamp as the pipeline writes them (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 19 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let ms = if b.len() >= 23 && b[19] == b'.' { num(20..23)? } else { 0 };
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms)
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+}
+
+/// `GET /api/series`: the list.
+pub async fn list(State(st): State<Arc<DashboardState>>) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || rows(&store)).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/events`: SSE, event `series` with the whole list, sent at once and whenever it changes.
+pub async fn events(
+    State(st): State<Arc<DashboardState>>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures_util::stream::unfold((st, String::new()), |(st, last)| async move {
+        loop {
+            let store = st.store.clone();
+            let text = match tokio::task::spawn_blocking(move || rows(&store)).await {
+                Ok(Ok(v)) => serde_json::to_string(&v).unwrap_or_default(),
+                _ => String::new(),
+            };
+            if !text.is_empty() && text != last {
+                let ev = Event::default().event("series").data(text.clone());
+                return Some((Ok(ev), (st, text)));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers).
+pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.latest_result(&uid)).await {
+        Ok(Ok(Some(r))) => {
+            let mut v = r.result;
+            v["version"] = json!(r.version);
+            axum::Json(v).into_response()
+        }
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no result for this series\n").into_response(),
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/series/{uid}/key.png`: the key image of the latest result.
+pub async fn key_png(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
+    match tokio::fs::read(key_png_path(&st.data_dir, &uid)).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no key image for this series\n").into_response(),
+    }
+}
+
+/// Where the key PNG of a series lives.
+pub fn key_png_path(data_dir: &Path, series_uid: &str) -> PathBuf {
+    let safe: String =
+        series_uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    data_dir.join("keyimages").join(format!("{safe}.png"))
+}
+
+/// Renders the key image of a result (its most involved slice; the slice with the most lung when there is no
+/// lesion) and writes it for the dashboard (temp file + rename). Nothing for an unanalysed series.
+pub fn write_key_png(data_dir: &Path, result: &Value, slices: &[SourceSlice]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let Some(series) = result["series_instance_uid"].as_str() else { return Ok(()) };
+    if result["status"] != "analysed" || slices.is_empty() {
+        return Ok(());
+    }
+    let i = crate::outputs::keyimage::most_involved(slices, 1)
+        .first()
+        .copied()
+        .unwrap_or_else(|| (0..slices.len()).max_by_key(|&i| slices[i].lung.count()).unwrap_or(0));
+    let s = &slices[i];
+    let obj = crate::spool::read_instance(&s.path)?;
+    let hu = crate::preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?;
+    let ps = s.meta.pixel_spacing.unwrap_or([1.0, 1.0]);
+    let caption =
+        crate::outputs::keyimage::caption(result, i, slices.len(), s.lesion.count() as f64 * ps[0] * ps[1] / 100.0);
+    let img = crate::outputs::keyimage::render(&hu, &s.lesion, &crate::outputs::keyimage::banner(), &caption);
+    let png = img.to_png()?;
+    let path = key_png_path(data_dir, series);
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let tmp = path.with_extension("png.tmp");
+    std::fs::write(&tmp, png)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_round_trip() {
+        for ms in [0i64, 951_782_400_000, 1_798_761_600_123, 1_795_000_000_456] {
+            assert_eq!(super::parse_rfc3339_ms(&crate::pipeline::rfc3339(ms)), Some(ms));
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The DICOM outputs outbox: from a recorded result to objects stored by each `[[outputs.dicom]]` destination.
+//!
+//! Owns: making a result's objects once (UIDs seeded by series UID + result version), writing them durably
+//! under `data_dir/outputs/<series>/v<version>/` (temp file, fsync, rename, directory fsync), queueing one row per
+//! object per destination in the store (`dicom_outbox`, unique per destination and SOP instance, so a rebuild or
+//! a restart never queues a duplicate), and the worker that sends due rows with the C-STORE SCU.
+//!
+//! Delivery: a success or warning status marks the row delivered. A refusal that will not change — a failure
+//! status other than A7xx (out of resources), or no accepted presentation context for the SOP class — parks the
+//! row at once (kept, counted in `/metrics`, never retried). Anything else (connection refused, timeout, A7xx)
+//! is retried with exponential back-off (1 s doubling to 5 min) until `outputs.max_attempts`, then parked: no
+//! endless loop. A crash between a peer's success and our commit resends the same SOP instance, which a PACS
+//! treats as the same object.
+//! Never: decides positivity, reads the model, or touches the webhook outbox.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+
+use super::{build, ObjectKind, OutputOptions, OutputsConfig, SourceSlice};
+use crate::scu::{FileFailure, Peer, SendOptions};
+use crate::store::{now_ms, DicomOutboxRow, NewDicomOutput, Store};
+
+/// Bound on connecting, negotiating and each C-STORE response.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows fetched per round.
+const BATCH: usize = 64;
+/// Longest sleep when nothing wakes the worker.
+const IDLE_POLL: Duration = Duration::from_secs(30);
+/// Shortest pause between rounds.
+const MIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Makes, stores and queues the objects of one recorded result for every destination that wants it. Returns the
+/// number of new outbox rows (0 for a skipped series, no destination, or a result already queued).
+pub fn enqueue_result(
+    store: &Store,
+    cfg: &OutputsConfig,
+    data_dir: &Path,
+    result: &Value,
+    slices: &[SourceSlice],
+    version: i64,
+) -> Result<usize> {
+    let positive = result["positive"].as_bool().unwrap_or(false);
+    let destinations: Vec<_> = cfg.dicom.iter().filter(|d| positive || !d.only_positive).collect();
+    if destinations.is_empty() || result["status"] != "analysed" {
+        return Ok(0);
+    }
+    let series_uid = result["series_instance_uid"].as_str().context("result has no series_instance_uid")?;
+    let mut kinds: Vec<ObjectKind> = Vec::new();
+    for d in &destinations {
+        for k in &d.objects {
+            if !kinds.contains(k) {
+                kinds.push(*k);
+            }
+        }
+    }
+    let opts = OutputOptions { kinds, key_images: cfg.key_images, uid_seed: format!("{series_uid}|v{version}") };
+    let objects = build(result, slices, &opts)?;
+    let dir = data_dir.join("outputs").join(sanitize(series_uid)).join(format!("v{version}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
+    for o in &objects {
+        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
+        write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
+        for d in &destinations {
+            if d.objects.contains(&o.kind) {
+                rows.push(NewDicomOutput {
+                    destination: d.key(),
+                    kind: o.kind.as_str().to_string(),
+                    sop_class_uid: o.sop_class_uid.clone(),
+                    sop_instance_uid: o.sop_instance_uid.clone(),
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    sync_dir(&dir)?;
+    let n = store.enqueue_dicom_outputs(series_uid, version, &rows)?;
+    tracing::info!(series = %crate::store::series_log_key(series_uid), version, objects = objects.len(), queued = n,
+        "DICOM outputs queued");
+    Ok(n)
+}
+
+/// Keeps UID-like names safe as file names.
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
+}
+
+fn write_durably(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write(&mut f).with_context(|| format!("writing {}", tmp.display()))?;
+    f.flush()?;
+    f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))
+}
+
+/// What to do after a failed C-STORE of one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Try again later.
+    Retry,
+    /// The destination will never take it: park.
+    Park,
+}
+
+/// Classifies a failure: refusals that a retry cannot change park, the rest retry.
+pub fn classify(f: &FileFailure) -> Verdict {
+    match f.status {
+        // A7xx: out of resources — the peer may have room later.
+        Some(code) if code & 0xFF00 == 0xA700 => Verdict::Retry,
+        Some(_) => Verdict::Park,
+        None if f.reason.contains("accepted no presentation context") => Verdict::Park,
+        None => Verdict::Retry,
+    }
+}
+
+/// The worker: sends due rows until `shutdown` turns true. Wakes on `wake`, when the earliest retry is due, or
+/// every 30 s.
+pub async fn run_dicom_outbox(
+    store: Arc<Store>,
+    cfg: OutputsConfig,
+    calling_ae: String,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tracing::info!(destinations = cfg.dicom.len(), "DICOM outputs outbox running");
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let due = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.due_dicom_outbox(now_ms(), BATCH)).await
+        };
+        let due = match due {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "DICOM outbox: reading due rows failed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "DICOM outbox: task failed");
+                Vec::new()
+            }
+        };
+        let full_batch = due.len() == BATCH;
+        let mut by_dest: BTreeMap<String, Vec<DicomOutboxRow>> = BTreeMap::new();
+        for r in due {
+            by_dest.entry(r.destination.clone()).or_default().push(r);
+        }
+        for (dest, rows) in by_dest {
+            let outcome = tokio::select! {
+                o = send_rows(&store, &cfg, &calling_ae, &dest, rows) => o,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = outcome {
+                tracing::error!(destination = %dest, error = %format!("{e:#}"), "DICOM outbox: recording outcomes failed");
+            }
+        }
+        if full_batch {
+            continue;
+        }
+        let wait = {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.next_dicom_outbox_due()).await {
+                Ok(Ok(Some(at))) => Duration::from_millis((at - now_ms()).max(0) as u64).clamp(MIN_WAIT, IDLE_POLL),
+                _ => IDLE_POLL,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {},
+            _ = wake.notified() => {},
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Sends one destination's due rows on one association and records each outcome.
+async fn send_rows(
+    store: &Arc<Store>,
+    cfg: &OutputsConfig,
+    calling_ae: &str,
+    dest: &str,
+    rows: Vec<DicomOutboxRow>,
+) -> Result<()> {
+    let Some(d) = cfg.dicom.iter().find(|d| d.key() == dest) else {
+        // Queued for a destination that has since left the configuration: park, never loop.
+        for r in rows {
+            let (s, id) = (store.clone(), r.id);
+            blocking(move || s.mark_dicom_failed(id, None, "destination no longer configured", None)).await?;
+        }
+        return Ok(());
+    };
+    let peer = Peer {
+        host: d.host.clone(),
+        port: d.port,
+        called_ae: d.ae_title.clone(),
+        calling_ae: calling_ae.to_string(),
+        timeout: PEER_TIMEOUT,
+    };
+    let paths: Vec<PathBuf> = rows.iter().map(|r| r.path.clone()).collect();
+    let report = crate::scu::send_files(&SendOptions { peer, rate: None }, &paths).await;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing could be attempted (e.g. a file vanished): count an attempt on every row.
+            let err = format!("{e:#}");
+            for r in &rows {
+                record_failure(store, cfg, r, None, &err, Verdict::Retry).await?;
+            }
+            return Ok(());
+        }
+    };
+    let by_path: BTreeMap<&Path, &DicomOutboxRow> = rows.iter().map(|r| (r.path.as_path(), r)).collect();
+    for s in &report.sent {
+        if let Some(r) = by_path.get(s.path.as_path()) {
+            crate::metrics::metrics().dicom_output(true);
+            let (st, id, status) = (store.clone(), r.id, s.status);
+            blocking(move || st.mark_dicom_delivered(id, status)).await?;
+            tracing::info!(destination = %dest, kind = %r.kind, status = format!("{:#06X}", s.status),
+                attempts = r.attempts + 1, "DICOM output stored");
+        }
+    }
+    for f in &report.failed {
+        if let Some(r) = by_path.get(f.path.as_path()) {
+            record_failure(store, cfg, r, f.status, &f.reason, classify(f)).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn record_failure(
+    store: &Arc<Store>,
+    cfg: &OutputsConfig,
+    r: &DicomOutboxRow,
+    status: Option<u16>,
+    reason: &str,
+    verdict: Verdict,
+) -> Result<()> {
+    crate::metrics::metrics().dicom_output(false);
+    let out_of_attempts = r.attempts + 1 >= cfg.max_attempts;
+    let next = if verdict == Verdict::Park || out_of_attempts {
+        tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = r.attempts + 1, error = %reason,
+            "DICOM output parked (will not be retried)");
+        None
+    } else {
+        let delay = crate::notify::backoff(r.attempts);
+        tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = r.attempts + 1,
+            retry_in_s = delay.as_secs(), error = %reason, "DICOM output not stored; will retry");
+        Some(now_ms() + delay.as_millis() as i64)
+    };
+    let (s, id, reason) = (store.clone(), r.id, reason.to_string());
+    blocking(move || s.mark_dicom_failed(id, status, &reason, next)).await
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(status: Option<u16>, reason: &str) -> FileFailure {
+        FileFailure { path: "x".into(), status, reason: reason.into() }
+    }
+
+    #[test]
+    fn refusals_park_and_transient_failures_retry() {
+        assert_eq!(classify(&failure(Some(0xA700), "out of resources")), Verdict::Retry);
+        assert_eq!(classify(&failure(Some(0xA702), "out of resources")), Verdict::Retry);
+        assert_eq!(classify(&failure(Some(0xA900), "mismatch")), Verdict::Park);
+        assert_eq!(classify(&failure(Some(0xC000), "cannot understand")), Verdict::Park);
+        assert_eq!(classify(&failure(Some(0x0122), "SOP class not supported")), Verdict::Park);
+        assert_eq!(
+            classify(&failure(None, "peer accepted no presentation context for SOP class 1.2 in ...")),
+            Verdict::Park
+        );
+        assert_eq!(
+            classify(&failure(None, "associating with PACS at 127.0.0.1:1: connection refused")),
+            Verdict::Retry
+        );
+    }
+}

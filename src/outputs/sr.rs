@@ -1,0 +1,348 @@
+//! The TID 1500 measurement report (Comprehensive 3D SR). Every number comes from the result JSON (both the DS
+//! string and the exact FD value), so the report says what the store says:
+//!
+//! ```text
+//! Imaging Measurement Report (TID 1500)
+//!  ├ language, observer context (device: lungsentry), procedure reported (CT chest)
+//!  └ Imaging Measurements
+//!     ├ Measurement Group "Lungs" (TID 1411): Referenced Segment 1, lung volume
+//!     ├ Measurement Group "COVID-19 lesions": Referenced Segment 2, lesion volume, involvement %,
+//!     │    lesion count, qualitative evaluation positive/negative
+//!     └ Measurement Group "Lesion N" per lesion: Referenced Segment 2, finding site lung + laterality,
+//!          volume, mean attenuation (HU)
+//! ```
+//! Each group names the algorithm (TID 4019: model name and version). Involvement and lesion count have no
+//! standard code; they use our local coding scheme `99LSENTRY` (declared in Coding Scheme Identification).
+
+use dicom_core::VR;
+use dicom_dictionary_std::tags;
+use serde_json::Value;
+
+use super::common::{code, code_item, code_seq, derived_uid, ds, el, obj, part10, seq, Code, Elem, Obj};
+use super::seg::{LESION, LESION_SEGMENT, LUNG, LUNG_SEGMENT};
+use super::{
+    BuildContext, ObjectKind, OutputError, OutputObject, SourceSlice, COMPREHENSIVE_3D_SR_STORAGE,
+    SEGMENTATION_STORAGE, SR_SERIES_NUMBER,
+};
+
+/// Report title.
+pub const IMAGING_MEASUREMENT_REPORT: Code = code("126000", "DCM", "Imaging Measurement Report");
+const LANGUAGE: Code = code("121049", "DCM", "Language of Content Item and Descendants");
+const EN_US: Code = code("en-US", "RFC5646", "English (United States)");
+const OBSERVER_TYPE: Code = code("121005", "DCM", "Observer Type");
+const DEVICE: Code = code("121007", "DCM", "Device");
+const DEVICE_OBSERVER_UID: Code = code("121012", "DCM", "Device Observer UID");
+const DEVICE_OBSERVER_NAME: Code = code("121013", "DCM", "Device Observer Name");
+const DEVICE_OBSERVER_MANUFACTURER: Code = code("121014", "DCM", "Device Observer Manufacturer");
+const DEVICE_OBSERVER_MODEL_NAME: Code = code("121015", "DCM", "Device Observer Model Name");
+const PROCEDURE_REPORTED: Code = code("121058", "DCM", "Procedure reported");
+const CT_CHEST: Code = code("24627-2", "LN", "CT Chest");
+/// Container of the measurement groups.
+pub const IMAGING_MEASUREMENTS: Code = code("126010", "DCM", "Imaging Measurements");
+/// One measurement group.
+pub const MEASUREMENT_GROUP: Code = code("125007", "DCM", "Measurement Group");
+const TRACKING_IDENTIFIER: Code = code("112039", "DCM", "Tracking Identifier");
+const TRACKING_UID: Code = code("112040", "DCM", "Tracking Unique Identifier");
+const FINDING: Code = code("121071", "DCM", "Finding");
+const FINDING_SITE: Code = code("363698007", "SCT", "Finding Site");
+const LATERALITY: Code = code("272741003", "SCT", "Laterality");
+const LEFT: Code = code("7771000", "SCT", "Left");
+const RIGHT: Code = code("24028007", "SCT", "Right");
+const ALGORITHM_NAME: Code = code("111001", "DCM", "Algorithm Name");
+const ALGORITHM_VERSION: Code = code("111003", "DCM", "Algorithm Version");
+const REFERENCED_SEGMENT: Code = code("121191", "DCM", "Referenced Segment");
+const SOURCE_SERIES_FOR_SEGMENTATION: Code = code("121232", "DCM", "Source Series for Segmentation");
+/// Volume.
+pub const VOLUME: Code = code("118565006", "SCT", "Volume");
+/// Mean attenuation: Attenuation Coefficient with derivation Mean.
+pub const ATTENUATION: Code = code("112031", "DCM", "Attenuation Coefficient");
+const DERIVATION: Code = code("121401", "DCM", "Derivation");
+const MEAN: Code = code("373098007", "SCT", "Mean");
+const ML: Code = code("ml", "UCUM", "milliliter");
+const HU: Code = code("[hnsf'U]", "UCUM", "Hounsfield unit");
+const PERCENT: Code = code("%", "UCUM", "percent");
+const LESIONS_UNIT: Code = code("{lesions}", "UCUM", "lesions");
+const POSITIVE: Code = code("10828004", "SCT", "Positive");
+const NEGATIVE: Code = code("260385009", "SCT", "Negative");
+/// Our local coding scheme.
+pub const LOCAL_SCHEME: &str = "99LSENTRY";
+/// Involvement: lesion volume / lung volume × 100.
+pub const INVOLVEMENT: Code = code("LS-INVOLVEMENT", LOCAL_SCHEME, "Lung involvement by COVID-19 lesions");
+/// Number of 3D lesions.
+pub const LESION_COUNT: Code = code("LS-LESION-COUNT", LOCAL_SCHEME, "Number of COVID-19 lesions");
+/// The series flag (qualitative evaluation).
+pub const FLAG: Code = code("LS-FLAG", LOCAL_SCHEME, "COVID-19 pneumonia flag");
+
+/// Relationship of a content item to its parent.
+#[derive(Clone, Copy)]
+enum Rel {
+    Contains,
+    HasObsContext,
+    HasConceptMod,
+}
+
+impl Rel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Rel::Contains => "CONTAINS",
+            Rel::HasObsContext => "HAS OBS CONTEXT",
+            Rel::HasConceptMod => "HAS CONCEPT MOD",
+        }
+    }
+}
+
+fn item(rel: Rel, value_type: &str, name: &Code, mut rest: Vec<Elem>, children: Vec<Obj>) -> Obj {
+    let mut v = vec![
+        el(tags::RELATIONSHIP_TYPE, VR::CS, rel.as_str()),
+        el(tags::VALUE_TYPE, VR::CS, value_type),
+        code_seq(tags::CONCEPT_NAME_CODE_SEQUENCE, name),
+    ];
+    v.append(&mut rest);
+    if !children.is_empty() {
+        v.push(seq(tags::CONTENT_SEQUENCE, children));
+    }
+    obj(v)
+}
+
+fn container(rel: Rel, name: &Code, template: Option<&str>, children: Vec<Obj>) -> Obj {
+    let mut rest = vec![el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE")];
+    if let Some(t) = template {
+        rest.push(seq(
+            tags::CONTENT_TEMPLATE_SEQUENCE,
+            vec![obj(vec![el(tags::MAPPING_RESOURCE, VR::CS, "DCMR"), el(tags::TEMPLATE_IDENTIFIER, VR::CS, t)])],
+        ));
+    }
+    item(rel, "CONTAINER", name, rest, children)
+}
+
+fn text(rel: Rel, name: &Code, value: &str) -> Obj {
+    item(rel, "TEXT", name, vec![el(tags::TEXT_VALUE, VR::UT, value)], vec![])
+}
+
+fn coded(rel: Rel, name: &Code, value: &Code, children: Vec<Obj>) -> Obj {
+    item(rel, "CODE", name, vec![code_seq(tags::CONCEPT_CODE_SEQUENCE, value)], children)
+}
+
+fn uidref(rel: Rel, name: &Code, uid: &str) -> Obj {
+    item(rel, "UIDREF", name, vec![el(tags::UID, VR::UI, uid)], vec![])
+}
+
+/// A NUM item with the value both as DS text and as exact FD.
+fn num(name: &Code, value: f64, unit: &Code, children: Vec<Obj>) -> Obj {
+    let measured = obj(vec![
+        code_seq(tags::MEASUREMENT_UNITS_CODE_SEQUENCE, unit),
+        el(tags::FLOATING_POINT_VALUE, VR::FD, value),
+        el(tags::NUMERIC_VALUE, VR::DS, ds(value)),
+    ]);
+    item(Rel::Contains, "NUM", name, vec![seq(tags::MEASURED_VALUE_SEQUENCE, vec![measured])], children)
+}
+
+fn segment_ref(seg_uid: &str, segment: u16) -> Obj {
+    item(
+        Rel::Contains,
+        "IMAGE",
+        &REFERENCED_SEGMENT,
+        vec![seq(
+            tags::REFERENCED_SOP_SEQUENCE,
+            vec![obj(vec![
+                el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, SEGMENTATION_STORAGE),
+                el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, seg_uid),
+                el(tags::REFERENCED_SEGMENT_NUMBER, VR::US, segment),
+            ])],
+        )],
+        vec![],
+    )
+}
+
+fn algorithm(ctx: &BuildContext) -> Vec<Obj> {
+    vec![
+        text(Rel::HasConceptMod, &ALGORITHM_NAME, &ctx.producer.algorithm_name),
+        text(Rel::HasConceptMod, &ALGORITHM_VERSION, &ctx.producer.algorithm_version),
+    ]
+}
+
+fn f64_field(v: &Value, key: &str) -> Result<f64, OutputError> {
+    v[key].as_f64().ok_or_else(|| OutputError::Result(format!("{key} missing or not a number")))
+}
+
+/// One TID 1411 group: tracking, finding, (site), algorithm, measurements, (segment reference, source series).
+#[allow(clippy::too_many_arguments)]
+fn group(
+    ctx: &BuildContext,
+    tracking: &str,
+    finding: &Code,
+    site: Option<Obj>,
+    seg: Option<(&str, u16)>,
+    measurements: Vec<Obj>,
+    evaluations: Vec<Obj>,
+) -> Obj {
+    let mut c = vec![
+        text(Rel::HasObsContext, &TRACKING_IDENTIFIER, tracking),
+        uidref(Rel::HasObsContext, &TRACKING_UID, &derived_uid(&ctx.seed, &format!("tracking|{tracking}"))),
+        coded(Rel::Contains, &FINDING, finding, vec![]),
+    ];
+    c.extend(site);
+    c.extend(algorithm(ctx));
+    c.extend(measurements);
+    c.extend(evaluations);
+    if let Some((uid, n)) = seg {
+        c.push(segment_ref(uid, n));
+    }
+    c.push(uidref(Rel::Contains, &SOURCE_SERIES_FOR_SEGMENTATION, &ctx.header.series_instance_uid));
+    container(Rel::Contains, &MEASUREMENT_GROUP, Some("1411"), c)
+}
+
+/// Builds the SR. `seg_uid` is the SEG built beside it (segment references are left out without one).
+pub fn build(
+    ctx: &BuildContext,
+    result: &Value,
+    slices: &[SourceSlice],
+    seg_uid: Option<&str>,
+) -> Result<OutputObject, OutputError> {
+    let h = &ctx.header;
+    let p = &ctx.producer;
+    let sop_instance_uid = derived_uid(&ctx.seed, "sr");
+    let series_uid = derived_uid(&ctx.seed, "sr-series");
+    let (date, time) = ctx.content_time.clone();
+    let lung_ml = f64_field(result, "lung_volume_ml")?;
+    let lesion_ml = f64_field(result, "lesion_volume_ml")?;
+    let involvement = f64_field(result, "involvement_percent")?;
+    let positive = result["positive"].as_bool().ok_or_else(|| OutputError::Result("positive missing".into()))?;
+    let lesions = result["lesions"].as_array().cloned().unwrap_or_default();
+    let algo_children = || algorithm(ctx);
+
+    let mut groups = vec![
+        group(
+            ctx,
+            "Lungs",
+            &LUNG,
+            None,
+            seg_uid.map(|u| (u, LUNG_SEGMENT)),
+            vec![num(&VOLUME, lung_ml, &ML, algo_children())],
+            vec![],
+        ),
+        group(
+            ctx,
+            "COVID-19 lesions",
+            &LESION,
+            Some(coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![])),
+            seg_uid.map(|u| (u, LESION_SEGMENT)),
+            vec![
+                num(&VOLUME, lesion_ml, &ML, algo_children()),
+                num(&INVOLVEMENT, involvement, &PERCENT, algo_children()),
+                num(&LESION_COUNT, lesions.len() as f64, &LESIONS_UNIT, algo_children()),
+            ],
+            vec![coded(Rel::Contains, &FLAG, if positive { &POSITIVE } else { &NEGATIVE }, vec![])],
+        ),
+    ];
+    for l in &lesions {
+        let id = l["id"].as_u64().ok_or_else(|| OutputError::Result("lesion id missing".into()))?;
+        let side = if l["side"] == "left" { &LEFT } else { &RIGHT };
+        groups.push(group(
+            ctx,
+            &format!("Lesion {id}"),
+            &LESION,
+            Some(coded(
+                Rel::HasConceptMod,
+                &FINDING_SITE,
+                &LUNG,
+                vec![coded(Rel::HasConceptMod, &LATERALITY, side, vec![])],
+            )),
+            seg_uid.map(|u| (u, LESION_SEGMENT)),
+            vec![
+                num(&VOLUME, f64_field(l, "volume_ml")?, &ML, algo_children()),
+                num(
+                    &ATTENUATION,
+                    f64_field(l, "mean_hu")?,
+                    &HU,
+                    vec![coded(Rel::HasConceptMod, &DERIVATION, &MEAN, vec![])],
+                ),
+            ],
+            vec![],
+        ));
+    }
+
+    let root_children = vec![
+        coded(Rel::HasConceptMod, &LANGUAGE, &EN_US, vec![]),
+        coded(Rel::HasObsContext, &OBSERVER_TYPE, &DEVICE, vec![]),
+        uidref(Rel::HasObsContext, &DEVICE_OBSERVER_UID, &derived_uid(&p.device_serial, "device-observer")),
+        text(Rel::HasObsContext, &DEVICE_OBSERVER_NAME, &format!("lungsentry {}", p.software_version)),
+        text(Rel::HasObsContext, &DEVICE_OBSERVER_MANUFACTURER, &p.manufacturer),
+        text(Rel::HasObsContext, &DEVICE_OBSERVER_MODEL_NAME, &p.model_name),
+        coded(Rel::HasConceptMod, &PROCEDURE_REPORTED, &CT_CHEST, vec![]),
+        container(Rel::Contains, &IMAGING_MEASUREMENTS, None, groups),
+    ];
+
+    // Evidence: the source instances and the SEG, each under its series.
+    let refs = |pairs: Vec<(String, String)>| -> Vec<Obj> {
+        pairs
+            .into_iter()
+            .map(|(c, i)| {
+                obj(vec![
+                    el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, c.as_str()),
+                    el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, i.as_str()),
+                ])
+            })
+            .collect()
+    };
+    let mut series_items = vec![obj(vec![
+        seq(
+            tags::REFERENCED_SOP_SEQUENCE,
+            refs(slices.iter().map(|s| (s.meta.sop_class_uid.clone(), s.meta.sop_instance_uid.clone())).collect()),
+        ),
+        el(tags::SERIES_INSTANCE_UID, VR::UI, h.series_instance_uid.as_str()),
+    ])];
+    if let Some(u) = seg_uid {
+        series_items.push(obj(vec![
+            seq(tags::REFERENCED_SOP_SEQUENCE, refs(vec![(SEGMENTATION_STORAGE.to_string(), u.to_string())])),
+            el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&ctx.seed, "seg-series").as_str()),
+        ]));
+    }
+    let evidence = obj(vec![
+        seq(tags::REFERENCED_SERIES_SEQUENCE, series_items),
+        el(tags::STUDY_INSTANCE_UID, VR::UI, h.study_instance_uid.as_str()),
+    ]);
+    let scheme = obj(vec![
+        el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, LOCAL_SCHEME),
+        el(tags::CODING_SCHEME_NAME, VR::ST, "lungsentry local codes"),
+        el(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "lungsentry"),
+    ]);
+
+    let mut elems = h.patient_study();
+    elems.extend(p.equipment());
+    elems.extend([
+        el(tags::INSTANCE_CREATION_DATE, VR::DA, date.as_str()),
+        el(tags::INSTANCE_CREATION_TIME, VR::TM, time.as_str()),
+        el(tags::SOP_CLASS_UID, VR::UI, COMPREHENSIVE_3D_SR_STORAGE),
+        el(tags::SOP_INSTANCE_UID, VR::UI, sop_instance_uid.as_str()),
+        el(tags::SERIES_DATE, VR::DA, date.as_str()),
+        el(tags::CONTENT_DATE, VR::DA, date.as_str()),
+        el(tags::SERIES_TIME, VR::TM, time.as_str()),
+        el(tags::CONTENT_TIME, VR::TM, time.as_str()),
+        el(tags::MODALITY, VR::CS, "SR"),
+        seq(tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, vec![scheme]),
+        el(tags::SERIES_DESCRIPTION, VR::LO, "lungsentry measurement report"),
+        seq(tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE, vec![]),
+        el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
+        el(tags::SERIES_NUMBER, VR::IS, SR_SERIES_NUMBER.to_string()),
+        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        el(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
+        code_seq(tags::CONCEPT_NAME_CODE_SEQUENCE, &IMAGING_MEASUREMENT_REPORT),
+        el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
+        seq(tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, vec![code_item(&CT_CHEST)]),
+        seq(tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE, vec![evidence]),
+        el(tags::COMPLETION_FLAG, VR::CS, "COMPLETE"),
+        el(tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED"),
+        seq(
+            tags::CONTENT_TEMPLATE_SEQUENCE,
+            vec![obj(vec![el(tags::MAPPING_RESOURCE, VR::CS, "DCMR"), el(tags::TEMPLATE_IDENTIFIER, VR::CS, "1500")])],
+        ),
+        seq(tags::CONTENT_SEQUENCE, root_children),
+    ]);
+    Ok(OutputObject {
+        kind: ObjectKind::Sr,
+        sop_class_uid: COMPREHENSIVE_3D_SR_STORAGE.to_string(),
+        sop_instance_uid,
+        file: part10(obj(elems))?,
+    })
+}

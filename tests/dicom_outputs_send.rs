@@ -1,0 +1,260 @@
+//! The daemon sends its DICOM outputs from the durable outbox to `[[outputs.dicom]]` destinations, all real peers:
+//! DCMTK `storescp` (stores everything), a second lungsentry daemon (accepts Secondary Capture, has no
+//! presentation context for SEG or 3D SR: those are parked at once) and a port where nothing listens (retried
+//! with back-off, parked after `max_attempts`). After a restart nothing is queued or sent twice. Orthanc (Debian
+//! package, started by the test on free ports) files the objects in the original study.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Storescp {
+    child: Child,
+}
+
+impl Drop for Storescp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DCMTK storescp as AE `PACS` on a free port, writing into `dir`; waits until it answers C-ECHO.
+fn storescp(dir: &Path) -> (Storescp, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = common::free_port();
+    let child = Command::new("storescp")
+        .args(["-aet", "PACS", "-od"])
+        .arg(dir)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp (apt-get install dcmtk)");
+    let s = Storescp { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new("echoscu")
+        .args(["-aec", "PACS", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|st| st.success())
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "storescp did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (s, port)
+}
+
+/// SOP Instance UIDs of the files storescp wrote (read with dcmdump).
+fn received_uids(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let o = Command::new("dcmdump").args(["+P", "0008,0018"]).arg(&p).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let uid = text.split('[').nth(1).and_then(|s| s.split(']').next()).unwrap_or("").to_string();
+        out.push(uid);
+    }
+    out.sort();
+    out
+}
+
+type Row = (lungsentry::store::DicomOutboxRow, bool, bool, Option<u16>, Option<String>);
+
+/// Waits until every outbox row of the series is delivered or parked.
+fn wait_settled(d: &common::Daemon, series: &str, expected_rows: usize, timeout: Duration) -> Vec<Row> {
+    let store = d.store();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = store.dicom_outbox_of_series(series).unwrap();
+        if rows.len() >= expected_rows && rows.iter().all(|r| r.1 || r.2) {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox not settled: {:#?}\nlog:\n{}",
+            rows.iter().map(|r| (&r.0.destination, &r.0.kind, r.0.attempts, r.1, r.2, &r.4)).collect::<Vec<_>>(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn outputs_reach_storescp_refusals_park_and_restart_sends_nothing_twice() {
+    if !common::model_shipped() {
+        panic!("models/manifest.toml missing: the shipped model is needed");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs_dir = tmp.path().join("pacs");
+    let (_pacs, pacs_port) = storescp(&pacs_dir);
+    let refuser = common::Daemon::start(&tmp.path().join("refuser"), "");
+    let down_port = common::free_port();
+    let extra = format!(
+        "[series]\nquiet_period_s = 0.5\n\n[outputs]\nmax_attempts = 2\nkey_images = 2\n\n\
+         [[outputs.dicom]]\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\nport = {pacs_port}\n\n\
+         [[outputs.dicom]]\nae_title = \"LUNGSENTRY\"\nhost = \"127.0.0.1\"\nport = {}\n\n\
+         [[outputs.dicom]]\nae_title = \"DOWN\"\nhost = \"127.0.0.1\"\nport = {down_port}\nobjects = [\"sr\"]\n",
+        refuser.port
+    );
+    let mut d = common::Daemon::start(&tmp.path().join("main"), &extra);
+
+    let src = tmp.path().join("severe");
+    let truth = common::phantom(&src, 31, 40, "severe");
+    let (ok, out) = common::storescu(d.port, "CT1", &[&src], true);
+    assert!(ok, "storescu failed:\n{out}");
+    let series = truth["series_instance_uid"].as_str().unwrap().to_string();
+    let result = d.wait_result(&series, 1, Duration::from_secs(120));
+    assert!(result.positive, "the severe phantom must be flagged");
+
+    // PACS: seg + sr + 2 key images; refuser: the same 4; DOWN: sr only.
+    let rows = wait_settled(&d, &series, 9, Duration::from_secs(60));
+    assert_eq!(rows.len(), 9, "{rows:#?}");
+    let of = |dest: &str| rows.iter().filter(|r| r.0.destination.starts_with(dest)).collect::<Vec<_>>();
+
+    let pacs = of("PACS@");
+    assert_eq!(pacs.len(), 4);
+    assert!(pacs.iter().all(|r| r.1 && r.3 == Some(0)), "storescp stores everything: {pacs:#?}");
+    let sent: BTreeSet<String> = pacs.iter().map(|r| r.0.sop_instance_uid.clone()).collect();
+    let got: BTreeSet<String> = received_uids(&pacs_dir).into_iter().collect();
+    assert_eq!(sent, got, "storescp received exactly the queued objects");
+
+    let refused = of("LUNGSENTRY@");
+    for r in &refused {
+        if r.0.kind == "key_images" {
+            assert!(r.1, "Secondary Capture is accepted by lungsentry's SCP: {r:#?}");
+        } else {
+            assert!(r.2 && r.0.attempts == 1, "SEG/SR have no presentation context there: parked at once: {r:#?}");
+            assert!(r.4.as_deref().unwrap_or("").contains("presentation context"), "{r:#?}");
+        }
+    }
+    let down = of("DOWN@");
+    assert_eq!(down.len(), 1);
+    assert!(down[0].2 && down[0].0.attempts == 2, "nothing listens: retried once, then parked: {down:#?}");
+
+    let counts = d.store().dicom_outbox_counts().unwrap();
+    assert_eq!((counts.pending, counts.delivered, counts.parked), (0, 6, 3), "{counts:?}");
+
+    // Restart: nothing is queued again, nothing is sent twice.
+    d.kill9();
+    let d = d.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.store().dicom_outbox_of_series(&series).unwrap().len(), 9);
+    assert_eq!(received_uids(&pacs_dir).len(), 4, "no duplicate after the restart");
+    drop(refuser);
+}
+
+/// Orthanc (Debian package) started by the test on free ports, with its own storage in `dir`.
+struct Orthanc {
+    child: Child,
+    http_port: u16,
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn orthanc(dir: &Path) -> (Orthanc, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (http_port, dicom_port) = (common::free_port(), common::free_port());
+    let config = serde_json::json!({
+        "Name": "lungsentry-test",
+        "StorageDirectory": dir.join("storage"),
+        "IndexDirectory": dir.join("index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "DicomCheckCalledAet": true,
+        "RemoteAccessAllowed": false,
+        "AuthenticationEnabled": false,
+        "Plugins": [],
+    });
+    let path = dir.join("orthanc.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let log = std::fs::File::create(dir.join("orthanc.log")).unwrap();
+    let child = Command::new("Orthanc")
+        .arg(&path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("Orthanc (apt-get install orthanc)");
+    let o = Orthanc { child, http_port };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(http_port, "/system").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "Orthanc did not start: {}",
+            std::fs::read_to_string(dir.join("orthanc.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (o, dicom_port)
+}
+
+/// JSON body of a plain HTTP/1.0 GET answered 200.
+fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    if text.split(' ').nth(1)? != "200" {
+        return None;
+    }
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
+
+#[test]
+fn outputs_reach_orthanc_in_the_original_study() {
+    if !common::model_shipped() {
+        panic!("models/manifest.toml missing: the shipped model is needed");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, orthanc_port) = orthanc(&tmp.path().join("orthanc"));
+    let extra = format!(
+        "[series]\nquiet_period_s = 0.5\n\n[[outputs.dicom]]\nae_title = \"ORTHANC\"\nhost = \"127.0.0.1\"\nport = {orthanc_port}\n"
+    );
+    let d = common::Daemon::start(&tmp.path().join("main"), &extra);
+    let src = tmp.path().join("severe");
+    let truth = common::phantom(&src, 51, 30, "severe");
+    let (ok, out) = common::storescu(d.port, "CT1", &[&src], true);
+    assert!(ok, "storescu failed:\n{out}");
+    let series = truth["series_instance_uid"].as_str().unwrap();
+    d.wait_result(series, 1, Duration::from_secs(120));
+    let store = d.store();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = store.dicom_outbox_of_series(series).unwrap();
+        if !rows.is_empty() && rows.iter().all(|r| r.1 || r.2) {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "outbox not settled: {rows:#?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(rows.iter().all(|r| r.1), "Orthanc stores every object: {rows:#?}");
+    let sent: BTreeSet<String> = rows.iter().map(|r| r.0.sop_instance_uid.clone()).collect();
+
+    // Orthanc's own view: exactly those instances, one study (the CT's), one series per object kind.
+    let ids = http_get(o.http_port, "/instances").unwrap();
+    let mut got = BTreeSet::new();
+    let mut modalities = BTreeSet::new();
+    for id in ids.as_array().unwrap() {
+        let tags = http_get(o.http_port, &format!("/instances/{}/simplified-tags", id.as_str().unwrap())).unwrap();
+        assert_eq!(tags["StudyInstanceUID"], truth["study_instance_uid"], "in the original study");
+        got.insert(tags["SOPInstanceUID"].as_str().unwrap().to_string());
+        modalities.insert(tags["Modality"].as_str().unwrap().to_string());
+    }
+    assert_eq!(sent, got);
+    assert_eq!(modalities, ["OT", "SEG", "SR"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(http_get(o.http_port, "/studies").unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(http_get(o.http_port, "/series").unwrap().as_array().unwrap().len(), 3);
+}

@@ -288,11 +288,30 @@ pub struct SeriesAnalysis {
     /// Surviving lesion mask per slice, position order (not part of the JSON result).
     #[serde(skip)]
     pub lesion_masks: Vec<BitMask>,
+    /// Kept lung mask per slice (implausible components dropped), position order (not part of the JSON result).
+    #[serde(skip)]
+    pub lung_masks: Vec<BitMask>,
     /// Per-lung and per-zone involvement and the severity score.
     pub regional: regions::Regional,
     /// Volume of lung-labelled 3D components dropped as implausible (e.g. bowel gas below the diaphragm), mL.
     #[serde(default)]
     pub dropped_lung_ml: f64,
+}
+
+/// Joins `runs` (indices per slice in `slice_runs`, raster order) into 3D components: 8-connectivity in-plane,
+/// 26-connectivity between adjacent slices of the same size.
+fn components_3d(sorted: &[&PlacedSlice], runs: &[Run], slice_runs: &[Vec<u32>]) -> Dsu {
+    let mut dsu = Dsu { parent: (0..runs.len() as u32).collect() };
+    for si in 0..sorted.len() {
+        link_runs(runs, &slice_runs[si], &slice_runs[si], 1, &mut dsu, true);
+        if si + 1 < sorted.len() {
+            let (a, b) = (&sorted[si].segmentation, &sorted[si + 1].segmentation);
+            if a.rows == b.rows && a.cols == b.cols {
+                link_runs(runs, &slice_runs[si], &slice_runs[si + 1], 1, &mut dsu, false);
+            }
+        }
+    }
+    dsu
 }
 
 /// Of the 3D components (26-connectivity) of the per-slice lung masks, keeps the two largest and every other one of
@@ -309,16 +328,7 @@ fn plausible_lungs(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f
         }
         slice_runs.push(idx);
     }
-    let mut dsu = Dsu { parent: (0..runs.len() as u32).collect() };
-    for si in 0..sorted.len() {
-        link_runs(&runs, &slice_runs[si], &slice_runs[si], 1, &mut dsu, true);
-        if si + 1 < sorted.len() {
-            let (a, b) = (&sorted[si].segmentation, &sorted[si + 1].segmentation);
-            if a.rows == b.rows && a.cols == b.cols {
-                link_runs(&runs, &slice_runs[si], &slice_runs[si + 1], 1, &mut dsu, false);
-            }
-        }
-    }
+    let mut dsu = components_3d(&sorted, &runs, &slice_runs);
     let mut volume: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
     let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
     for (run, &root) in runs.iter().zip(&roots) {
@@ -471,16 +481,7 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         }
         slice_runs.push(idx);
     }
-    let mut dsu = Dsu { parent: (0..runs.len() as u32).collect() };
-    for si in 0..sorted.len() {
-        link_runs(&runs, &slice_runs[si], &slice_runs[si], 1, &mut dsu, true);
-        if si + 1 < sorted.len() {
-            let (a, b) = (&sorted[si].segmentation, &sorted[si + 1].segmentation);
-            if a.rows == b.rows && a.cols == b.cols {
-                link_runs(&runs, &slice_runs[si], &slice_runs[si + 1], 1, &mut dsu, false);
-            }
-        }
-    }
+    let mut dsu = components_3d(&sorted, &runs, &slice_runs);
 
     // Accumulate per component (root).
     #[derive(Default, Clone)]
@@ -565,5 +566,6 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         lesion_masks,
         regional,
         dropped_lung_ml,
+        lung_masks: lungs,
     }
 }

@@ -198,16 +198,16 @@ impl SeriesWork {
             v["analysed_slices"] = json!(0);
         }
         let source_slices = match &result {
-            // lesion_masks[k] belongs to placed[slice_order[k]], which is segs[order.order[slice_order[k]]].
+            // lesion_masks[k] and lung_masks[k] belong to placed[slice_order[k]], which is segs[order.order[slice_order[k]]].
             Some(r) => r
                 .slice_order
                 .iter()
-                .zip(&r.lesion_masks)
-                .map(|(&j, lesion)| (order.order[j], lesion))
-                .map(|(i, lesion)| crate::outputs::SourceSlice {
+                .zip(r.lesion_masks.iter().zip(&r.lung_masks))
+                .map(|(&j, masks)| (order.order[j], masks))
+                .map(|(i, (lesion, lung))| crate::outputs::SourceSlice {
                     meta: segs[i].meta.clone(),
                     path: segs[i].path.clone(),
-                    lung: segs[i].segmentation.lung.clone(),
+                    lung: lung.clone(),
                     lesion: lesion.clone(),
                 })
                 .collect(),

@@ -119,6 +119,10 @@ impl Daemon {
     /// Opens the store and spool, verifies and warms the model, binds the SCP, resumes interrupted series.
     pub async fn start(config: Config) -> Result<Daemon> {
         config.validate()?;
+        // Everything the daemon creates (spool, store, outputs, dashboard images) is private to its user, also when
+        // it runs outside systemd (whose unit sets UMask=0077 too).
+        // SAFETY: umask only changes this process's file-creation mask.
+        unsafe { libc::umask(0o077) };
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         set_private(&data_dir);

@@ -474,7 +474,8 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let revision = shared.store.series_revision(series_uid)?;
     // The key was computed from the raw identifiers when the instances were recorded (the store hands
     // instance metadata back without them).
-    let patient_key = shared.store.series(series_uid)?.map(|s| s.patient_key).unwrap_or_default();
+    let row = shared.store.series(series_uid)?;
+    let patient_key = row.as_ref().map(|s| s.patient_key.clone()).unwrap_or_default();
     let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     // Follow-up: compare with the same patient's latest earlier study (other series of this patient only).
     if crate::analysis::followup::comparable(&result) && !patient_key.is_empty() {
@@ -515,7 +516,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
         shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
     }
-    if let Ok(Some(row)) = shared.store.series(series_uid) {
+    if let Some(row) = &row {
         crate::metrics::metrics()
             .stage("last_slice_to_result", (crate::store::now_ms() - row.last_instance_at) as f64 / 1000.0);
     }

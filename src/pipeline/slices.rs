@@ -105,23 +105,11 @@ impl SeriesWork {
         Ok(seg)
     }
 
-    /// The 3D analysis and the result JSON (without store-assigned fields such as `version`).
-    /// `patient_key` and the two timestamps (RFC 3339) come from the caller. With `enforce_eligibility` (the
-    /// daemon) a series that breaks an eligibility rule gets a `skipped` result with the reasons and no
-    /// figures; without it (`analyze`) every CT series is analysed and the reasons are only listed.
-    pub fn finish(
-        &self,
-        ctx: &InferenceContext,
-        patient_key: &str,
-        received_at: &str,
-        completed_at: &str,
-        enforce_eligibility: bool,
-    ) -> Value {
-        self.finish_with_slices(ctx, patient_key, received_at, completed_at, enforce_eligibility).0
-    }
-
-    /// [`SeriesWork::finish`], plus the analysed slices in position order with their final masks (the input of
-    /// the DICOM outputs); empty when the series was not analysed.
+    /// The 3D analysis and the result JSON (without store-assigned fields such as `version`), plus the analysed
+    /// slices in position order with their final masks (the input of the DICOM outputs; empty when the series was
+    /// not analysed). `patient_key` and the two timestamps (RFC 3339) come from the caller. With
+    /// `enforce_eligibility` (the daemon) a series that breaks an eligibility rule gets a `skipped` result with the
+    /// reasons and no figures; without it (`analyze`) every CT series is analysed and the reasons are only listed.
     pub fn finish_with_slices(
         &self,
         ctx: &InferenceContext,

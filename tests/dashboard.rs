@@ -7,54 +7,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Last-slice-to-flag goal of an unpaced series on a 2-core machine (issue 2), seconds.
 const LATENCY_GOAL_S: f64 = 10.0;
-
-struct Serve {
-    child: Child,
-    dicom_port: u16,
-    http_port: u16,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path, token: &str) -> Serve {
-    std::fs::create_dir_all(dir).unwrap();
-    let (dicom_port, http_port) = (common::free_port(), common::free_port());
-    let config = dir.join("lungsentry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {dicom_port}\n\n[series]\nquiet_period_s = 0.5\n\n\
-             [storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"127.0.0.1:{http_port}\"\ntoken = \"{token}\"\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(common::bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let s = Serve { child, dicom_port, http_port };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while get(http_port, "/healthz", None).is_none() {
-        assert!(Instant::now() < deadline, "no /healthz");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    s
-}
 
 /// (status, headers+body bytes split) of an HTTP/1.0 GET.
 fn get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, Vec<u8>)> {
@@ -83,7 +40,7 @@ fn positive_series_is_flagged_on_the_dashboard() {
     }
     let token = "test-token-0123456789";
     let tmp = tempfile::tempdir().unwrap();
-    let d = serve(&tmp.path().join("d"), token);
+    let d = common::HttpDaemon::start(&tmp.path().join("d"), "", &format!("token = \"{token}\""));
 
     // Token: required everywhere but /healthz.
     assert_eq!(get(d.http_port, "/", None).unwrap().0, 401);

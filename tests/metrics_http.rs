@@ -5,57 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-struct Serve {
-    child: Child,
-    dicom_port: u16,
-    http_port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path, extra: &str) -> Serve {
-    std::fs::create_dir_all(dir).unwrap();
-    let (dicom_port, http_port) = (common::free_port(), common::free_port());
-    let config = dir.join("lungsentry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {dicom_port}\n\n[series]\nquiet_period_s = 0.5\n\n\
-             [storage]\ndata_dir = \"{}\"\n{extra}\n\n[http]\nbind = \"127.0.0.1:{http_port}\"\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(common::bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let s = Serve { child, dicom_port, http_port, dir: dir.to_path_buf() };
-    TOKEN_DIR.with(|d| *d.borrow_mut() = dir.to_path_buf());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while get(http_port, "/healthz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "no /healthz; log:\n{}",
-            std::fs::read_to_string(dir.join("daemon.log")).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    s
-}
 
 /// (status code, body) of a plain HTTP/1.0 GET, with the daemon's token when given.
 fn get_with(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
@@ -74,6 +24,13 @@ fn get_with(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)>
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let token = std::fs::read_to_string(TOKEN_DIR.with(|d| d.borrow().join("data/http-token"))).ok();
     get_with(port, path, token.as_deref())
+}
+
+/// A daemon with HTTP on; `get` then uses its token.
+fn serve(dir: &Path, storage_extra: &str) -> common::HttpDaemon {
+    let d = common::HttpDaemon::start(dir, storage_extra, "");
+    TOKEN_DIR.with(|t| *t.borrow_mut() = dir.to_path_buf());
+    d
 }
 
 thread_local! {

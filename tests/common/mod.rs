@@ -230,3 +230,64 @@ pub fn dcmtk_sendable_copy(f: &Path, tmp: &Path) -> Option<PathBuf> {
     assert!(st.success(), "dcmodify failed on {}", copy.display());
     Some(copy)
 }
+
+/// A `lungsentry serve` child with its HTTP endpoints on (`[http] bind` on a free loopback port).
+pub struct HttpDaemon {
+    pub child: Child,
+    pub dicom_port: u16,
+    pub http_port: u16,
+    pub dir: PathBuf,
+}
+
+impl Drop for HttpDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HttpDaemon {
+    /// Starts with `storage_extra` appended to `[storage]` and `http_extra` to `[http]`; waits for `/healthz`.
+    pub fn start(dir: &Path, storage_extra: &str, http_extra: &str) -> HttpDaemon {
+        use std::io::{Read, Write};
+        std::fs::create_dir_all(dir).unwrap();
+        let (dicom_port, http_port) = (free_port(), free_port());
+        let config = dir.join("lungsentry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[dicom]\nbind = \"127.0.0.1\"\nport = {dicom_port}\n\n[series]\nquiet_period_s = 0.5\n\n\
+                 [storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[http]\nbind = \"127.0.0.1:{http_port}\"\n{http_extra}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = HttpDaemon { child, dicom_port, http_port, dir: dir.to_path_buf() };
+        let healthy = || -> Option<()> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            write!(s, "GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            text.starts_with("HTTP/1.0 200").then_some(()).or(text.starts_with("HTTP/1.1 200").then_some(()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while healthy().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "no /healthz; log:\n{}",
+                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+}

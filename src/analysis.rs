@@ -49,6 +49,25 @@ impl BitMask {
         m
     }
 
+    /// Builds a mask from packed 32-bit words (pixel i at word i / 32, bit i % 32: the GPU decode kernel's
+    /// layout); bits past rows×cols are ignored.
+    pub fn from_u32_words(rows: usize, cols: usize, words: &[u32]) -> BitMask {
+        assert!(words.len() * 32 >= rows * cols, "BitMask::from_u32_words: too few words for rows×cols");
+        let mut m = BitMask::new(rows, cols);
+        for (i, w) in m.words.iter_mut().enumerate() {
+            let lo = words.get(2 * i).copied().unwrap_or(0) as u64;
+            let hi = words.get(2 * i + 1).copied().unwrap_or(0) as u64;
+            *w = lo | (hi << 32);
+        }
+        let n = rows * cols;
+        if n % 64 != 0 {
+            if let Some(last) = m.words.last_mut() {
+                *last &= (1u64 << (n % 64)) - 1;
+            }
+        }
+        m
+    }
+
     /// Pixel (row, col).
     #[inline]
     pub fn get(&self, row: usize, col: usize) -> bool {
@@ -125,7 +144,7 @@ pub struct SliceSegmentation {
 }
 
 /// Bilinear upsampling table (half-pixel centres, clamped): two source indices and the weight of the second.
-fn upsample_table(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
+pub(crate) fn upsample_table(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
     let scale = src as f64 / dst as f64;
     (0..dst)
         .map(|d| {

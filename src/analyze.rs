@@ -89,7 +89,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     };
     let kind: crate::config::EngineKind = args.engine.parse()?;
     let model = Model::load(&config.engine.manifest)?;
-    let engine = crate::engine::load_engine(kind, &model)?;
+    let engine = crate::engine::load_engine_in(kind, &model, &config.engine.tensorrt_engines)?;
     let salt = config.alerts.patient_key_salt.clone().unwrap_or_default().into_bytes();
     let ctx = InferenceContext { model, engine, config };
     let files = collect_files(&args.paths)?;

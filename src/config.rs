@@ -97,7 +97,7 @@ pub enum EngineKind {
     Tract,
     /// ONNX Runtime loaded at run time.
     Ort,
-    /// TensorRT FP16 (feature `tensorrt`).
+    /// TensorRT FP16 (feature `tensorrt`); where it cannot load, a warning and the `Auto` engine.
     Tensorrt,
 }
 
@@ -121,6 +121,9 @@ pub struct EngineConfig {
     pub kind: EngineKind,
     /// Model manifest; the model file is found relative to it.
     pub manifest: PathBuf,
+    /// Folder of serialized TensorRT engines (`scripts/build-engine` writes them, named by model sha256, GPU and
+    /// TensorRT version).
+    pub tensorrt_engines: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,7 +188,11 @@ impl Default for AnalysisConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { kind: EngineKind::Auto, manifest: default_manifest_path() }
+        EngineConfig {
+            kind: EngineKind::Auto,
+            manifest: default_manifest_path(),
+            tensorrt_engines: PathBuf::from("/var/lib/lungsentry/engines"),
+        }
     }
 }
 
@@ -279,9 +286,6 @@ impl Config {
         }
         if !(a.progression_absolute_points >= 0.0) {
             bail!("analysis.progression_absolute_points must be >= 0");
-        }
-        if self.engine.kind == EngineKind::Tensorrt && !cfg!(feature = "tensorrt") {
-            bail!("engine.kind = \"tensorrt\" needs a build with the `tensorrt` feature");
         }
         if let Some(url) = &self.alerts.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

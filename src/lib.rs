@@ -19,6 +19,8 @@ pub mod dashboard;
 pub mod demo;
 pub mod engine;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod http;
 pub mod instance;
 pub mod logging;

@@ -29,6 +29,9 @@ enum Command {
     Phantom(phantom::PhantomArgs),
     /// Compute the paper's metrics over labelled series or 2D image folders.
     Eval(eval::EvalArgs),
+    /// GPU kernels: availability, PTX compilation, comparison with the CPU path and timings (`cuda` feature).
+    #[cfg(feature = "cuda")]
+    Gpu(lungsentry::gpu::cli::GpuArgs),
 }
 
 fn main() -> Result<()> {
@@ -38,6 +41,8 @@ fn main() -> Result<()> {
         Command::Phantom(a) => phantom::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Analyze(a) => analyze::run(a),
+        #[cfg(feature = "cuda")]
+        Command::Gpu(a) => lungsentry::gpu::cli::run(a),
         other => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
@@ -47,6 +52,8 @@ fn main() -> Result<()> {
                     Command::Echo(a) => scu::echo(a).await,
                     Command::Demo(a) => demo::run(a).await,
                     Command::Phantom(_) | Command::Eval(_) | Command::Analyze(_) => unreachable!(),
+                    #[cfg(feature = "cuda")]
+                    Command::Gpu(_) => unreachable!(),
                 }
             })
         }

@@ -122,11 +122,73 @@ fn functional_floats(obj: &InMemDicomObject, frame: u32, seq: Tag, tag: Tag) -> 
 
 /// How stored values are laid out and interpreted.
 #[derive(Debug, Clone, Copy)]
-struct StoredFormat {
-    bits_allocated: u16,
-    bits_stored: u16,
-    high_bit: u16,
-    signed: bool,
+pub struct StoredFormat {
+    /// Bits Allocated (8, 16 or 32).
+    pub bits_allocated: u16,
+    /// Bits Stored.
+    pub bits_stored: u16,
+    /// High Bit.
+    pub high_bit: u16,
+    /// Pixel Representation 1.
+    pub signed: bool,
+}
+
+/// Everything that turns one frame's stored values into HU.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredRescale {
+    /// Sample layout and interpretation.
+    pub format: StoredFormat,
+    /// Stored-value padding range (inclusive), from PixelPaddingValue (and PixelPaddingRangeLimit).
+    pub pad_range: Option<(i64, i64)>,
+    /// MONOCHROME1: stored values are inverted (min + max − v) before the rescale.
+    pub monochrome1: bool,
+    /// Rescale Slope.
+    pub slope: f64,
+    /// Rescale Intercept.
+    pub intercept: f64,
+}
+
+/// One decoded frame before the modality rescale: native-endian samples plus the slice geometry (whose `hu` is
+/// empty until [`StoredFrame::into_hu`]).
+#[derive(Debug, Clone)]
+pub struct StoredFrame {
+    /// rows × cols samples of `bits_allocated / 8` bytes each, native endian.
+    pub data: Vec<u8>,
+    /// How to read them.
+    pub rescale: StoredRescale,
+    /// Size and geometry; `hu` is empty.
+    pub geometry: HuSlice,
+}
+
+impl StoredFrame {
+    /// The 16-bit samples (None unless BitsAllocated is 16): what the GPU windowing kernel reads.
+    pub fn samples_u16(&self) -> Option<Vec<u16>> {
+        (self.rescale.format.bits_allocated == 16)
+            .then(|| self.data.chunks_exact(2).map(|b| u16::from_ne_bytes([b[0], b[1]])).collect())
+    }
+
+    /// HU = stored × slope + intercept (f64, rounded to f32); padding → [`PADDING_HU`].
+    pub fn into_hu(self) -> HuSlice {
+        let r = self.rescale;
+        let fmt = r.format;
+        let (smin, smax) = fmt.range();
+        let n = self.geometry.rows * self.geometry.cols;
+        let mut hu = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut v = fmt.sample(&self.data, i);
+            if let Some((lo, hi)) = r.pad_range {
+                if v >= lo && v <= hi {
+                    hu.push(PADDING_HU);
+                    continue;
+                }
+            }
+            if r.monochrome1 {
+                v = smin + smax - v;
+            }
+            hu.push((v as f64 * r.slope + r.intercept) as f32);
+        }
+        HuSlice { hu, ..self.geometry }
+    }
 }
 
 impl StoredFormat {
@@ -141,8 +203,9 @@ impl StoredFormat {
         self.interpret(raw)
     }
 
+    /// A raw sample masked to BitsStored (from HighBit) and sign-extended.
     #[inline]
-    fn interpret(&self, raw: u64) -> i64 {
+    pub fn interpret(&self, raw: u64) -> i64 {
         let shift = (self.high_bit + 1).saturating_sub(self.bits_stored) as u32;
         let mask = if self.bits_stored >= 64 { u64::MAX } else { (1u64 << self.bits_stored) - 1 };
         let v = (raw >> shift) & mask;
@@ -153,7 +216,8 @@ impl StoredFormat {
         }
     }
 
-    fn range(&self) -> (i64, i64) {
+    /// Smallest and largest stored value.
+    pub fn range(&self) -> (i64, i64) {
         if self.signed {
             (-(1i64 << (self.bits_stored - 1)), (1i64 << (self.bits_stored - 1)) - 1)
         } else {
@@ -204,6 +268,12 @@ pub fn codestream_size(f: &[u8]) -> Option<(u32, u32)> {
 /// PixelPaddingValue..PixelPaddingRangeLimit range) become [`PADDING_HU`]; MONOCHROME1 stored values are inverted;
 /// then HU = stored × RescaleSlope + RescaleIntercept, taken per frame from the functional groups when present.
 pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<HuSlice>, PreprocessError> {
+    Ok(decode_stored_frames(obj)?.into_iter().map(StoredFrame::into_hu).collect())
+}
+
+/// Every frame of a CT (or Enhanced CT) object as stored values plus what turns them into HU (see
+/// [`decode_hu_frames`], which is this followed by [`StoredFrame::into_hu`]; the GPU path uploads the stored values).
+pub fn decode_stored_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<StoredFrame>, PreprocessError> {
     let rows = elem_int(obj, tags::ROWS).ok_or(PreprocessError::Missing("Rows"))?;
     let cols = elem_int(obj, tags::COLUMNS).ok_or(PreprocessError::Missing("Columns"))?;
     if rows < 1 || cols < 1 || rows > MAX_DIMENSION as i64 || cols > MAX_DIMENSION as i64 {
@@ -332,7 +402,6 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
     let data = decoded.data();
     let bytes_per_sample = (fmt.bits_allocated / 8) as usize;
     let frame_bytes = rows * cols * bytes_per_sample;
-    let (smin, smax) = fmt.range();
 
     let thickness = elem_floats(obj, tags::SLICE_THICKNESS).map(|v| v[0]);
     let mut out = Vec::with_capacity(frames as usize);
@@ -356,20 +425,6 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
                 detail: format!("slope {slope}, intercept {intercept}"),
             });
         }
-        let mut hu = Vec::with_capacity(rows * cols);
-        for i in 0..rows * cols {
-            let mut v = fmt.sample(buf, i);
-            if let Some((lo, hi)) = pad_range {
-                if v >= lo && v <= hi {
-                    hu.push(PADDING_HU);
-                    continue;
-                }
-            }
-            if monochrome1 {
-                v = smin + smax - v;
-            }
-            hu.push((v as f64 * slope + intercept) as f32);
-        }
         let spacing = functional_floats(obj, frame, tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)
             .filter(|v| v.len() >= 2 && v[0] > 0.0 && v[1] > 0.0);
         let position = functional_floats(obj, frame, tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)
@@ -382,16 +437,20 @@ pub fn decode_hu_frames(obj: &FileDicomObject<InMemDicomObject>) -> Result<Vec<H
         let frame_thickness = functional_floats(obj, frame, tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS)
             .map(|v| v[0])
             .or(thickness);
-        out.push(HuSlice {
-            rows,
-            cols,
-            hu,
-            pixel_spacing: spacing.as_ref().map(|v| [v[0], v[1]]).unwrap_or([1.0, 1.0]),
-            pixel_spacing_known: spacing.is_some(),
-            image_position: position,
-            image_orientation: orientation,
-            slice_thickness: frame_thickness,
-            frame,
+        out.push(StoredFrame {
+            data: buf.to_vec(),
+            rescale: StoredRescale { format: fmt, pad_range, monochrome1, slope, intercept },
+            geometry: HuSlice {
+                rows,
+                cols,
+                hu: Vec::new(),
+                pixel_spacing: spacing.as_ref().map(|v| [v[0], v[1]]).unwrap_or([1.0, 1.0]),
+                pixel_spacing_known: spacing.is_some(),
+                image_position: position,
+                image_orientation: orientation,
+                slice_thickness: frame_thickness,
+                frame,
+            },
         });
     }
     Ok(out)
@@ -423,7 +482,7 @@ pub fn minmax_u8(hu: &[f32], hu_clip: [f32; 2]) -> Vec<u8> {
 }
 
 /// OpenCV `borderInterpolate` for BORDER_REFLECT_101.
-fn reflect101(mut p: isize, len: usize) -> usize {
+pub(crate) fn reflect101(mut p: isize, len: usize) -> usize {
     let len = len as isize;
     if len == 1 {
         return 0;
@@ -451,6 +510,65 @@ fn sat_u8(v: f32) -> u8 {
     }
 }
 
+/// The geometry of one CLAHE application (shared by [`clahe_u8`] and the GPU kernel, so both use the same numbers).
+#[derive(Debug, Clone)]
+pub struct ClahePlan {
+    /// Size of the (reflect-101 padded) image the tile histograms are taken from.
+    pub ext_rows: usize,
+    /// See `ext_rows`.
+    pub ext_cols: usize,
+    /// Tile size in pixels.
+    pub tile_w: usize,
+    /// See `tile_w`.
+    pub tile_h: usize,
+    /// Histogram clip count per bin (0: no clipping).
+    pub clip: i64,
+    /// LUT scale, 255 / tile area (f32, as OpenCV).
+    pub lut_scale: f32,
+    /// Per column: LUT offset of the left and right tile (tile index × 256) and the weights of right and left.
+    pub xs: Vec<(usize, usize, f32, f32)>,
+    /// Per row: upper and lower tile row, and the weights of lower and upper.
+    pub ys: Vec<(usize, usize, f32, f32)>,
+}
+
+impl ClahePlan {
+    /// The plan for a rows×cols image and a tiles_x×tiles_y grid (OpenCV pads both axes as soon as one is not
+    /// divisible, by `tiles - size % tiles`, which is a whole extra tile on a divisible axis).
+    pub fn new(rows: usize, cols: usize, clip_limit: f64, tiles_x: usize, tiles_y: usize) -> ClahePlan {
+        let (ext_rows, ext_cols) = if cols % tiles_x == 0 && rows % tiles_y == 0 {
+            (rows, cols)
+        } else {
+            (rows + tiles_y - rows % tiles_y, cols + tiles_x - cols % tiles_x)
+        };
+        let tile_w = ext_cols / tiles_x;
+        let tile_h = ext_rows / tiles_y;
+        let tile_area = (tile_w * tile_h) as i64;
+        let lut_scale = 255.0f32 / tile_area as f32;
+        let clip = if clip_limit > 0.0 { ((clip_limit * tile_area as f64 / 256.0) as i64).max(1) } else { 0 };
+        let inv_tw = 1.0f32 / tile_w as f32;
+        let inv_th = 1.0f32 / tile_h as f32;
+        let xs = (0..cols)
+            .map(|x| {
+                let txf = x as f32 * inv_tw - 0.5f32;
+                let tx1 = txf.floor() as isize;
+                let xa = txf - tx1 as f32;
+                let tx2 = (tx1 + 1).min(tiles_x as isize - 1) as usize;
+                (tx1.max(0) as usize * 256, tx2 * 256, xa, 1.0f32 - xa)
+            })
+            .collect();
+        let ys = (0..rows)
+            .map(|y| {
+                let tyf = y as f32 * inv_th - 0.5f32;
+                let ty1 = tyf.floor() as isize;
+                let ya = tyf - ty1 as f32;
+                let ty2 = (ty1 + 1).min(tiles_y as isize - 1) as usize;
+                (ty1.max(0) as usize, ty2, ya, 1.0f32 - ya)
+            })
+            .collect();
+        ClahePlan { ext_rows, ext_cols, tile_w, tile_h, clip, lut_scale, xs, ys }
+    }
+}
+
 /// CLAHE with the exact semantics of OpenCV's `cv2.createCLAHE(clipLimit, (tiles_x, tiles_y)).apply` on an 8-bit
 /// image (CPU path of modules/imgproc/src/clahe.cpp): reflect-101 padding when the size is not divisible by the
 /// grid, per-tile clipped histograms with OpenCV's redistribution, LUT = cvRound(cumsum × 255 / tileArea), and
@@ -461,28 +579,22 @@ pub fn clahe_u8(src: &[u8], rows: usize, cols: usize, clip_limit: f64, tiles_x: 
     if rows == 0 || cols == 0 {
         return Vec::new();
     }
-    // Image the LUTs are computed from: the source, or the source padded (OpenCV pads both axes as soon as one
-    // is not divisible, by `tiles - size % tiles`, which is a whole extra tile width on a divisible axis).
-    let (ext_rows, ext_cols, ext): (usize, usize, std::borrow::Cow<[u8]>) =
-        if cols % tiles_x == 0 && rows % tiles_y == 0 {
-            (rows, cols, std::borrow::Cow::Borrowed(src))
-        } else {
-            let er = rows + tiles_y - rows % tiles_y;
-            let ec = cols + tiles_x - cols % tiles_x;
-            let mut buf = vec![0u8; er * ec];
-            for y in 0..er {
-                let sy = reflect101(y as isize, rows);
-                for x in 0..ec {
-                    buf[y * ec + x] = src[sy * cols + reflect101(x as isize, cols)];
-                }
+    let plan = ClahePlan::new(rows, cols, clip_limit, tiles_x, tiles_y);
+    let (ext_rows, ext_cols) = (plan.ext_rows, plan.ext_cols);
+    // Image the LUTs are computed from: the source, or the source padded (reflect-101).
+    let ext: std::borrow::Cow<[u8]> = if (ext_rows, ext_cols) == (rows, cols) {
+        std::borrow::Cow::Borrowed(src)
+    } else {
+        let mut buf = vec![0u8; ext_rows * ext_cols];
+        for y in 0..ext_rows {
+            let sy = reflect101(y as isize, rows);
+            for x in 0..ext_cols {
+                buf[y * ext_cols + x] = src[sy * cols + reflect101(x as isize, cols)];
             }
-            (er, ec, std::borrow::Cow::Owned(buf))
-        };
-    let tile_w = ext_cols / tiles_x;
-    let tile_h = ext_rows / tiles_y;
-    let tile_area = (tile_w * tile_h) as i64;
-    let lut_scale = 255.0f32 / tile_area as f32;
-    let clip = if clip_limit > 0.0 { ((clip_limit * tile_area as f64 / 256.0) as i64).max(1) } else { 0 };
+        }
+        std::borrow::Cow::Owned(buf)
+    };
+    let (tile_w, tile_h, clip, lut_scale) = (plan.tile_w, plan.tile_h, plan.clip, plan.lut_scale);
 
     let mut luts = vec![0u8; tiles_x * tiles_y * 256];
     for ty in 0..tiles_y {
@@ -527,27 +639,10 @@ pub fn clahe_u8(src: &[u8], rows: usize, cols: usize, clip_limit: f64, tiles_x: 
     }
 
     // Interpolation over the original (unpadded) image.
-    let inv_tw = 1.0f32 / tile_w as f32;
-    let inv_th = 1.0f32 / tile_h as f32;
-    let mut xs = Vec::with_capacity(cols);
-    for x in 0..cols {
-        let txf = x as f32 * inv_tw - 0.5f32;
-        let tx1 = txf.floor() as isize;
-        let tx2 = tx1 + 1;
-        let xa = txf - tx1 as f32;
-        let tx1 = tx1.max(0) as usize;
-        let tx2 = (tx2.min(tiles_x as isize - 1)) as usize;
-        xs.push((tx1 * 256, tx2 * 256, xa, 1.0f32 - xa));
-    }
+    let xs = &plan.xs;
     let mut dst = vec![0u8; rows * cols];
     for y in 0..rows {
-        let tyf = y as f32 * inv_th - 0.5f32;
-        let ty1 = tyf.floor() as isize;
-        let ty2 = ty1 + 1;
-        let ya = tyf - ty1 as f32;
-        let ya1 = 1.0f32 - ya;
-        let ty1 = ty1.max(0) as usize;
-        let ty2 = ty2.min(tiles_y as isize - 1) as usize;
+        let (ty1, ty2, ya, ya1) = plan.ys[y];
         let plane1 = &luts[ty1 * tiles_x * 256..];
         let plane2 = &luts[ty2 * tiles_x * 256..];
         for x in 0..cols {
@@ -564,7 +659,11 @@ pub fn clahe_u8(src: &[u8], rows: usize, cols: usize, clip_limit: f64, tiles_x: 
 const RESIZE_COEF_SCALE: f32 = 2048.0;
 
 /// Per destination index: the two source indices and their fixed-point weights (OpenCV INTER_LINEAR tables).
-fn linear_table(src_len: usize, dst_len: usize, clamp_fraction_at_start: bool) -> Vec<(usize, usize, i32, i32)> {
+pub(crate) fn linear_table(
+    src_len: usize,
+    dst_len: usize,
+    clamp_fraction_at_start: bool,
+) -> Vec<(usize, usize, i32, i32)> {
     let scale = 1.0f64 / (dst_len as f64 / src_len as f64);
     (0..dst_len)
         .map(|d| {

@@ -29,6 +29,26 @@ fn unit_passes_systemd_analyze_verify() {
 }
 
 #[test]
+fn engine_unit_passes_systemd_analyze_verify() {
+    // The first-boot TensorRT engine builder, with its script path pointed at the repository's.
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/lungsentry-engine.service")).unwrap();
+    assert!(text.contains("Before=lungsentry.service"), "the daemon starts after the engine build");
+    let text = text
+        .replace(
+            "/usr/share/lungsentry/scripts/build-engine",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-engine"),
+        )
+        .replace("/usr/bin/lungsentry", bin());
+    let unit = dir.path().join("lungsentry-engine.service");
+    std::fs::write(&unit, text).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().expect("systemd-analyze");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
+
+#[test]
 fn unit_security_exposure_is_at_most_2() {
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_under_test(dir.path());

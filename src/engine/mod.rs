@@ -5,6 +5,8 @@
 //! `auto` picks the fastest engine that loads and logs which.
 //! Never: normalises pixels (that is `preprocess`) or interprets scores (that is `analysis`).
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 
 use crate::config::EngineKind;
@@ -12,6 +14,8 @@ use crate::model::Model;
 
 #[cfg(feature = "ort")]
 pub mod ort;
+#[cfg(feature = "tensorrt")]
+pub mod tensorrt;
 pub mod tract;
 
 /// A loaded model that turns a batch of prepared slices into class scores.
@@ -45,15 +49,27 @@ pub(crate) fn check_input(model: &Model, input: &[f32], n: usize) -> Result<usiz
     Ok(per)
 }
 
-/// Loads the engine `kind` for `model`. `Auto` tries ONNX Runtime first (faster on CPU), then tract, and logs which
-/// one was picked and why.
+/// Loads the engine `kind` for `model`, TensorRT engines from the default folder (see [`load_engine_in`]).
 pub fn load_engine(kind: EngineKind, model: &Model) -> Result<Box<dyn Engine>> {
+    load_engine_in(kind, model, &crate::config::EngineConfig::default().tensorrt_engines)
+}
+
+/// Loads the engine `kind` for `model`. `Auto` tries ONNX Runtime first (faster on CPU), then tract, and logs which
+/// one was picked and why. `Tensorrt` loads the engine for this model, GPU and TensorRT from `tensorrt_dir`; when
+/// that is impossible (no `tensorrt` feature, no GPU, no TensorRT runtime, no or a mismatched engine file) it says
+/// why in a warning and falls back to the CPU engine `Auto` picks — results name the engine that ran.
+pub fn load_engine_in(kind: EngineKind, model: &Model, tensorrt_dir: &Path) -> Result<Box<dyn Engine>> {
     match kind {
         EngineKind::Tract => Ok(Box::new(tract::TractEngine::load(model)?)),
         EngineKind::Ort => load_ort(model),
-        EngineKind::Tensorrt => {
-            bail!("engine \"tensorrt\" is not available in this build (it needs the `tensorrt` feature and its shim)")
-        }
+        EngineKind::Tensorrt => match load_tensorrt(model, tensorrt_dir) {
+            Ok(e) => Ok(e),
+            Err(why) => {
+                tracing::warn!(engine = "tensorrt", reason = %format!("{why:#}"),
+                    "TensorRT engine unavailable; falling back to the CPU engine");
+                load_engine_in(EngineKind::Auto, model, tensorrt_dir)
+            }
+        },
         EngineKind::Auto => match load_ort(model) {
             Ok(e) => {
                 tracing::info!(engine = "ort", "engine auto: picked ONNX Runtime (its library loaded)");
@@ -65,6 +81,16 @@ pub fn load_engine(kind: EngineKind, model: &Model) -> Result<Box<dyn Engine>> {
             }
         },
     }
+}
+
+#[cfg(feature = "tensorrt")]
+fn load_tensorrt(model: &Model, dir: &Path) -> Result<Box<dyn Engine>> {
+    Ok(Box::new(tensorrt::TensorRtEngine::load(model, dir)?))
+}
+
+#[cfg(not(feature = "tensorrt"))]
+fn load_tensorrt(_model: &Model, _dir: &Path) -> Result<Box<dyn Engine>> {
+    bail!("this build has no `tensorrt` feature")
 }
 
 #[cfg(feature = "ort")]

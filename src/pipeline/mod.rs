@@ -133,7 +133,7 @@ impl Daemon {
             None => crate::store::load_or_create_salt(&data_dir)?,
         };
         let model = Model::load(&config.engine.manifest)?;
-        let engine = crate::engine::load_engine(config.engine.kind, &model)?;
+        let engine = crate::engine::load_engine_in(config.engine.kind, &model, &config.engine.tensorrt_engines)?;
         // Warm-up: one inference so the first real slice does not pay for lazy initialisation.
         let i = &model.manifest.input;
         engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;

@@ -154,3 +154,87 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
     assert!(ra.get("follow_up").is_none() && ro.get("follow_up").is_none(), "no prior for the first studies");
     assert_eq!(rb["follow_up"]["prior_series_instance_uid"].as_str().unwrap(), uid(&a));
 }
+
+/// Issue 8's acceptance on a phantom pair with known changes: every truth lesion change (new / grown / shrunk /
+/// stable / resolved) is found with the right class and its volumes within 15 %. Truth and predicted lesions are
+/// paired by centroid (nearest within 15 mm, patient coordinates). Model-limited (the lesion segmentation is not
+/// yet accurate enough): run with `scripts/test -- --ignored` to see where it stands.
+#[test]
+#[ignore = "model-limited: lesion Dice on phantoms is below what 15 % volume agreement needs (models/MODEL_CARD.md)"]
+fn follow_up_changes_match_phantom_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
+    phantom(&a, 41101, 80, "moderate");
+    let st = Command::new(bin())
+        .args(["phantom", "--out"])
+        .arg(&b)
+        .args(["--seed", "41102", "--follow-up-of"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
+    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
+    let r = analyze(&[&a, &b]);
+    let f = &r[1]["follow_up"];
+    let centroid = |l: &Value| -> [f64; 3] {
+        let c = l["centroid_mm"].as_array().unwrap();
+        [c[0].as_f64().unwrap(), c[1].as_f64().unwrap(), c[2].as_f64().unwrap()]
+    };
+    // Truth lesion id → predicted lesion id, per study, by nearest centroid within 15 mm.
+    let pair = |truth: &Value, result: &Value, id: u64| -> Option<u64> {
+        let t = truth["lesions"].as_array().unwrap().iter().find(|l| l["id"].as_u64() == Some(id))?;
+        let tc = centroid(t);
+        result["lesions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let c = centroid(l);
+                (
+                    l["id"].as_u64().unwrap(),
+                    ((c[0] - tc[0]).powi(2) + (c[1] - tc[1]).powi(2) + (c[2] - tc[2]).powi(2)).sqrt(),
+                )
+            })
+            .filter(|&(_, d)| d <= 15.0)
+            .min_by(|x, y| x.1.total_cmp(&y.1))
+            .map(|(id, _)| id)
+    };
+    let within = |a: f64, b: f64| (a - b).abs() <= 0.15 * b.max(1e-9);
+    let mut report = Vec::new();
+    let mut correct = 0;
+    let changes = tb["follow_up"]["changes"].as_array().unwrap();
+    for c in changes {
+        let want = c["change"].as_str().unwrap();
+        let prior = c["prior_id"].as_u64().and_then(|i| pair(&ta, &r[0], i));
+        let cur = c["id"].as_u64().and_then(|i| pair(&tb, &r[1], i));
+        let got = f["lesions"].as_array().unwrap().iter().find(|p| {
+            (prior.is_none() || p["prior_id"].as_u64() == prior)
+                && (cur.is_none() || p["id"].as_u64() == cur)
+                && (prior.is_some() || cur.is_some())
+        });
+        let ok = got.is_some_and(|g| {
+            g["change"] == want
+                && (c["volume_before_ml"].as_f64().unwrap() == 0.0
+                    || within(g["volume_before_ml"].as_f64().unwrap(), c["volume_before_ml"].as_f64().unwrap()))
+                && (c["volume_after_ml"].as_f64().unwrap() == 0.0
+                    || within(g["volume_after_ml"].as_f64().unwrap(), c["volume_after_ml"].as_f64().unwrap()))
+        });
+        correct += ok as usize;
+        report.push(format!(
+            "truth {want} {:.2}→{:.2} mL; predicted {}",
+            c["volume_before_ml"].as_f64().unwrap(),
+            c["volume_after_ml"].as_f64().unwrap(),
+            got.map(|g| format!(
+                "{} {:.2}→{:.2} mL",
+                g["change"].as_str().unwrap_or("?"),
+                g["volume_before_ml"].as_f64().unwrap_or(0.0),
+                g["volume_after_ml"].as_f64().unwrap_or(0.0)
+            ))
+            .unwrap_or_else(|| "nothing paired".into())
+        ));
+    }
+    eprintln!("{correct} of {} truth lesion changes right:\n  {}", changes.len(), report.join("\n  "));
+    assert!(!changes.is_empty());
+    assert_eq!(correct, changes.len(), "lesion changes right: {correct} of {}", changes.len());
+}

@@ -3,7 +3,10 @@
 //! result of a series (lesion table, timings) and its key image as PNG; plus the token check every route except
 //! `/healthz` goes through.
 //!
-//! Owns: the list rows (state, slices so far, flag, involvement, lesion count, last slice → result seconds), the
+//! Owns: the list rows (state, slices so far, flag, involvement, lesion count, last slice → result seconds, DICOM
+//! outputs parked), the series detail (latest result — regional involvement, severity score, follow-up — and the
+//! series' DICOM outputs with their delivery state), the DICOM outputs summary (`/api/outputs`: outbox counts and
+//! every parked object, with the refusal), the
 //! SSE change detection (the store polled every 500 ms; an event only when the list changed), the key-image PNG
 //! files (`data_dir/keyimages/`, written by the pipeline through [`write_key_png`]), and the token
 //! (`[http] token`, else a random one kept in `data_dir/http-token`, mode 0600).
@@ -22,7 +25,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::outputs::SourceSlice;
-use crate::store::Store;
+use crate::store::{DicomOutboxRow, Store};
 
 /// The page.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -101,6 +104,7 @@ pub async fn index() -> Html<&'static str> {
 /// The list rows, newest first.
 fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
+    let parked = store.parked_dicom_outputs_by_series()?;
     for s in store.recent_series(LIST_LIMIT)? {
         let latest = store.latest_result(&s.series_instance_uid)?;
         let r = latest.as_ref().map(|r| r.result.clone()).unwrap_or(Value::Null);
@@ -121,6 +125,7 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
             "involvement_percent": s.latest_involvement_percent,
             "lesion_count": lesions,
             "last_slice_to_flag_s": flag_s,
+            "parked_outputs": parked.get(&s.series_instance_uid).copied().unwrap_or(0),
             "updated_at": s.updated_at,
         }));
     }
@@ -182,16 +187,60 @@ pub async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers).
+/// One DICOM outbox row as the dashboard shows it.
+fn output_json(row: &(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)) -> Value {
+    let (r, delivered, parked, status, error) = row;
+    let state = match (delivered, parked) {
+        (true, _) => "delivered",
+        (_, true) => "parked",
+        _ if r.attempts > 0 => "failing",
+        _ => "pending",
+    };
+    json!({
+        "series_instance_uid": r.series_instance_uid,
+        "result_version": r.result_version,
+        "destination": r.destination,
+        "kind": r.kind,
+        "sop_instance_uid": r.sop_instance_uid,
+        "state": state,
+        "attempts": r.attempts,
+        "last_status": status.map(|s| format!("{s:#06X}")),
+        "last_error": error,
+    })
+}
+
+/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus
+/// `dicom_outputs`: the series' outbox rows with their state (delivered, pending, failing, parked).
 pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
     let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || store.latest_result(&uid)).await {
-        Ok(Ok(Some(r))) => {
+    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let Some(r) = store.latest_result(&uid)? else { return Ok(None) };
+        Ok(Some((r, store.dicom_outbox_of_series(&uid)?)))
+    });
+    match found.await {
+        Ok(Ok(Some((r, outputs)))) => {
             let mut v = r.result;
             v["version"] = json!(r.version);
+            v["dicom_outputs"] = Value::Array(outputs.iter().map(output_json).collect());
             axum::Json(v).into_response()
         }
         Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no result for this series\n").into_response(),
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/outputs`: DICOM outbox counts by state and every parked object (newest first, at most 200), each
+/// with its destination, kind, series and the refusal that parked it.
+pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
+    let store = st.store.clone();
+    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let counts = store.dicom_outbox_counts()?;
+        let parked = store.parked_dicom_outputs(200)?;
+        Ok(json!({ "counts": counts, "parked": parked.iter().map(output_json).collect::<Vec<_>>() }))
+    });
+    match found.await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),
     }

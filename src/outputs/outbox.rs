@@ -154,7 +154,13 @@ pub fn classify(f: &FileFailure) -> Verdict {
         // A7xx: out of resources — the peer may have room later.
         Some(code) if code & 0xFF00 == 0xA700 => Verdict::Retry,
         Some(_) => Verdict::Park,
-        None if f.reason.contains("accepted no presentation context") => Verdict::Park,
+        // No context for this object's SOP class — on an association that carried others (our SCU's wording), or
+        // when the peer accepted none of the association's contexts at all (dicom-ul's).
+        None if f.reason.contains("accepted no presentation context")
+            || f.reason.contains("no presentation contexts accepted") =>
+        {
+            Verdict::Park
+        }
         None => Verdict::Retry,
     }
 }
@@ -319,6 +325,13 @@ mod tests {
         assert_eq!(classify(&failure(Some(0x0122), "SOP class not supported")), Verdict::Park);
         assert_eq!(
             classify(&failure(None, "peer accepted no presentation context for SOP class 1.2 in ...")),
+            Verdict::Park
+        );
+        assert_eq!(
+            classify(&failure(
+                None,
+                "associating with PACS at 127.0.0.1:1: no presentation contexts accepted by the server"
+            )),
             Verdict::Park
         );
         assert_eq!(

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -96,9 +96,30 @@ pub async fn require_token(State(token): State<Arc<String>>, req: Request, next:
     }
 }
 
-/// `GET /`: the page.
-pub async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
+/// `GET /[?series=UID]`: the page, with the list, the outputs summary and (with `series`) that series' detail as of
+/// now embedded as JSON (`</` escaped), so the first view needs no further request.
+pub async fn index(
+    State(st): State<Arc<DashboardState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let store = st.store.clone();
+    let series = q.get("series").cloned();
+    let initial = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let detail = match &series {
+            Some(uid) => detail(&store, uid)?,
+            None => None,
+        };
+        Ok(json!({ "series": rows(&store)?, "outputs": outputs_summary(&store)?, "detail": detail }))
+    })
+    .await;
+    match initial {
+        Ok(Ok(v)) => {
+            let embedded = v.to_string().replace("</", "<\\/");
+            Html(INDEX_HTML.replacen("null /*INITIAL*/", &embedded, 1)).into_response()
+        }
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
 }
 
 /// The list rows, newest first.
@@ -209,21 +230,28 @@ fn output_json(row: &(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)) 
     })
 }
 
+/// The latest result JSON of a series with its `version` and `dicom_outputs` (None: no result yet).
+fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
+    let Some(r) = store.latest_result(uid)? else { return Ok(None) };
+    let mut v = r.result;
+    v["version"] = json!(r.version);
+    v["dicom_outputs"] = Value::Array(store.dicom_outbox_of_series(uid)?.iter().map(output_json).collect());
+    Ok(Some(v))
+}
+
+/// DICOM outbox counts and the most recently parked objects.
+fn outputs_summary(store: &Store) -> anyhow::Result<Value> {
+    let counts = store.dicom_outbox_counts()?;
+    let parked = store.parked_dicom_outputs(200)?;
+    Ok(json!({ "counts": counts, "parked": parked.iter().map(output_json).collect::<Vec<_>>() }))
+}
+
 /// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus
 /// `dicom_outputs`: the series' outbox rows with their state (delivered, pending, failing, parked).
 pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
     let store = st.store.clone();
-    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let Some(r) = store.latest_result(&uid)? else { return Ok(None) };
-        Ok(Some((r, store.dicom_outbox_of_series(&uid)?)))
-    });
-    match found.await {
-        Ok(Ok(Some((r, outputs)))) => {
-            let mut v = r.result;
-            v["version"] = json!(r.version);
-            v["dicom_outputs"] = Value::Array(outputs.iter().map(output_json).collect());
-            axum::Json(v).into_response()
-        }
+    match tokio::task::spawn_blocking(move || detail(&store, &uid)).await {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
         Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no result for this series\n").into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),
@@ -234,12 +262,7 @@ pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath
 /// with its destination, kind, series and the refusal that parked it.
 pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
     let store = st.store.clone();
-    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
-        let counts = store.dicom_outbox_counts()?;
-        let parked = store.parked_dicom_outputs(200)?;
-        Ok(json!({ "counts": counts, "parked": parked.iter().map(output_json).collect::<Vec<_>>() }))
-    });
-    match found.await {
+    match tokio::task::spawn_blocking(move || outputs_summary(&store)).await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),

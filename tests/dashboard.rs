@@ -149,7 +149,7 @@ fn positive_series_is_flagged_on_the_dashboard() {
             .arg(format!("--user-data-dir={}", profile.display()))
             // --timeout stops loading after 4 s and then dumps/shoots: the page holds an SSE stream open, so
             // neither the load event nor --virtual-time-budget would ever finish.
-            .args(["--window-size=1400,900", "--timeout=4000"])
+            .args(["--window-size=1400,1800", "--timeout=4000"])
             .args(extra)
             .arg(&url)
             .stdin(Stdio::null());

@@ -571,11 +571,13 @@ async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::
         let s = shared.clone();
         let uid = r.series_instance_uid.clone();
         let done = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let _busy = s.live.busy("rebuilding DICOM outputs");
+            // One busy mark per slice, as the series workers do, so a long series never looks stuck to the watchdog.
             let mut work = SeriesWork::default();
             for (meta, path) in s.store.series_instances(&r.series_instance_uid)? {
+                let _busy = s.live.busy("slice segmentation");
                 work.add(&s.ctx, meta, &path);
             }
+            let _busy = s.live.busy("rebuilding DICOM outputs");
             let patient_key = r.result["patient_key"].as_str().unwrap_or("");
             let (_, slices) = work.finish_with_slices(&s.ctx, patient_key, "", "", true);
             crate::outputs::outbox::enqueue_result(

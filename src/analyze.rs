@@ -2,7 +2,15 @@
 //!
 //! Owns: walking the given paths, grouping instances by series, and printing one result per series. Every CT
 //! series is analysed however short (single slices too); the result lists the eligibility rules the daemon
-//! would have skipped it for (`skip_reasons`). Never: listens on the network or writes the daemon's store.
+//! would have skipped it for (`skip_reasons`).
+//!
+//! Results are recorded in a store exactly as the daemon records them (instances with their file paths, then a
+//! versioned result), and follow-up linking reads the patient's history from that store, so series given together
+//! link in study-date order and, with `--store PATH`, also to prior results already in that SQLite store (the
+//! daemon's `data_dir/lungsentry.sqlite`, or one kept between `analyze` runs). Without `--store` a temporary store
+//! is used and deleted at exit. Patient keys use `alerts.patient_key_salt`, else (with `--store`) the salt file
+//! beside the store (the daemon's, when it is the daemon's data dir), else no salt.
+//! Never: listens on the network, sends anything, or copies the input files.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,10 +18,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::analysis::followup;
 use crate::config::Config;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
 use crate::pipeline::{InferenceContext, SeriesWork};
+use crate::store::Store;
 
 /// `lungsentry analyze` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -39,6 +49,18 @@ pub struct AnalyzeArgs {
     /// With --dicom-out: at most this many key images per series.
     #[arg(long, default_value_t = 3)]
     pub key_images: usize,
+    /// SQLite store (the daemon's schema) to record results in and to link follow-ups against; default: a
+    /// temporary one, deleted at exit.
+    #[arg(long, value_name = "PATH")]
+    pub store: Option<PathBuf>,
+}
+
+/// One input file of a series.
+struct InputInstance {
+    meta: InstanceMeta,
+    path: PathBuf,
+    transfer_syntax_uid: String,
+    bytes: u64,
 }
 
 /// Every file under `paths` (folders recursed, sorted for a stable order).
@@ -65,7 +87,11 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// Reads DICOM files (skipping, with a note on stderr, anything that is not DICOM) and groups by series.
 pub fn group_by_series(files: &[PathBuf]) -> BTreeMap<String, Vec<(InstanceMeta, PathBuf)>> {
-    let mut series: BTreeMap<String, Vec<(InstanceMeta, PathBuf)>> = BTreeMap::new();
+    group_inputs(files).into_iter().map(|(k, v)| (k, v.into_iter().map(|i| (i.meta, i.path)).collect())).collect()
+}
+
+fn group_inputs(files: &[PathBuf]) -> BTreeMap<String, Vec<InputInstance>> {
+    let mut series: BTreeMap<String, Vec<InputInstance>> = BTreeMap::new();
     for f in files {
         let obj = match crate::spool::read_instance(f) {
             Ok(o) => o,
@@ -74,12 +100,59 @@ pub fn group_by_series(files: &[PathBuf]) -> BTreeMap<String, Vec<(InstanceMeta,
                 continue;
             }
         };
+        let transfer_syntax_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        let bytes = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         match InstanceMeta::from_file(&obj) {
-            Ok(m) => series.entry(m.series_instance_uid.clone()).or_default().push((m, f.clone())),
+            Ok(meta) => series.entry(meta.series_instance_uid.clone()).or_default().push(InputInstance {
+                meta,
+                path: f.clone(),
+                transfer_syntax_uid,
+                bytes,
+            }),
             Err(e) => eprintln!("skipping {}: {e}", f.display()),
         }
     }
     series
+}
+
+/// The store `analyze` records into: the named one, or a temporary one removed on drop.
+struct RunStore {
+    store: Store,
+    /// The temporary directory to remove (None for `--store`).
+    temporary: Option<PathBuf>,
+}
+
+impl Drop for RunStore {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.temporary {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Opens `--store PATH` (with the salt beside it unless the config names one), or a temporary store.
+fn open_store(path: Option<&Path>, config: &Config) -> Result<(RunStore, Vec<u8>)> {
+    let configured = config.alerts.patient_key_salt.clone().map(String::into_bytes);
+    match path {
+        Some(p) => {
+            let store = Store::open(p)?;
+            let salt = match configured {
+                Some(s) => s,
+                None => {
+                    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                    crate::store::load_or_create_salt(dir)?
+                }
+            };
+            Ok((RunStore { store, temporary: None }, salt))
+        }
+        None => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let dir =
+                std::env::temp_dir().join(format!("lungsentry-analyze-{}-{}", std::process::id(), nanos.as_nanos()));
+            let store = Store::open(&dir.join("lungsentry.sqlite"))?;
+            Ok((RunStore { store, temporary: Some(dir) }, configured.unwrap_or_default()))
+        }
+    }
 }
 
 pub fn run(args: AnalyzeArgs) -> Result<()> {
@@ -90,28 +163,56 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let kind: crate::config::EngineKind = args.engine.parse()?;
     let model = Model::load(&config.engine.manifest)?;
     let engine = crate::engine::load_engine_in(kind, &model, &config.engine.tensorrt_engines)?;
-    let salt = config.alerts.patient_key_salt.clone().unwrap_or_default().into_bytes();
+    let (run_store, salt) = open_store(args.store.as_deref(), &config)?;
+    let store = &run_store.store;
     let ctx = InferenceContext { model, engine, config };
     let files = collect_files(&args.paths)?;
-    let groups = group_by_series(&files);
+    let groups = group_inputs(&files);
     if groups.is_empty() {
         bail!("no DICOM instances found under the given paths");
     }
+    // Patient, then study date: each series links to the earlier ones, as the daemon links arrivals.
+    let key_of = |v: &Vec<InputInstance>| {
+        v.first()
+            .map(|i| crate::store::patient_key(&salt, &i.meta.patient_id, &i.meta.patient_name))
+            .unwrap_or_default()
+    };
+    let mut groups: Vec<(String, Vec<InputInstance>)> = groups.into_values().map(|v| (key_of(&v), v)).collect();
+    groups.sort_by_cached_key(|(k, v)| {
+        let m = &v[0].meta;
+        (k.clone(), m.study_date.clone(), m.series_instance_uid.clone())
+    });
+    let rule = (&ctx.config.analysis).into();
     let mut results = Vec::new();
-    for (_, instances) in groups {
+    for (patient_key, instances) in groups {
         let received_at = crate::pipeline::chrono_now();
         let mut work = SeriesWork::default();
-        let patient_key = instances
-            .first()
-            .map(|(m, _)| crate::store::patient_key(&salt, &m.patient_id, &m.patient_name))
-            .unwrap_or_default();
-        for (meta, path) in instances {
-            work.add(&ctx, meta, &path);
+        for i in &instances {
+            let spooled = crate::spool::SpooledInstance {
+                meta: i.meta.clone(),
+                path: std::fs::canonicalize(&i.path).unwrap_or_else(|_| i.path.clone()),
+                transfer_syntax_uid: i.transfer_syntax_uid.clone(),
+                bytes: i.bytes,
+            };
+            store.record_instance(&spooled, 0, &patient_key)?;
+        }
+        for i in instances {
+            work.add(&ctx, i.meta, &i.path);
         }
         let (mut result, slices) =
             work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
+        let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
+        if followup::comparable(&result) && !patient_key.is_empty() {
+            let history = crate::pipeline::patient_history(store, &patient_key, &series_uid)?;
+            followup::link(&mut result, &history, rule);
+        }
+        let positive = result["positive"].as_bool().unwrap_or(false);
+        let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
+        let version = store.record_result(&series_uid, positive, involvement, &result, false)?;
+        if args.store.is_some() {
+            result["version"] = serde_json::json!(version);
+        }
         if let Some(dir) = &args.dicom_out {
-            let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
             let opts = crate::outputs::OutputOptions {
                 kinds: args.objects.clone(),
                 key_images: args.key_images,
@@ -127,7 +228,6 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         }
         results.push(result);
     }
-    link_follow_ups(&mut results, (&ctx.config.analysis).into());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for result in &results {
@@ -138,26 +238,6 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Orders results by patient and study date and adds `follow_up` to each one that has an earlier study of the
-/// same patient — the daemon's rule ([`crate::analysis::followup`]) applied to the series given together.
-pub fn link_follow_ups(results: &mut [serde_json::Value], rule: crate::analysis::followup::ProgressionRule) {
-    use crate::analysis::followup;
-    let key = |r: &serde_json::Value, f: &str| r[f].as_str().unwrap_or("").to_string();
-    results.sort_by_key(|r| (key(r, "patient_key"), key(r, "study_date"), key(r, "series_instance_uid")));
-    for i in 0..results.len() {
-        let pk = key(&results[i], "patient_key");
-        if pk.is_empty() || !followup::comparable(&results[i]) {
-            continue;
-        }
-        let history: Vec<serde_json::Value> =
-            results[..i].iter().filter(|r| key(r, "patient_key") == pk).cloned().collect();
-        if let Some(prior) = followup::pick_prior(&results[i], &history) {
-            let f = followup::compare(&results[i], prior, rule);
-            results[i]["follow_up"] = serde_json::to_value(&f).unwrap_or(serde_json::Value::Null);
-        }
-    }
 }
 
 /// One human line per series.

@@ -133,6 +133,7 @@ pub async fn start(
             .route("/api/events", get(dash::events))
             .route("/api/series/{uid}", get(dash::series))
             .route("/api/series/{uid}/key.png", get(dash::key_png))
+            .route("/api/outputs", get(dash::outputs))
             .with_state(d);
         app = app.merge(routes).layer(axum::middleware::from_fn_with_state(token, dash::require_token));
     }

@@ -20,6 +20,10 @@
 //! | `outbox` | `id`, `dedup_key` UNIQUE | alerts to deliver (kind `webhook`), attempts and back-off |
 //! | `dicom_outbox` | `id`, (`destination`, `sop_instance_uid`) UNIQUE | DICOM outputs to C-STORE; delivered or parked |
 //!
+//! `results.outputs_due` is set in the transaction that records a result whose DICOM outputs some destination
+//! wants, and cleared in the transaction that queues its `dicom_outbox` rows: a crash in between leaves it set,
+//! and [`Store::results_awaiting_outputs`] hands such results to the daemon's start-up sweep.
+//!
 //! `series.revision` grows by one with every instance recorded for the series (new or repeated). A result
 //! remembers the revision it was computed from; a series whose revision moved past its latest result's (or that
 //! has no result, and is not `skipped`) is *pending analysis* — that is how the daemon resumes after a crash.
@@ -132,6 +136,11 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (destination, sop_instance_uid)
     ) STRICT;
     CREATE INDEX dicom_outbox_due ON dicom_outbox(next_attempt_at) WHERE delivered_at IS NULL AND parked_at IS NULL;
+    "#,
+    // 3: a result whose DICOM outputs are due but not yet queued (set with the result, cleared with its outbox rows
+    // in one transaction each), so a crash in between is repaired at the next start.
+    r#"
+    ALTER TABLE results ADD COLUMN outputs_due INTEGER NOT NULL DEFAULT 0;
     "#,
 ];
 
@@ -605,6 +614,23 @@ impl Store {
         result_json: &serde_json::Value,
         alert: bool,
     ) -> Result<u32> {
+        self.record_result_with_outputs(series_uid, revision, positive, involvement_percent, result_json, alert, false)
+    }
+
+    /// [`Store::record_result_for_revision`] that also marks, in the same transaction, whether the result's DICOM
+    /// outputs are due (`outputs_due`: some `[[outputs.dicom]]` destination wants them). The mark is cleared by
+    /// [`Store::enqueue_dicom_outputs`] for that version.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_result_with_outputs(
+        &self,
+        series_uid: &str,
+        revision: Option<i64>,
+        positive: bool,
+        involvement_percent: f64,
+        result_json: &serde_json::Value,
+        alert: bool,
+        outputs_due: bool,
+    ) -> Result<u32> {
         let obj = result_json.as_object().ok_or_else(|| anyhow!("result_json must be a JSON object"))?;
         for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
             if obj.contains_key(k) {
@@ -626,9 +652,18 @@ impl Store {
         )?;
         tx.execute(
             "INSERT INTO results (series_instance_uid, version, series_revision, positive, involvement_percent,
-                                  result_json, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![series_uid, version, revision, positive, involvement_percent, result_json.to_string(), now],
+                                  result_json, created_at, outputs_due)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                series_uid,
+                version,
+                revision,
+                positive,
+                involvement_percent,
+                result_json.to_string(),
+                now,
+                outputs_due
+            ],
         )?;
         tx.execute(
             "UPDATE series SET state = 'analysed', state_reason = NULL, updated_at = ?2 WHERE series_instance_uid = ?1",
@@ -892,8 +927,9 @@ pub struct DicomOutboxCounts {
 }
 
 impl Store {
-    /// Queues objects of one result version in one transaction; a (destination, SOP instance) already queued is
-    /// left as it is (no duplicate after a restart or a rebuild). Returns how many rows were new.
+    /// Queues objects of one result version in one transaction, which also clears that result's `outputs_due`
+    /// (an empty `rows` only clears it); a (destination, SOP instance) already queued is left as it is (no
+    /// duplicate after a restart or a rebuild). Returns how many rows were new.
     pub fn enqueue_dicom_outputs(
         &self,
         series_uid: &str,
@@ -921,8 +957,38 @@ impl Store {
                 ],
             )?;
         }
+        tx.execute(
+            "UPDATE results SET outputs_due = 0 WHERE series_instance_uid = ?1 AND version = ?2",
+            params![series_uid, result_version],
+        )?;
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Results whose DICOM outputs are due but were never queued (a crash came between the result and its outbox
+    /// rows): the latest version of each series, only when the series has not changed since (a series with newer
+    /// instances is re-analysed and its new version makes its own outputs).
+    pub fn results_awaiting_outputs(&self) -> Result<Vec<StoredResult>> {
+        let c = self.lock();
+        let sql = format!(
+            "{RESULT_SELECT} WHERE r.outputs_due = 1 AND r.series_revision = s.revision AND r.version =
+                (SELECT MAX(version) FROM results r2 WHERE r2.series_instance_uid = r.series_instance_uid)
+             ORDER BY r.created_at"
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], stored_result)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Parked DICOM outputs per series (series with none are absent), for the dashboard list.
+    pub fn parked_dicom_outputs_by_series(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT series_instance_uid, COUNT(*) FROM dicom_outbox WHERE parked_at IS NOT NULL
+             GROUP BY series_instance_uid",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Rows neither delivered nor parked whose `next_attempt_at <= now_ms`, oldest due first, at most `limit`.
@@ -1016,13 +1082,31 @@ impl Store {
         &self,
         series_uid: &str,
     ) -> Result<Vec<(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)>> {
+        self.dicom_outbox_where("series_instance_uid = ?1 ORDER BY id", series_uid)
+    }
+
+    /// The most recently parked DICOM outputs (any series), newest first, at most `limit`; same tuple as
+    /// [`Store::dicom_outbox_of_series`].
+    pub fn parked_dicom_outputs(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)>> {
+        self.dicom_outbox_where("parked_at IS NOT NULL ORDER BY parked_at DESC, id DESC LIMIT ?1", limit as i64)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn dicom_outbox_where(
+        &self,
+        condition: &str,
+        arg: impl rusqlite::ToSql,
+    ) -> Result<Vec<(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)>> {
         let c = self.lock();
-        let mut st = c.prepare(
+        let mut st = c.prepare(&format!(
             "SELECT id, destination, series_instance_uid, result_version, kind, sop_class_uid, sop_instance_uid,
                     path, attempts, delivered_at IS NOT NULL, parked_at IS NOT NULL, last_status, last_error
-             FROM dicom_outbox WHERE series_instance_uid = ?1 ORDER BY id",
-        )?;
-        let rows = st.query_map([series_uid], |r| {
+             FROM dicom_outbox WHERE {condition}"
+        ))?;
+        let rows = st.query_map([arg], |r| {
             Ok((
                 DicomOutboxRow {
                     id: r.get(0)?,

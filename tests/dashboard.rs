@@ -1,6 +1,9 @@
 //! The technologists' dashboard on a real `lungsentry serve` fed by DCMTK storescu: token auth, the JSON list, the
 //! SSE stream, the key-image PNG, and the page itself in headless Chromium (Debian `chromium`), which must show
-//! the positive phantom flagged within the latency goal. The screenshot is kept as a test artefact:
+//! the positive phantom flagged within the latency goal. A follow-up study of the same patient is then sent and
+//! its detail opened (`?series=`): regional involvement, severity score, the follow-up comparison, and its DICOM
+//! outputs, which a real destination (DCMTK storescp negotiating CT only) refuses for good — shown parked in the
+//! detail, the list row and the header. The screenshot is kept as a test artefact:
 //! `target/test-artefacts/dashboard.png`.
 
 mod common;
@@ -40,7 +43,15 @@ fn positive_series_is_flagged_on_the_dashboard() {
     }
     let token = "test-token-0123456789";
     let tmp = tempfile::tempdir().unwrap();
-    let d = common::HttpDaemon::start(&tmp.path().join("d"), "", &format!("token = \"{token}\""));
+    let (_pacs, pacs_port) = common::storescp(&tmp.path().join("ct-only-pacs"), true);
+    let d = common::HttpDaemon::start(
+        &tmp.path().join("d"),
+        "",
+        &format!(
+            "token = \"{token}\"\n\n[outputs]\nkey_images = 1\n\n\
+             [[outputs.dicom]]\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\nport = {pacs_port}\n"
+        ),
+    );
 
     // Token: required everywhere but /healthz.
     assert_eq!(get(d.http_port, "/", None).unwrap().0, 401);
@@ -94,12 +105,43 @@ fn positive_series_is_flagged_on_the_dashboard() {
     let detail: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(detail["positive"], true);
 
-    // The page in headless Chromium: the row is flagged POSITIVE; screenshot kept.
+    // A follow-up study of the same patient: linked to the first, its outputs refused for good by the CT-only PACS.
+    let fu = tmp.path().join("follow-up");
+    let st = Command::new(common::bin())
+        .args(["phantom", "--out"])
+        .arg(&fu)
+        .args(["--seed", "62", "--follow-up-of"])
+        .arg(&src)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (ok, out) = common::storescu(d.dicom_port, "CT1", &[&fu], true);
+    assert!(ok, "{out}");
+    let fu_truth: serde_json::Value = serde_json::from_slice(&std::fs::read(fu.join("truth.json")).unwrap()).unwrap();
+    let fu_series = fu_truth["series_instance_uid"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let fu_detail = loop {
+        if let Some((200, body)) = get(d.http_port, &format!("/api/series/{fu_series}"), Some(token)) {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let outs = v["dicom_outputs"].as_array().cloned().unwrap_or_default();
+            if !outs.is_empty() && outs.iter().all(|o| o["state"] == "parked") {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "the follow-up series' outputs were never parked");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(fu_detail["follow_up"]["prior_series_instance_uid"], series.as_str(), "linked to the first study");
+    assert_eq!(fu_detail["regional"]["lobes"].as_array().unwrap().len(), 5);
+
+    // The page in headless Chromium: the row is flagged POSITIVE, the follow-up's detail (opened by ?series=) shows
+    // the regional figures, the comparison and its parked outputs; screenshot kept.
     let chromium = ["chromium", "chromium-browser"]
         .into_iter()
         .find(|c| Command::new(c).arg("--version").output().is_ok())
         .expect("chromium (apt-get install chromium)");
-    let url = format!("http://127.0.0.1:{}/?token={token}", d.http_port);
+    let url = format!("http://127.0.0.1:{}/?token={token}&series={fu_series}", d.http_port);
     let profile = tmp.path().join("chromium-profile");
     let base = |extra: &[&str]| {
         let mut c = Command::new(chromium);
@@ -107,7 +149,7 @@ fn positive_series_is_flagged_on_the_dashboard() {
             .arg(format!("--user-data-dir={}", profile.display()))
             // --timeout stops loading after 4 s and then dumps/shoots: the page holds an SSE stream open, so
             // neither the load event nor --virtual-time-budget would ever finish.
-            .args(["--window-size=1400,900", "--timeout=4000"])
+            .args(["--window-size=1400,1800", "--timeout=4000"])
             .args(extra)
             .arg(&url)
             .stdin(Stdio::null());
@@ -116,15 +158,37 @@ fn positive_series_is_flagged_on_the_dashboard() {
     let short = &series[series.len() - 12..];
     // The list is filled by the page's script after load; on a loaded machine the 4 s budget can end first, so a
     // page without the row is fetched again (up to 3 times) before the test concludes it is missing.
+    let f = &fu_detail["follow_up"];
+    let severity = format!("Severity score {}/25", fu_detail["regional"]["severity_score"]);
+    let counts = format!(
+        "lesions: new {} · grown {} · shrunk {} · stable {} · resolved {}",
+        f["new"], f["grown"], f["shrunk"], f["stable"], f["resolved"]
+    );
+    let n_parked = fu_detail["dicom_outputs"].as_array().unwrap().len();
+    let needles = [
+        short.to_string(),
+        "Regional involvement".to_string(),
+        severity,
+        format!("Follow-up vs {}", f["prior_study_date"].as_str().unwrap()),
+        counts,
+        "DICOM outputs".to_string(),
+        format!("{n_parked} parked"),
+        "DICOM outputs parked".to_string(),
+    ];
     let mut dom = String::new();
     for _ in 0..3 {
         dom = String::from_utf8_lossy(&run_with_timeout(base(&["--dump-dom"]), Duration::from_secs(90))).to_string();
-        if dom.contains(short) {
+        if needles.iter().all(|n| dom.contains(n.as_str())) {
             break;
         }
     }
     assert!(dom.contains(short), "the series is listed in the page:\n{dom}");
     assert!(dom.contains("badge positive") && dom.contains("POSITIVE"), "the series is flagged POSITIVE:\n{dom}");
+    for n in &needles {
+        assert!(dom.contains(n.as_str()), "the page shows {n:?}:\n{dom}");
+    }
+    let progression = if f["progression"] == true { "PROGRESSION" } else { "no progression" };
+    assert!(dom.contains(progression), "the page shows {progression:?}:\n{dom}");
     let shot = artefact_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     run_with_timeout(base(&[&format!("--screenshot={}", shot.display())]), Duration::from_secs(90));

@@ -1,6 +1,8 @@
 //! DICOM outputs (SEG, TID 1500 SR, key-image Secondary Capture) from `lungsentry analyze --dicom-out`, checked by
 //! real readers: `dciodvfy` (dicom3tools) must report no error on any object, and pydicom + highdicom read them
-//! back (tests/py/check_dicom_outputs.py) with structure, codes, references and numbers equal to the result JSON.
+//! back (tests/py/check_dicom_outputs.py) with structure, codes, references and numbers equal to the result JSON —
+//! including the regional figures (per lung and zone, severity score and its basis) and, for a follow-up study, the
+//! comparison with the prior (involvement change, progression, each lesion's change class).
 
 mod common;
 
@@ -38,7 +40,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn python_check(result: &serde_json::Value, line: &str, src: &Path, dir: &Path, tmp: &Path) {
+fn python_check(result: &serde_json::Value, line: &str, src: &Path, dir: &Path, tmp: &Path) -> String {
     let rpath = tmp.join(format!("{}.json", result["series_instance_uid"].as_str().unwrap()));
     std::fs::write(&rpath, line).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/check_dicom_outputs.py");
@@ -53,6 +55,7 @@ fn python_check(result: &serde_json::Value, line: &str, src: &Path, dir: &Path, 
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "pydicom/highdicom check failed:\n{out}");
     eprintln!("{out}");
+    out
 }
 
 #[test]
@@ -108,4 +111,51 @@ fn objects_option_selects_what_is_written() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("rtstruct"), "the bad object name is named");
+}
+
+#[test]
+fn sr_carries_regional_and_follow_up_figures() {
+    if !common::model_shipped() {
+        panic!("models/manifest.toml missing: the shipped model is needed");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("baseline"), tmp.path().join("follow-up"));
+    common::phantom(&a, 41101, 24, "moderate");
+    let st = Command::new(common::bin())
+        .args(["phantom", "--out"])
+        .arg(&b)
+        .args(["--seed", "41102", "--follow-up-of"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let out = tmp.path().join("out");
+    // Both studies in one run: the follow-up is linked before its objects are written.
+    let o = Command::new(common::bin())
+        .arg("analyze")
+        .arg(&b)
+        .arg(&a)
+        .args(["--json", "--dicom-out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "analyze failed: {}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    let mut checked_follow_up = false;
+    for (line, src) in lines.iter().zip([&a, &b]) {
+        let result: serde_json::Value = serde_json::from_str(line).unwrap();
+        let dir = out.join(result["series_instance_uid"].as_str().unwrap());
+        let sr = dir.join("sr.dcm");
+        let errors = dciodvfy_errors(&sr);
+        assert!(errors.is_empty(), "dciodvfy errors in {}:\n{}", sr.display(), errors.join("\n"));
+        let report = python_check(&result, line, src, &dir, tmp.path());
+        assert!(report.contains("SR regional ok"), "{report}");
+        if result.get("follow_up").is_some() {
+            assert!(report.contains("SR follow-up ok"), "{report}");
+            checked_follow_up = true;
+        }
+    }
+    assert!(checked_follow_up, "the follow-up study was linked to its baseline");
 }

@@ -1,6 +1,8 @@
 //! Follow-up linking (issue 8): results of one patient's studies are linked in study-date order and compared
 //! (alignment by the lungs, lesion changes, progression) — offline by `analyze` and by the daemon across
-//! arrivals; anonymous or different patients are never linked.
+//! arrivals; anonymous or different patients are never linked. `analyze --store PATH` records into a SQLite store
+//! of the daemon's schema and links to prior results already in it (separate runs, one date each); without
+//! `--store` each run has its own temporary store and links nothing across runs.
 
 mod common;
 
@@ -12,8 +14,13 @@ use common::{bin, data_dir, phantom, storescu, Daemon};
 use serde_json::Value;
 
 fn analyze(paths: &[&Path]) -> Vec<Value> {
+    analyze_with(&[], paths)
+}
+
+fn analyze_with(extra: &[&str], paths: &[&Path]) -> Vec<Value> {
     let out = Command::new(bin())
         .args(["analyze", "--json"])
+        .args(extra)
         .args(paths)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -237,4 +244,66 @@ fn follow_up_changes_match_phantom_truth() {
     eprintln!("{correct} of {} truth lesion changes right:\n  {}", changes.len(), report.join("\n  "));
     assert!(!changes.is_empty());
     assert_eq!(correct, changes.len(), "lesion changes right: {correct} of {}", changes.len());
+}
+
+#[test]
+fn analyze_store_links_separate_runs_of_one_ny_sbu_patient() {
+    let dir = data_dir().join("real-dicom/covid19-ny-sbu-axial");
+    // Files are named <patient>_<date>-<n>.dcm: the two dates of each patient, in date order.
+    let mut by_patient: std::collections::BTreeMap<String, Vec<std::path::PathBuf>> = Default::default();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if let Some((patient, _)) = name.split_once('_') {
+            by_patient.entry(patient.to_string()).or_default().push(p);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store_path = tmp.path().join("kept/lungsentry.sqlite");
+    let store_arg = store_path.to_str().unwrap();
+    let mut linked = Vec::new();
+    for (patient, mut files) in by_patient {
+        assert_eq!(files.len(), 2, "{patient}: two dates");
+        files.sort();
+        // Each run is given one date; the second run must find the first run's result in the store.
+        let first = analyze_with(&["--store", store_arg], &[&files[0]]);
+        let second = analyze_with(&["--store", store_arg], &[&files[1]]);
+        assert_eq!((first.len(), second.len()), (1, 1));
+        let (a, b) = (&first[0], &second[0]);
+        assert_eq!(
+            a["patient_key"], b["patient_key"],
+            "{patient}: one patient key across runs (salt kept beside the store)"
+        );
+        assert!(a.get("follow_up").is_none(), "{patient}: nothing earlier in the store");
+        if a["status"] == "analysed" && b["status"] == "analysed" {
+            assert_eq!(b["follow_up"]["prior_series_instance_uid"], a["series_instance_uid"], "{patient}");
+            assert_eq!(b["follow_up"]["prior_study_instance_uid"], a["study_instance_uid"], "{patient}");
+            linked.push((patient, a.clone(), b.clone(), files.clone()));
+            if linked.len() == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(linked.len(), 2, "two NY-SBU patients with both dates analysed");
+    // The store has the daemon's schema: the results are there, linked by patient.
+    let store = lungsentry::store::Store::open(&store_path).unwrap();
+    for (patient, a, b, _) in &linked {
+        let history = store.results_for_patient(a["patient_key"].as_str().unwrap()).unwrap();
+        let uids: Vec<&str> = history.iter().map(|r| r.series_instance_uid.as_str()).collect();
+        assert_eq!(
+            uids,
+            [a["series_instance_uid"].as_str().unwrap(), b["series_instance_uid"].as_str().unwrap()],
+            "{patient}"
+        );
+        assert_eq!(history[1].result["follow_up"]["prior_series_instance_uid"], a["series_instance_uid"]);
+        assert_eq!(store.series(uids[1]).unwrap().unwrap().state, "analysed");
+    }
+    assert!(tmp.path().join("kept/patient-key.salt").exists(), "the salt is kept beside the store");
+
+    // Without --store, each run has its own temporary store: the same two runs do not link.
+    let (_, _, _, files) = &linked[0];
+    let first = analyze(&[&files[0]]);
+    let second = analyze(&[&files[1]]);
+    assert_eq!(first[0]["status"], "analysed");
+    assert!(second[0].get("follow_up").is_none(), "a run without --store sees no earlier run");
 }

@@ -530,3 +530,40 @@ fn spooled_real_instance_is_recorded() {
         assert_eq!(InstanceMeta::from_object(&back, None).unwrap().sop_instance_uid, m.sop_instance_uid);
     }
 }
+
+#[test]
+fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db.sqlite")).unwrap();
+    let pk = patient_key(b"salt", "PID9", "DOE^JOHN");
+    let (a, b) = ("1.2.826.0.9.1", "1.2.826.0.9.2");
+    for (s, sop) in [(a, "1.2.826.0.9.1.1"), (b, "1.2.826.0.9.2.1")] {
+        store.record_instance(&fake_instance(s, sop, ("PID9", "DOE^JOHN"), 1), 1, &pk).unwrap();
+    }
+    let result = |s: &str| serde_json::json!({"series_instance_uid": s, "patient_key": pk, "status": "analysed"});
+    // a: outputs due; b: none wanted (e.g. a negative series and only_positive destinations).
+    let va = store.record_result_with_outputs(a, None, true, 5.0, &result(a), false, true).unwrap();
+    store.record_result_with_outputs(b, None, false, 0.0, &result(b), false, false).unwrap();
+    let awaiting = |store: &Store| -> Vec<(String, u32)> {
+        store.results_awaiting_outputs().unwrap().into_iter().map(|r| (r.series_instance_uid, r.version)).collect()
+    };
+    assert_eq!(awaiting(&store), vec![(a.to_string(), va)]);
+    // A series changed since its result is re-analysed (its new version makes the outputs): not listed.
+    store.record_instance(&fake_instance(a, "1.2.826.0.9.1.2", ("PID9", "DOE^JOHN"), 2), 2, &pk).unwrap();
+    assert!(awaiting(&store).is_empty());
+    let va2 = store.record_result_with_outputs(a, None, true, 6.0, &result(a), false, true).unwrap();
+    assert_eq!(awaiting(&store), vec![(a.to_string(), va2)]);
+    // Queueing the rows clears the mark in the same transaction (an empty set of rows only clears it).
+    let row = lungsentry::store::NewDicomOutput {
+        destination: "PACS@h:104".into(),
+        kind: "sr".into(),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.34".into(),
+        sop_instance_uid: "2.25.1".into(),
+        path: tmp.path().join("sr.dcm"),
+    };
+    assert_eq!(store.enqueue_dicom_outputs(a, va2 as i64, std::slice::from_ref(&row)).unwrap(), 1);
+    assert!(awaiting(&store).is_empty());
+    // Again (a restart that rebuilt the same objects): no duplicate row.
+    assert_eq!(store.enqueue_dicom_outputs(a, va2 as i64, &[row]).unwrap(), 0);
+    assert_eq!(store.dicom_outbox_of_series(a).unwrap().len(), 1);
+}

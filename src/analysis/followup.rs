@@ -150,6 +150,18 @@ pub fn pick_prior<'a>(current: &Value, history: &'a [Value]) -> Option<&'a Value
         .max_by(|a, b| a["study_date"].as_str().unwrap_or("").cmp(b["study_date"].as_str().unwrap_or("")))
 }
 
+/// Adds `follow_up` to `result` when the patient's `history` (their other series' results) holds a prior study
+/// ([`pick_prior`]); the rule the daemon and `analyze` share. Returns whether it linked.
+pub fn link(result: &mut Value, history: &[Value], rule: ProgressionRule) -> bool {
+    if !comparable(result) || result["patient_key"].as_str().unwrap_or("").is_empty() {
+        return false;
+    }
+    let Some(prior) = pick_prior(result, history) else { return false };
+    let f = compare(result, prior, rule);
+    result["follow_up"] = serde_json::to_value(&f).unwrap_or(Value::Null);
+    true
+}
+
 fn radius_mm(volume_ml: f64) -> f64 {
     (3.0 * volume_ml * 1000.0 / (4.0 * std::f64::consts::PI)).cbrt()
 }

@@ -3,7 +3,10 @@
 //! result of a series (lesion table, timings) and its key image as PNG; plus the token check every route except
 //! `/healthz` goes through.
 //!
-//! Owns: the list rows (state, slices so far, flag, involvement, lesion count, last slice → result seconds), the
+//! Owns: the list rows (state, slices so far, flag, involvement, lesion count, last slice → result seconds, DICOM
+//! outputs parked), the series detail (latest result — regional involvement, severity score, follow-up — and the
+//! series' DICOM outputs with their delivery state), the DICOM outputs summary (`/api/outputs`: outbox counts and
+//! every parked object, with the refusal), the
 //! SSE change detection (the store polled every 500 ms; an event only when the list changed), the key-image PNG
 //! files (`data_dir/keyimages/`, written by the pipeline through [`write_key_png`]), and the token
 //! (`[http] token`, else a random one kept in `data_dir/http-token`, mode 0600).
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -22,7 +25,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::outputs::SourceSlice;
-use crate::store::Store;
+use crate::store::{DicomOutboxRow, Store};
 
 /// The page.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -93,14 +96,36 @@ pub async fn require_token(State(token): State<Arc<String>>, req: Request, next:
     }
 }
 
-/// `GET /`: the page.
-pub async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
+/// `GET /[?series=UID]`: the page, with the list, the outputs summary and (with `series`) that series' detail as of
+/// now embedded as JSON (`</` escaped), so the first view needs no further request.
+pub async fn index(
+    State(st): State<Arc<DashboardState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let store = st.store.clone();
+    let series = q.get("series").cloned();
+    let initial = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let detail = match &series {
+            Some(uid) => detail(&store, uid)?,
+            None => None,
+        };
+        Ok(json!({ "series": rows(&store)?, "outputs": outputs_summary(&store)?, "detail": detail }))
+    })
+    .await;
+    match initial {
+        Ok(Ok(v)) => {
+            let embedded = v.to_string().replace("</", "<\\/");
+            Html(INDEX_HTML.replacen("null /*INITIAL*/", &embedded, 1)).into_response()
+        }
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
 }
 
 /// The list rows, newest first.
 fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
+    let parked = store.parked_dicom_outputs_by_series()?;
     for s in store.recent_series(LIST_LIMIT)? {
         let latest = store.latest_result(&s.series_instance_uid)?;
         let r = latest.as_ref().map(|r| r.result.clone()).unwrap_or(Value::Null);
@@ -121,6 +146,7 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
             "involvement_percent": s.latest_involvement_percent,
             "lesion_count": lesions,
             "last_slice_to_flag_s": flag_s,
+            "parked_outputs": parked.get(&s.series_instance_uid).copied().unwrap_or(0),
             "updated_at": s.updated_at,
         }));
     }
@@ -182,16 +208,62 @@ pub async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers).
+/// One DICOM outbox row as the dashboard shows it.
+fn output_json(row: &(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)) -> Value {
+    let (r, delivered, parked, status, error) = row;
+    let state = match (delivered, parked) {
+        (true, _) => "delivered",
+        (_, true) => "parked",
+        _ if r.attempts > 0 => "failing",
+        _ => "pending",
+    };
+    json!({
+        "series_instance_uid": r.series_instance_uid,
+        "result_version": r.result_version,
+        "destination": r.destination,
+        "kind": r.kind,
+        "sop_instance_uid": r.sop_instance_uid,
+        "state": state,
+        "attempts": r.attempts,
+        "last_status": status.map(|s| format!("{s:#06X}")),
+        "last_error": error,
+    })
+}
+
+/// The latest result JSON of a series with its `version` and `dicom_outputs` (None: no result yet).
+fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
+    let Some(r) = store.latest_result(uid)? else { return Ok(None) };
+    let mut v = r.result;
+    v["version"] = json!(r.version);
+    v["dicom_outputs"] = Value::Array(store.dicom_outbox_of_series(uid)?.iter().map(output_json).collect());
+    Ok(Some(v))
+}
+
+/// DICOM outbox counts and the most recently parked objects.
+fn outputs_summary(store: &Store) -> anyhow::Result<Value> {
+    let counts = store.dicom_outbox_counts()?;
+    let parked = store.parked_dicom_outputs(200)?;
+    Ok(json!({ "counts": counts, "parked": parked.iter().map(output_json).collect::<Vec<_>>() }))
+}
+
+/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus
+/// `dicom_outputs`: the series' outbox rows with their state (delivered, pending, failing, parked).
 pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
     let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || store.latest_result(&uid)).await {
-        Ok(Ok(Some(r))) => {
-            let mut v = r.result;
-            v["version"] = json!(r.version);
-            axum::Json(v).into_response()
-        }
+    match tokio::task::spawn_blocking(move || detail(&store, &uid)).await {
+        Ok(Ok(Some(v))) => axum::Json(v).into_response(),
         Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no result for this series\n").into_response(),
+        Ok(Err(e)) => internal(format!("{e:#}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/outputs`: DICOM outbox counts by state and every parked object (newest first, at most 200), each
+/// with its destination, kind, series and the refusal that parked it.
+pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || outputs_summary(&store)).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),
     }

@@ -6,7 +6,8 @@
 //!   references to the source CT instances, the source Frame of Reference, algorithm identification;
 //! - **SR** (`sr`): Comprehensive 3D SR, TID 1500 measurement report: lung volume, lesion volume, involvement,
 //!   flag and lesion count, then one TID 1411 group per lesion (volume, mean HU, side), each naming the model
-//!   (TID 4019) and referencing its SEG segment;
+//!   (TID 4019) and referencing its SEG segment; TID 1501 groups for the regional figures (per lung and zone,
+//!   severity score) and, when the result has a prior study, the follow-up comparison;
 //! - **key images** (`key_images`): Secondary Capture (RGB) of the most involved slices, lesion contours burned in,
 //!   with a "NOT FOR DIAGNOSTIC USE — lungsentry <version>" banner.
 //!

@@ -11,6 +11,12 @@
 //! is retried with exponential back-off (1 s doubling to 5 min) until `outputs.max_attempts`, then parked: no
 //! endless loop. A crash between a peer's success and our commit resends the same SOP instance, which a PACS
 //! treats as the same object.
+//!
+//! Crash window between a result and its rows: the pipeline records the result with `outputs_due` set (same
+//! transaction, [`wants_outputs`]); [`enqueue_result`] clears it in the transaction that queues the rows. At start
+//! the daemon rebuilds the objects of every result still marked ([`crate::store::Store::results_awaiting_outputs`])
+//! from the spooled instances, with the same derived UIDs, so nothing is lost and nothing is queued twice.
+//! `LUNGSENTRY_TEST_CRASH_AT` ([`crash_point`]) aborts the process at a named point of that window, for tests.
 //! Never: decides positivity, reads the model, or touches the webhook outbox.
 
 use std::collections::BTreeMap;
@@ -36,8 +42,34 @@ const IDLE_POLL: Duration = Duration::from_secs(30);
 /// Shortest pause between rounds.
 const MIN_WAIT: Duration = Duration::from_millis(100);
 
-/// Makes, stores and queues the objects of one recorded result for every destination that wants it. Returns the
-/// number of new outbox rows (0 for a skipped series, no destination, or a result already queued).
+/// Test hook: aborts the process (as a crash or SIGKILL would end it) when the environment variable
+/// `LUNGSENTRY_TEST_CRASH_AT` names this point. Points: `after_result` (result committed, nothing built),
+/// `after_output_files` (objects written, outbox rows not committed).
+pub fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("LUNGSENTRY_TEST_CRASH_AT").ok()).as_deref() == Some(name) {
+        tracing::error!(point = name, "LUNGSENTRY_TEST_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
+/// The destinations that want this result's objects (none for a result that was not analysed).
+fn destinations_for<'a>(cfg: &'a OutputsConfig, result: &Value) -> Vec<&'a super::DicomDestination> {
+    let positive = result["positive"].as_bool().unwrap_or(false);
+    if result["status"] != "analysed" {
+        return Vec::new();
+    }
+    cfg.dicom.iter().filter(|d| positive || !d.only_positive).collect()
+}
+
+/// Whether some destination wants this result's objects (recorded with the result as `outputs_due`).
+pub fn wants_outputs(cfg: &OutputsConfig, result: &Value) -> bool {
+    !destinations_for(cfg, result).is_empty()
+}
+
+/// Makes, stores and queues the objects of one recorded result (version `version`) for every destination that
+/// wants it, and clears the result's `outputs_due` in the same transaction. Returns the number of new outbox rows
+/// (0 for a skipped series, no destination, or a result already queued).
 pub fn enqueue_result(
     store: &Store,
     cfg: &OutputsConfig,
@@ -46,12 +78,12 @@ pub fn enqueue_result(
     slices: &[SourceSlice],
     version: i64,
 ) -> Result<usize> {
-    let positive = result["positive"].as_bool().unwrap_or(false);
-    let destinations: Vec<_> = cfg.dicom.iter().filter(|d| positive || !d.only_positive).collect();
-    if destinations.is_empty() || result["status"] != "analysed" {
+    let destinations = destinations_for(cfg, result);
+    let series_uid = result["series_instance_uid"].as_str().context("result has no series_instance_uid")?;
+    if destinations.is_empty() {
+        store.enqueue_dicom_outputs(series_uid, version, &[])?;
         return Ok(0);
     }
-    let series_uid = result["series_instance_uid"].as_str().context("result has no series_instance_uid")?;
     let mut kinds: Vec<ObjectKind> = Vec::new();
     for d in &destinations {
         for k in &d.objects {
@@ -81,6 +113,7 @@ pub fn enqueue_result(
         }
     }
     sync_dir(&dir)?;
+    crash_point("after_output_files");
     let n = store.enqueue_dicom_outputs(series_uid, version, &rows)?;
     tracing::info!(series = %crate::store::series_log_key(series_uid), version, objects = objects.len(), queued = n,
         "DICOM outputs queued");
@@ -121,7 +154,13 @@ pub fn classify(f: &FileFailure) -> Verdict {
         // A7xx: out of resources — the peer may have room later.
         Some(code) if code & 0xFF00 == 0xA700 => Verdict::Retry,
         Some(_) => Verdict::Park,
-        None if f.reason.contains("accepted no presentation context") => Verdict::Park,
+        // No context for this object's SOP class — on an association that carried others (our SCU's wording), or
+        // when the peer accepted none of the association's contexts at all (dicom-ul's).
+        None if f.reason.contains("accepted no presentation context")
+            || f.reason.contains("no presentation contexts accepted") =>
+        {
+            Verdict::Park
+        }
         None => Verdict::Retry,
     }
 }
@@ -286,6 +325,13 @@ mod tests {
         assert_eq!(classify(&failure(Some(0x0122), "SOP class not supported")), Verdict::Park);
         assert_eq!(
             classify(&failure(None, "peer accepted no presentation context for SOP class 1.2 in ...")),
+            Verdict::Park
+        );
+        assert_eq!(
+            classify(&failure(
+                None,
+                "associating with PACS at 127.0.0.1:1: no presentation contexts accepted by the server"
+            )),
             Verdict::Park
         );
         assert_eq!(

@@ -8,11 +8,22 @@
 //!     ├ Measurement Group "Lungs" (TID 1411): Referenced Segment 1, lung volume
 //!     ├ Measurement Group "COVID-19 lesions": Referenced Segment 2, lesion volume, involvement %,
 //!     │    lesion count, qualitative evaluation positive/negative
-//!     └ Measurement Group "Lesion N" per lesion: Referenced Segment 2, finding site lung + laterality,
-//!          volume, mean attenuation (HU)
+//!     ├ Measurement Group "Lesion N" per lesion: Referenced Segment 2, finding site lung + laterality,
+//!     │    volume, mean attenuation (HU); with a prior study: change class (increased size / decreased size /
+//!     │    no change / new), volume change %, mean HU change
+//!     ├ Measurement Group (TID 1501) per lung and per zone ("Right lung", "Right lung upper zone", ...):
+//!     │    finding site lung or upper/middle/lower zone of lung + laterality; lesion volume, involvement %,
+//!     │    the region's lung volume
+//!     ├ Measurement Group (TID 1501) "Severity score": total 0–25, per lobe proxy (finding site = lobe +
+//!     │    laterality) score and involvement, and the score basis (zones as lobe proxies) as text
+//!     └ with a prior study — Measurement Group (TID 1501) "Follow-up": prior study UID and date, prior
+//!          involvement, change (points and relative), lesion counts per change class, progression present /
+//!          absent; and one group per resolved prior lesion ("Resolved lesion N": prior volume)
 //! ```
-//! Each group names the algorithm (TID 4019: model name and version). Involvement and lesion count have no
-//! standard code; they use our local coding scheme `99LSENTRY` (declared in Coding Scheme Identification).
+//! Each group names the algorithm (TID 4019: model name and version). Standard codes where they exist (SNOMED CT
+//! lung zones, lobes, laterality, size change; DCM Study Instance UID); involvement, counts, the score, its basis
+//! and the change figures have none and use our local coding scheme `99LSENTRY` (declared in Coding Scheme
+//! Identification).
 
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
@@ -72,6 +83,57 @@ pub const INVOLVEMENT: Code = code("LS-INVOLVEMENT", LOCAL_SCHEME, "Lung involve
 pub const LESION_COUNT: Code = code("LS-LESION-COUNT", LOCAL_SCHEME, "Number of COVID-19 lesions");
 /// The series flag (qualitative evaluation).
 pub const FLAG: Code = code("LS-FLAG", LOCAL_SCHEME, "COVID-19 pneumonia flag");
+/// Lung volume of a region (lung or zone), lesion included.
+pub const REGION_LUNG_VOLUME: Code = code("LS-REGION-LUNG", LOCAL_SCHEME, "Lung volume of the region");
+/// Total CT severity score, 0–25.
+pub const SEVERITY_SCORE: Code = code("LS-SEVERITY", LOCAL_SCHEME, "CT severity score (Chung 2020, 0-25)");
+/// One lobe's score, 0–5.
+pub const LOBE_SCORE: Code = code("LS-LOBE-SCORE", LOCAL_SCHEME, "Lobe severity score (0-5)");
+/// What the lobes of the score are.
+pub const SCORE_BASIS: Code = code("LS-SCORE-BASIS", LOCAL_SCHEME, "Severity score basis");
+/// Involvement of the prior study.
+pub const PRIOR_INVOLVEMENT: Code = code("LS-PRIOR-INV", LOCAL_SCHEME, "Lung involvement in the prior study");
+/// Involvement change, percentage points.
+pub const INVOLVEMENT_CHANGE: Code = code("LS-INV-CHANGE", LOCAL_SCHEME, "Involvement change since prior study");
+/// Involvement change relative to the prior, %.
+pub const INVOLVEMENT_CHANGE_RELATIVE: Code =
+    code("LS-INV-CHANGE-R", LOCAL_SCHEME, "Relative involvement change since prior study");
+/// Progression since the prior study (present / absent).
+pub const PROGRESSION: Code = code("LS-PROGRESSION", LOCAL_SCHEME, "Progression since prior study");
+/// A lesion's change class.
+pub const LESION_CHANGE: Code = code("LS-CHANGE", LOCAL_SCHEME, "Lesion change since prior study");
+/// A lesion's volume change, % of the prior volume.
+pub const VOLUME_CHANGE: Code = code("LS-VOL-CHANGE", LOCAL_SCHEME, "Lesion volume change since prior study");
+/// A lesion's mean attenuation change, HU.
+pub const HU_CHANGE: Code = code("LS-HU-CHANGE", LOCAL_SCHEME, "Lesion mean attenuation change since prior study");
+/// A resolved lesion's volume in the prior study.
+pub const PRIOR_VOLUME: Code = code("LS-PRIOR-VOL", LOCAL_SCHEME, "Lesion volume in the prior study");
+/// Study Date of the prior study.
+pub const PRIOR_STUDY_DATE: Code = code("LS-PRIOR-DATE", LOCAL_SCHEME, "Prior study date");
+/// Study Instance UID (of the prior study).
+pub const STUDY_INSTANCE_UID: Code = code("110180", "DCM", "Study Instance UID");
+/// Change class "new": no standard code.
+pub const NEW_LESION: Code = code("LS-NEW", LOCAL_SCHEME, "New lesion");
+/// Change class "resolved": no standard code.
+pub const RESOLVED_LESION: Code = code("LS-RESOLVED", LOCAL_SCHEME, "Resolved lesion");
+/// Change class "grown".
+pub const INCREASED_SIZE: Code = code("15454001", "SCT", "Increased size");
+/// Change class "shrunk".
+pub const DECREASED_SIZE: Code = code("19776001", "SCT", "Decreased size");
+/// Change class "stable".
+pub const NO_CHANGE: Code = code("260388006", "SCT", "No change");
+const PRESENT: Code = code("52101004", "SCT", "Present");
+const ABSENT: Code = code("272519000", "SCT", "Absent");
+const SCORE_UNIT: Code = code("{score}", "UCUM", "score");
+/// Zones of a lung (SNOMED CT, CID 6171).
+pub const UPPER_ZONE: Code = code("281392002", "SCT", "Upper zone of lung");
+/// Middle zone.
+pub const MIDDLE_ZONE: Code = code("281393007", "SCT", "Middle zone of lung");
+/// Lower zone.
+pub const LOWER_ZONE: Code = code("281394001", "SCT", "Lower zone of lung");
+const UPPER_LOBE: Code = code("45653009", "SCT", "Upper lobe of lung");
+const MIDDLE_LOBE_RIGHT: Code = code("72481006", "SCT", "Middle lobe of right lung");
+const LOWER_LOBE: Code = code("90572001", "SCT", "Lower lobe of lung");
 
 /// Relationship of a content item to its parent.
 #[derive(Clone, Copy)]
@@ -127,6 +189,10 @@ fn uidref(rel: Rel, name: &Code, uid: &str) -> Obj {
     item(rel, "UIDREF", name, vec![el(tags::UID, VR::UI, uid)], vec![])
 }
 
+fn date(rel: Rel, name: &Code, da: &str) -> Obj {
+    item(rel, "DATE", name, vec![el(tags::DATE, VR::DA, da)], vec![])
+}
+
 /// A NUM item with the value both as DS text and as exact FD.
 fn num(name: &Code, value: f64, unit: &Code, children: Vec<Obj>) -> Obj {
     let measured = obj(vec![
@@ -163,6 +229,147 @@ fn algorithm(ctx: &BuildContext) -> Vec<Obj> {
 
 fn f64_field(v: &Value, key: &str) -> Result<f64, OutputError> {
     v[key].as_f64().ok_or_else(|| OutputError::Result(format!("{key} missing or not a number")))
+}
+
+/// Finding site `site` with a laterality modifier.
+fn site_with_side(site: &Code, side: &str) -> Obj {
+    let lat = if side == "left" { &LEFT } else { &RIGHT };
+    coded(Rel::HasConceptMod, &FINDING_SITE, site, vec![coded(Rel::HasConceptMod, &LATERALITY, lat, vec![])])
+}
+
+/// One TID 1501 group (measurements and qualitative evaluations without an image region): tracking, finding,
+/// site, algorithm, then `content` (measurements, evaluations, text).
+fn group_1501(ctx: &BuildContext, tracking: &str, site: Obj, content: Vec<Obj>) -> Obj {
+    let mut c = vec![
+        text(Rel::HasObsContext, &TRACKING_IDENTIFIER, tracking),
+        uidref(Rel::HasObsContext, &TRACKING_UID, &derived_uid(&ctx.seed, &format!("tracking|{tracking}"))),
+        coded(Rel::Contains, &FINDING, &LESION, vec![]),
+        site,
+    ];
+    c.extend(algorithm(ctx));
+    c.extend(content);
+    container(Rel::Contains, &MEASUREMENT_GROUP, Some("1501"), c)
+}
+
+/// Per-lung, per-zone and severity-score groups from the result's `regional` (none when it has no such field).
+fn regional_groups(ctx: &BuildContext, result: &Value) -> Result<Vec<Obj>, OutputError> {
+    let g = &result["regional"];
+    if !g.is_object() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let regions = g["lungs"].as_array().into_iter().flatten().chain(g["zones"].as_array().into_iter().flatten());
+    for r in regions {
+        let side = r["lung"].as_str().unwrap_or("");
+        let zone = r["zone"].as_str().unwrap_or("");
+        let (site, name) = match zone {
+            "upper" => (&UPPER_ZONE, format!("{} lung upper zone", title(side))),
+            "middle" => (&MIDDLE_ZONE, format!("{} lung middle zone", title(side))),
+            "lower" => (&LOWER_ZONE, format!("{} lung lower zone", title(side))),
+            _ => (&LUNG, format!("{} lung", title(side))),
+        };
+        out.push(group_1501(
+            ctx,
+            &name,
+            site_with_side(site, side),
+            vec![
+                num(&VOLUME, f64_field(r, "lesion_volume_ml")?, &ML, vec![]),
+                num(&INVOLVEMENT, f64_field(r, "involvement_percent")?, &PERCENT, vec![]),
+                num(&REGION_LUNG_VOLUME, f64_field(r, "lung_volume_ml")?, &ML, vec![]),
+            ],
+        ));
+    }
+    let mut content = vec![num(&SEVERITY_SCORE, f64_field(g, "severity_score")?, &SCORE_UNIT, vec![])];
+    for l in g["lobes"].as_array().into_iter().flatten() {
+        let site = match l["lobe"].as_str().unwrap_or("") {
+            "RUL" => site_with_side(&UPPER_LOBE, "right"),
+            "RML" => coded(Rel::HasConceptMod, &FINDING_SITE, &MIDDLE_LOBE_RIGHT, vec![]),
+            "RLL" => site_with_side(&LOWER_LOBE, "right"),
+            "LUL" => site_with_side(&UPPER_LOBE, "left"),
+            "LLL" => site_with_side(&LOWER_LOBE, "left"),
+            other => return Err(OutputError::Result(format!("unknown lobe {other:?}"))),
+        };
+        content.push(num(&LOBE_SCORE, f64_field(l, "score")?, &SCORE_UNIT, vec![site.clone()]));
+        content.push(num(&INVOLVEMENT, f64_field(l, "involvement_percent")?, &PERCENT, vec![site]));
+    }
+    content.push(text(Rel::Contains, &SCORE_BASIS, g["score_basis"].as_str().unwrap_or("")));
+    out.push(group_1501(ctx, "Severity score", coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![]), content));
+    Ok(out)
+}
+
+fn title(side: &str) -> &'static str {
+    if side == "left" {
+        "Left"
+    } else {
+        "Right"
+    }
+}
+
+/// The comparison with the prior study (`follow_up`): one summary group and one per resolved prior lesion.
+fn follow_up_groups(ctx: &BuildContext, f: &Value) -> Result<Vec<Obj>, OutputError> {
+    if !f.is_object() {
+        return Ok(Vec::new());
+    }
+    let mut content = Vec::new();
+    if let Some(uid) = f["prior_study_instance_uid"].as_str().filter(|u| !u.is_empty()) {
+        content.push(uidref(Rel::Contains, &STUDY_INSTANCE_UID, uid));
+    }
+    if let Some(d) = f["prior_study_date"].as_str().filter(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())) {
+        content.push(date(Rel::Contains, &PRIOR_STUDY_DATE, d));
+    }
+    content.push(num(&PRIOR_INVOLVEMENT, f64_field(f, "prior_involvement_percent")?, &PERCENT, vec![]));
+    content.push(num(&INVOLVEMENT_CHANGE, f64_field(f, "involvement_change_points")?, &PERCENT, vec![]));
+    if let Some(r) = f["involvement_change_relative_percent"].as_f64() {
+        content.push(num(&INVOLVEMENT_CHANGE_RELATIVE, r, &PERCENT, vec![]));
+    }
+    for (key, name) in [
+        ("new", code("LS-N-NEW", LOCAL_SCHEME, "Number of new lesions")),
+        ("grown", code("LS-N-GROWN", LOCAL_SCHEME, "Number of grown lesions")),
+        ("shrunk", code("LS-N-SHRUNK", LOCAL_SCHEME, "Number of shrunk lesions")),
+        ("stable", code("LS-N-STABLE", LOCAL_SCHEME, "Number of stable lesions")),
+        ("resolved", code("LS-N-RESOLVED", LOCAL_SCHEME, "Number of resolved lesions")),
+    ] {
+        content.push(num(&name, f64_field(f, key)?, &LESIONS_UNIT, vec![]));
+    }
+    let progression = f["progression"].as_bool().unwrap_or(false);
+    content.push(coded(Rel::Contains, &PROGRESSION, if progression { &PRESENT } else { &ABSENT }, vec![]));
+    let lung = || coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![]);
+    let mut out = vec![group_1501(ctx, "Follow-up", lung(), content)];
+    for l in f["lesions"].as_array().into_iter().flatten().filter(|l| l["change"] == "resolved") {
+        let id = l["prior_id"].as_u64().unwrap_or(0);
+        out.push(group_1501(
+            ctx,
+            &format!("Resolved lesion {id}"),
+            lung(),
+            vec![
+                num(&PRIOR_VOLUME, f64_field(l, "volume_before_ml")?, &ML, vec![]),
+                coded(Rel::Contains, &LESION_CHANGE, &RESOLVED_LESION, vec![]),
+            ],
+        ));
+    }
+    Ok(out)
+}
+
+/// The change items of one current lesion (empty without a prior study or a match for it).
+fn lesion_change(follow_up: &Value, id: u64) -> Vec<Obj> {
+    let Some(c) = follow_up["lesions"].as_array().and_then(|a| a.iter().find(|c| c["id"].as_u64() == Some(id))) else {
+        return Vec::new();
+    };
+    let class = match c["change"].as_str().unwrap_or("") {
+        "grown" => &INCREASED_SIZE,
+        "shrunk" => &DECREASED_SIZE,
+        "stable" => &NO_CHANGE,
+        _ => &NEW_LESION,
+    };
+    let mut v = Vec::new();
+    if let Some(x) = c["volume_change_percent"].as_f64() {
+        v.push(num(&VOLUME_CHANGE, x, &PERCENT, vec![]));
+    }
+    if let Some(x) = c["mean_hu_change"].as_f64() {
+        v.push(num(&HU_CHANGE, x, &HU, vec![]));
+    }
+    v.push(coded(Rel::Contains, &LESION_CHANGE, class, vec![]));
+    v
 }
 
 /// One TID 1411 group: tracking, finding, (site), algorithm, measurements, (segment reference, source series).
@@ -258,9 +465,11 @@ pub fn build(
                     vec![coded(Rel::HasConceptMod, &DERIVATION, &MEAN, vec![])],
                 ),
             ],
-            vec![],
+            lesion_change(&result["follow_up"], id),
         ));
     }
+    groups.extend(regional_groups(ctx, result)?);
+    groups.extend(follow_up_groups(ctx, &result["follow_up"])?);
 
     let root_children = vec![
         coded(Rel::HasConceptMod, &LANGUAGE, &EN_US, vec![]),

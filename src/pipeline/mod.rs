@@ -7,6 +7,8 @@
 //!                                                                  arrives; on Complete: 3D analysis →
 //!                                                                  store result (+ outbox row) → notify
 //! ```
+//! DICOM outputs are queued after the result commit; a result whose outputs were due but not queued when the
+//! daemon stopped is rebuilt at the next start (`queue_missing_outputs`).
 //! Owns: start-up order (store, model, engine warm-up, bind, recovery of series interrupted by a crash),
 //! one worker task per active series, the completion ticker, graceful shutdown.
 //! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
@@ -216,6 +218,11 @@ impl Daemon {
             tasks.push(tokio::spawn(async move { crate::notify::run_webhook_outbox(store, alerts, sd).await }));
         }
         if !config.outputs.dicom.is_empty() {
+            let awaiting = store.results_awaiting_outputs()?;
+            if !awaiting.is_empty() {
+                tracing::info!(results = awaiting.len(), "results without their DICOM outputs queued: rebuilding them");
+                tasks.push(tokio::spawn(queue_missing_outputs(shared.clone(), awaiting)));
+            }
             let (store, cfg, ae) = (store.clone(), config.outputs.clone(), config.dicom.ae_title.clone());
             let (wake, sd) = (shared.dicom_outbox_wake.clone(), shutdown_rx.clone());
             tasks.push(tokio::spawn(crate::outputs::outbox::run_dicom_outbox(store, cfg, ae, wake, sd)));
@@ -479,17 +486,8 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     // Follow-up: compare with the same patient's latest earlier study (other series of this patient only).
     if crate::analysis::followup::comparable(&result) && !patient_key.is_empty() {
-        let history: Vec<serde_json::Value> = shared
-            .store
-            .results_for_patient(&patient_key)?
-            .into_iter()
-            .filter(|r| r.series_instance_uid != series_uid)
-            .map(|r| r.result)
-            .collect();
-        if let Some(prior) = crate::analysis::followup::pick_prior(&result, &history) {
-            let f = crate::analysis::followup::compare(&result, prior, (&shared.config.analysis).into());
-            result["follow_up"] = serde_json::to_value(&f)?;
-        }
+        let history = patient_history(&shared.store, &patient_key, series_uid)?;
+        crate::analysis::followup::link(&mut result, &history, (&shared.config.analysis).into());
     }
     let positive = result["positive"].as_bool().unwrap_or(false);
     let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
@@ -509,8 +507,17 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let alert = !reasons.is_empty() && shared.config.alerts.webhook_url.is_some();
     result["alert"] = serde_json::json!(!reasons.is_empty());
     result["alert_reasons"] = serde_json::json!(reasons);
-    let version =
-        shared.store.record_result_for_revision(series_uid, revision, positive, involvement, &result, alert)?;
+    let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
+    let version = shared.store.record_result_with_outputs(
+        series_uid,
+        revision,
+        positive,
+        involvement,
+        &result,
+        alert,
+        outputs_due,
+    )?;
+    crate::outputs::outbox::crash_point("after_result");
     result["version"] = serde_json::json!(version);
     if result["status"] == "skipped" {
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
@@ -544,6 +551,58 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     crate::notify::log_result(&result);
     shared.results_tx.send_modify(|n| *n += 1);
     Ok(())
+}
+
+/// The latest results of a patient's other series (follow-up history), as the daemon and `analyze --store` read it.
+pub fn patient_history(store: &Store, patient_key: &str, series_uid: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(store
+        .results_for_patient(patient_key)?
+        .into_iter()
+        .filter(|r| r.series_instance_uid != series_uid)
+        .map(|r| r.result)
+        .collect())
+}
+
+/// Start-up sweep: results recorded with DICOM outputs due but never queued (the daemon stopped in between) get
+/// their objects rebuilt from the spooled instances (segmented again for the masks; every number still comes from
+/// the stored result) and queued under the same derived UIDs.
+async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::StoredResult>) {
+    for r in awaiting {
+        let s = shared.clone();
+        let uid = r.series_instance_uid.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<usize> {
+            // One busy mark per slice, as the series workers do, so a long series never looks stuck to the watchdog.
+            let mut work = SeriesWork::default();
+            for (meta, path) in s.store.series_instances(&r.series_instance_uid)? {
+                let _busy = s.live.busy("slice segmentation");
+                work.add(&s.ctx, meta, &path);
+            }
+            let _busy = s.live.busy("rebuilding DICOM outputs");
+            let patient_key = r.result["patient_key"].as_str().unwrap_or("");
+            let (_, slices) = work.finish_with_slices(&s.ctx, patient_key, "", "", true);
+            crate::outputs::outbox::enqueue_result(
+                &s.store,
+                &s.config.outputs,
+                &s.config.storage.data_dir,
+                &r.result,
+                &slices,
+                r.version as i64,
+            )
+        })
+        .await;
+        match done {
+            Ok(Ok(n)) => {
+                tracing::info!(series = %crate::store::series_log_key(&uid), queued = n,
+                    "DICOM outputs of a result recorded before the restart queued");
+                shared.dicom_outbox_wake.notify_one();
+            }
+            Ok(Err(e)) => tracing::error!(series = %crate::store::series_log_key(&uid), error = %format!("{e:#}"),
+                "DICOM outputs could not be made; retried at the next start"),
+            Err(e) => {
+                tracing::error!(series = %crate::store::series_log_key(&uid), error = %e, "rebuilding outputs panicked")
+            }
+        }
+    }
 }
 
 async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {

@@ -84,6 +84,19 @@ impl Daemon {
         Self::start_with(dir, "", config_extra)
     }
 
+    /// Like [`Daemon::start`], with environment variables for the daemon process (this start only, not restarts).
+    pub fn start_env(dir: &Path, config_extra: &str, env: &[(&str, &str)]) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let config = dir.join("lungsentry.toml");
+        let text = format!(
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
+            dir.join("data").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        Self::spawn_env(dir, port, config, env)
+    }
+
     /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
     pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
@@ -98,11 +111,16 @@ impl Daemon {
     }
 
     fn spawn(dir: &Path, port: u16, config: PathBuf) -> Daemon {
+        Self::spawn_env(dir, port, config, &[])
+    }
+
+    fn spawn_env(dir: &Path, port: u16, config: PathBuf, env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -113,12 +131,29 @@ impl Daemon {
     }
 
     /// Same data dir and config, new process (after a kill).
-    pub fn restart(mut self) -> Daemon {
+    pub fn restart(self) -> Daemon {
+        self.restart_env(&[])
+    }
+
+    /// [`Daemon::restart`] with environment variables for the new process.
+    pub fn restart_env(mut self, env: &[(&str, &str)]) -> Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let (dir, port, config) = (self.dir.clone(), self.port, self.config.clone());
         std::mem::forget(self);
-        Self::spawn(&dir, port, config)
+        Self::spawn_env(&dir, port, config, env)
+    }
+
+    /// Waits until the process ends by itself (e.g. at a `LUNGSENTRY_TEST_CRASH_AT` point); panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn wait_ready(&self) {
@@ -290,4 +325,59 @@ impl HttpDaemon {
         }
         d
     }
+}
+
+/// A DCMTK `storescp` child, killed on drop.
+pub struct Storescp {
+    pub child: Child,
+}
+
+impl Drop for Storescp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DCMTK storescp as AE `PACS` on a free port, writing into `dir`; waits until it answers C-ECHO. `ct_only`: it
+/// negotiates only Verification and CT Image Storage (an association profile written into `dir`), so every other
+/// SOP class is refused for good (no accepted presentation context) — a real peer that refuses our outputs.
+pub fn storescp(dir: &Path, ct_only: bool) -> (Storescp, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new("storescp");
+    cmd.args(["-aet", "PACS", "-od"]).arg(dir);
+    if ct_only {
+        let cfg = dir.with_extension("ct-only.cfg");
+        std::fs::write(
+            &cfg,
+            "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n\
+             TransferSyntax2 = LittleEndianImplicit\n\n[[PresentationContexts]]\n[CTOnly]\n\
+             PresentationContext1 = VerificationSOPClass\\Uncompressed\n\
+             PresentationContext2 = CTImageStorage\\Uncompressed\n\n[[Profiles]]\n[Default]\n\
+             PresentationContexts = CTOnly\n",
+        )
+        .unwrap();
+        cmd.arg("-xf").arg(&cfg).arg("Default");
+    }
+    let child = cmd
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp (apt-get install dcmtk)");
+    let s = Storescp { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new("echoscu")
+        .args(["-aec", "PACS", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|st| st.success())
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "storescp did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (s, port)
 }

@@ -5,8 +5,10 @@ usage: check_dicom_outputs.py RESULT_JSON SOURCE_DIR OUTPUT_DIR VERSION
 
 Checks structure, references and codes (not lesion accuracy): the SEG's segments, codes, algorithm identification,
 frame of reference and per-frame source references; that the SEG's voxel counts give the result's volumes; the SR's
-TID 1500 tree as highdicom parses it, with every number equal to the result JSON; the key images' study, series,
-banner and burned-in contours. Prints one line per object and exits non-zero on the first failed check.
+TID 1500 tree as highdicom parses it, with every number equal to the result JSON — totals, lesions, regional
+involvement per lung and zone, the severity score with its lobes and basis, and (when the result has a prior study)
+the follow-up figures and each lesion's change class; the key images' study, series, banner and burned-in contours.
+Prints one line per object and exits non-zero on the first failed check.
 """
 import glob
 import json
@@ -31,6 +33,103 @@ def check(cond, msg):
 
 def code_tuple(c):
     return (c.value, c.scheme_designator, c.meaning)
+
+
+L = "99LSENTRY"
+
+
+def local(value, meaning):
+    return hd.sr.CodedConcept(value, L, meaning)
+
+
+def text_items(group, code_value):
+    return [i.value for i in group[0].ContentSequence if i.ValueType == "TEXT" and i.name.value == code_value]
+
+
+def site_of(sites):
+    check(len(sites) == 1, f"one finding site, got {len(sites)}")
+    s = sites[0]
+    lat = s.laterality
+    return (s.value.value, s.value.scheme_designator, lat.value if lat is not None else None)
+
+
+def check_regional_and_follow_up(report, result, one):
+    """TID 1501 groups: per lung and zone, severity score, follow-up; change items in the TID 1411 lesion groups."""
+    groups = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
+    inv = local("LS-INVOLVEMENT", "Lung involvement by COVID-19 lesions")
+    region_lung = local("LS-REGION-LUNG", "Lung volume of the region")
+    side_code = {"right": "24028007", "left": "7771000"}
+    zone_code = {"whole": "39607008", "upper": "281392002", "middle": "281393007", "lower": "281394001"}
+    reg = result["regional"]
+    regions = reg["lungs"] + reg["zones"]
+    check(len(regions) == 8, f"{len(regions)} regions in the result")
+    for r in regions:
+        name = r["lung"].capitalize() + " lung" + ("" if r["zone"] == "whole" else f" {r['zone']} zone")
+        check(name in groups, f"SR group {name!r} missing: {sorted(groups)}")
+        g = groups[name]
+        check(g.finding_type == codes.SCT.Lesion, f"{name}: finding lesion")
+        check(site_of(g.finding_sites) == (zone_code[r["zone"]], "SCT", side_code[r["lung"]]), f"{name}: finding site")
+        check(one(g, codes.SCT.Volume, "ml") == r["lesion_volume_ml"], f"{name}: lesion volume")
+        check(one(g, inv, "%") == r["involvement_percent"], f"{name}: involvement")
+        check(one(g, region_lung, "ml") == r["lung_volume_ml"], f"{name}: lung volume")
+    g = groups["Severity score"]
+    check(one(g, local("LS-SEVERITY", "CT severity score (Chung 2020, 0-25)"), "{score}") == reg["severity_score"],
+          "severity score")
+    lobe_sites = {"RUL": ("45653009", "SCT", "24028007"), "RML": ("72481006", "SCT", None),
+                  "RLL": ("90572001", "SCT", "24028007"), "LUL": ("45653009", "SCT", "7771000"),
+                  "LLL": ("90572001", "SCT", "7771000")}
+    scores = g.get_measurements(name=local("LS-LOBE-SCORE", "Lobe severity score (0-5)"))
+    invs = g.get_measurements(name=inv)
+    check(len(scores) == 5 and len(invs) == 5, "five lobe scores and involvements")
+    for lobe, s, i in zip(reg["lobes"], scores, invs):
+        check(site_of(s.finding_sites) == lobe_sites[lobe["lobe"]], f"{lobe['lobe']} score site")
+        check(site_of(i.finding_sites) == lobe_sites[lobe["lobe"]], f"{lobe['lobe']} involvement site")
+        check(s.value == lobe["score"], f"{lobe['lobe']} score")
+        check(i.value == lobe["involvement_percent"], f"{lobe['lobe']} involvement")
+    check(text_items(g, "LS-SCORE-BASIS") == [reg["score_basis"]], "score basis text")
+    print(f"SR regional ok: 8 regions, severity score {reg['severity_score']}/25")
+
+    f = result.get("follow_up")
+    if f is None:
+        check("Follow-up" not in groups, "no follow-up group without a prior study")
+        return
+    g = groups["Follow-up"]
+    uids = [i.value for i in g[0].ContentSequence if i.ValueType == "UIDREF" and i.name.value == "110180"]
+    check(uids == [f["prior_study_instance_uid"]], "prior study UID")
+    check(one(g, local("LS-PRIOR-INV", "Lung involvement in the prior study"), "%") == f["prior_involvement_percent"],
+          "prior involvement")
+    check(one(g, local("LS-INV-CHANGE", "Involvement change since prior study"), "%") == f["involvement_change_points"],
+          "involvement change")
+    rel = g.get_measurements(name=local("LS-INV-CHANGE-R", "Relative involvement change since prior study"))
+    if f["involvement_change_relative_percent"] is None:
+        check(not rel, "no relative change without prior involvement")
+    else:
+        check(len(rel) == 1 and rel[0].value == f["involvement_change_relative_percent"], "relative change")
+    for k in ["new", "grown", "shrunk", "stable", "resolved"]:
+        check(one(g, local(f"LS-N-{k.upper()}", f"Number of {k} lesions")) == f[k], f"number of {k} lesions")
+    ev = g.get_qualitative_evaluations(name=local("LS-PROGRESSION", "Progression since prior study"))
+    check(len(ev) == 1 and ev[0].value.value == ("52101004" if f["progression"] else "272519000"), "progression flag")
+    change = local("LS-CHANGE", "Lesion change since prior study")
+    klass = {"grown": "15454001", "shrunk": "19776001", "stable": "260388006", "new": "LS-NEW"}
+    vol_change = local("LS-VOL-CHANGE", "Lesion volume change since prior study")
+    volumetric = {x.tracking_identifier: x for x in report.get_volumetric_roi_measurement_groups()}
+    for c in f["lesions"]:
+        if c["change"] == "resolved":
+            r = groups[f"Resolved lesion {c['prior_id']}"]
+            ev = r.get_qualitative_evaluations(name=change)
+            check(len(ev) == 1 and ev[0].value.value == "LS-RESOLVED", f"resolved lesion {c['prior_id']}")
+            check(one(r, local("LS-PRIOR-VOL", "Lesion volume in the prior study"), "ml") == c["volume_before_ml"],
+                  "resolved lesion prior volume")
+            continue
+        lg = volumetric[f"Lesion {c['id']}"]
+        ev = lg.get_qualitative_evaluations(name=change)
+        check(len(ev) == 1 and ev[0].value.value == klass[c["change"]], f"lesion {c['id']} change {c['change']}")
+        vc = lg.get_measurements(name=vol_change)
+        if c["volume_change_percent"] is None:
+            check(not vc, f"lesion {c['id']}: no volume change for a new lesion")
+        else:
+            check(len(vc) == 1 and vc[0].value == c["volume_change_percent"], f"lesion {c['id']} volume change")
+    print(f"SR follow-up ok: {len(f['lesions'])} lesion changes, progression {f['progression']}")
 
 
 def main():
@@ -156,6 +255,7 @@ def main():
         lat = site.laterality
         check(lat == (codes.SCT.Left if l["side"] == "left" else codes.SCT.Right), "laterality")
         check(segment_ref(g) == (seg.SOPInstanceUID, 2), f"lesion {l['id']} references SEG segment 2")
+    check_regional_and_follow_up(report, result, one)
     ev_uids = {i.ReferencedSOPInstanceUID
                for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
                for i in s.ReferencedSOPSequence}

@@ -76,6 +76,8 @@ pub struct Daemon {
     pub port: u16,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// Extra `echoscu` arguments of the readiness probe (e.g. `+tls KEY CERT +cf CA` for a TLS listener).
+    pub probe: Vec<String>,
 }
 
 impl Daemon {
@@ -86,6 +88,11 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
     pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
+        Self::start_probed(dir, dicom_extra, config_extra, &[])
+    }
+
+    /// Like [`Daemon::start_with`]; the readiness C-ECHO is sent with the extra `echoscu` arguments `probe`.
+    pub fn start_probed(dir: &Path, dicom_extra: &str, config_extra: &str, probe: &[&str]) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");
@@ -94,10 +101,10 @@ impl Daemon {
             dir.join("data").display()
         );
         std::fs::write(&config, text).unwrap();
-        Self::spawn(dir, port, config)
+        Self::spawn(dir, port, config, probe.iter().map(|s| s.to_string()).collect())
     }
 
-    fn spawn(dir: &Path, port: u16, config: PathBuf) -> Daemon {
+    fn spawn(dir: &Path, port: u16, config: PathBuf, probe: Vec<String>) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
@@ -107,7 +114,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("start lungsentry serve");
-        let d = Daemon { child, port, dir: dir.to_path_buf(), config };
+        let d = Daemon { child, port, dir: dir.to_path_buf(), config, probe };
         d.wait_ready();
         d
     }
@@ -116,15 +123,16 @@ impl Daemon {
     pub fn restart(mut self) -> Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (dir, port, config) = (self.dir.clone(), self.port, self.config.clone());
+        let (dir, port, config, probe) = (self.dir.clone(), self.port, self.config.clone(), self.probe.clone());
         std::mem::forget(self);
-        Self::spawn(&dir, port, config)
+        Self::spawn(&dir, port, config, probe)
     }
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let ok = Command::new("echoscu")
+                .args(&self.probe)
                 .args(["-aet", "CT1", "-aec", "LUNGSENTRY", "127.0.0.1", &self.port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -381,7 +381,13 @@ impl AssociationHandler {
         assoc
             .send(&Pdu::PData { data: vec![command_pdv(pc_id, encoded)] })
             .await
-            .map_err(|e| AnswerError::Send(e.to_string()))
+            .map_err(|e| AnswerError::Send(e.to_string()))?;
+        // TLS buffers records that did not fit the socket at once; push the response out now (no-op on TCP).
+        match tokio::time::timeout(self.settings.idle_timeout, assoc.inner_stream().flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AnswerError::Send(e.to_string())),
+            Err(_) => Err(AnswerError::Send("flush timed out".into())),
+        }
     }
 }
 

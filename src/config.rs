@@ -50,6 +50,35 @@ pub struct DicomConfig {
     pub association_idle_timeout_s: u64,
     /// Calling AE + peer address pairs allowed to associate; empty = anyone (warned at start).
     pub allowed_peers: Vec<AllowedPeer>,
+    /// DICOM over TLS: when set, every association on the port is TLS (no plaintext fallback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[dicom.tls]`: the listener's certificate and key, and optional client-certificate verification. The files are
+/// read when the daemon starts (see `receive::tls`); problems there are start-up errors naming the key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with our certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1), unencrypted.
+    pub key: PathBuf,
+    /// PEM file of CA certificates that client certificates are verified against. Without it no client
+    /// certificate is asked for; with it a presented certificate must chain to one of these.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Refuse peers without a client certificate signed by `ca` (needs `ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// A connection must finish the TLS handshake and send its A-ASSOCIATE-RQ within this many seconds, or it is
+    /// dropped (frees its association slot).
+    #[serde(default = "default_tls_handshake_timeout_s")]
+    pub handshake_timeout_s: u64,
+}
+
+fn default_tls_handshake_timeout_s() -> u64 {
+    10
 }
 
 /// One entry of the allow-list: both the calling AE title and the peer host must match.
@@ -165,6 +194,7 @@ impl Default for DicomConfig {
             max_message_mb: 256,
             association_idle_timeout_s: 60,
             allowed_peers: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -261,6 +291,23 @@ impl Config {
                 bail!("dicom.allowed_peers[{i}].host must be an IP address, got {:?}", p.host);
             }
         }
+        if let Some(t) = &d.tls {
+            if t.cert.as_os_str().is_empty() {
+                bail!("dicom.tls.cert must name a PEM certificate file");
+            }
+            if t.key.as_os_str().is_empty() {
+                bail!("dicom.tls.key must name a PEM private key file");
+            }
+            if t.ca.as_ref().is_some_and(|c| c.as_os_str().is_empty()) {
+                bail!("dicom.tls.ca must name a PEM file of CA certificates (or be left out)");
+            }
+            if t.require_client_cert && t.ca.is_none() {
+                bail!("dicom.tls.require_client_cert needs dicom.tls.ca (the CA that signs client certificates)");
+            }
+            if t.handshake_timeout_s == 0 {
+                bail!("dicom.tls.handshake_timeout_s must be at least 1");
+            }
+        }
         let s = &self.series;
         if !(s.quiet_period_s >= 0.0 && s.quiet_period_s.is_finite()) {
             bail!("series.quiet_period_s must be >= 0");
@@ -336,6 +383,21 @@ mod tests {
         assert!(format!("{e:#}").contains("allowed_peers[0].host"), "{e:#}");
         let e = Config::parse("[alerts]\nwebhook_url = \"ftp://x\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("alerts.webhook_url"), "{e:#}");
+    }
+
+    #[test]
+    fn tls_section() {
+        let c = Config::parse("[dicom.tls]\ncert = \"/etc/c.pem\"\nkey = \"/etc/k.pem\"\n").unwrap();
+        let t = c.dicom.tls.unwrap();
+        assert_eq!((t.ca, t.require_client_cert, t.handshake_timeout_s), (None, false, 10));
+        let e = Config::parse("[dicom.tls]\ncert = \"/etc/c.pem\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("key"), "{e:#}");
+        let e = Config::parse("[dicom.tls]\ncert = \"c\"\nkey = \"k\"\nrequire_client_cert = true\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dicom.tls.require_client_cert"), "{e:#}");
+        let e = Config::parse("[dicom.tls]\ncert = \"c\"\nkey = \"k\"\nhandshake_timeout_s = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dicom.tls.handshake_timeout_s"), "{e:#}");
+        let e = Config::parse("[dicom.tls]\ncert = \"c\"\nkey = \"k\"\ncafile = \"x\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("cafile"), "{e:#}");
     }
 }
 

@@ -121,6 +121,11 @@ impl Daemon {
     /// Opens the store and spool, verifies and warms the model, binds the SCP, resumes interrupted series.
     pub async fn start(config: Config) -> Result<Daemon> {
         config.validate()?;
+        // `[dicom.tls]` files are read now, so a missing or bad certificate/key stops the start with its key named
+        // (the listener builds its own copy below).
+        if let Some(tls) = &config.dicom.tls {
+            receive::tls::server_config(tls)?;
+        }
         // Everything the daemon creates (spool, store, outputs, dashboard images) is private to its user, also when
         // it runs outside systemd (whose unit sets UMask=0077 too).
         // SAFETY: umask only changes this process's file-creation mask.
@@ -172,7 +177,7 @@ impl Daemon {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding DICOM listener on {addr}"))?;
         let dicom_addr = listener.local_addr()?;
-        tracing::info!(%dicom_addr, ae_title = %config.dicom.ae_title, "DICOM SCP listening");
+        tracing::info!(%dicom_addr, ae_title = %config.dicom.ae_title, tls = config.dicom.tls.is_some(), "DICOM SCP listening");
 
         let (events_tx, events_rx) = mpsc::channel::<ReceiveEvent>(64);
         {

@@ -1,6 +1,8 @@
 //! association — one peer's association, from its first byte to release or abort.
 //!
-//! Owns: negotiation (through dicom-ul, with [`PeerPolicy`] and the lists in `syntax`), reading PDUs with the
+//! Owns: the TLS handshake when `[dicom.tls]` is set (bounded, with the association request, by its
+//! `handshake_timeout_s`; failures are logged as such and end only this connection), negotiation (through
+//! dicom-ul, with [`PeerPolicy`] and the lists in `syntax`), reading PDUs with the
 //! idle timeout (and TCP_QUICKACK after each read, see [`Tuning`]), feeding P-DATA into the
 //! [`MessageAssembler`], dispatching each complete message to its command handler and sending the response,
 //! A-RELEASE / A-ABORT handling, and the closing [`ReceiveEvent::Released`].
@@ -15,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use dicom_ul::association::server::AsyncServerAssociation;
+use dicom_ul::association::server::{AsyncServerAssociation, AsyncTlsStream};
 use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PresentationContextResultReason};
 use dicom_ul::{Pdu, ServerAssociationOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, field, info, instrument, warn, Span};
 
 use super::dimse::{command, command_pdv, CommandSet, DimseError, Message, MessageAssembler};
@@ -44,6 +47,35 @@ pub(super) struct Settings {
     pub allowed: Arc<Vec<AllowedPeer>>,
     /// Transport tuning.
     pub tuning: Tuning,
+    /// `[dicom.tls]`: when set, every connection must complete a TLS handshake first.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The TLS side of [`Settings`].
+#[derive(Debug)]
+pub(super) struct TlsSettings {
+    /// rustls configuration (certificate, key, client verification), built at start-up.
+    pub config: Arc<rustls::ServerConfig>,
+    /// From accept to an established association (TLS handshake + A-ASSOCIATE-RQ), at most this long.
+    pub handshake_timeout: Duration,
+}
+
+/// The byte stream under an association: plain TCP or TLS over TCP.
+pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP socket underneath (for TCP_QUICKACK).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for AsyncTlsStream {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
 }
 
 /// Why serving an association stopped.
@@ -86,18 +118,30 @@ impl AssociationHandler {
         if self.settings.tuning.tcp_quickack {
             set_quickack(&socket);
         }
-        // Wait for the A-ASSOCIATE-RQ's first byte, bounded by the idle timeout and the shutdown signal.
+        // Plain DICOM: the A-ASSOCIATE-RQ must start within the idle timeout. TLS: the handshake and the
+        // A-ASSOCIATE-RQ must be done within the handshake timeout, counted from here.
+        let wait = match &self.settings.tls {
+            Some(t) => t.handshake_timeout,
+            None => self.settings.idle_timeout,
+        };
+        let deadline = Instant::now() + wait;
+        // Wait for the first byte, bounded by that deadline and the shutdown signal.
         let mut probe = [0u8; 1];
         let first = tokio::select! {
-            r = tokio::time::timeout(self.settings.idle_timeout, socket.peek(&mut probe)) => r,
+            r = tokio::time::timeout_at(deadline, socket.peek(&mut probe)) => r,
             _ = self.shutdown.wait_for(|v| *v) => { debug!("shutdown before association request"); return; }
         };
         match first {
-            Err(_) => {
-                info!(
-                    timeout_s = self.settings.idle_timeout.as_secs(),
-                    "no association request within the idle timeout; aborting"
+            Err(_) if self.settings.tls.is_some() => {
+                warn!(
+                    timeout_s = wait.as_secs(),
+                    "TLS handshake not started within the handshake timeout; connection dropped"
                 );
+                let _ = socket.shutdown().await;
+                return;
+            }
+            Err(_) => {
+                info!(timeout_s = wait.as_secs(), "no association request within the idle timeout; aborting");
                 let mut buf = Vec::new();
                 if dicom_ul::write_pdu(&mut buf, &abort_pdu()).is_ok() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), socket.write_all(&buf)).await;
@@ -129,13 +173,33 @@ impl AssociationHandler {
         for t in syntax::TRANSFER_SYNTAXES {
             options = options.with_transfer_syntax(*t);
         }
-        let mut assoc = match options.establish_async(socket).await {
-            Ok(a) => a,
-            Err(e) => {
-                info!(error = %e, "association not established");
-                return;
+        let Some(tls) = &self.settings.tls else {
+            match options.establish_async(socket).await {
+                Ok(assoc) => self.established(assoc).await,
+                Err(e) => info!(error = %e, "association not established"),
             }
+            return;
         };
+        let options = options.tls_config(tls.config.clone());
+        let established = tokio::select! {
+            r = tokio::time::timeout_at(deadline, options.establish_tls_async(socket)) => r,
+            _ = self.shutdown.wait_for(|v| *v) => { debug!("shutdown during the TLS handshake"); return; }
+        };
+        match established {
+            Ok(Ok(assoc)) => self.established(assoc).await,
+            Err(_) => warn!(
+                timeout_s = wait.as_secs(),
+                "TLS handshake and association request not completed within the handshake timeout; connection dropped"
+            ),
+            Ok(Err(e @ dicom_ul::association::Error::TlsHandshake { .. })) => {
+                warn!(error = %error_chain(&e), "TLS handshake failed; connection dropped")
+            }
+            Ok(Err(e)) => info!(error = %error_chain(&e), tls = true, "association not established"),
+        }
+    }
+
+    /// Serves an established association (plain or TLS) to its end and reports the end.
+    async fn established<S: Transport>(&mut self, mut assoc: AsyncServerAssociation<S>) {
         Span::current().record("calling_ae", assoc.peer_ae_title().trim());
         let contexts: HashMap<u8, Context> = assoc
             .presentation_contexts()
@@ -155,6 +219,7 @@ impl AssociationHandler {
             accepted_contexts = contexts.len(),
             proposed_contexts = assoc.presentation_contexts().len(),
             peer_max_pdu = assoc.peer_max_pdu_length(),
+            tls = self.settings.tls.is_some(),
             "association established"
         );
 
@@ -165,9 +230,9 @@ impl AssociationHandler {
         let _ = self.events.send(ReceiveEvent::Released { association: self.id, aborted }).await;
     }
 
-    async fn serve(
+    async fn serve<S: Transport>(
         &mut self,
-        assoc: &mut AsyncServerAssociation<TcpStream>,
+        assoc: &mut AsyncServerAssociation<S>,
         contexts: &HashMap<u8, Context>,
         stats: &mut Stats,
     ) -> End {
@@ -258,9 +323,9 @@ impl AssociationHandler {
     }
 
     /// Runs one message's command handler and sends its response.
-    async fn dispatch(
+    async fn dispatch<S: Transport>(
         &self,
-        assoc: &mut AsyncServerAssociation<TcpStream>,
+        assoc: &mut AsyncServerAssociation<S>,
         contexts: &HashMap<u8, Context>,
         message: Message,
         stats: &mut Stats,
@@ -316,7 +381,13 @@ impl AssociationHandler {
         assoc
             .send(&Pdu::PData { data: vec![command_pdv(pc_id, encoded)] })
             .await
-            .map_err(|e| AnswerError::Send(e.to_string()))
+            .map_err(|e| AnswerError::Send(e.to_string()))?;
+        // TLS buffers records that did not fit the socket at once; push the response out now (no-op on TCP).
+        match tokio::time::timeout(self.settings.idle_timeout, assoc.inner_stream().flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AnswerError::Send(e.to_string())),
+            Err(_) => Err(AnswerError::Send("flush timed out".into())),
+        }
     }
 }
 
@@ -352,8 +423,8 @@ enum ReadError {
 /// Reads one PDU from the association's socket into its read buffer. Like dicom-ul's own receive, but it
 /// re-arms TCP_QUICKACK after every read so a Nagle-enabled sender never waits for our delayed ACK, and it
 /// keeps the buffer's spare capacity large enough for whole PDUs. Cancel-safe: bytes read stay buffered.
-async fn read_pdu(
-    assoc: &mut AsyncServerAssociation<TcpStream>,
+async fn read_pdu<S: Transport>(
+    assoc: &mut AsyncServerAssociation<S>,
     max_pdu: u32,
     quickack: bool,
 ) -> Result<Pdu, ReadError> {
@@ -371,7 +442,7 @@ async fn read_pdu(
             return Err(ReadError::Closed);
         }
         if quickack {
-            set_quickack(socket);
+            set_quickack(socket.tcp());
         }
     }
 }
@@ -398,9 +469,21 @@ fn abort_pdu() -> Pdu {
     Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) }
 }
 
-async fn abort(assoc: &mut AsyncServerAssociation<TcpStream>) {
+async fn abort<S: Transport>(assoc: &mut AsyncServerAssociation<S>) {
     let _ = assoc.send(&abort_pdu()).await;
     let _ = assoc.inner_stream().shutdown().await;
+}
+
+/// An error and its causes, `: `-separated (dicom-ul's TLS errors keep the rustls reason in a source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn pdu_name(pdu: &Pdu) -> &'static str {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use super::association::{AssociationHandler, Settings};
+use super::association::{AssociationHandler, Settings, TlsSettings};
 use super::ReceiveEvent;
 use crate::config::DicomConfig;
 
@@ -49,7 +49,8 @@ impl Default for Tuning {
 ///
 /// `cfg` supplies the AE title (the called AE title must match it), `max_associations`, `max_message_mb`
 /// (bigger messages are read, dropped and answered `0xA700`), `association_idle_timeout_s` and
-/// `allowed_peers`; `cfg.bind`/`cfg.port` are not used — the caller binds `listener`.
+/// `allowed_peers`; `cfg.bind`/`cfg.port` are not used — the caller binds `listener`. With `cfg.tls` set every
+/// connection is served over TLS only (its files are read here, before the first accept: a bad file is an error).
 ///
 /// Returns once no association is left after shutdown. Accept errors are retried with backoff, not returned.
 pub async fn run(
@@ -69,18 +70,37 @@ pub async fn run_with(
     mut shutdown: watch::Receiver<bool>,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(TlsSettings {
+            config: super::tls::server_config(t)?,
+            handshake_timeout: Duration::from_secs(t.handshake_timeout_s.max(1)),
+        }),
+        None => None,
+    };
     let settings = Arc::new(Settings {
         ae_title: cfg.ae_title.clone(),
         max_message_bytes: (cfg.max_message_mb as u64).saturating_mul(1024 * 1024),
         idle_timeout: Duration::from_secs(cfg.association_idle_timeout_s.max(1)),
         allowed: Arc::new(cfg.allowed_peers.clone()),
         tuning,
+        tls,
     });
     let local = listener.local_addr()?;
     if cfg.allowed_peers.is_empty() {
         warn!("dicom.allowed_peers is empty: any calling AE title from any address may send");
     }
-    info!(ae_title = %cfg.ae_title, %local, max_associations = cfg.max_associations, "DICOM listener ready");
+    info!(
+        ae_title = %cfg.ae_title,
+        %local,
+        max_associations = cfg.max_associations,
+        tls = settings.tls.is_some(),
+        client_cert = cfg.tls.as_ref().map_or("off", |t| match (&t.ca, t.require_client_cert) {
+            (None, _) => "off",
+            (Some(_), false) => "verified if presented",
+            (Some(_), true) => "required",
+        }),
+        "DICOM listener ready"
+    );
 
     let limit = Arc::new(Semaphore::new(cfg.max_associations.max(1)));
     let mut handlers = JoinSet::new();

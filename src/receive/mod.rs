@@ -1,8 +1,9 @@
 //! receive — the DICOM SCP: association listener, DIMSE message assembly, C-ECHO and C-STORE handlers.
 //!
 //! Owns: TCP accept loop (bounded by `max_associations`, TCP_NODELAY on every socket, backoff on accept errors),
-//! association negotiation (our AE title, calling-AE + peer-IP allow-list, presentation contexts), turning
-//! P-DATA fragments into complete DIMSE messages (size-capped), and answering each command with a status.
+//! DICOM over TLS when `[dicom.tls]` is set (`tls`; no plaintext on that port), association negotiation (our AE
+//! title, calling-AE + peer-IP allow-list, presentation contexts), turning P-DATA fragments into complete DIMSE
+//! messages (size-capped), and answering each command with a status.
 //! Hands to the next stage: every C-STORE dataset as a [`ReceiveEvent::Instance`] whose reply (the DIMSE
 //! status) comes back on a oneshot *after* the spool has made it durable; association ends as
 //! [`ReceiveEvent::Released`].
@@ -19,6 +20,7 @@ mod listener;
 mod policy;
 mod store;
 pub mod syntax;
+pub mod tls;
 
 pub use listener::{run, run_with, Tuning};
 

@@ -76,6 +76,8 @@ pub struct Daemon {
     pub port: u16,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// Extra `echoscu` arguments of the readiness probe (e.g. `+tls KEY CERT +cf CA` for a TLS listener).
+    pub probe: Vec<String>,
 }
 
 impl Daemon {
@@ -86,19 +88,23 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with environment variables for the daemon process (this start only, not restarts).
     pub fn start_env(dir: &Path, config_extra: &str, env: &[(&str, &str)]) -> Daemon {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
-        let config = dir.join("lungsentry.toml");
-        let text = format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
-            dir.join("data").display()
-        );
-        std::fs::write(&config, text).unwrap();
-        Self::spawn_env(dir, port, config, env)
+        let (port, config) = Self::write_config(dir, "", config_extra);
+        Self::spawn_env(dir, port, config, Vec::new(), env)
     }
 
     /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
     pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
+        Self::start_probed(dir, dicom_extra, config_extra, &[])
+    }
+
+    /// Like [`Daemon::start_with`]; the readiness C-ECHO is sent with the extra `echoscu` arguments `probe`.
+    pub fn start_probed(dir: &Path, dicom_extra: &str, config_extra: &str, probe: &[&str]) -> Daemon {
+        let (port, config) = Self::write_config(dir, dicom_extra, config_extra);
+        Self::spawn(dir, port, config, probe.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The test config (a free port, the data dir under `dir`, HTTP off) plus the extra TOML; returns its port and path.
+    fn write_config(dir: &Path, dicom_extra: &str, config_extra: &str) -> (u16, PathBuf) {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");
@@ -107,14 +113,14 @@ impl Daemon {
             dir.join("data").display()
         );
         std::fs::write(&config, text).unwrap();
-        Self::spawn(dir, port, config)
+        (port, config)
     }
 
-    fn spawn(dir: &Path, port: u16, config: PathBuf) -> Daemon {
-        Self::spawn_env(dir, port, config, &[])
+    fn spawn(dir: &Path, port: u16, config: PathBuf, probe: Vec<String>) -> Daemon {
+        Self::spawn_env(dir, port, config, probe, &[])
     }
 
-    fn spawn_env(dir: &Path, port: u16, config: PathBuf, env: &[(&str, &str)]) -> Daemon {
+    fn spawn_env(dir: &Path, port: u16, config: PathBuf, probe: Vec<String>, env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
@@ -125,7 +131,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("start lungsentry serve");
-        let d = Daemon { child, port, dir: dir.to_path_buf(), config };
+        let d = Daemon { child, port, dir: dir.to_path_buf(), config, probe };
         d.wait_ready();
         d
     }
@@ -139,9 +145,9 @@ impl Daemon {
     pub fn restart_env(mut self, env: &[(&str, &str)]) -> Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (dir, port, config) = (self.dir.clone(), self.port, self.config.clone());
+        let (dir, port, config, probe) = (self.dir.clone(), self.port, self.config.clone(), self.probe.clone());
         std::mem::forget(self);
-        Self::spawn_env(&dir, port, config, env)
+        Self::spawn_env(&dir, port, config, probe, env)
     }
 
     /// Waits until the process ends by itself (e.g. at a `LUNGSENTRY_TEST_CRASH_AT` point); panics after `timeout`.
@@ -160,6 +166,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let ok = Command::new("echoscu")
+                .args(&self.probe)
                 .args(["-aet", "CT1", "-aec", "LUNGSENTRY", "127.0.0.1", &self.port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -107,15 +107,7 @@ fn positive_series_is_flagged_on_the_dashboard() {
 
     // A follow-up study of the same patient: linked to the first, its outputs refused for good by the CT-only PACS.
     let fu = tmp.path().join("follow-up");
-    let st = Command::new(common::bin())
-        .args(["phantom", "--out"])
-        .arg(&fu)
-        .args(["--seed", "62", "--follow-up-of"])
-        .arg(&src)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    common::phantom_follow_up(&fu, 62, &src);
     let (ok, out) = common::storescu(d.dicom_port, "CT1", &[&fu], true);
     assert!(ok, "{out}");
     let fu_truth: serde_json::Value = serde_json::from_slice(&std::fs::read(fu.join("truth.json")).unwrap()).unwrap();

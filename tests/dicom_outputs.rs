@@ -121,14 +121,7 @@ fn sr_carries_regional_and_follow_up_figures() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("baseline"), tmp.path().join("follow-up"));
     common::phantom(&a, 41101, 24, "moderate");
-    let st = Command::new(common::bin())
-        .args(["phantom", "--out"])
-        .arg(&b)
-        .args(["--seed", "41102", "--follow-up-of"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    common::phantom_follow_up(&b, 41102, &a);
     let out = tmp.path().join("out");
     // Both studies in one run: the follow-up is linked before its objects are written.
     let o = Command::new(common::bin())

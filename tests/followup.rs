@@ -34,14 +34,7 @@ fn analyze_links_a_phantom_follow_up_to_its_baseline_and_aligns_by_the_lungs() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41001, 40, "moderate");
-    let st = Command::new(bin())
-        .args(["phantom", "--out"])
-        .arg(&b)
-        .args(["--seed", "41002", "--follow-up-of"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    common::phantom_follow_up(&b, 41002, &a);
     let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
     let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
     // Given in reverse order: analyze orders by study date.
@@ -134,14 +127,7 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, other) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("other"));
     phantom(&a, 42001, 24, "moderate");
-    assert!(Command::new(bin())
-        .args(["phantom", "--out"])
-        .arg(&b)
-        .args(["--seed", "42002", "--follow-up-of"])
-        .arg(&a)
-        .status()
-        .unwrap()
-        .success());
+    common::phantom_follow_up(&b, 42002, &a);
     phantom(&other, 42003, 24, "mild");
     let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
     let uid = |p: &Path| -> String {
@@ -172,14 +158,7 @@ fn follow_up_changes_match_phantom_truth() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41101, 80, "moderate");
-    let st = Command::new(bin())
-        .args(["phantom", "--out"])
-        .arg(&b)
-        .args(["--seed", "41102", "--follow-up-of"])
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    common::phantom_follow_up(&b, 41102, &a);
     let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
     let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
     let r = analyze(&[&a, &b]);

@@ -39,6 +39,20 @@ pub fn phantom(out: &Path, seed: u64, slices: usize, severity: &str) -> serde_js
     serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
 }
 
+/// Runs `lungsentry phantom --follow-up-of prior` into `out` and returns its truth.json.
+pub fn phantom_follow_up(out: &Path, seed: u64, prior: &Path) -> serde_json::Value {
+    let st = Command::new(bin())
+        .args(["phantom", "--out"])
+        .arg(out)
+        .args(["--seed", &seed.to_string(), "--follow-up-of"])
+        .arg(prior)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run lungsentry phantom --follow-up-of");
+    assert!(st.success(), "follow-up phantom generation failed");
+    serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

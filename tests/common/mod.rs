@@ -86,11 +86,16 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
     pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
+        Self::start_full(dir, dicom_extra, "", config_extra)
+    }
+
+    /// Like [`Daemon::start_with`], with `storage_extra` (TOML keys) added to the `[storage]` table.
+    pub fn start_full(dir: &Path, dicom_extra: &str, storage_extra: &str, config_extra: &str) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");
         let text = format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n{dicom_extra}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n{dicom_extra}\n\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
             dir.join("data").display()
         );
         std::fs::write(&config, text).unwrap();

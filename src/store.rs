@@ -230,6 +230,8 @@ pub struct InstanceRecorded {
     pub n_instances: u32,
     /// The series' revision after this instance (see the module docs).
     pub revision: i64,
+    /// A repeat of an instance whose spool file retention had purged (its pixels are back now).
+    pub was_purged: bool,
 }
 
 /// One stored analysis result.
@@ -463,13 +465,15 @@ impl Store {
                 last_instance_at = excluded.last_instance_at, updated_at = excluded.updated_at",
             params![m.series_instance_uid, m.study_instance_uid, patient_key, m.study_date, m.modality, now],
         )?;
-        let previous_series: Option<String> = tx
+        let previous: Option<(String, Option<i64>)> = tx
             .query_row(
-                "SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?1",
+                "SELECT series_instance_uid, purged_at FROM instances WHERE sop_instance_uid = ?1",
                 [&m.sop_instance_uid],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let was_purged = previous.as_ref().is_some_and(|(_, at)| at.is_some());
+        let previous_series = previous.map(|(s, _)| s);
         tx.execute(
             "INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid,
                                     transfer_syntax_uid, meta_json, path, bytes, association, received_at)
@@ -509,6 +513,7 @@ impl Store {
             .is_some();
         tx.commit()?;
         Ok(InstanceRecorded {
+            was_purged,
             new_instance: previous_series.is_none(),
             new_series,
             series_had_result,

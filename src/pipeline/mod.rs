@@ -373,8 +373,9 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         }
     };
     let series_uid = spooled.meta.series_instance_uid.clone();
-    // A repeat of an instance already analysed does not re-open the series; a new one does.
-    if rec.new_instance || !rec.series_had_result {
+    // A repeat of an instance already analysed does not re-open the series; a new one does, and so does a repeat
+    // whose pixels retention had purged (the scanner re-sending a purged series gets it analysed again).
+    if rec.new_instance || !rec.series_had_result || rec.was_purged {
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
     }

@@ -1,14 +1,19 @@
 //! The .deb, for real: `cargo deb --no-build` packages the release binary this test run built (cargo-deb is
 //! installed by scripts/test), and `dpkg-deb` checks what is in it: files, conffiles, maintainer scripts.
 //!
-//! Then, only where it is asked for (`LUNGSENTRY_DEB_INSTALL=1`, which `.ci/run` sets for CI's fresh Debian
-//! container: on a shared development machine an installed model in /usr/share/lungsentry would be picked up by
-//! other daemons started meanwhile) and safe — root, a dpkg database, no lungsentry installed and none of its
-//! paths present, no running systemd — the package is installed into the real system with `dpkg -i`: the system
-//! user, directories and config (mode, group) are checked, and the installed binary analyses a phantom with the installed model (which it prefers over the
-//! source tree's); `dpkg -r` must keep the data and the config; `dpkg -P` removes the config and still keeps the data.
-//! What the test created outside dpkg (the data it wrote, the user) it removes at the end. Elsewhere it says SKIP
-//! for that part.
+//! Then the package is installed, removed and purged with dpkg, for real:
+//! - with `LUNGSENTRY_DEB_INSTALL=1` (`.ci/run` sets it for CI's fresh, single-use Debian container) into the real
+//!   system, when that is safe — root, a dpkg database, no lungsentry installed and none of its paths present, no
+//!   running systemd;
+//! - otherwise, as root, in a private mount namespace whose root is an overlay over `/` (the test runs itself
+//!   again there): on a shared development machine an installed /usr/share/lungsentry model would be picked up
+//!   by other daemons started meanwhile, and their apt runs would meet our dpkg lock; in the overlay nothing
+//!   leaves it.
+//!
+//! Either way: the system user, directories and config (mode, group) are checked, and the installed binary
+//! analyses a phantom with the installed model (which it prefers over the source tree's); `dpkg -r` must keep
+//! the data and the config; `dpkg -P` removes the config and still keeps the data. What the test created outside
+//! dpkg (the data it wrote, the user) it removes at the end. Not root, or no overlay possible: SKIP for that part.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -61,7 +66,11 @@ const FILES: &[&str] = &[
 #[test]
 fn deb_package_contents_scripts_and_install_remove_purge() {
     let tmp = tempfile::tempdir().unwrap();
-    let deb = build_deb(tmp.path());
+    // Inside the overlay run (see install_in_overlay) the package built outside is reused.
+    let deb = match std::env::var_os("LUNGSENTRY_DEB_FILE") {
+        Some(p) => PathBuf::from(p),
+        None => build_deb(tmp.path()),
+    };
     let info = stdout(&run(Command::new("dpkg-deb").arg("--info").arg(&deb)));
     eprintln!("{info}");
     for want in ["Package: lungsentry", "Architecture:", "Depends:", "postinst", "prerm", "postrm", "conffiles"] {
@@ -108,14 +117,13 @@ fn deb_package_contents_scripts_and_install_remove_purge() {
     }
     assert!(script("postrm").contains("purge"));
 
-    install_remove_purge(&deb);
+    let scratch = tmp.path().join("overlay");
+    std::fs::create_dir_all(&scratch).unwrap();
+    install_remove_purge(&deb, &scratch);
 }
 
 /// Whether installing into this system is safe: root, a dpkg database, nothing of ours present.
 fn safe_to_install() -> Result<(), String> {
-    if std::env::var("LUNGSENTRY_DEB_INSTALL").as_deref() != Ok("1") {
-        return Err("LUNGSENTRY_DEB_INSTALL=1 not set (.ci/run sets it)".into());
-    }
     let uid = stdout(&Command::new("id").arg("-u").output().unwrap());
     if uid.trim() != "0" {
         return Err("not root".into());
@@ -144,7 +152,54 @@ fn stat(path: &str) -> String {
     stdout(&run(Command::new("stat").args(["-c", "%a %U %G"]).arg(path))).trim().to_string()
 }
 
-fn install_remove_purge(deb: &Path) {
+/// Runs this test again inside a private mount namespace whose root is an overlay over `/` (upper layer on a
+/// tmpfs), with `LUNGSENTRY_DEB_INSTALL=1` and the .deb already built: dpkg, the user, /etc and /var/lib changes
+/// all land in the overlay and vanish with it. Err: overlays cannot be made here.
+fn install_in_overlay(deb: &Path, scratch: &Path) -> Result<(), String> {
+    const SCRIPT: &str = r#"set -eu
+ov="$3"
+mount -t tmpfs -o size=3g lungsentry-deb "$ov"
+mkdir -p "$ov/upper" "$ov/work" "$ov/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$ov/upper,workdir=$ov/work" "$ov/root"
+for m in proc sys dev; do mount --rbind "/$m" "$ov/root/$m"; done
+cd /
+exec chroot "$ov/root" /usr/bin/env LUNGSENTRY_DEB_INSTALL=1 LUNGSENTRY_DEB_FILE="$2" "$1" --exact --nocapture \
+    deb_package_contents_scripts_and_install_remove_purge"#;
+    let exe = std::env::current_exe().unwrap();
+    let probe = Command::new("unshare").args(["--mount", "--propagation", "private", "true"]).output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        return Err("cannot make a private mount namespace (unshare --mount)".into());
+    }
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--fork", "sh", "-c", SCRIPT, "sh"])
+        .arg(&exe)
+        .arg(deb)
+        .arg(scratch)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("--- install/remove/purge in an overlay root ---\n{text}");
+    if !out.status.success()
+        && (text.contains("mount:") || text.contains("chroot:"))
+        && !text.contains("running 1 test")
+    {
+        return Err(format!("overlay root not possible here: {}", text.lines().last().unwrap_or("")));
+    }
+    assert!(out.status.success(), "install/remove/purge failed in the overlay root");
+    assert!(text.contains("installed, removed and purged"), "the overlay run did not install:\n{text}");
+    Ok(())
+}
+
+fn install_remove_purge(deb: &Path, scratch: &Path) {
+    if std::env::var("LUNGSENTRY_DEB_INSTALL").as_deref() != Ok("1") {
+        let root = stdout(&Command::new("id").arg("-u").output().unwrap()).trim() == "0";
+        if !root {
+            eprintln!("SKIP: dpkg -i / -r / -P (not root)");
+        } else if let Err(why) = install_in_overlay(deb, scratch) {
+            eprintln!("SKIP: dpkg -i / -r / -P ({why}; LUNGSENTRY_DEB_INSTALL=1 installs into the real system)");
+        }
+        return;
+    }
     if let Err(why) = safe_to_install() {
         eprintln!("SKIP: dpkg -i / -r / -P into the real system ({why})");
         return;
@@ -201,4 +256,5 @@ fn install_remove_purge(deb: &Path) {
         !Command::new("dpkg").args(["-s", "lungsentry"]).output().unwrap().status.success(),
         "package still known to dpkg after purge"
     );
+    eprintln!("deb: installed, removed and purged; data and config kept as promised");
 }

@@ -5,7 +5,9 @@
 //!   series says why (state `purged`); re-sending the whole series analyses it again.
 //! - Disk pressure: the data dir is a small tmpfs (as in `tests/disk_full.rs`; needs CAP_SYS_ADMIN, else SKIP),
 //!   two analysed series sit in it and the disk is filled past `purge_high_water_percent`: a new series is still
-//!   accepted in full because the oldest analysed series' pixels are purged first, and only as many as needed.
+//!   accepted in full because the oldest analysed series' pixels are purged first, and only as many as needed;
+//!   then, with no high-water purge, an instance that meets a full disk (ENOSPC) purges the oldest series and is
+//!   stored instead of refused.
 
 mod common;
 
@@ -267,6 +269,30 @@ fn disk_pressure_purges_oldest_analysed_series_first_to_accept_a_new_one() {
     for uid in [&a, &b, &c] {
         assert!(store.latest_result(uid).unwrap().is_some(), "result of {uid} must be kept");
     }
+    std::fs::remove_file(&filler).unwrap();
+    assert!(d.child.try_wait().unwrap().is_none(), "daemon died; log:\n{}", d.log());
+
+    // No high-water purge this time (threshold 100 %): the disk is simply full when an instance comes. The
+    // write fails with ENOSPC, the oldest finished series (B) is purged, and the instance is stored after all.
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("purge_high_water_percent = 85.0", "purge_high_water_percent = 100.0\ndisk_high_water_percent = 100.0");
+    std::fs::write(&d.config, text).unwrap();
+    let mut d = d.restart();
+    let e_dir = tmp.path().join("e");
+    let e = phantom(&e_dir, 41_104, 12, "mild")["series_instance_uid"].as_str().unwrap().to_string();
+    let filler = fill(&dir.join("data"), need / 3);
+    let used = 100.0 - 100.0 * free_bytes(&dir.join("data")) as f64 / (64u64 << 20) as f64;
+    eprintln!("disk {used:.1} % used before the third series");
+    let (ok, out) = storescu(d.port, "CT1", &[e_dir.as_path()], true);
+    assert!(ok && out.matches("Received Store Response (Success)").count() == 12, "{out}\nlog:\n{}", d.log());
+    d.wait_result(&e, 1, Duration::from_secs(300));
+    assert!(instance_rows(&dir, &b).iter().all(|(p, at)| at.is_some() && !Path::new(p).exists()), "B purged");
+    assert!(
+        instance_rows(&dir, &c).iter().all(|(p, at)| at.is_none() && Path::new(p).exists()),
+        "C (newer than B) kept: one purge was enough"
+    );
+    assert!(d.log().contains("a new instance did not fit on the disk"), "log:\n{}", d.log());
     std::fs::remove_file(&filler).unwrap();
     assert!(d.child.try_wait().unwrap().is_none(), "daemon died; log:\n{}", d.log());
     d.kill9();

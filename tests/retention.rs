@@ -274,9 +274,10 @@ fn disk_pressure_purges_oldest_analysed_series_first_to_accept_a_new_one() {
 
     // No high-water purge this time (threshold 100 %): the disk is simply full when an instance comes. The
     // write fails with ENOSPC, the oldest finished series (B) is purged, and the instance is stored after all.
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
-        .replace("purge_high_water_percent = 85.0", "purge_high_water_percent = 100.0\ndisk_high_water_percent = 100.0");
+    let text = std::fs::read_to_string(&d.config).unwrap().replace(
+        "purge_high_water_percent = 85.0",
+        "purge_high_water_percent = 100.0\ndisk_high_water_percent = 100.0",
+    );
     std::fs::write(&d.config, text).unwrap();
     let mut d = d.restart();
     let e_dir = tmp.path().join("e");

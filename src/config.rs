@@ -138,8 +138,8 @@ pub struct StorageConfig {
     /// pressure purges them.
     pub retention_hours: f64,
     /// When the data dir's file system is fuller than this (percent used), pixel data of finished series is
-    /// purged oldest first until it is not (at most `disk_high_water_percent`, so purging starts before /readyz
-    /// fails).
+    /// purged oldest first until it is not. Normally below `disk_high_water_percent`, so purging starts before
+    /// /readyz fails (the daemon warns at start otherwise).
     pub purge_high_water_percent: f64,
 }
 
@@ -317,11 +317,8 @@ impl Config {
             bail!("storage.retention_hours must be a finite number >= 0 (0 = no time-based purge), got {rh}");
         }
         let phw = self.storage.purge_high_water_percent;
-        if !(phw > 0.0 && phw <= hw) {
-            bail!(
-                "storage.purge_high_water_percent must be within 0 (exclusive) ..= storage.disk_high_water_percent \
-                 ({hw}), got {phw}"
-            );
+        if !(phw > 0.0 && phw <= 100.0) {
+            bail!("storage.purge_high_water_percent must be within 0 (exclusive) ..= 100, got {phw}");
         }
         self.outputs.validate()?;
         Ok(())
@@ -362,7 +359,7 @@ mod tests {
         assert!(format!("{e:#}").contains("alerts.webhook_url"), "{e:#}");
         let e = Config::parse("[storage]\nretention_hours = -1\n").unwrap_err();
         assert!(format!("{e:#}").contains("storage.retention_hours"), "{e:#}");
-        let e = Config::parse("[storage]\npurge_high_water_percent = 95.0\n").unwrap_err();
+        let e = Config::parse("[storage]\npurge_high_water_percent = 150.0\n").unwrap_err();
         assert!(format!("{e:#}").contains("storage.purge_high_water_percent"), "{e:#}");
         let c = Config::parse("[storage]\nretention_hours = 0.001\n").unwrap();
         assert_eq!(c.storage.retention_hours, 0.001);

@@ -142,6 +142,14 @@ impl Daemon {
         let i = &model.manifest.input;
         engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;
         tracing::info!(engine = engine.name(), model = %model.manifest.model.name, version = %model.manifest.model.version, "model verified and engine warmed");
+        if config.storage.purge_high_water_percent > config.storage.disk_high_water_percent {
+            tracing::warn!(
+                purge_high_water_percent = config.storage.purge_high_water_percent,
+                disk_high_water_percent = config.storage.disk_high_water_percent,
+                "storage.purge_high_water_percent is above storage.disk_high_water_percent: /readyz fails before \
+                 retention purges anything for space"
+            );
+        }
         if config.dicom.allowed_peers.is_empty() {
             tracing::warn!("dicom.allowed_peers is empty: any peer that calls our AE title may store instances");
         }

@@ -162,6 +162,14 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// `/readyz` reports not ready when the data dir's file system is fuller than this (percent used).
     pub disk_high_water_percent: f64,
+    /// Spooled pixel data (instance files) of finished series is purged this many hours after the series' last
+    /// instance (results, alerts and outputs rows are kept). Fractions allowed; 0 = keep pixels until disk
+    /// pressure purges them.
+    pub retention_hours: f64,
+    /// When the data dir's file system is fuller than this (percent used), pixel data of finished series is
+    /// purged oldest first until it is not. Normally below `disk_high_water_percent`, so purging starts before
+    /// /readyz fails (the daemon warns at start otherwise).
+    pub purge_high_water_percent: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -228,7 +236,12 @@ impl Default for EngineConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./lungsentry-data"), disk_high_water_percent: 90.0 }
+        StorageConfig {
+            data_dir: PathBuf::from("./lungsentry-data"),
+            disk_high_water_percent: 90.0,
+            retention_hours: 72.0,
+            purge_high_water_percent: 85.0,
+        }
     }
 }
 
@@ -346,6 +359,14 @@ impl Config {
         if !(hw > 0.0 && hw <= 100.0) {
             bail!("storage.disk_high_water_percent must be within 0 (exclusive) ..= 100, got {hw}");
         }
+        let rh = self.storage.retention_hours;
+        if !(rh >= 0.0 && rh.is_finite()) {
+            bail!("storage.retention_hours must be a finite number >= 0 (0 = no time-based purge), got {rh}");
+        }
+        let phw = self.storage.purge_high_water_percent;
+        if !(phw > 0.0 && phw <= 100.0) {
+            bail!("storage.purge_high_water_percent must be within 0 (exclusive) ..= 100, got {phw}");
+        }
         self.outputs.validate()?;
         Ok(())
     }
@@ -383,6 +404,12 @@ mod tests {
         assert!(format!("{e:#}").contains("allowed_peers[0].host"), "{e:#}");
         let e = Config::parse("[alerts]\nwebhook_url = \"ftp://x\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("alerts.webhook_url"), "{e:#}");
+        let e = Config::parse("[storage]\nretention_hours = -1\n").unwrap_err();
+        assert!(format!("{e:#}").contains("storage.retention_hours"), "{e:#}");
+        let e = Config::parse("[storage]\npurge_high_water_percent = 150.0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("storage.purge_high_water_percent"), "{e:#}");
+        let c = Config::parse("[storage]\nretention_hours = 0.001\n").unwrap();
+        assert_eq!(c.storage.retention_hours, 0.001);
     }
 
     #[test]

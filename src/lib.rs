@@ -10,7 +10,7 @@
 //!
 //! `pipeline` wires the stages into the daemon (`serve`); `analyze` runs the same series logic offline;
 //! `scu` is the sending side (`send`, `echo`); `phantom` makes synthetic CT series with ground truth;
-//! `eval` computes the paper's metrics.
+//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series.
 
 pub mod analysis;
 pub mod analyze;
@@ -32,6 +32,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod preprocess;
 pub mod receive;
+pub mod retention;
 pub mod scu;
 pub mod series;
 pub mod spool;

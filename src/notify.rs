@@ -177,10 +177,11 @@ fn series_key_of(dedup_key: &str) -> String {
     }
 }
 
-/// One log line per analysed series, with structured fields picked from the result JSON: hashed series key,
-/// `patient_key`, `positive`, `involvement_percent`, `version`, and `timings` (compact JSON) when present.
-/// Positives at WARN (journald PRIORITY=4 through the log bridge), negatives at INFO. Only known fields are
-/// read, so raw identifiers in the JSON can never reach the log.
+/// One log line per analysed series, with structured fields picked from the result JSON: hashed series key
+/// (`series`), `patient_key`, `stage = "result"`, `positive`, `involvement_percent`, `lesions`, `version`, and
+/// the timings in milliseconds (`decode_ms`, `infer_ms`, `analysis_ms`, `total_ms`) when present — each a
+/// journald field (`SERIES=`, `DECODE_MS=`, …). Positives at WARN (journald PRIORITY=4), negatives and skipped
+/// series at INFO. Only known fields are read, so raw identifiers in the JSON can never reach the log.
 pub fn log_result(result: &serde_json::Value) {
     let get = |k: &str| result.get(k);
     let series = get("series_instance_uid").and_then(|v| v.as_str()).map(series_log_key).unwrap_or_else(|| "-".into());
@@ -188,12 +189,18 @@ pub fn log_result(result: &serde_json::Value) {
     let positive = get("positive").and_then(|v| v.as_bool()).unwrap_or(false);
     let involvement = get("involvement_percent").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
     let version = get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    let timings = get("timings_ms").or_else(|| get("timings")).map(|t| t.to_string()).unwrap_or_else(|| "-".into());
+    let status = get("status").and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let lesions = get("lesions").and_then(|v| v.as_array()).map(|l| l.len() as u64).unwrap_or(0);
+    let t = get("timings_ms").or_else(|| get("timings"));
+    let ms = |k: &str| t.and_then(|t| t.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let (decode_ms, infer_ms, analysis_ms, total_ms) = (ms("decode"), ms("infer"), ms("analysis"), ms("total"));
     if positive {
-        tracing::warn!(series = %series, patient_key = %patient, positive, involvement_percent = involvement, version,
-            timings = %timings, "series analysed: POSITIVE (involvement {involvement:.2} %)");
+        tracing::warn!(series = %series, patient_key = %patient, stage = "result", status = %status, positive,
+            involvement_percent = involvement, lesions, version, decode_ms, infer_ms, analysis_ms, total_ms,
+            "series analysed: POSITIVE (involvement {involvement:.2} %)");
     } else {
-        tracing::info!(series = %series, patient_key = %patient, positive, involvement_percent = involvement, version,
-            timings = %timings, "series analysed: negative (involvement {involvement:.2} %)");
+        tracing::info!(series = %series, patient_key = %patient, stage = "result", status = %status, positive,
+            involvement_percent = involvement, lesions, version, decode_ms, infer_ms, analysis_ms, total_ms,
+            "series analysed: {} (involvement {involvement:.2} %)", if status == "skipped" { "skipped" } else { "negative" });
     }
 }

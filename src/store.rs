@@ -24,13 +24,19 @@
 //! wants, and cleared in the transaction that queues its `dicom_outbox` rows: a crash in between leaves it set,
 //! and [`Store::results_awaiting_outputs`] hands such results to the daemon's start-up sweep.
 //!
+//! Retention (`crate::retention`) deletes the spool files of finished series and marks their rows
+//! `instances.purged_at` / `series.pixels_purged_at`; results, alerts and outputs rows are never purged. A purged
+//! instance stored again clears its mark.
+//!
 //! `series.revision` grows by one with every instance recorded for the series (new or repeated). A result
 //! remembers the revision it was computed from; a series whose revision moved past its latest result's (or that
 //! has no result, and is not `skipped`) is *pending analysis* — that is how the daemon resumes after a crash.
 //!
 //! Series states (text, written by the pipeline through [`Store::set_series_state`]): `receiving` (set by every
 //! new instance), `complete`, `analysing`, `analysed` (set by [`Store::record_result`]), `skipped`
-//! (ineligible, with a reason), `failed` (analysis error, with a reason; retried after a restart).
+//! (ineligible, with a reason), `failed` (analysis error, with a reason; retried after a restart), `purged` (a
+//! re-analysis was asked for but some of the series' pixel data had been purged by retention; the reason says
+//! which, and re-sending the series analyses it again).
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -142,6 +148,13 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE results ADD COLUMN outputs_due INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: retention. An instance whose spool file was purged keeps its row (routing attributes) with `purged_at`;
+    // a series remembers when pixels were last purged from it.
+    r#"
+    ALTER TABLE instances ADD COLUMN purged_at INTEGER;      -- spool file deleted by retention (row kept)
+    ALTER TABLE series ADD COLUMN pixels_purged_at INTEGER;  -- last retention purge of this series' pixel data
+    CREATE INDEX series_by_last_instance ON series(last_instance_at);
+    "#,
 ];
 
 /// Current time as unix-epoch milliseconds (the store's one time unit).
@@ -226,6 +239,8 @@ pub struct InstanceRecorded {
     pub n_instances: u32,
     /// The series' revision after this instance (see the module docs).
     pub revision: i64,
+    /// A repeat of an instance whose spool file retention had purged (its pixels are back now).
+    pub was_purged: bool,
 }
 
 /// One stored analysis result.
@@ -459,13 +474,15 @@ impl Store {
                 last_instance_at = excluded.last_instance_at, updated_at = excluded.updated_at",
             params![m.series_instance_uid, m.study_instance_uid, patient_key, m.study_date, m.modality, now],
         )?;
-        let previous_series: Option<String> = tx
+        let previous: Option<(String, Option<i64>)> = tx
             .query_row(
-                "SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?1",
+                "SELECT series_instance_uid, purged_at FROM instances WHERE sop_instance_uid = ?1",
                 [&m.sop_instance_uid],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let was_purged = previous.as_ref().is_some_and(|(_, at)| at.is_some());
+        let previous_series = previous.map(|(s, _)| s);
         tx.execute(
             "INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid,
                                     transfer_syntax_uid, meta_json, path, bytes, association, received_at)
@@ -474,7 +491,7 @@ impl Store {
                 series_instance_uid = excluded.series_instance_uid, study_instance_uid = excluded.study_instance_uid,
                 sop_class_uid = excluded.sop_class_uid, transfer_syntax_uid = excluded.transfer_syntax_uid,
                 meta_json = excluded.meta_json, path = excluded.path, bytes = excluded.bytes,
-                association = excluded.association, received_at = excluded.received_at",
+                association = excluded.association, received_at = excluded.received_at, purged_at = NULL",
             params![
                 m.sop_instance_uid,
                 m.series_instance_uid,
@@ -505,6 +522,7 @@ impl Store {
             .is_some();
         tx.commit()?;
         Ok(InstanceRecorded {
+            was_purged,
             new_instance: previous_series.is_none(),
             new_series,
             series_had_result,
@@ -513,12 +531,13 @@ impl Store {
         })
     }
 
-    /// Every instance of a series with its spool path (order: Instance Number, then arrival; `series` sorts
+    /// Every instance of a series whose spool file is present (not purged by retention; see
+    /// [`Store::purged_instance_count`]) with its spool path (order: Instance Number, then arrival; `series` sorts
     /// geometrically). The returned metas carry no patient identifiers.
     pub fn series_instances(&self, series_uid: &str) -> Result<Vec<(InstanceMeta, PathBuf)>> {
         let c = self.lock();
         let mut st = c.prepare(
-            "SELECT meta_json, path FROM instances WHERE series_instance_uid = ?1
+            "SELECT meta_json, path FROM instances WHERE series_instance_uid = ?1 AND purged_at IS NULL
              ORDER BY json_extract(meta_json, '$.instance_number'), received_at, sop_instance_uid",
         )?;
         let rows = st.query_map([series_uid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -546,7 +565,7 @@ impl Store {
         let c = self.lock();
         let mut st = c.prepare(
             "SELECT s.series_instance_uid FROM series s
-             WHERE s.state <> 'skipped'
+             WHERE s.state NOT IN ('skipped', 'purged')
                AND s.revision > COALESCE(
                    (SELECT r.series_revision FROM results r WHERE r.series_instance_uid = s.series_instance_uid
                     ORDER BY r.version DESC LIMIT 1), 0)
@@ -791,6 +810,104 @@ impl Store {
                 })
             },
         )?)
+    }
+}
+
+/// A finished series whose pixel data retention may purge (see [`Store::purge_candidates`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeCandidate {
+    /// Series Instance UID.
+    pub series_instance_uid: String,
+    /// Last instance received (unix ms): the age retention counts from, and the purge order.
+    pub last_instance_at: i64,
+    /// Bytes of its spool files not yet purged.
+    pub bytes: u64,
+}
+
+/// The condition (on `series s`) for a series whose pixels may be purged: finished (analysed or skipped) with a
+/// result computed from its current revision — or `purged` (a late instance that can no longer be analysed) —,
+/// no DICOM output still to deliver, spool files left to purge.
+const PURGEABLE: &str = "((s.state IN ('analysed', 'skipped')
+      AND s.revision <= COALESCE((SELECT r.series_revision FROM results r
+        WHERE r.series_instance_uid = s.series_instance_uid ORDER BY r.version DESC LIMIT 1), 0))
+     OR s.state = 'purged')
+    AND NOT EXISTS (SELECT 1 FROM dicom_outbox d WHERE d.series_instance_uid = s.series_instance_uid
+        AND d.delivered_at IS NULL AND d.parked_at IS NULL)
+    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.series_instance_uid = s.series_instance_uid
+        AND r.outputs_due = 1)
+    AND EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = s.series_instance_uid
+        AND i.purged_at IS NULL)";
+
+impl Store {
+    /// Series whose pixel data may be purged, oldest last instance first: finished (`analysed` or `skipped`,
+    /// with a result of their current revision), no DICOM output pending in the outbox nor still to be queued
+    /// (`results.outputs_due`: the start-up sweep rebuilds those from the spool), and spool files left.
+    /// `received_before`: only series whose last instance is older than this (unix ms).
+    pub fn purge_candidates(&self, received_before: Option<i64>, limit: usize) -> Result<Vec<PurgeCandidate>> {
+        let c = self.lock();
+        let sql = format!(
+            "SELECT s.series_instance_uid, s.last_instance_at,
+                (SELECT COALESCE(SUM(i.bytes), 0) FROM instances i
+                 WHERE i.series_instance_uid = s.series_instance_uid AND i.purged_at IS NULL)
+             FROM series s WHERE {PURGEABLE} AND s.last_instance_at < ?1
+             ORDER BY s.last_instance_at, s.series_instance_uid LIMIT ?2"
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map(params![received_before.unwrap_or(i64::MAX), limit as i64], |r| {
+            Ok(PurgeCandidate {
+                series_instance_uid: r.get(0)?,
+                last_instance_at: r.get(1)?,
+                bytes: r.get::<_, i64>(2)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Marks the spool files of a series purged, in one transaction that re-checks the series is still purgeable
+    /// (an instance may have arrived since [`Store::purge_candidates`]). Returns the paths the caller must now
+    /// delete (empty: not purgeable any more). The caller holds off new instances of the series meanwhile.
+    pub fn mark_series_purged(&self, series_uid: &str) -> Result<Vec<PathBuf>> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let sql = format!("SELECT 1 FROM series s WHERE s.series_instance_uid = ?1 AND {PURGEABLE}");
+        if tx.query_row(&sql, [series_uid], |_| Ok(())).optional()?.is_none() {
+            return Ok(Vec::new());
+        }
+        let paths: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT path FROM instances WHERE series_instance_uid = ?1 AND purged_at IS NULL")?;
+            let rows = st.query_map([series_uid], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let now = now_ms();
+        tx.execute(
+            "UPDATE instances SET purged_at = ?2 WHERE series_instance_uid = ?1 AND purged_at IS NULL",
+            params![series_uid, now],
+        )?;
+        tx.execute("UPDATE series SET pixels_purged_at = ?2 WHERE series_instance_uid = ?1", params![series_uid, now])?;
+        tx.commit()?;
+        Ok(paths.into_iter().map(PathBuf::from).collect())
+    }
+
+    /// Instances of a series whose spool file was purged by retention (and not stored again since).
+    pub fn purged_instance_count(&self, series_uid: &str) -> Result<u32> {
+        let c = self.lock();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?1 AND purged_at IS NOT NULL",
+            [series_uid],
+            |r| r.get(0),
+        )?;
+        Ok(n as u32)
+    }
+
+    /// When retention last purged pixel data of the series (None: never, or unknown series).
+    pub fn pixels_purged_at(&self, series_uid: &str) -> Result<Option<i64>> {
+        let c = self.lock();
+        Ok(c.query_row("SELECT pixels_purged_at FROM series WHERE series_instance_uid = ?1", [series_uid], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .flatten())
     }
 }
 

@@ -227,7 +227,8 @@ fn result_log_line_levels_and_no_raw_identifiers() {
     tracing::subscriber::with_default(subscriber, || {
         lungsentry::notify::log_result(&serde_json::json!({
             "series_instance_uid": series, "patient_key": "00aa", "positive": true, "involvement_percent": 9.5,
-            "version": 2, "timings_ms": {"inference": 812}, "patient_name": "ROE^RICHARD", "patient_id": "PID9"
+            "version": 2, "timings_ms": {"decode": 20.5, "infer": 812, "analysis": 31, "total": 863.5},
+            "patient_name": "ROE^RICHARD", "patient_id": "PID9"
         }));
         lungsentry::notify::log_result(&serde_json::json!({
             "series_instance_uid": series, "patient_key": "00aa", "positive": false, "involvement_percent": 0.1
@@ -241,7 +242,11 @@ fn result_log_line_levels_and_no_raw_identifiers() {
         "{}",
         lines[0]
     );
-    assert!(lines[0].contains("inference") && lines[0].contains("version=2"), "{}", lines[0]);
+    // Structured fields (journald fields under systemd): stage, the timings in ms, version.
+    for want in ["stage=\"result\"", "decode_ms=20.5", "infer_ms=812", "analysis_ms=31", "total_ms=863.5", "version=2"]
+    {
+        assert!(lines[0].contains(want), "{want} missing: {}", lines[0]);
+    }
     assert!(lines[1].contains("INFO") && lines[1].contains("negative"), "{}", lines[1]);
     assert!(lines[0].contains(&lungsentry::store::series_log_key(series)));
     for bad in ["ROE^RICHARD", "PID9", series] {

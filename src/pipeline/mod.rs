@@ -23,7 +23,7 @@ pub use slices::{InferenceContext, SeriesWork};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -101,6 +101,10 @@ struct Shared {
     live: Arc<Liveness>,
     /// Wakes the DICOM outputs outbox worker when rows are queued.
     dicom_outbox_wake: Arc<tokio::sync::Notify>,
+    /// Read side: an instance being spooled and recorded; write side: a retention purge (see `retention`).
+    spool_guard: Arc<RwLock<()>>,
+    /// Purges pixel data of finished series (age, disk pressure, an instance that does not fit).
+    retention: Arc<crate::retention::Retention>,
 }
 
 /// A running daemon (also used in-process by `demo` and the tests).
@@ -145,11 +149,34 @@ impl Daemon {
         let i = &model.manifest.input;
         engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;
         tracing::info!(engine = engine.name(), model = %model.manifest.model.name, version = %model.manifest.model.version, "model verified and engine warmed");
+        if config.storage.purge_high_water_percent > config.storage.disk_high_water_percent {
+            tracing::warn!(
+                purge_high_water_percent = config.storage.purge_high_water_percent,
+                disk_high_water_percent = config.storage.disk_high_water_percent,
+                "storage.purge_high_water_percent is above storage.disk_high_water_percent: /readyz fails before \
+                 retention purges anything for space"
+            );
+        }
         if config.dicom.allowed_peers.is_empty() {
             tracing::warn!("dicom.allowed_peers is empty: any peer that calls our AE title may store instances");
         }
 
         let ctx = Arc::new(InferenceContext { model, engine, config: config.clone() });
+        let spool_guard = Arc::new(RwLock::new(()));
+        let retention =
+            Arc::new(crate::retention::Retention::new(store.clone(), config.storage.clone(), spool_guard.clone()));
+        {
+            // At start: what expired while we were down, and room for the scanner before the SCP listens.
+            let r = retention.clone();
+            let report = tokio::task::spawn_blocking(move || r.pass()).await?.context("retention pass at start")?;
+            tracing::info!(
+                stage = "retention",
+                series = report.series,
+                files = report.files,
+                bytes = report.bytes,
+                "retention pass at start"
+            );
+        }
         let (results_tx, results_rx) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -162,13 +189,15 @@ impl Daemon {
             results_tx,
             live: Arc::new(Liveness::default()),
             dicom_outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            spool_guard,
+            retention: retention.clone(),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
         // Resume series that had instances without a result when we last stopped (or crashed).
         for series_uid in store.series_pending_analysis()? {
-            tracing::info!(series = %crate::store::series_log_key(&series_uid), "resuming series interrupted before analysis");
+            tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "recovery", "resuming series interrupted before analysis");
             ensure_worker(&shared, &series_uid);
             shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
         }
@@ -211,6 +240,7 @@ impl Daemon {
             tasks.push(task);
         }
         tasks.push(tokio::spawn(completion_ticker(shared.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::retention::run(retention, shutdown_rx.clone())));
         {
             let s = shared.clone();
             let workers = move || s.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
@@ -319,16 +349,34 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
     let association: AssociationId = inc.association;
     let s = shared.clone();
     let stored = tokio::task::spawn_blocking(move || -> Result<_, u16> {
-        let spooled = s.spool.store(&inc).map_err(|e| {
-            tracing::warn!(association, error = %e, "instance refused");
-            e.status()
-        })?;
-        let key = crate::store::patient_key(&s.salt, &spooled.meta.patient_id, &spooled.meta.patient_name);
-        let rec = s.store.record_instance(&spooled, association, &key).map_err(|e| {
-            tracing::error!(association, error = %format!("{e:#}"), "could not record instance");
-            status::OUT_OF_RESOURCES
-        })?;
-        Ok((spooled, rec))
+        // Above the purge high-water mark: make room (oldest finished series first) before writing.
+        if s.retention.above_high_water() {
+            if let Err(e) = s.retention.relieve_pressure() {
+                tracing::error!(stage = "retention", error = %format!("{e:#}"), "purge under disk pressure failed");
+            }
+        }
+        let mut purges = 0;
+        loop {
+            let attempt = {
+                let _spooling = s.spool_guard.read().unwrap_or_else(|p| p.into_inner());
+                spool_and_record(&s, &inc, association)
+            };
+            match attempt {
+                Ok(v) => return Ok(v),
+                // Refused with A700 only when purging cannot free space.
+                Err((code, true)) if purges < MAX_PURGES_PER_INSTANCE => {
+                    match s.retention.purge_oldest("a new instance did not fit on the disk") {
+                        Ok(r) if r.series > 0 => purges += 1,
+                        Ok(_) => return Err(code),
+                        Err(e) => {
+                            tracing::error!(stage = "retention", error = %format!("{e:#}"), "purge for a new instance failed");
+                            return Err(code);
+                        }
+                    }
+                }
+                Err((code, _)) => return Err(code),
+            }
+        }
     })
     .await;
     let (spooled, rec) = match stored {
@@ -345,13 +393,37 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         }
     };
     let series_uid = spooled.meta.series_instance_uid.clone();
-    // A repeat of an instance already analysed does not re-open the series; a new one does.
-    if rec.new_instance || !rec.series_had_result {
+    // A repeat of an instance already analysed does not re-open the series; a new one does, and so does a repeat
+    // whose pixels retention had purged (the scanner re-sending a purged series gets it analysed again).
+    if rec.new_instance || !rec.series_had_result || rec.was_purged {
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
     }
     crate::metrics::metrics().instance(true);
     let _ = reply.send(status::SUCCESS);
+}
+
+/// Series whose pixel data one instance may purge to make room for itself before it is refused with A700.
+const MAX_PURGES_PER_INSTANCE: usize = 16;
+
+/// Spools and records one instance (caller holds the spool guard's read side). `Err((status, disk_full))`.
+fn spool_and_record(
+    s: &Shared,
+    inc: &IncomingInstance,
+    association: AssociationId,
+) -> Result<(crate::spool::SpooledInstance, crate::store::InstanceRecorded), (u16, bool)> {
+    let spooled = s.spool.store(inc).map_err(|e| {
+        let full = matches!(&e, crate::spool::SpoolError::OutOfResources(_, io) if crate::retention::is_disk_full(io));
+        tracing::warn!(association, stage = "spool", error = %e, disk_full = full, "instance refused");
+        (e.status(), full)
+    })?;
+    let key = crate::store::patient_key(&s.salt, &spooled.meta.patient_id, &spooled.meta.patient_name);
+    let rec = s.store.record_instance(&spooled, association, &key).map_err(|e| {
+        let full = crate::retention::error_is_disk_full(&e);
+        tracing::error!(association, stage = "store", error = %format!("{e:#}"), disk_full = full, "could not record instance");
+        (status::OUT_OF_RESOURCES, full)
+    })?;
+    Ok((spooled, rec))
 }
 
 /// Sends to the series worker, starting one (which reloads the series from the store) when none is live.
@@ -368,7 +440,7 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
             }
         }
     }
-    tracing::error!(series = %crate::store::series_log_key(series_uid), "could not reach a series worker");
+    tracing::error!(series = %crate::store::series_log_key(series_uid), stage = "dispatch", "could not reach a series worker");
 }
 
 fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::Sender<WorkerMsg> {
@@ -435,7 +507,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                         work = Some(w);
                         if let Err(e) = r {
                             crate::metrics::metrics().series("failed");
-                            tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
+                            tracing::error!(series = %crate::store::series_log_key(&series_uid), stage = "analysis", error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
                             // A failed write (disk full, I/O error) must not leave the series unanalysed until
                             // the next instance or restart: the ticker completes it again later.
                             shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
@@ -443,7 +515,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
                     }
                     Err(e) => {
                         crate::metrics::metrics().series("failed");
-                        tracing::error!(series = %crate::store::series_log_key(&series_uid), error = %e, "analysis panicked");
+                        tracing::error!(series = %crate::store::series_log_key(&series_uid), stage = "analysis", error = %e, "analysis panicked");
                         work = Some(SeriesWork::default());
                     }
                 }
@@ -480,6 +552,18 @@ async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceM
 /// 3D analysis, versioned result, outbox row for a first positive, log line.
 fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_at: &str) -> Result<()> {
     if work.instance_count() == 0 {
+        return Ok(());
+    }
+    // Retention purged pixel data this worker does not hold: a partial re-analysis would be wrong. Say so.
+    let purged = shared.store.purged_instance_count(series_uid)?;
+    let recorded = shared.store.series(series_uid)?.map(|r| r.n_instances as usize).unwrap_or(0);
+    if purged > 0 && work.instance_count() < recorded {
+        let reason = format!(
+            "re-analysis not possible: pixel data of {purged} of {recorded} instances was purged by retention \
+             (storage.retention_hours / disk pressure); re-send the whole series to analyse it again"
+        );
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), stage = "analysis", purged, recorded, "{reason}");
+        shared.store.set_series_state(series_uid, "purged", Some(&reason))?;
         return Ok(());
     }
     // The revision read before the analysis: instances arriving meanwhile leave the series pending.
@@ -535,7 +619,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     // After the stage above: a test that sees the series counted sees every metric of it.
     crate::metrics::metrics().result(&result);
     if let Err(e) = crate::dashboard::write_key_png(&shared.config.storage.data_dir, &result, &slices) {
-        tracing::warn!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"), "no dashboard key image");
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), stage = "dashboard", error = %format!("{e:#}"), "no dashboard key image");
     }
     if !shared.config.outputs.dicom.is_empty() {
         let data_dir = &shared.config.storage.data_dir;
@@ -549,8 +633,10 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         ) {
             Ok(n) if n > 0 => shared.dicom_outbox_wake.notify_one(),
             Ok(_) => {}
-            Err(e) => tracing::error!(series = %crate::store::series_log_key(series_uid), error = %format!("{e:#}"),
-                "DICOM outputs could not be made"),
+            Err(e) => {
+                tracing::error!(series = %crate::store::series_log_key(series_uid), stage = "outputs", error = %format!("{e:#}"),
+                "DICOM outputs could not be made")
+            }
         }
     }
     crate::notify::log_result(&result);
@@ -620,7 +706,7 @@ async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
         shared.live.beat();
         let done = shared.tracker.lock().unwrap().take_complete(Instant::now(), &shared.config.series);
         for series_uid in done {
-            tracing::info!(series = %crate::store::series_log_key(&series_uid), "series complete");
+            tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "completion", "series complete");
             enqueue(&shared, &series_uid, WorkerMsg::Complete).await;
         }
     }

@@ -78,7 +78,9 @@ impl SeriesWork {
                 self.segmented.insert(uid, SegmentedInstance { meta, segmentation: seg, path: path.to_path_buf() });
             }
             Err(e) => {
-                tracing::warn!(sop_instance = %uid, error = %format!("{e:#}"), "slice not analysed");
+                tracing::warn!(series = %crate::store::series_log_key(&meta.series_instance_uid),
+                    instance = %crate::store::series_log_key(&uid), stage = "segmentation", error = %format!("{e:#}"),
+                    "slice not analysed");
                 self.errors.insert(uid, format!("{e:#}"));
             }
         }

@@ -102,28 +102,34 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with environment variables for the daemon process (this start only, not restarts).
     pub fn start_env(dir: &Path, config_extra: &str, env: &[(&str, &str)]) -> Daemon {
-        let (port, config) = Self::write_config(dir, "", config_extra);
+        let (port, config) = Self::write_config(dir, "", "", config_extra);
         Self::spawn_env(dir, port, config, Vec::new(), env)
     }
 
     /// Like [`Daemon::start`], with `dicom_extra` (TOML keys) added to the `[dicom]` table.
     pub fn start_with(dir: &Path, dicom_extra: &str, config_extra: &str) -> Daemon {
-        Self::start_probed(dir, dicom_extra, config_extra, &[])
+        Self::start_full(dir, dicom_extra, "", config_extra)
+    }
+
+    /// Like [`Daemon::start_with`], with `storage_extra` (TOML keys) added to the `[storage]` table.
+    pub fn start_full(dir: &Path, dicom_extra: &str, storage_extra: &str, config_extra: &str) -> Daemon {
+        let (port, config) = Self::write_config(dir, dicom_extra, storage_extra, config_extra);
+        Self::spawn(dir, port, config, Vec::new())
     }
 
     /// Like [`Daemon::start_with`]; the readiness C-ECHO is sent with the extra `echoscu` arguments `probe`.
     pub fn start_probed(dir: &Path, dicom_extra: &str, config_extra: &str, probe: &[&str]) -> Daemon {
-        let (port, config) = Self::write_config(dir, dicom_extra, config_extra);
+        let (port, config) = Self::write_config(dir, dicom_extra, "", config_extra);
         Self::spawn(dir, port, config, probe.iter().map(|s| s.to_string()).collect())
     }
 
     /// The test config (a free port, the data dir under `dir`, HTTP off) plus the extra TOML; returns its port and path.
-    fn write_config(dir: &Path, dicom_extra: &str, config_extra: &str) -> (u16, PathBuf) {
+    fn write_config(dir: &Path, dicom_extra: &str, storage_extra: &str, config_extra: &str) -> (u16, PathBuf) {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");
         let text = format!(
-            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n{dicom_extra}\n\n[storage]\ndata_dir = \"{}\"\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {port}\n{dicom_extra}\n\n[storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[http]\nbind = \"\"\n\n{config_extra}\n",
             dir.join("data").display()
         );
         std::fs::write(&config, text).unwrap();

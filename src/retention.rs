@@ -1,0 +1,220 @@
+//! retention — keeps the spool from growing without bound: purges the pixel data (spool instance files) of
+//! finished series after `storage.retention_hours`, and oldest-first when the data dir's file system is fuller
+//! than `storage.purge_high_water_percent` or a new instance does not fit.
+//!
+//! Owns: choosing what to purge (through [`Store::purge_candidates`]: only series analysed or skipped with a
+//! result of their current revision and no DICOM output pending in the outbox), marking it purged in the store,
+//! deleting the files, and the periodic background task.
+//! Never: deletes results, alerts, outputs rows, the masks summary in the result JSON, or the instance rows (a
+//! purged instance keeps its routing attributes, so a late re-analysis can say its pixels were purged); never
+//! touches a series that is receiving, waiting for analysis, failed, or still has DICOM outputs to deliver.
+//!
+//! Concurrency: a purge holds the write side of the daemon's spool guard while it marks and deletes, and every
+//! instance is spooled and recorded under the read side — so a re-sent instance can never have its freshly
+//! acknowledged file deleted by a purge that chose its series a moment before.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::watch;
+
+use crate::config::StorageConfig;
+use crate::store::{now_ms, series_log_key, Store};
+
+/// Longest pause between two periodic checks.
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// Shortest pause between two periodic checks.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Series examined per round.
+const BATCH: usize = 64;
+
+/// What one purge pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Series whose pixel data was purged.
+    pub series: usize,
+    /// Spool files deleted.
+    pub files: usize,
+    /// Bytes those files held (as recorded when they were stored).
+    pub bytes: u64,
+}
+
+impl PurgeReport {
+    fn add(&mut self, other: PurgeReport) {
+        self.series += other.series;
+        self.files += other.files;
+        self.bytes += other.bytes;
+    }
+}
+
+/// The retention policy over one data dir.
+#[derive(Debug)]
+pub struct Retention {
+    store: Arc<Store>,
+    cfg: StorageConfig,
+    /// Write side held while purging; the instance path holds the read side while spooling + recording.
+    guard: Arc<RwLock<()>>,
+}
+
+impl Retention {
+    /// `guard` is the daemon's spool guard (see the module docs).
+    pub fn new(store: Arc<Store>, cfg: StorageConfig, guard: Arc<RwLock<()>>) -> Retention {
+        Retention { store, cfg, guard }
+    }
+
+    /// Percent used of the data dir's file system (None when it cannot be read).
+    pub fn disk_used_percent(&self) -> Option<f64> {
+        crate::http::disk_usage(&self.cfg.data_dir).map(|(ratio, _)| ratio * 100.0)
+    }
+
+    /// Whether the data dir's file system is fuller than `purge_high_water_percent`.
+    pub fn above_high_water(&self) -> bool {
+        self.disk_used_percent().is_some_and(|p| p > self.cfg.purge_high_water_percent)
+    }
+
+    /// Purges one series' pixel data if it is still purgeable; blocking.
+    pub fn purge_series(&self, series_uid: &str, why: &str) -> Result<PurgeReport> {
+        let _w = self.guard.write().unwrap_or_else(|p| p.into_inner());
+        let paths = self.store.mark_series_purged(series_uid)?;
+        if paths.is_empty() {
+            return Ok(PurgeReport::default());
+        }
+        let mut report = PurgeReport { series: 1, ..Default::default() };
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for p in &paths {
+            let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(p) {
+                Ok(()) => {
+                    report.files += 1;
+                    report.bytes += len;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(series = %series_log_key(series_uid), error = %e, "retention: cannot delete a spool file")
+                }
+            }
+            if let Some(d) = p.parent() {
+                if !dirs.iter().any(|x| x == d) {
+                    dirs.push(d.to_path_buf());
+                }
+            }
+        }
+        for d in dirs {
+            // Empty series directories go too (and their parent when that empties); fails harmlessly otherwise.
+            if std::fs::remove_dir(&d).is_ok() {
+                if let Some(parent) = d.parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
+        }
+        tracing::info!(
+            series = %series_log_key(series_uid),
+            stage = "retention",
+            reason = why,
+            files = report.files,
+            bytes = report.bytes,
+            "retention: purged the series' pixel data (results and alerts kept)"
+        );
+        Ok(report)
+    }
+
+    /// Purges the pixel data of finished series whose last instance is older than `retention_hours`.
+    pub fn purge_expired(&self) -> Result<PurgeReport> {
+        let mut report = PurgeReport::default();
+        if self.cfg.retention_hours <= 0.0 {
+            return Ok(report);
+        }
+        let cutoff = now_ms() - (self.cfg.retention_hours * 3_600_000.0) as i64;
+        loop {
+            let batch = self.store.purge_candidates(Some(cutoff), BATCH)?;
+            let mut progressed = false;
+            for c in &batch {
+                let r = self.purge_series(&c.series_instance_uid, "retention_hours")?;
+                progressed |= r.series > 0;
+                report.add(r);
+            }
+            if batch.len() < BATCH || !progressed {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Purges finished series oldest first while the file system is fuller than `purge_high_water_percent`.
+    pub fn relieve_pressure(&self) -> Result<PurgeReport> {
+        let mut report = PurgeReport::default();
+        while self.above_high_water() {
+            let r = self.purge_oldest("disk above storage.purge_high_water_percent")?;
+            if r.series == 0 {
+                break;
+            }
+            report.add(r);
+        }
+        Ok(report)
+    }
+
+    /// Purges the oldest purgeable series (a new instance did not fit). `series == 0`: nothing could be purged.
+    pub fn purge_oldest(&self, why: &str) -> Result<PurgeReport> {
+        for c in self.store.purge_candidates(None, 8)? {
+            let r = self.purge_series(&c.series_instance_uid, why)?;
+            if r.series > 0 {
+                return Ok(r);
+            }
+        }
+        Ok(PurgeReport::default())
+    }
+
+    /// One periodic pass: expired series, then disk pressure; blocking.
+    pub fn pass(&self) -> Result<PurgeReport> {
+        let mut r = self.purge_expired()?;
+        r.add(self.relieve_pressure()?);
+        Ok(r)
+    }
+
+    /// How often the background task looks: a tenth of the retention period, within 1 s ..= 60 s.
+    pub fn interval(&self) -> Duration {
+        let tenth = Duration::from_secs_f64((self.cfg.retention_hours * 360.0).max(0.0));
+        if self.cfg.retention_hours <= 0.0 {
+            MAX_INTERVAL
+        } else {
+            tenth.clamp(MIN_INTERVAL, MAX_INTERVAL)
+        }
+    }
+}
+
+/// The background task: a pass every [`Retention::interval`] until `shutdown` turns true.
+pub async fn run(retention: Arc<Retention>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(retention.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = shutdown.changed() => return,
+        }
+        let r = retention.clone();
+        match tokio::task::spawn_blocking(move || r.pass()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(stage = "retention", error = %format!("{e:#}"), "retention pass failed"),
+            Err(e) => tracing::error!(stage = "retention", error = %e, "retention pass panicked"),
+        }
+    }
+}
+
+/// Whether an I/O error means the file system (or quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// Whether an error chain holds a "disk full" from SQLite or the file system.
+pub fn error_is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return is_disk_full(io);
+        }
+        if let Some(sq) = c.downcast_ref::<rusqlite::Error>() {
+            return sq.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+        }
+        false
+    })
+}

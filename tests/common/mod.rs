@@ -124,7 +124,15 @@ impl Daemon {
     }
 
     /// The test config (a free port, the data dir under `dir`, HTTP off) plus the extra TOML; returns its port and path.
+    /// Disk-pressure purging is off unless a test turns it on (`storage_extra`): a CI disk fuller than the default
+    /// threshold must not purge spool files other tests look at.
     fn write_config(dir: &Path, dicom_extra: &str, storage_extra: &str, config_extra: &str) -> (u16, PathBuf) {
+        let pressure_off = "purge_high_water_percent = 100.0";
+        let storage_extra = if storage_extra.contains("purge_high_water_percent") {
+            storage_extra.to_string()
+        } else {
+            format!("{pressure_off}\n{storage_extra}")
+        };
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("lungsentry.toml");

@@ -8,54 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-/// A tmpfs mounted at `path` for the life of the guard.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(path: &Path, size_mb: u32) -> Option<Mount> {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m,mode=0700"), "lungsentry-test"])
-            .arg(path)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!("SKIP: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&out.stderr).trim());
-            return None;
-        }
-        Some(Mount(path.to_path_buf()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
-}
-
-/// Fills the filesystem of `dir` until `leave` bytes are free, with real (non-sparse) data.
-fn fill(dir: &Path, leave: u64) -> PathBuf {
-    use std::io::Write;
-    let filler = dir.join("filler.bin");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![0xA5u8; 1 << 20];
-    while free_bytes(dir) > leave + chunk.len() as u64 {
-        f.write_all(&chunk).unwrap();
-        f.sync_all().unwrap();
-    }
-    filler
-}
 
 fn statuses(out: &str) -> (usize, usize, usize) {
     let ok = out.matches("Received Store Response (Success)").count();
@@ -79,7 +36,7 @@ fn disk_full_gives_a700_keeps_sqlite_intact_and_recovers() {
     let mut d = Daemon::start(&dir, "[series]\nquiet_period_s = 1.0\nstable_timeout_s = 5.0\n");
 
     // Leave room for a few 512² slices (~0.5 MiB each) and the SQLite/WAL growth, not for 40.
-    let filler = fill(&dir.join("data"), 5 << 20);
+    let filler = fill(&dir.join("data"), 5 << 20, 1 << 20);
     eprintln!("free after filling: {} KiB", free_bytes(&dir.join("data")) / 1024);
     let out = storescu_no_halt(d.port, &series_dir);
     let (ok, refused, all) = statuses(&out);
@@ -132,7 +89,7 @@ fn disk_full_gives_a700_keeps_sqlite_intact_and_recovers() {
     let uid2 = truth2["series_instance_uid"].as_str().unwrap().to_string();
     let out = storescu_no_halt(d.port, &second);
     assert_eq!(statuses(&out).0, 24, "{out}");
-    let filler = fill(&dir.join("data"), 0);
+    let filler = fill(&dir.join("data"), 0, 1 << 20);
     let mut more = std::fs::OpenOptions::new().append(true).open(&filler).unwrap();
     while std::io::Write::write_all(&mut more, &[0u8; 4096]).is_ok() {}
     drop(more);

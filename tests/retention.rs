@@ -160,49 +160,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A tmpfs mounted at `path` for the life of the guard (as in `tests/disk_full.rs`).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(path: &Path, size_mb: u32) -> Option<Mount> {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m,mode=0700"), "lungsentry-test"])
-            .arg(path)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!("SKIP: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&out.stderr).trim());
-            return None;
-        }
-        Some(Mount(path.to_path_buf()))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
-}
-
-/// Fills the filesystem of `dir` until about `leave` bytes are free, with real (non-sparse) data.
-fn fill(dir: &Path, leave: u64) -> PathBuf {
-    use std::io::Write;
-    let filler = dir.join("filler.bin");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![0xA5u8; 256 << 10];
-    while free_bytes(dir) > leave + chunk.len() as u64 {
-        f.write_all(&chunk).unwrap();
-        f.sync_all().unwrap();
-    }
-    filler
-}
-
 fn bytes_of(files: &[PathBuf]) -> u64 {
     files.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum()
 }
@@ -235,7 +192,7 @@ fn disk_pressure_purges_oldest_analysed_series_first_to_accept_a_new_one() {
 
     // Fill the disk: less room than the new series needs, and past the purge high-water mark.
     let need = bytes_of(&dcm_files(&c_dir));
-    let filler = fill(&dir.join("data"), need / 3);
+    let filler = fill(&dir.join("data"), need / 3, 256 << 10);
     let free = free_bytes(&dir.join("data"));
     eprintln!("new series needs {} KiB, {} KiB free before it arrives", need / 1024, free / 1024);
     assert!(free < need, "the test must leave less room than the new series needs");
@@ -282,7 +239,7 @@ fn disk_pressure_purges_oldest_analysed_series_first_to_accept_a_new_one() {
     let mut d = d.restart();
     let e_dir = tmp.path().join("e");
     let e = phantom(&e_dir, 41_104, 12, "mild")["series_instance_uid"].as_str().unwrap().to_string();
-    let filler = fill(&dir.join("data"), need / 3);
+    let filler = fill(&dir.join("data"), need / 3, 256 << 10);
     let used = 100.0 - 100.0 * free_bytes(&dir.join("data")) as f64 / (64u64 << 20) as f64;
     eprintln!("disk {used:.1} % used before the third series");
     let (ok, out) = storescu(d.port, "CT1", &[e_dir.as_path()], true);

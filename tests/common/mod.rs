@@ -416,3 +416,49 @@ pub fn storescp(dir: &Path, ct_only: bool) -> (Storescp, u16) {
     }
     (s, port)
 }
+
+/// A tmpfs mounted at `path` for the life of the guard (the small file systems of the disk-full and retention tests).
+pub struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a `size_mb` tmpfs at `path`; None (and a SKIP line) where mounting is not allowed.
+    pub fn tmpfs(path: &Path, size_mb: u32) -> Option<Mount> {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m,mode=0700"), "lungsentry-test"])
+            .arg(path)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("SKIP: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return None;
+        }
+        Some(Mount(path.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Free bytes on the file system of `path` (df).
+pub fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Fills the file system of `dir` until about `leave` bytes are free, with real (non-sparse) data written in
+/// `chunk` byte pieces; returns the filler file.
+pub fn fill(dir: &Path, leave: u64, chunk: usize) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler.bin");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0xA5u8; chunk];
+    while free_bytes(dir) > leave + chunk.len() as u64 {
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+    }
+    filler
+}

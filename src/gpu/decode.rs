@@ -179,23 +179,19 @@ impl DecodePlan {
         stream.memset_zeros(&mut self.counts)?;
         stream.memset_zeros(&mut self.maxprob)?;
         let (decode, maxprob) = S::kernels(rt);
-        let npx = (p.rows * p.cols) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (npx.div_ceil(THREADS), self.n as u32, 1),
+        // One grid row of THREADS-pixel blocks per slice.
+        let grid = |pixels: i32| LaunchConfig {
+            grid_dim: ((pixels as u32).div_ceil(THREADS), self.n as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let cfg = grid(p.rows * p.cols);
         let mut b = stream.launch_builder(decode);
         b.arg(scores).arg(&p).arg(&self.x_idx).arg(&self.x_w).arg(&self.y_idx).arg(&self.y_w);
         b.arg(&mut self.lung).arg(&mut self.lesion).arg(&mut self.counts);
         // SAFETY: argument order and types match `ls_decode_*`; sizes follow the plan (scores checked above).
         unsafe { b.launch(cfg) }?;
-        let plane = (p.h * p.w) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (plane.div_ceil(THREADS), self.n as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(p.h * p.w);
         let mut b = stream.launch_builder(maxprob);
         b.arg(scores).arg(&p).arg(&mut self.maxprob);
         // SAFETY: as above, for `ls_lesion_maxprob_*`.

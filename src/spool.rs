@@ -24,7 +24,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dicom_core::Tag;
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntaxIndex};
 use dicom_object::{FileDicomObject, FileMetaTableBuilder, InMemDicomObject};
@@ -495,6 +495,18 @@ impl Walker<'_> {
                 (None, self.u32_at(*pos + 4), 8)
             };
             *pos += header;
+            let unit = value_unit(match vr {
+                Some(v) => VR::from_binary(v).unwrap_or(VR::UN),
+                None => implicit_vr(tag),
+            });
+            if len != UNDEFINED && len as usize % unit != 0 {
+                return Err(format!(
+                    "element ({:04X},{:04X}) at offset {} has length {len}, not a multiple of its value size {unit}",
+                    tag.0,
+                    tag.1,
+                    *pos - header
+                ));
+            }
             let is_sq = match vr {
                 Some(v) => &v == b"SQ" || (len == UNDEFINED && &v == b"UN"),
                 None => len == UNDEFINED || dictionary_says_sequence(tag),
@@ -572,16 +584,56 @@ impl Walker<'_> {
 
 /// Implicit VR: whether the standard dictionary types `tag` as a sequence (the parser decides the same way).
 fn dictionary_says_sequence(tag: (u16, u16)) -> bool {
-    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
-    use dicom_core::VR;
-    dicom_dictionary_std::StandardDataDictionary
-        .by_tag(Tag(tag.0, tag.1))
-        .map(|e| matches!(e.vr(), VirtualVr::Exact(VR::SQ)))
-        .unwrap_or(false)
+    implicit_vr(tag) == VR::SQ
+}
+
+/// Implicit VR: the VR the parser reads `tag` as — the standard dictionary's, with context-dependent VRs
+/// relaxed the way dicom-rs relaxes them (US/SS → US, OB/OW → OW), and UN for tags it does not know.
+pub(crate) fn implicit_vr(tag: (u16, u16)) -> VR {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    dicom_dictionary_std::StandardDataDictionary.by_tag(Tag(tag.0, tag.1)).map(|e| e.vr().relaxed()).unwrap_or(VR::UN)
+}
+
+/// Size of one value of a binary VR (1 for strings and bytes). The parser reads `length / unit` values but
+/// advances its offset by `length`, so a length that is not a multiple of the unit leaves it reading headers
+/// out of step with the bytes — where it later found a "4 GiB" length inside a 124-byte command set (fuzz
+/// finding, corpus case `dimse/command-ul-odd-length`). Every such length is refused before parsing.
+pub(crate) fn value_unit(vr: VR) -> usize {
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::OF | VR::OL | VR::AT => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    }
 }
 
 /// Reads a spooled Part-10 file back (for `preprocess`, `analyze` and tests).
 pub fn read_instance(path: &Path) -> anyhow::Result<FileDicomObject<InMemDicomObject>> {
     use anyhow::Context;
     dicom_object::open_file(path).with_context(|| format!("reading spooled instance {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_lengths;
+
+    #[test]
+    fn binary_lengths_must_be_whole_values() {
+        // Implicit VR LE: (0008,0000) is UL in the dictionary; 5 bytes is not a whole number of values.
+        let implicit_ul5 = [0x08, 0, 0, 0, 5, 0, 0, 0, 1, 2, 3, 4, 5];
+        let err = check_lengths(&implicit_ul5, false, false).unwrap_err();
+        assert!(err.contains("not a multiple of its value size 4"), "{err}");
+        // Explicit VR LE: FD with 12 bytes, US with 3.
+        let explicit_fd12 = [&[0x18, 0, 0x50, 0, b'F', b'D', 12, 0][..], &[0u8; 12]].concat();
+        assert!(check_lengths(&explicit_fd12, true, false).unwrap_err().contains("size 8"));
+        let explicit_us3 = [0x28, 0, 0x10, 0, b'U', b'S', 3, 0, 0, 2, 0];
+        assert!(check_lengths(&explicit_us3, true, false).is_err());
+        // Whole values pass; strings may have any length (odd lengths exist in the wild).
+        let explicit_us2 = [0x28, 0, 0x10, 0, b'U', b'S', 2, 0, 0, 2];
+        check_lengths(&explicit_us2, true, false).unwrap();
+        let explicit_lo3 = [0x08, 0, 0x30, 0x10, b'L', b'O', 3, 0, b'a', b'b', b'c'];
+        check_lengths(&explicit_lo3, true, false).unwrap();
+        let implicit_ul4 = [0x08, 0, 0, 0, 4, 0, 0, 0, 1, 2, 3, 4];
+        check_lengths(&implicit_ul4, false, false).unwrap();
+    }
 }

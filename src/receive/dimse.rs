@@ -208,16 +208,32 @@ impl CommandSet {
     }
 }
 
-/// Checks every element length of a (flat, Implicit VR LE) command set against the bytes that follow, before
-/// the parser sees it: the parser allocates and zero-fills each declared length up front, so 40 bytes of noise
-/// claiming a 3 GiB element would otherwise cost 3 GiB and seconds of memset (corpus case dimse/command-noise).
+/// Checks every element of a (flat, Implicit VR LE) command set before the parser sees it: command elements
+/// only (group 0000, PS3.7 §6.3.1), each length a whole number of its VR's values and within the bytes that
+/// follow. The parser allocates and zero-fills each declared length up front, so 40 bytes of noise claiming a
+/// 3 GiB element would otherwise cost 3 GiB and seconds of memset (corpus case dimse/command-noise); and a
+/// length that is not a multiple of the value size puts it out of step with the bytes, where it finds such
+/// lengths in the middle of values (fuzz finding, dimse/command-ul-odd-length).
 fn check_command_lengths(bytes: &[u8]) -> Result<(), DimseError> {
     let mut p = 0usize;
     while p < bytes.len() {
         if bytes.len() - p < 8 {
             return Err(DimseError::CommandParse(format!("truncated element header at offset {p}")));
         }
+        let group = u16::from_le_bytes([bytes[p], bytes[p + 1]]);
+        let element = u16::from_le_bytes([bytes[p + 2], bytes[p + 3]]);
+        if group != 0 {
+            return Err(DimseError::CommandParse(format!(
+                "element ({group:04X},{element:04X}) at offset {p} is not a command element (group 0000)"
+            )));
+        }
         let len = u32::from_le_bytes([bytes[p + 4], bytes[p + 5], bytes[p + 6], bytes[p + 7]]) as usize;
+        let unit = crate::spool::value_unit(crate::spool::implicit_vr((group, element)));
+        if len % unit != 0 {
+            return Err(DimseError::CommandParse(format!(
+                "element (0000,{element:04X}) at offset {p} has length {len}, not a multiple of {unit}"
+            )));
+        }
         p += 8;
         if len > bytes.len() - p {
             return Err(DimseError::CommandParse(format!(
@@ -385,6 +401,21 @@ mod tests {
         assert_eq!(rsp_back.affected_sop_instance_uid.as_deref(), Some("1.2.3.45"));
         assert_eq!(rsp_back.status, Some(0xA700));
         assert!(!rsp_back.has_dataset);
+    }
+
+    #[test]
+    fn lengths_out_of_step_with_the_value_size_are_refused() {
+        // CommandGroupLength (UL) with 5 bytes: the parser would read one value and lose a byte.
+        let mut v = CommandSet::echo_rq(1).encode().unwrap();
+        v[4] = 5;
+        v.insert(12, 0);
+        let err = CommandSet::decode(&v).unwrap_err().to_string();
+        assert!(err.contains("not a multiple of 4"), "{err}");
+        // Elements outside group 0000 have no place in a command set.
+        let mut v = CommandSet::echo_rq(1).encode().unwrap();
+        v.extend_from_slice(&[0x08, 0, 0x18, 0, 2, 0, 0, 0, b'1', 0]);
+        let err = CommandSet::decode(&v).unwrap_err().to_string();
+        assert!(err.contains("(0008,0018)"), "{err}");
     }
 
     #[test]

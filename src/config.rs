@@ -153,6 +153,10 @@ pub struct EngineConfig {
     /// Folder of serialized TensorRT engines (`scripts/build-engine` writes them, named by model sha256, GPU and
     /// TensorRT version).
     pub tensorrt_engines: PathBuf,
+    /// Seconds of queued slice segmentation above which C-STORE responses wait (the sender is paced at the
+    /// engine's speed); below it instances are answered as soon as they are on disk. Bounds the last-slice-to-alert
+    /// latency of an unpaced sender to about this plus the 3D analysis.
+    pub max_backlog_s: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -230,6 +234,7 @@ impl Default for EngineConfig {
             kind: EngineKind::Auto,
             manifest: default_manifest_path(),
             tensorrt_engines: PathBuf::from("/var/lib/lungsentry/engines"),
+            max_backlog_s: 7.0,
         }
     }
 }
@@ -322,6 +327,9 @@ impl Config {
             }
         }
         let s = &self.series;
+        if !(self.engine.max_backlog_s > 0.0 && self.engine.max_backlog_s.is_finite()) {
+            bail!("engine.max_backlog_s must be > 0");
+        }
         if !(s.quiet_period_s >= 0.0 && s.quiet_period_s.is_finite()) {
             bail!("series.quiet_period_s must be >= 0");
         }

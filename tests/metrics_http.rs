@@ -110,6 +110,7 @@ fn metrics_count_a_series_and_readyz_reports_the_disk() {
     assert_eq!(sample(&text, "lungsentry_dicom_outbox{state=\"parked\"}"), 0.0);
     assert_eq!(sample(&text, "lungsentry_webhook_outbox{state=\"pending\"}"), 0.0);
     assert_eq!(sample(&text, "lungsentry_worker_queue_depth"), 0.0);
+    assert_eq!(sample(&text, "lungsentry_backlog_seconds"), 0.0);
     assert!(sample(&text, "lungsentry_disk_available_bytes") > 0.0);
     drop(d);
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! receive ──ReceiveEvent──▶ instance task: spool (fsync) → store row → enqueue to series worker ─▶ C-STORE-RSP
-//!                                                                  │ (bounded queue: backpressure)
+//!                                                                  │ (response waits while the queued work
+//!                                                                  │  exceeds engine.max_backlog_s: backlog.rs)
 //!                               completion ticker ──Complete──▶ series worker: segment each slice as it
 //!                                                                  arrives; on Complete: 3D analysis →
 //!                                                                  store result (+ outbox row) → notify
@@ -13,9 +14,11 @@
 //! one worker task per active series, the completion ticker, graceful shutdown.
 //! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
 
+mod backlog;
 mod liveness;
 mod slices;
 
+pub use backlog::Backlog;
 pub use liveness::Liveness;
 
 pub use slices::{InferenceContext, SeriesWork};
@@ -68,14 +71,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
 /// Message to a series worker.
 enum WorkerMsg {
-    /// A durably stored instance to segment.
-    Instance { meta: InstanceMeta, path: PathBuf },
+    /// A durably stored instance to segment, counted in the backlog until it is segmented (or dropped).
+    Instance { meta: InstanceMeta, path: PathBuf, queued: backlog::Queued },
     /// The series is complete: analyse what has arrived.
     Complete,
 }
 
-/// Slices queued per series worker before senders wait: bounds memory under load.
-const WORKER_QUEUE: usize = 16;
 /// How long a worker keeps its segmentations after a completed analysis, for cheap re-analysis of late instances.
 const WORKER_LINGER: Duration = Duration::from_secs(300);
 
@@ -94,7 +95,9 @@ struct Shared {
     /// Completion rule state.
     tracker: Mutex<CompletionTracker>,
     /// Live series workers by Series Instance UID.
-    workers: Mutex<HashMap<String, mpsc::Sender<WorkerMsg>>>,
+    workers: Mutex<HashMap<String, mpsc::UnboundedSender<WorkerMsg>>>,
+    /// Segmentation work queued to the workers; C-STORE responses wait while it exceeds `engine.max_backlog_s`.
+    backlog: Arc<Backlog>,
     /// Number of results recorded (for tests/demo to wait on).
     results_tx: watch::Sender<u64>,
     /// Progress evidence the systemd watchdog trusts.
@@ -186,6 +189,7 @@ impl Daemon {
             salt,
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
+            backlog: Backlog::new(config.engine.max_backlog_s),
             results_tx,
             live: Arc::new(Liveness::default()),
             dicom_outbox_wake: Arc::new(tokio::sync::Notify::new()),
@@ -279,11 +283,8 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
     Arc::new(move || {
         use crate::metrics::gauge;
         let mut out = String::new();
-        let (workers, queued) = {
-            let w = shared.workers.lock().unwrap();
-            let live: Vec<_> = w.values().filter(|tx| !tx.is_closed()).collect();
-            (live.len(), live.iter().map(|tx| WORKER_QUEUE - tx.capacity()).sum::<usize>())
-        };
+        let workers = shared.workers.lock().unwrap().values().filter(|tx| !tx.is_closed()).count();
+        let queued = shared.backlog.queued();
         gauge(
             &mut out,
             "lungsentry_series_workers",
@@ -295,6 +296,12 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
             "lungsentry_worker_queue_depth",
             "Slices queued to series workers, not yet segmented.",
             &[(String::new(), queued as f64)],
+        );
+        gauge(
+            &mut out,
+            "lungsentry_backlog_seconds",
+            "Estimated seconds of segmentation queued (C-STORE responses wait above engine.max_backlog_s).",
+            &[(String::new(), shared.backlog.seconds())],
         );
         if let Ok(c) = shared.store.outbox_counts() {
             gauge(
@@ -397,7 +404,10 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
     // whose pixels retention had purged (the scanner re-sending a purged series gets it analysed again).
     if rec.new_instance || !rec.series_had_result || rec.was_purged {
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
-        enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path }).await;
+        let queued = shared.backlog.enqueue();
+        enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path, queued }).await;
+        // Stored and queued: the answer only waits while more segmentation is queued than the budget allows.
+        shared.backlog.admit().await;
     }
     crate::metrics::metrics().instance(true);
     let _ = reply.send(status::SUCCESS);
@@ -431,7 +441,7 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
     let mut msg = Some(msg);
     for _ in 0..3 {
         let tx = ensure_worker(shared, series_uid);
-        match tx.send(msg.take().unwrap()).await {
+        match tx.send(msg.take().unwrap()) {
             Ok(()) => return,
             Err(mpsc::error::SendError(m)) => {
                 // The worker ended (linger expired) between lookup and send: drop it and start a new one.
@@ -443,21 +453,21 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
     tracing::error!(series = %crate::store::series_log_key(series_uid), stage = "dispatch", "could not reach a series worker");
 }
 
-fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::Sender<WorkerMsg> {
+fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::UnboundedSender<WorkerMsg> {
     let mut workers = shared.workers.lock().unwrap();
     if let Some(tx) = workers.get(series_uid) {
         if !tx.is_closed() {
             return tx.clone();
         }
     }
-    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+    let (tx, rx) = mpsc::unbounded_channel();
     workers.insert(series_uid.to_string(), tx.clone());
     tokio::spawn(series_worker(shared.clone(), series_uid.to_string(), rx));
     tx
 }
 
 /// One series: segments slices as they arrive, analyses on Complete, lingers, then ends.
-async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Receiver<WorkerMsg>) {
+async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
     let mut work = Some(SeriesWork::default());
     // Instances already stored (restart, or a worker that lingered out) are segmented first.
     let prior = {
@@ -483,12 +493,14 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Re
         };
         let Some(msg) = msg else { break };
         match msg {
-            WorkerMsg::Instance { meta, path } => {
+            WorkerMsg::Instance { meta, path, queued } => {
                 if completed {
                     received_at = chrono_now();
                     completed = false;
                 }
                 work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
+                shared.backlog.segmented();
+                drop(queued);
             }
             WorkerMsg::Complete => {
                 let w = work.take().unwrap();

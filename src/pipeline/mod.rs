@@ -580,6 +580,16 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     }
     // The revision read before the analysis: instances arriving meanwhile leave the series pending.
     let revision = shared.store.series_revision(series_uid)?;
+    // Exactly one result per revision: a second completion with nothing recorded in between (a restart's
+    // recovery and the re-sending scanner's own completion, a retry after a failed write that did land) would
+    // analyse the same instances again and record a duplicate version.
+    if let (Some(rev), Some(latest)) = (revision, shared.store.latest_result(series_uid)?) {
+        if latest.series_revision == rev {
+            tracing::info!(series = %crate::store::series_log_key(series_uid), stage = "analysis", version = latest.version,
+                "already analysed at this revision; no new version");
+            return Ok(());
+        }
+    }
     // The key was computed from the raw identifiers when the instances were recorded (the store hands
     // instance metadata back without them).
     let row = shared.store.series(series_uid)?;

@@ -29,6 +29,7 @@ pub struct Manifest {
     #[serde(default)]
     pub thresholds: Thresholds,
     /// The series, replayed in this order.
+    #[serde(default)]
     pub series: Vec<Entry>,
 }
 

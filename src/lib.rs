@@ -10,7 +10,8 @@
 //!
 //! `pipeline` wires the stages into the daemon (`serve`); `analyze` runs the same series logic offline;
 //! `scu` is the sending side (`send`, `echo`); `phantom` makes synthetic CT series with ground truth;
-//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series.
+//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series; `hil` is the
+//! hardware-in-the-loop harness that replays series to an appliance and reports correctness and latency.
 
 pub mod analysis;
 pub mod analyze;
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hil;
 pub mod http;
 pub mod instance;
 pub mod logging;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use lungsentry::{analyze, demo, eval, logging, phantom, pipeline, scu};
+use lungsentry::{analyze, demo, eval, hil, logging, phantom, pipeline, scu};
 
 /// Scanner-side COVID-19 pneumonia lesion segmentation and flagging for CT series received over DICOM.
 #[derive(Parser)]
@@ -27,6 +27,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Write a synthetic chest CT series with ground truth.
     Phantom(phantom::PhantomArgs),
+    /// Hardware-in-the-loop run: replay a manifest of series to an appliance, check results and alerts, write a report.
+    Hil(hil::HilArgs),
     /// Compute the paper's metrics over labelled series or 2D image folders.
     Eval(eval::EvalArgs),
     /// GPU kernels: availability, PTX compilation, comparison with the CPU path and timings (`cuda` feature).
@@ -51,6 +53,7 @@ fn main() -> Result<()> {
                     Command::Send(a) => scu::send(a).await,
                     Command::Echo(a) => scu::echo(a).await,
                     Command::Demo(a) => demo::run(a).await,
+                    Command::Hil(a) => hil::run(a).await,
                     Command::Phantom(_) | Command::Eval(_) | Command::Analyze(_) => unreachable!(),
                     #[cfg(feature = "cuda")]
                     Command::Gpu(_) => unreachable!(),

@@ -319,6 +319,11 @@ impl Drop for HttpDaemon {
 impl HttpDaemon {
     /// Starts with `storage_extra` appended to `[storage]` and `http_extra` to `[http]`; waits for `/healthz`.
     pub fn start(dir: &Path, storage_extra: &str, http_extra: &str) -> HttpDaemon {
+        Self::start_full(dir, storage_extra, http_extra, "")
+    }
+
+    /// Like [`HttpDaemon::start`], with `config_extra` (whole TOML tables, e.g. `[alerts]`) appended to the config.
+    pub fn start_full(dir: &Path, storage_extra: &str, http_extra: &str, config_extra: &str) -> HttpDaemon {
         use std::io::{Read, Write};
         std::fs::create_dir_all(dir).unwrap();
         let (dicom_port, http_port) = (free_port(), free_port());
@@ -327,7 +332,7 @@ impl HttpDaemon {
             &config,
             format!(
                 "[dicom]\nbind = \"127.0.0.1\"\nport = {dicom_port}\n\n[series]\nquiet_period_s = 0.5\n\n\
-                 [storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[http]\nbind = \"127.0.0.1:{http_port}\"\n{http_extra}\n",
+                 [storage]\ndata_dir = \"{}\"\n{storage_extra}\n\n[http]\nbind = \"127.0.0.1:{http_port}\"\n{http_extra}\n\n{config_extra}\n",
                 dir.join("data").display()
             ),
         )

@@ -98,6 +98,12 @@ struct Shared {
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<WorkerMsg>>>,
     /// Segmentation work queued to the workers; C-STORE responses wait while it exceeds `engine.max_backlog_s`.
     backlog: Arc<Backlog>,
+    /// Slice segmentations running at once, across series: one per core (more only thrash the engine's threads
+    /// and multiply its working memory when several scanners send at once).
+    segment_slots: Arc<tokio::sync::Semaphore>,
+    /// 3D analyses running at once: one. Each holds whole-volume label arrays (hundreds of MB for 300 × 512²), so
+    /// eight series completing together must not hold eight (the 8-scanner load test peaked at 621 MB without it).
+    analysis_slots: Arc<tokio::sync::Semaphore>,
     /// Number of results recorded (for tests/demo to wait on).
     results_tx: watch::Sender<u64>,
     /// Progress evidence the systemd watchdog trusts.
@@ -190,6 +196,10 @@ impl Daemon {
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
             backlog: Backlog::new(config.engine.max_backlog_s),
+            segment_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            )),
+            analysis_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             results_tx,
             live: Arc::new(Liveness::default()),
             dicom_outbox_wake: Arc::new(tokio::sync::Notify::new()),
@@ -507,7 +517,9 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                 let s = shared.clone();
                 let uid = series_uid.clone();
                 let ra = received_at.clone();
+                let slot = shared.analysis_slots.clone().acquire_owned().await;
                 let done = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
                     let _busy = s.live.busy("3D analysis");
                     let r = finish_series(&s, &uid, &w, &ra);
                     s.live.analysed();
@@ -546,7 +558,9 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
 async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
     let ctx = shared.ctx.clone();
     let live = shared.live.clone();
+    let slot = shared.segment_slots.clone().acquire_owned().await;
     match tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let _busy = live.busy("slice segmentation");
         work.add(&ctx, meta, &path);
         work

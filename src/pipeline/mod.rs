@@ -597,7 +597,8 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     // Exactly one result per revision: a second completion with nothing recorded in between (a restart's
     // recovery and the re-sending scanner's own completion, a retry after a failed write that did land) would
     // analyse the same instances again and record a duplicate version.
-    if let (Some(rev), Some(latest)) = (revision, shared.store.latest_result(series_uid)?) {
+    let previous = shared.store.latest_result(series_uid)?;
+    if let (Some(rev), Some(latest)) = (revision, &previous) {
         if latest.series_revision == rev {
             tracing::info!(series = %crate::store::series_log_key(series_uid), stage = "analysis", version = latest.version,
                 "already analysed at this revision; no new version");
@@ -617,7 +618,6 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let positive = result["positive"].as_bool().unwrap_or(false);
     let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-    let previous = shared.store.latest_result(series_uid)?;
     let previously_positive = previous.as_ref().map(|r| r.positive).unwrap_or(false);
     let previously_progression =
         previous.as_ref().and_then(|r| r.result["follow_up"]["progression"].as_bool()).unwrap_or(false);

@@ -157,6 +157,9 @@ pub struct EngineConfig {
     /// engine's speed); below it instances are answered as soon as they are on disk. Bounds the last-slice-to-alert
     /// latency of an unpaced sender to about this plus the 3D analysis.
     pub max_backlog_s: f64,
+    /// Nice levels below the daemon at which slice segmentation (and the engine's worker threads) run, so that
+    /// receiving, which the scanner waits on, goes first on a busy CPU (0 = same priority; at most 19).
+    pub segment_nice: i32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -235,6 +238,7 @@ impl Default for EngineConfig {
             manifest: default_manifest_path(),
             tensorrt_engines: PathBuf::from("/var/lib/lungsentry/engines"),
             max_backlog_s: 7.0,
+            segment_nice: 10,
         }
     }
 }
@@ -329,6 +333,9 @@ impl Config {
         let s = &self.series;
         if !(self.engine.max_backlog_s > 0.0 && self.engine.max_backlog_s.is_finite()) {
             bail!("engine.max_backlog_s must be > 0");
+        }
+        if !(0..=19).contains(&self.engine.segment_nice) {
+            bail!("engine.segment_nice must be 0..=19");
         }
         if !(s.quiet_period_s >= 0.0 && s.quiet_period_s.is_finite()) {
             bail!("series.quiet_period_s must be >= 0");

@@ -16,6 +16,7 @@
 
 mod backlog;
 mod liveness;
+mod segpool;
 mod slices;
 
 pub use backlog::Backlog;
@@ -98,9 +99,9 @@ struct Shared {
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<WorkerMsg>>>,
     /// Segmentation work queued to the workers; C-STORE responses wait while it exceeds `engine.max_backlog_s`.
     backlog: Arc<Backlog>,
-    /// Slice segmentations running at once, across series: one per core (more only thrash the engine's threads
-    /// and multiply its working memory when several scanners send at once).
-    segment_slots: Arc<tokio::sync::Semaphore>,
+    /// The slice segmentation threads: one per core (more only thrash the engine's threads and multiply its
+    /// working memory when several scanners send at once), below the receive path's priority (see `segpool`).
+    segment_pool: segpool::SegmentPool,
     /// 3D analyses running at once: one. Each holds whole-volume label arrays (hundreds of MB for 300 × 512²), so
     /// eight series completing together must not hold eight (the 8-scanner load test peaked at 621 MB without it).
     analysis_slots: Arc<tokio::sync::Semaphore>,
@@ -153,10 +154,17 @@ impl Daemon {
             None => crate::store::load_or_create_salt(&data_dir)?,
         };
         let model = Model::load(&config.engine.manifest)?;
-        let engine = crate::engine::load_engine_in(config.engine.kind, &model, &config.engine.tensorrt_engines)?;
-        // Warm-up: one inference so the first real slice does not pay for lazy initialisation.
-        let i = &model.manifest.input;
-        engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;
+        // Built (and warmed) at the segmentation threads' priority: the engine's own worker threads inherit it.
+        let (model, engine) = segpool::at_nice(config.engine.segment_nice, {
+            let (kind, dir) = (config.engine.kind, config.engine.tensorrt_engines.clone());
+            move || -> Result<_> {
+                let engine = crate::engine::load_engine_in(kind, &model, &dir)?;
+                // Warm-up: one inference so the first real slice does not pay for lazy initialisation.
+                let i = &model.manifest.input;
+                engine.infer(&vec![0f32; i.channels * i.height * i.width], 1).context("engine warm-up")?;
+                Ok((model, engine))
+            }
+        })?;
         tracing::info!(engine = engine.name(), model = %model.manifest.model.name, version = %model.manifest.model.version, "model verified and engine warmed");
         if config.storage.purge_high_water_percent > config.storage.disk_high_water_percent {
             tracing::warn!(
@@ -196,9 +204,11 @@ impl Daemon {
             tracker: Mutex::new(CompletionTracker::default()),
             workers: Mutex::new(HashMap::new()),
             backlog: Backlog::new(config.engine.max_backlog_s),
-            segment_slots: Arc::new(tokio::sync::Semaphore::new(
+            segment_pool: segpool::SegmentPool::new(
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            )),
+                config.engine.segment_nice,
+            )
+            .context("starting the segmentation threads")?,
             analysis_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             results_tx,
             live: Arc::new(Liveness::default()),
@@ -558,18 +568,18 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
 async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
     let ctx = shared.ctx.clone();
     let live = shared.live.clone();
-    let slot = shared.segment_slots.clone().acquire_owned().await;
-    match tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        let _busy = live.busy("slice segmentation");
-        work.add(&ctx, meta, &path);
-        work
-    })
-    .await
+    match shared
+        .segment_pool
+        .run(move || {
+            let _busy = live.busy("slice segmentation");
+            work.add(&ctx, meta, &path);
+            work
+        })
+        .await
     {
         Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "slice segmentation panicked");
+        Err(segpool::Panicked) => {
+            tracing::error!("slice segmentation panicked");
             SeriesWork::default()
         }
     }

@@ -2,7 +2,7 @@
 //! model input → engine → native-resolution masks), then, when the series is complete, order the slices and
 //! run the 3D analysis into the result JSON.
 //!
-//! Owns: the accumulated per-slice segmentations of one series (bit-packed masks, not pixels) and the
+//! Owns: the accumulated per-slice segmentations of one series (masks as runs, not pixels) and the
 //! stage timings. Never: decides completion (that is `series`) or stores anything (that is `store`).
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use crate::analysis::{self, AnalysisParams, PlacedSlice, SliceSegmentation};
+use crate::analysis::{self, AnalysisParams, PlacedSlice, RunMask, SliceSegmentation};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::instance::InstanceMeta;
@@ -30,12 +30,45 @@ pub struct InferenceContext {
     pub config: Config,
 }
 
+/// A slice's segmentation as a series worker keeps it until the 3D analysis: the masks as runs, not bits (eight
+/// scanners sending 300 × 512² series at once held 8 × 300 × 64 KB = 157 MB of bit masks).
+struct PackedSegmentation {
+    lung: RunMask,
+    lesion: RunMask,
+    lesion_hu: Vec<f32>,
+    max_lesion_probability: f32,
+}
+
+impl PackedSegmentation {
+    fn pack(mut s: SliceSegmentation) -> PackedSegmentation {
+        s.lesion_hu.shrink_to_fit();
+        PackedSegmentation {
+            lung: RunMask::from_bitmask(&s.lung),
+            lesion: RunMask::from_bitmask(&s.lesion),
+            lesion_hu: s.lesion_hu,
+            max_lesion_probability: s.max_lesion_probability,
+        }
+    }
+
+    fn unpack(&self) -> SliceSegmentation {
+        let lung = self.lung.to_bitmask();
+        SliceSegmentation {
+            rows: lung.rows,
+            cols: lung.cols,
+            lung,
+            lesion: self.lesion.to_bitmask(),
+            lesion_hu: self.lesion_hu.clone(),
+            max_lesion_probability: self.max_lesion_probability,
+        }
+    }
+}
+
 /// One instance with its segmentation.
 struct SegmentedInstance {
     /// Routing and geometry attributes.
     meta: InstanceMeta,
-    /// Native-resolution masks and lesion HU.
-    segmentation: SliceSegmentation,
+    /// Native-resolution masks (as runs) and lesion HU.
+    segmentation: PackedSegmentation,
     /// The instance's file (DICOM outputs re-read it for attributes and key-image pixels).
     path: std::path::PathBuf,
 }
@@ -75,7 +108,14 @@ impl SeriesWork {
         }
         match self.segment(ctx, &meta, path) {
             Ok(seg) => {
-                self.segmented.insert(uid, SegmentedInstance { meta, segmentation: seg, path: path.to_path_buf() });
+                self.segmented.insert(
+                    uid,
+                    SegmentedInstance {
+                        meta,
+                        segmentation: PackedSegmentation::pack(seg),
+                        path: path.to_path_buf(),
+                    },
+                );
             }
             Err(e) => {
                 tracing::warn!(series = %crate::store::series_log_key(&meta.series_instance_uid),
@@ -137,7 +177,7 @@ impl SeriesWork {
             .map(|(&i, &z)| {
                 let m = &segs[i].meta;
                 PlacedSlice {
-                    segmentation: segs[i].segmentation.clone(),
+                    segmentation: segs[i].segmentation.unpack(),
                     position_mm: z,
                     image_position: m.image_position.unwrap_or([0.0; 3]),
                     image_orientation: m.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),

@@ -271,8 +271,12 @@ fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, SpoolError> {
 /// Every check before anything is written; returns the routing attributes. `dataset` is `inc.dataset`, or
 /// its inflated form (then `ts_uid` is Explicit VR LE).
 fn validate(inc: &IncomingInstance, dataset: &[u8], ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
-    let meta =
-        check_dataset(dataset, ts_uid, Some(&inc.sop_class_uid), Some(inc.sop_instance_uid.trim_end_matches(['\0', ' '])))?;
+    let meta = check_dataset(
+        dataset,
+        ts_uid,
+        Some(&inc.sop_class_uid),
+        Some(inc.sop_instance_uid.trim_end_matches(['\0', ' '])),
+    )?;
     let cmd_sop = inc.sop_instance_uid.trim_end_matches(['\0', ' ']);
     if meta.sop_instance_uid != cmd_sop {
         return Err(SpoolError::DatasetMismatch(format!(
@@ -313,7 +317,8 @@ pub fn check_dataset(
     check_lengths(dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
     let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts)
         .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
-    let meta = InstanceMeta::from_object_with(&obj, sop_class_hint, sop_instance_hint).map_err(|e| cu(e.to_string()))?;
+    let meta =
+        InstanceMeta::from_object_with(&obj, sop_class_hint, sop_instance_hint).map_err(|e| cu(e.to_string()))?;
     if meta.is_ct_image_class() {
         check_pixel_data(&obj, &meta, ts.is_encapsulated_pixel_data())?;
     }

@@ -110,11 +110,7 @@ impl SeriesWork {
             Ok(seg) => {
                 self.segmented.insert(
                     uid,
-                    SegmentedInstance {
-                        meta,
-                        segmentation: PackedSegmentation::pack(seg),
-                        path: path.to_path_buf(),
-                    },
+                    SegmentedInstance { meta, segmentation: PackedSegmentation::pack(seg), path: path.to_path_buf() },
                 );
             }
             Err(e) => {

@@ -91,6 +91,18 @@ impl BitMask {
         }
     }
 
+    /// Sets pixels `from..to` (row-major indices), a word at a time.
+    fn set_range(&mut self, from: usize, to: usize) {
+        let mut i = from;
+        while i < to {
+            let (w, b) = (i / 64, i % 64);
+            let n = (64 - b).min(to - i);
+            let bits = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << b };
+            self.words[w] |= bits;
+            i += n;
+        }
+    }
+
     /// Number of set pixels.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -101,23 +113,39 @@ impl BitMask {
         (0..self.rows * self.cols).map(|i| self.get_index(i)).collect()
     }
 
-    /// Horizontal runs of set pixels in raster order: (row, first col, last col inclusive).
+    /// Horizontal runs of set pixels in raster order: (row, first col, last col inclusive). Scans 64 pixels per
+    /// step (the 3D analysis calls it for every mask of a series; pixel by pixel it was most of that analysis).
     pub fn runs(&self) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();
         for r in 0..self.rows {
-            let mut c = 0;
-            while c < self.cols {
-                if self.get(r, c) {
-                    let s = c;
-                    while c + 1 < self.cols && self.get(r, c + 1) {
-                        c += 1;
-                    }
-                    out.push((r, s, c));
+            let (row_start, row_end) = (r * self.cols, (r + 1) * self.cols);
+            let mut i = row_start;
+            loop {
+                let a = self.next_bit(i, row_end, true);
+                if a >= row_end {
+                    break;
                 }
-                c += 1;
+                let b = self.next_bit(a, row_end, false);
+                out.push((r, a - row_start, b - 1 - row_start));
+                i = b;
             }
         }
         out
+    }
+
+    /// The first pixel index in `from..end` whose bit equals `value`, or `end`.
+    #[inline]
+    fn next_bit(&self, from: usize, end: usize, value: bool) -> usize {
+        let mut i = from;
+        while i < end {
+            let word = if value { self.words[i / 64] } else { !self.words[i / 64] };
+            let rest = word >> (i % 64);
+            if rest != 0 {
+                return (i + rest.trailing_zeros() as usize).min(end);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        end
     }
 
     /// Bytes the mask holds (for memory accounting).
@@ -149,9 +177,7 @@ impl RunMask {
     pub fn to_bitmask(&self) -> BitMask {
         let mut m = BitMask::new(self.rows, self.cols);
         for &[r, a, b] in &self.runs {
-            for c in a as usize..=b as usize {
-                m.set(r as usize, c, true);
-            }
+            m.set_range(r as usize * self.cols + a as usize, r as usize * self.cols + b as usize + 1);
         }
         m
     }
@@ -644,8 +670,34 @@ mod tests {
                 }
             }
         }
+        // The word-at-a-time scan against the pixel-by-pixel definition.
+        let mut naive = Vec::new();
+        for r in 0..rows {
+            let mut c = 0;
+            while c < cols {
+                if m.get(r, c) {
+                    let s = c;
+                    while c + 1 < cols && m.get(r, c + 1) {
+                        c += 1;
+                    }
+                    naive.push((r, s, c));
+                }
+                c += 1;
+            }
+        }
+        assert_eq!(m.runs(), naive);
         let packed = RunMask::from_bitmask(&m);
         assert_eq!(packed.to_bitmask(), m);
+        // Odd sizes: rows that do not start on a word boundary, a full row, a single pixel at the very end.
+        let mut odd = BitMask::new(7, 37);
+        for c in 0..37 {
+            odd.set(2, c, true);
+        }
+        for (r, c) in [(0, 36), (1, 0), (3, 5), (3, 6), (6, 36), (4, 27), (4, 28), (4, 29)] {
+            odd.set(r, c, true);
+        }
+        assert_eq!(odd.runs(), vec![(0, 36, 36), (1, 0, 0), (2, 0, 36), (3, 5, 6), (4, 27, 29), (6, 36, 36)]);
+        assert_eq!(RunMask::from_bitmask(&odd).to_bitmask(), odd);
         assert!(packed.heap_bytes() < m.heap_bytes() / 2, "{} vs {}", packed.heap_bytes(), m.heap_bytes());
         let empty = BitMask::new(rows, cols);
         let packed = RunMask::from_bitmask(&empty);

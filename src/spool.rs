@@ -239,8 +239,9 @@ fn file_stem(sop_uid: &str) -> String {
     }
 }
 
-/// Preamble + "DICM" + our file meta group, ready to be followed by the dataset bytes.
-fn part10_header(meta: &InstanceMeta, ts_uid: &str) -> Result<Vec<u8>, SpoolError> {
+/// Preamble + "DICM" + our file meta group, ready to be followed by the dataset bytes: the head of every spooled
+/// file (a peer sends only the dataset; the meta group is always ours).
+pub fn part10_header(meta: &InstanceMeta, ts_uid: &str) -> Result<Vec<u8>, SpoolError> {
     let table = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(meta.sop_class_uid.as_str())
         .media_storage_sop_instance_uid(meta.sop_instance_uid.as_str())

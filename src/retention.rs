@@ -9,6 +9,12 @@
 //! purged instance keeps its routing attributes, so a late re-analysis can say its pixels were purged); never
 //! touches a series that is receiving, waiting for analysis, failed, or still has DICOM outputs to deliver.
 //!
+//! The disk reserve: a purge writes to the store (it marks the instances purged before deleting their files, so
+//! a crash in between never leaves rows pointing at files that are gone), and on a completely full disk SQLite
+//! cannot grow its log for that write — the purge that would make room fails for want of room. So the data dir
+//! keeps a small reserve file ([`RESERVE_FILE`], [`RESERVE_BYTES`]); a purge that fails with "disk full" deletes
+//! it and tries once more, and the periodic pass puts it back once there is room again.
+//!
 //! Concurrency: a purge holds the write side of the daemon's spool guard while it marks and deletes, and every
 //! instance is spooled and recorded under the read side — so a re-sent instance can never have its freshly
 //! acknowledged file deleted by a purge that chose its series a moment before.
@@ -29,6 +35,10 @@ const MAX_INTERVAL: Duration = Duration::from_secs(60);
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Series examined per round.
 const BATCH: usize = 64;
+/// The disk reserve's file name in the data dir.
+pub const RESERVE_FILE: &str = "disk-reserve";
+/// The disk reserve's size: room for the store to record a purge on an otherwise full disk.
+pub const RESERVE_BYTES: u64 = 4 << 20;
 
 /// What one purge pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,11 +175,62 @@ impl Retention {
         Ok(PurgeReport::default())
     }
 
-    /// One periodic pass: expired series, then disk pressure; blocking.
+    /// One periodic pass: expired series, then disk pressure, then the disk reserve; blocking.
     pub fn pass(&self) -> Result<PurgeReport> {
         let mut r = self.purge_expired()?;
         r.add(self.relieve_pressure()?);
+        self.ensure_reserve();
         Ok(r)
+    }
+
+    /// [`Retention::purge_oldest`] for an instance that found the disk full: when the purge itself fails because
+    /// the disk is full (the store could not record it), the disk reserve is released and the purge tried again.
+    pub fn purge_oldest_on_full_disk(&self, why: &str) -> Result<PurgeReport> {
+        match self.purge_oldest(why) {
+            Err(e) if error_is_disk_full(&e) && self.release_reserve() => {
+                tracing::warn!(stage = "retention", error = %format!("{e:#}"),
+                    "the disk is too full to record a purge: released the disk reserve and trying again");
+                self.purge_oldest(why)
+            }
+            other => other,
+        }
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        self.cfg.data_dir.join(RESERVE_FILE)
+    }
+
+    /// Deletes the disk reserve; true when there was one.
+    pub fn release_reserve(&self) -> bool {
+        std::fs::remove_file(self.reserve_path()).is_ok()
+    }
+
+    /// Creates the disk reserve when it is missing and the file system has room for it several times over (it is
+    /// never what fills the disk). Written with zeros and fsynced, so its blocks are really allocated; best effort.
+    pub fn ensure_reserve(&self) {
+        let path = self.reserve_path();
+        if path.exists() {
+            return;
+        }
+        let free = crate::http::disk_usage(&self.cfg.data_dir).map(|(_, free)| free).unwrap_or(0);
+        if free < 4 * RESERVE_BYTES {
+            return;
+        }
+        let tmp = path.with_extension("tmp");
+        let made = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..RESERVE_BYTES / (1 << 20) {
+                f.write_all(&zeros)?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(stage = "retention", error = %e, "could not create the disk reserve");
+        }
     }
 
     /// How often the background task looks: a tenth of the retention period, within 1 s ..= 60 s.
@@ -217,4 +278,28 @@ pub fn error_is_disk_full(e: &anyhow::Error) -> bool {
         }
         false
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_reserve_is_made_when_there_is_room_and_released_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.sqlite")).unwrap());
+        let cfg = StorageConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+        let r = Retention::new(store, cfg, Arc::new(RwLock::new(())));
+        let path = dir.path().join(RESERVE_FILE);
+        assert!(!r.release_reserve(), "nothing to release before it exists");
+        r.pass().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE_BYTES, "the pass creates the reserve");
+        assert!(r.release_reserve());
+        assert!(!path.exists());
+        r.ensure_reserve();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE_BYTES, "and puts it back");
+        // Nothing purgeable: the full-disk purge reports nothing purged and keeps the reserve.
+        assert_eq!(r.purge_oldest_on_full_disk("test").unwrap().series, 0);
+        assert!(path.exists());
+    }
 }

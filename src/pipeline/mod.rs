@@ -392,7 +392,7 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
                 Ok(v) => return Ok(v),
                 // Refused with A700 only when purging cannot free space.
                 Err((code, true)) if purges < MAX_PURGES_PER_INSTANCE => {
-                    match s.retention.purge_oldest("a new instance did not fit on the disk") {
+                    match s.retention.purge_oldest_on_full_disk("a new instance did not fit on the disk") {
                         Ok(r) if r.series > 0 => purges += 1,
                         Ok(_) => return Err(code),
                         Err(e) => {

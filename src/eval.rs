@@ -466,7 +466,7 @@ pub fn eval_series(
         let mut x = vec![0f32; chunk.len() * plane];
         for (i, &fi) in chunk.iter().enumerate() {
             let path = dir.join(&truth.files[fi]);
-            let obj = dicom_object::open_file(&path).with_context(|| format!("opening {}", path.display()))?;
+            let obj = crate::spool::read_instance(&path)?;
             let hu = preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?;
             preprocess::prepare(&hu, inp, &mut x[i * plane..(i + 1) * plane])?;
             hus.push(hu);

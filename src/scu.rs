@@ -456,9 +456,11 @@ fn read_meta(bytes: &[u8]) -> Result<(FileMetaTable, usize)> {
 /// Reads just enough of a file to know what to propose for it.
 fn scan(path: &Path) -> Result<Candidate> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
     // The meta group is small; 64 KiB covers any real one (private information included).
     let mut head = Vec::with_capacity(64 * 1024);
     file.take(64 * 1024).read_to_end(&mut head).with_context(|| format!("reading {}", path.display()))?;
+    crate::spool::check_meta_group(&head, file_len).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (meta, _) = read_meta(&head).with_context(|| format!("{}", path.display()))?;
     let candidate = Candidate {
         path: path.to_path_buf(),
@@ -475,6 +477,7 @@ fn scan(path: &Path) -> Result<Candidate> {
 /// The dataset bytes to send: as stored when `target_ts` is the file's own, else re-encoded (native only).
 fn load_dataset(path: &Path, file_ts: &str, target_ts: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    crate::spool::check_meta_group(&bytes, bytes.len() as u64).map_err(|e| anyhow::anyhow!(e))?;
     let (_, offset) = read_meta(&bytes)?;
     if file_ts == target_ts {
         let mut bytes = bytes;

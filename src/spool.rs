@@ -627,12 +627,93 @@ pub(crate) fn value_unit(vr: VR) -> usize {
 /// Reads a spooled Part-10 file back (for `preprocess`, `analyze` and tests).
 pub fn read_instance(path: &Path) -> anyhow::Result<FileDicomObject<InMemDicomObject>> {
     use anyhow::Context;
-    dicom_object::open_file(path).with_context(|| format!("reading spooled instance {}", path.display()))
+    use std::io::Read;
+    // `analyze`, `eval` and `hil` read operator-supplied files through here too: check the meta group's lengths
+    // against the file before dicom-rs allocates them (it reserves a meta element's declared length up front).
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut head = Vec::with_capacity(64 * 1024);
+    (&mut file).take(64 * 1024).read_to_end(&mut head).with_context(|| format!("reading {}", path.display()))?;
+    check_meta_group(&head, len).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    dicom_object::open_file(path).with_context(|| format!("reading DICOM file {}", path.display()))
+}
+
+/// Checks the file meta group at the start of a Part 10 file (`head`: its first bytes, with or without the
+/// 128-byte preamble; `file_len`: the whole file's length): every element header and value of group 0002
+/// (explicit VR little endian) lies inside the file. dicom-rs allocates a meta element's declared length before
+/// reading it, so a few-KB file claiming a 2 GB meta element (found by fuzzing) must be refused here.
+pub fn check_meta_group(head: &[u8], file_len: u64) -> Result<(), String> {
+    let start = if head.len() >= 132 && &head[128..132] == b"DICM" {
+        132
+    } else if head.len() >= 4 && &head[0..4] == b"DICM" {
+        4
+    } else {
+        return Err("not a DICOM Part 10 file (no DICM marker)".into());
+    };
+    let mut pos = start as u64;
+    loop {
+        let p = pos as usize;
+        if p + 8 > head.len() {
+            // The group ends at the end of what we read (or of the file): nothing left to misread.
+            return Ok(());
+        }
+        let group = u16::from_le_bytes([head[p], head[p + 1]]);
+        if group != 0x0002 {
+            return Ok(());
+        }
+        let vr = [head[p + 4], head[p + 5]];
+        let long = matches!(
+            &vr,
+            b"OB" | b"OW" | b"OF" | b"OD" | b"OL" | b"OV" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+        );
+        let (header, len) = if long {
+            if p + 12 > head.len() {
+                return Err("file meta group cut short".into());
+            }
+            (12u64, u32::from_le_bytes([head[p + 8], head[p + 9], head[p + 10], head[p + 11]]) as u64)
+        } else {
+            (8u64, u16::from_le_bytes([head[p + 6], head[p + 7]]) as u64)
+        };
+        let tag = (group, u16::from_le_bytes([head[p + 2], head[p + 3]]));
+        if len == 0xFFFF_FFFF {
+            return Err(format!("file meta element ({:04X},{:04X}) has an undefined length", tag.0, tag.1));
+        }
+        let end = pos + header + len;
+        if end > file_len {
+            return Err(format!(
+                "file meta element ({:04X},{:04X}) claims {len} bytes past the end of the {file_len}-byte file",
+                tag.0, tag.1
+            ));
+        }
+        pos = end;
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check_lengths;
+    use super::{check_lengths, check_meta_group};
+
+    #[test]
+    fn meta_elements_must_lie_inside_the_file() {
+        // DICM, (0002,0000) UL 4 = 26, (0002,0010) UI 18 "1.2.840.10008.1.2\0".
+        let mut f = b"DICM".to_vec();
+        f.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0, 26, 0, 0, 0]);
+        f.extend_from_slice(&[2, 0, 0x10, 0, b'U', b'I', 18, 0]);
+        f.extend_from_slice(b"1.2.840.10008.1.2\0");
+        f.extend_from_slice(&[8, 0, 0x16, 0, b'U', b'I', 2, 0, b'1', 0]);
+        assert_eq!(check_meta_group(&f, f.len() as u64), Ok(()));
+        let mut pre = vec![0u8; 128];
+        pre.extend_from_slice(&f);
+        assert_eq!(check_meta_group(&pre, pre.len() as u64), Ok(()));
+        // The fuzzer's case: a string element claiming ~2 GB in a small file.
+        let mut bad = f.clone();
+        bad[22..24].copy_from_slice(&0xFFF0u16.to_le_bytes());
+        assert!(check_meta_group(&bad, bad.len() as u64).unwrap_err().contains("past the end"));
+        let mut ob = b"DICM".to_vec();
+        ob.extend_from_slice(&[2, 0, 1, 0, b'O', b'B', 0, 0, 0, 0, 0, 0x80]);
+        assert!(check_meta_group(&ob, ob.len() as u64).is_err());
+        assert!(check_meta_group(b"not dicom", 9).is_err());
+    }
 
     #[test]
     fn binary_lengths_must_be_whole_values() {

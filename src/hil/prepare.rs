@@ -65,7 +65,7 @@ impl Reidentify {
 
     /// Writes a re-identified copy of `src` to `dst`; returns the PatientID and PatientName written (if any).
     pub fn rewrite(&self, src: &Path, dst: &Path) -> Result<Vec<String>> {
-        let mut obj = dicom_object::open_file(src).with_context(|| format!("reading {}", src.display()))?;
+        let mut obj = crate::spool::read_instance(src)?;
         self.apply(&mut obj);
         let mut written = Vec::new();
         for tag in [tags::PATIENT_ID, tags::PATIENT_NAME] {

@@ -20,7 +20,7 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of segmentation threads fed through one queue.
 pub struct SegmentPool {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: mpsc::Sender<Job>,
 }
 
 /// The job panicked (its thread lives on).
@@ -49,7 +49,7 @@ impl SegmentPool {
                 }
             })?;
         }
-        Ok(SegmentPool { tx: Mutex::new(tx) })
+        Ok(SegmentPool { tx })
     }
 
     /// Runs `f` on a pool thread and waits (asynchronously) for its result. Jobs start in submission order as
@@ -60,7 +60,7 @@ impl SegmentPool {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| Panicked);
             let _ = done_tx.send(out);
         });
-        if self.tx.lock().map_err(|_| Panicked)?.send(job).is_err() {
+        if self.tx.send(job).is_err() {
             return Err(Panicked);
         }
         done_rx.await.map_err(|_| Panicked)?

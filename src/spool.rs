@@ -635,7 +635,10 @@ pub fn read_instance(path: &Path) -> anyhow::Result<FileDicomObject<InMemDicomOb
     let mut head = Vec::with_capacity(64 * 1024);
     (&mut file).take(64 * 1024).read_to_end(&mut head).with_context(|| format!("reading {}", path.display()))?;
     check_meta_group(&head, len).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    dicom_object::open_file(path).with_context(|| format!("reading DICOM file {}", path.display()))
+    // One open, one read: the parser gets the head already read, then the rest of the same handle.
+    dicom_object::OpenFileOptions::new()
+        .from_reader(std::io::Cursor::new(head).chain(file))
+        .with_context(|| format!("reading DICOM file {}", path.display()))
 }
 
 /// Checks the file meta group at the start of a Part 10 file (`head`: its first bytes, with or without the

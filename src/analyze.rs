@@ -208,7 +208,16 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         }
         let positive = result["positive"].as_bool().unwrap_or(false);
         let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-        let version = store.record_result(&series_uid, positive, involvement, &result, false)?;
+        // Later studies already in a kept store link back to this one, as in the daemon (no alerts offline).
+        let links = crate::pipeline::follow_up_links(store, &patient_key, &series_uid, &result, rule, false)?;
+        let version =
+            store.record_result_with_links(&series_uid, None, positive, involvement, &result, false, false, &links)?;
+        for l in &links {
+            eprintln!(
+                "{}: version {} now compares with the earlier study {series_uid} (given after it)",
+                l.series_instance_uid, l.result_version
+            );
+        }
         if args.store.is_some() {
             result["version"] = serde_json::json!(version);
         }

@@ -19,6 +19,7 @@
 //! | `results` | (`series_instance_uid`, `version`) | every analysis of a series, with the `series_revision` it saw |
 //! | `outbox` | `id`, `dedup_key` UNIQUE | alerts to deliver (kind `webhook`), attempts and back-off |
 //! | `dicom_outbox` | `id`, (`destination`, `sop_instance_uid`) UNIQUE | DICOM outputs to C-STORE; delivered or parked |
+//! | `follow_up_links` | `id` | a result version's newer comparison, when its prior study arrived after it |
 //!
 //! `results.outputs_due` is set in the transaction that records a result whose DICOM outputs some destination
 //! wants, and cleared in the transaction that queues its `dicom_outbox` rows: a crash in between leaves it set,
@@ -155,6 +156,21 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE series ADD COLUMN pixels_purged_at INTEGER;  -- last retention purge of this series' pixel data
     CREATE INDEX series_by_last_instance ON series(last_instance_at);
     "#,
+    // 5: backward follow-up links. A result keeps the comparison it was recorded with; when the patient's prior
+    // study arrives (or is re-analysed) later, the new comparison of that result version is stored here, and
+    // the newest row of a (series, version) is the comparison that version shows.
+    r#"
+    CREATE TABLE follow_up_links (
+        id                        INTEGER PRIMARY KEY AUTOINCREMENT,
+        series_instance_uid       TEXT NOT NULL REFERENCES series(series_instance_uid),
+        result_version            INTEGER NOT NULL,  -- the result version this comparison belongs to
+        prior_series_instance_uid TEXT NOT NULL,     -- the series it compares with
+        follow_up_json            TEXT NOT NULL,
+        progression               INTEGER NOT NULL,  -- 0/1
+        created_at                INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX follow_up_links_by_result ON follow_up_links(series_instance_uid, result_version);
+    "#,
 ];
 
 /// Current time as unix-epoch milliseconds (the store's one time unit).
@@ -243,7 +259,20 @@ pub struct InstanceRecorded {
     pub was_purged: bool,
 }
 
-/// One stored analysis result.
+/// A backward follow-up link: result `result_version` of `series_instance_uid` now compares with
+/// `prior_series_instance_uid` (a study of the same patient that arrived, or was re-analysed, after it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowUpLink {
+    pub series_instance_uid: String,
+    pub result_version: u32,
+    pub prior_series_instance_uid: String,
+    /// The `follow_up` object that result now shows.
+    pub follow_up: serde_json::Value,
+    /// When set, a webhook alert with this body (the result as it now reads) is queued with the link.
+    pub alert_payload: Option<serde_json::Value>,
+}
+
+/// One stored analysis result (its `result.follow_up` is the newest backward link of that version, if any).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StoredResult {
     /// Series it belongs to.
@@ -650,6 +679,35 @@ impl Store {
         alert: bool,
         outputs_due: bool,
     ) -> Result<u32> {
+        self.record_result_with_links(
+            series_uid,
+            revision,
+            positive,
+            involvement_percent,
+            result_json,
+            alert,
+            outputs_due,
+            &[],
+        )
+    }
+
+    /// [`Store::record_result_with_outputs`] that also stores, in the same transaction, the backward follow-up
+    /// links this result causes (other series of the patient whose prior study it now is). A link is stored
+    /// only while its result version is still that series' latest, and once per (series, version, prior,
+    /// comparison); a link with `alert_payload` queues a webhook row with dedup key
+    /// `"{series}/v{version}/prior/{prior series}"`. Returns the new result's version.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_result_with_links(
+        &self,
+        series_uid: &str,
+        revision: Option<i64>,
+        positive: bool,
+        involvement_percent: f64,
+        result_json: &serde_json::Value,
+        alert: bool,
+        outputs_due: bool,
+        links: &[FollowUpLink],
+    ) -> Result<u32> {
         let obj = result_json.as_object().ok_or_else(|| anyhow!("result_json must be a JSON object"))?;
         for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
             if obj.contains_key(k) {
@@ -695,12 +753,39 @@ impl Store {
             payload.insert("dedup_key".into(), serde_json::json!(dedup_key));
             insert_outbox(&tx, &dedup_key, &serde_json::Value::Object(payload).to_string(), now)?;
         }
+        let mut link_alert = false;
+        for l in links {
+            link_alert |= insert_follow_up_link(&tx, l, now)?;
+        }
         tx.commit()?;
         drop(c);
-        if alert {
+        if alert || link_alert {
             self.outbox_wake.notify_one();
         }
         Ok(version as u32)
+    }
+
+    /// Every backward follow-up link stored for a series, oldest first (the newest of a version is the one
+    /// its result shows).
+    pub fn follow_up_links(&self, series_uid: &str) -> Result<Vec<FollowUpLink>> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT series_instance_uid, result_version, prior_series_instance_uid, follow_up_json FROM follow_up_links
+             WHERE series_instance_uid = ?1 ORDER BY id",
+        )?;
+        let rows = st.query_map([series_uid], |r| {
+            let json: String = r.get(3)?;
+            Ok(FollowUpLink {
+                series_instance_uid: r.get(0)?,
+                result_version: r.get::<_, i64>(1)? as u32,
+                prior_series_instance_uid: r.get(2)?,
+                follow_up: serde_json::from_str(&json).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+                })?,
+                alert_payload: None,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The newest result of a series.
@@ -937,6 +1022,54 @@ fn recount(tx: &Transaction<'_>, series_uid: &str, now: i64) -> rusqlite::Result
     Ok(())
 }
 
+/// Stores one backward follow-up link (see [`Store::record_result_with_links`]); returns whether it queued an
+/// alert.
+fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Result<bool> {
+    let latest: Option<i64> = tx.query_row(
+        "SELECT MAX(version) FROM results WHERE series_instance_uid = ?1",
+        [&l.series_instance_uid],
+        |r| r.get(0),
+    )?;
+    if latest != Some(l.result_version as i64) {
+        return Ok(false); // re-analysed meanwhile: that analysis made its own comparison
+    }
+    let json = l.follow_up.to_string();
+    let newest: Option<String> = tx
+        .query_row(
+            "SELECT follow_up_json FROM follow_up_links WHERE series_instance_uid = ?1 AND result_version = ?2
+             ORDER BY id DESC LIMIT 1",
+            params![l.series_instance_uid, l.result_version],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if newest.as_deref() == Some(json.as_str()) {
+        return Ok(false);
+    }
+    let progression = l.follow_up["progression"].as_bool().unwrap_or(false);
+    tx.execute(
+        "INSERT INTO follow_up_links (series_instance_uid, result_version, prior_series_instance_uid, follow_up_json,
+                                      progression, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![l.series_instance_uid, l.result_version, l.prior_series_instance_uid, json, progression, now],
+    )?;
+    // The series' shown result changed: lists ordered by activity (the dashboard) see it.
+    tx.execute(
+        "UPDATE series SET updated_at = ?2 WHERE series_instance_uid = ?1",
+        params![l.series_instance_uid, now],
+    )?;
+    let Some(payload) = &l.alert_payload else { return Ok(false) };
+    let mut payload = payload.as_object().cloned().ok_or_else(|| anyhow!("alert payload must be a JSON object"))?;
+    for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
+        if payload.contains_key(k) {
+            bail!("alert payload carries raw identifier key {k:?}; use patient_key");
+        }
+    }
+    let dedup_key = format!("{}/v{}/prior/{}", l.series_instance_uid, l.result_version, l.prior_series_instance_uid);
+    payload.insert("version".into(), serde_json::json!(l.result_version));
+    payload.insert("dedup_key".into(), serde_json::json!(dedup_key));
+    Ok(insert_outbox(tx, &dedup_key, &serde_json::Value::Object(payload).to_string(), now)?.is_some())
+}
+
 fn insert_outbox(tx: &Transaction<'_>, dedup_key: &str, payload_json: &str, now: i64) -> Result<Option<i64>> {
     let n = tx.execute(
         "INSERT INTO outbox (kind, dedup_key, payload_json, next_attempt_at, created_at)
@@ -972,14 +1105,25 @@ fn series_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SeriesRow> {
     })
 }
 
+/// A result row, with the newest backward follow-up link of that version (column 8; NULL when none).
 const RESULT_SELECT: &str = "SELECT r.series_instance_uid, r.version, r.series_revision, r.positive,
-        r.involvement_percent, r.result_json, r.created_at, s.study_date
+        r.involvement_percent, r.result_json, r.created_at, s.study_date,
+        (SELECT l.follow_up_json FROM follow_up_links l
+          WHERE l.series_instance_uid = r.series_instance_uid AND l.result_version = r.version
+          ORDER BY l.id DESC LIMIT 1)
     FROM results r JOIN series s ON s.series_instance_uid = r.series_instance_uid";
 
 fn stored_result(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredResult> {
     let json: String = r.get(5)?;
-    let result = serde_json::from_str(&json)
+    let mut result: serde_json::Value = serde_json::from_str(&json)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e)))?;
+    if let Some(link) = r.get::<_, Option<String>>(8)? {
+        let link: serde_json::Value = serde_json::from_str(&link)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e)))?;
+        if let Some(obj) = result.as_object_mut() {
+            obj.insert("follow_up".into(), link);
+        }
+    }
     Ok(StoredResult {
         series_instance_uid: r.get(0)?,
         version: r.get::<_, i64>(1)? as u32,

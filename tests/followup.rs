@@ -148,6 +148,43 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
     assert_eq!(rb["follow_up"]["prior_series_instance_uid"].as_str().unwrap(), uid(&a));
 }
 
+/// A prior study that arrives after its follow-up was analysed: the follow-up's result (one version, not
+/// re-analysed) now shows the comparison with it, as if they had arrived in date order.
+#[test]
+fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    phantom(&a, 42101, 24, "moderate");
+    common::phantom_follow_up(&b, 42102, &a);
+    let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
+    let uid = |p: &Path| -> String {
+        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth.json")).unwrap()).unwrap();
+        t["series_instance_uid"].as_str().unwrap().to_string()
+    };
+    for p in [&b, &a] {
+        let (ok, log) = storescu(d.port, "CT1", &[p.as_path()], true);
+        assert!(ok, "{log}");
+        d.wait_result(&uid(p), 1, Duration::from_secs(300));
+    }
+    let store = d.store();
+    let rb = store.latest_result(&uid(&b)).unwrap().unwrap();
+    let ra = store.latest_result(&uid(&a)).unwrap().unwrap();
+    assert!(ra.result.get("follow_up").is_none(), "the earlier study has no prior");
+    assert_eq!(rb.version, 1, "the follow-up is not re-analysed");
+    assert_eq!(store.result_history(&uid(&b)).unwrap().len(), 1);
+    let f = &rb.result["follow_up"];
+    assert_eq!(f["prior_series_instance_uid"].as_str().unwrap(), uid(&a), "{}", d.log());
+    assert_eq!(f["relinked"], true);
+    assert_eq!(f["prior_involvement_percent"], ra.result["involvement_percent"]);
+    // The same comparison `analyze` makes when given both studies together (date order).
+    let offline = analyze(&[&a, &b]);
+    let ob = offline.iter().find(|r| r["series_instance_uid"] == uid(&b).as_str()).unwrap();
+    for k in ["involvement_change_points", "new", "grown", "shrunk", "stable", "resolved", "progression"] {
+        assert_eq!(f[k], ob["follow_up"][k], "{k}");
+    }
+    assert!(d.log().contains("follow-up re-linked"), "{}", d.log());
+}
+
 /// Issue 8's acceptance on a phantom pair with known changes: every truth lesion change (new / grown / shrunk /
 /// stable / resolved) is found with the right class and its volumes within 15 %. Truth and predicted lesions are
 /// paired by centroid (nearest within 15 mm, patient coordinates). Model-limited (the lesion segmentation is not
@@ -278,6 +315,19 @@ fn analyze_store_links_separate_runs_of_one_ny_sbu_patient() {
         assert_eq!(store.series(uids[1]).unwrap().unwrap().state, "analysed");
     }
     assert!(tmp.path().join("kept/patient-key.salt").exists(), "the salt is kept beside the store");
+
+    // The later date given first, then the earlier one (a fresh store): the later result links back.
+    let (patient, a, b, files) = &linked[1];
+    let reversed = tmp.path().join("reversed/lungsentry.sqlite");
+    let rev_arg = reversed.to_str().unwrap();
+    let later = analyze_with(&["--store", rev_arg], &[&files[1]]);
+    assert!(later[0].get("follow_up").is_none(), "{patient}");
+    analyze_with(&["--store", rev_arg], &[&files[0]]);
+    let store = lungsentry::store::Store::open(&reversed).unwrap();
+    let shown = store.latest_result(b["series_instance_uid"].as_str().unwrap()).unwrap().unwrap();
+    assert_eq!(shown.version, 1, "{patient}");
+    assert_eq!(shown.result["follow_up"]["prior_series_instance_uid"], a["series_instance_uid"], "{patient}");
+    assert_eq!(shown.result["follow_up"]["relinked"], true, "{patient}");
 
     // Without --store, each run has its own temporary store: the same two runs do not link.
     let (_, _, _, files) = &linked[0];

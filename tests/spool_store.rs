@@ -567,3 +567,68 @@ fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
     assert_eq!(store.enqueue_dicom_outputs(a, va2 as i64, &[row]).unwrap(), 0);
     assert_eq!(store.dicom_outbox_of_series(a).unwrap().len(), 1);
 }
+
+/// Issue 8, backward linking: a later study analysed first, its prior study recorded afterwards. The later
+/// series keeps one result (its version is not re-recorded); the new comparison is stored beside it, in the
+/// transaction of the prior's result, shown by every read of that version, queued once as a progression alert,
+/// and not stored again when nothing changed.
+#[test]
+fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() {
+    use lungsentry::analysis::followup::ProgressionRule;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db.sqlite")).unwrap();
+    let pk = patient_key(b"salt", "PID7", "ROE^ANN");
+    let (early, late) = ("1.2.826.0.7.1", "1.2.826.0.7.2");
+    for (s, date) in [(late, "20200420"), (early, "20200401")] {
+        let mut inst = fake_instance(s, &format!("{s}.1"), ("PID7", "ROE^ANN"), 1);
+        inst.meta.study_date = date.into();
+        store.record_instance(&inst, 1, &pk).unwrap();
+    }
+    let lungs = serde_json::json!({"lungs": [
+        {"lung": "right", "centroid_mm": [-80.0, 0.0, 0.0]}, {"lung": "left", "centroid_mm": [80.0, 0.0, 0.0]}]});
+    let result = |s: &str, date: &str, inv: f64, vol: f64| {
+        serde_json::json!({"series_instance_uid": s, "study_instance_uid": format!("{s}.0"), "study_date": date,
+            "patient_key": pk, "status": "analysed", "involvement_percent": inv, "regional": lungs,
+            "lesions": [{"id": 1, "volume_ml": vol, "mean_hu": -500.0, "centroid_mm": [-80.0, 10.0, 0.0]}]})
+    };
+    let rule = ProgressionRule { relative_percent: 50.0, absolute_points: 1.0 };
+    // The 20 April study first: nothing to compare with.
+    let r_late = result(late, "20200420", 9.0, 30.0);
+    assert!(lungsentry::pipeline::follow_up_links(&store, &pk, late, &r_late, rule, true).unwrap().is_empty());
+    let v_late = store.record_result(late, true, 9.0, &r_late, false).unwrap();
+    // The 1 April study arrives: 20 April now compares with it (9 vs 3 %: progression, alert queued).
+    let r_early = result(early, "20200401", 3.0, 10.0);
+    let links = lungsentry::pipeline::follow_up_links(&store, &pk, early, &r_early, rule, true).unwrap();
+    assert_eq!(links.len(), 1);
+    assert_eq!((links[0].series_instance_uid.as_str(), links[0].result_version), (late, v_late));
+    assert!(links[0].alert_payload.is_some());
+    store.record_result_with_links(early, None, false, 3.0, &r_early, false, false, &links).unwrap();
+    let shown = store.latest_result(late).unwrap().unwrap();
+    assert_eq!(shown.version, v_late, "no new version of the later series");
+    assert_eq!(store.result_history(late).unwrap().len(), 1);
+    let f = &shown.result["follow_up"];
+    assert_eq!(f["prior_series_instance_uid"], early);
+    assert_eq!(f["relinked"], true);
+    assert_eq!(f["progression"], true);
+    assert_eq!(f["lesions"][0]["change"], "grown");
+    assert_eq!(store.results_for_patient(&pk).unwrap()[1].result["follow_up"], *f);
+    let due = store.due_outbox(i64::MAX, 10).unwrap();
+    let key = format!("{late}/v{v_late}/prior/{early}");
+    assert_eq!(due.iter().map(|o| o.dedup_key.as_str()).collect::<Vec<_>>(), [key.as_str()]);
+    let body: serde_json::Value = serde_json::from_str(&due[0].payload_json).unwrap();
+    assert_eq!(body["alert_reasons"], serde_json::json!(["progression"]));
+    assert_eq!(body["follow_up"]["prior_series_instance_uid"], early);
+    assert_eq!(body["series_instance_uid"], late);
+    assert!(!due[0].payload_json.contains("ROE") && !due[0].payload_json.contains("PID7"));
+    // The same prior seen again (re-sent unchanged): nothing new to store, no second alert.
+    let again = lungsentry::pipeline::follow_up_links(&store, &pk, early, &r_early, rule, true).unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    // A stale link (the later series was re-analysed meanwhile) is not stored.
+    let mut stale = links[0].clone();
+    stale.follow_up["involvement_change_points"] = serde_json::json!(1.0);
+    store.record_result(late, true, 9.0, &r_late, false).unwrap();
+    store.record_result_with_links(early, None, false, 3.0, &r_early, false, false, &[stale]).unwrap();
+    assert_eq!(store.follow_up_links(late).unwrap().len(), 1);
+    assert!(store.latest_result(late).unwrap().unwrap().result.get("follow_up").is_none(), "v2 shows its own");
+    assert_eq!(store.due_outbox(i64::MAX, 10).unwrap().len(), 1);
+}

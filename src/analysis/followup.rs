@@ -86,6 +86,10 @@ pub struct FollowUp {
     pub shrunk: usize,
     pub stable: usize,
     pub resolved: usize,
+    /// Set when this comparison was made after the series' own analysis, because its prior study arrived (or
+    /// was re-analysed) later ([`relinks`]); stored beside the result version, which stays as recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relinked: bool,
 }
 
 /// The part of a result JSON the comparison reads.
@@ -160,6 +164,57 @@ pub fn link(result: &mut Value, history: &[Value], rule: ProgressionRule) -> boo
     let f = compare(result, prior, rule);
     result["follow_up"] = serde_json::to_value(&f).unwrap_or(Value::Null);
     true
+}
+
+/// A later study whose comparison changes because `new` arrived after it was analysed (a prior study sent late,
+/// or a prior study re-analysed): the index into `later` given to [`relinks`] and its new comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relink {
+    pub index: usize,
+    pub follow_up: FollowUp,
+    /// The later result's current comparison did not show progression and the new one does.
+    pub newly_progressed: bool,
+}
+
+/// Backward linking: `new` (a result about to be recorded) and `others` (the latest result of each of the
+/// patient's *other* series, each with its current `follow_up`, if any) → the results in `others` whose prior
+/// study ([`pick_prior`] over `others` plus `new`) is now `new`, with the comparison they get, when it differs
+/// from the one they show. The rule is [`link`]'s, so a study analysed late ends where it would have been had
+/// the studies arrived in date order.
+pub fn relinks(new: &Value, others: &[Value], rule: ProgressionRule) -> Vec<Relink> {
+    if !comparable(new) || new["patient_key"].as_str().unwrap_or("").is_empty() {
+        return Vec::new();
+    }
+    let new_series = new["series_instance_uid"].as_str().unwrap_or("");
+    let mut out = Vec::new();
+    for (index, later) in others.iter().enumerate() {
+        if !comparable(later) || later["series_instance_uid"].as_str().unwrap_or("") == new_series {
+            continue;
+        }
+        // The later series' history as `link` would have seen it: every other series, `new` last (the newest
+        // arrival, which wins a tie of study dates as the newest arrival does in the daemon).
+        let history: Vec<Value> = others
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, h)| h.clone())
+            .chain(std::iter::once(new.clone()))
+            .collect();
+        let Some(prior) = pick_prior(later, &history) else { continue };
+        if prior["series_instance_uid"].as_str().unwrap_or("") != new_series {
+            continue;
+        }
+        let mut f = compare(later, prior, rule);
+        f.relinked = true;
+        let current: Option<FollowUp> = later.get("follow_up").and_then(|v| serde_json::from_value(v.clone()).ok());
+        let unchanged = current.as_ref().is_some_and(|c| FollowUp { relinked: true, ..c.clone() } == f);
+        if unchanged {
+            continue;
+        }
+        let newly_progressed = f.progression && !current.as_ref().is_some_and(|c| c.progression);
+        out.push(Relink { index, follow_up: f, newly_progressed });
+    }
+    out
 }
 
 fn radius_mm(volume_ml: f64) -> f64 {
@@ -281,6 +336,7 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
         stable: count("stable"),
         resolved: count("resolved"),
         lesions,
+        relinked: false,
     }
 }
 
@@ -407,5 +463,77 @@ mod tests {
         assert_eq!(pick_prior(&cur, &h).unwrap()["study_instance_uid"], "s1");
         let first = result("s0", "20191201", 2.0, lungs, &[]);
         assert!(pick_prior(&first, &h).is_none());
+    }
+
+    fn keyed(mut v: Value) -> Value {
+        v["patient_key"] = json!("k");
+        v
+    }
+
+    #[test]
+    fn a_prior_study_analysed_late_relinks_the_later_ones_as_date_order_would() {
+        let lungs = ([-80.0, 0.0, 0.0], [80.0, 0.0, 0.0]);
+        let jan20 = keyed(result("s3", "20200120", 8.0, lungs, &[(1, 9.0, -400.0, [-80.0, 10.0, 0.0])]));
+        // Only 20 Jan was analysed: nothing to compare with.
+        let mut later = jan20.clone();
+        assert!(!link(&mut later, &[], RULE));
+        // 1 Jan arrives late: 20 Jan now compares with it, exactly as `link` would have in date order.
+        let jan1 = keyed(result("s1", "20200101", 2.0, lungs, &[(1, 3.0, -650.0, [-80.0, 10.0, 0.0])]));
+        let r = relinks(&jan1, std::slice::from_ref(&later), RULE);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].index, 0);
+        let mut expect = jan20.clone();
+        assert!(link(&mut expect, std::slice::from_ref(&jan1), RULE));
+        let expect: FollowUp = serde_json::from_value(expect["follow_up"].clone()).unwrap();
+        assert_eq!(r[0].follow_up, FollowUp { relinked: true, ..expect });
+        assert_eq!(r[0].follow_up.prior_series_instance_uid, "s1.1");
+        assert_eq!(r[0].follow_up.grown, 1);
+        // 2 → 8 %: progression, shown for the first time.
+        assert!(r[0].follow_up.progression && r[0].newly_progressed);
+        // Stored and read back with that comparison: nothing changes when the same study is seen again.
+        later["follow_up"] = serde_json::to_value(&r[0].follow_up).unwrap();
+        assert!(relinks(&jan1, std::slice::from_ref(&later), RULE).is_empty());
+        // 10 Jan arrives next: it becomes 20 Jan's prior (progression no longer new: 8 vs 5 is +60 % but shown
+        // before), and it does not change anything for 1 Jan (earlier than it).
+        let jan10 = keyed(result("s2", "20200110", 5.0, lungs, &[(1, 6.0, -500.0, [-80.0, 10.0, 0.0])]));
+        let others = vec![jan1.clone(), later.clone()];
+        let r = relinks(&jan10, &others, RULE);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].index, 1);
+        assert_eq!(r[0].follow_up.prior_series_instance_uid, "s2.1");
+        assert!(r[0].follow_up.progression && !r[0].newly_progressed);
+        // 1 Jan seen again (say re-sent unchanged): 10 Jan, which has no comparison, gets one; 20 Jan, already
+        // comparing with the later 10 Jan, is left alone.
+        let mut jan20_vs_jan10 = jan20.clone();
+        jan20_vs_jan10["follow_up"] = serde_json::to_value(&r[0].follow_up).unwrap();
+        let r = relinks(&jan1, &[jan10.clone(), jan20_vs_jan10], RULE);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].index, r[0].follow_up.prior_series_instance_uid.as_str()), (0, "s1.1"));
+        // Skipped results, unkeyed (anonymised) results and the same study are never linked.
+        let mut skipped = jan20.clone();
+        skipped["status"] = json!("skipped");
+        assert!(relinks(&jan1, &[skipped], RULE).is_empty());
+        let mut anon = jan1.clone();
+        anon["patient_key"] = json!("");
+        assert!(relinks(&anon, std::slice::from_ref(&jan20), RULE).is_empty());
+        let same_study = keyed(result("s3", "20200120", 1.0, lungs, &[]));
+        let mut same_study = same_study;
+        same_study["series_instance_uid"] = json!("s3.2");
+        assert!(relinks(&same_study, std::slice::from_ref(&jan20), RULE).is_empty());
+    }
+
+    #[test]
+    fn a_reanalysed_prior_updates_the_comparison_of_the_later_study() {
+        let lungs = ([-80.0, 0.0, 0.0], [80.0, 0.0, 0.0]);
+        let jan1 = keyed(result("s1", "20200101", 2.0, lungs, &[]));
+        let mut jan20 = keyed(result("s3", "20200120", 2.5, lungs, &[]));
+        assert!(link(&mut jan20, std::slice::from_ref(&jan1), RULE));
+        assert!(relinks(&jan1, std::slice::from_ref(&jan20), RULE).is_empty());
+        // 1 Jan re-analysed (more slices arrived): 20 Jan's comparison now reads the new figures.
+        let jan1_v2 = keyed(result("s1", "20200101", 1.0, lungs, &[]));
+        let r = relinks(&jan1_v2, std::slice::from_ref(&jan20), RULE);
+        assert_eq!(r.len(), 1);
+        assert!((r[0].follow_up.prior_involvement_percent - 1.0).abs() < 1e-12);
+        assert!(r[0].follow_up.progression && r[0].newly_progressed); // 1 → 2.5 %: +1.5 points, +150 %
     }
 }

@@ -643,7 +643,17 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     result["alert"] = serde_json::json!(!reasons.is_empty());
     result["alert_reasons"] = serde_json::json!(reasons);
     let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
-    let version = shared.store.record_result_with_outputs(
+    // Backward follow-up: later studies of this patient, analysed before this one arrived, that now compare
+    // with it (stored with this result, in its transaction).
+    let links = follow_up_links(
+        &shared.store,
+        &patient_key,
+        series_uid,
+        &result,
+        (&shared.config.analysis).into(),
+        shared.config.alerts.webhook_url.is_some(),
+    )?;
+    let version = shared.store.record_result_with_links(
         series_uid,
         revision,
         positive,
@@ -651,7 +661,13 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         &result,
         alert,
         outputs_due,
+        &links,
     )?;
+    for l in &links {
+        tracing::info!(series = %crate::store::series_log_key(&l.series_instance_uid), version = l.result_version,
+            prior = %crate::store::series_log_key(series_uid), alert = l.alert_payload.is_some(),
+            "follow-up re-linked: a prior study arrived after this series was analysed");
+    }
     crate::outputs::outbox::crash_point("after_result");
     result["version"] = serde_json::json!(version);
     if result["status"] == "skipped" {
@@ -698,6 +714,47 @@ pub fn patient_history(store: &Store, patient_key: &str, series_uid: &str) -> Re
         .filter(|r| r.series_instance_uid != series_uid)
         .map(|r| r.result)
         .collect())
+}
+
+/// Backward follow-up links `result` (about to be recorded for `series_uid`) causes: the patient's other series
+/// whose prior study it now is ([`crate::analysis::followup::relinks`]). With `webhook`, a link that newly shows
+/// progression carries an alert (the later series' result as it now reads, `alert_reasons: ["progression"]`).
+pub fn follow_up_links(
+    store: &Store,
+    patient_key: &str,
+    series_uid: &str,
+    result: &serde_json::Value,
+    rule: crate::analysis::followup::ProgressionRule,
+    webhook: bool,
+) -> Result<Vec<crate::store::FollowUpLink>> {
+    if patient_key.is_empty() || !crate::analysis::followup::comparable(result) {
+        return Ok(Vec::new());
+    }
+    let others: Vec<crate::store::StoredResult> =
+        store.results_for_patient(patient_key)?.into_iter().filter(|r| r.series_instance_uid != series_uid).collect();
+    let values: Vec<serde_json::Value> = others.iter().map(|r| r.result.clone()).collect();
+    let links = crate::analysis::followup::relinks(result, &values, rule)
+        .into_iter()
+        .map(|rl| {
+            let later = &others[rl.index];
+            let follow_up = serde_json::to_value(&rl.follow_up).unwrap_or(serde_json::Value::Null);
+            let alert_payload = (webhook && rl.newly_progressed).then(|| {
+                let mut p = later.result.clone();
+                p["follow_up"] = follow_up.clone();
+                p["alert"] = serde_json::json!(true);
+                p["alert_reasons"] = serde_json::json!(["progression"]);
+                p
+            });
+            crate::store::FollowUpLink {
+                series_instance_uid: later.series_instance_uid.clone(),
+                result_version: later.version,
+                prior_series_instance_uid: series_uid.to_string(),
+                follow_up,
+                alert_payload,
+            }
+        })
+        .collect();
+    Ok(links)
 }
 
 /// Start-up sweep: results recorded with DICOM outputs due but never queued (the daemon stopped in between) get

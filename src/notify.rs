@@ -169,11 +169,35 @@ async fn deliver(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, row
     }
 }
 
-/// Logs the series part of a dedup key (`"{series_uid}/v{n}"`) as a hash.
+/// A dedup key as it may be logged: the series UIDs in it (`"{series_uid}/v{n}"`, or a backward follow-up link's
+/// `"{series_uid}/v{n}/prior/{prior_series_uid}"`) as hashes.
 fn series_key_of(dedup_key: &str) -> String {
-    match dedup_key.rsplit_once("/v") {
+    let (key, prior) = match dedup_key.split_once("/prior/") {
+        Some((k, p)) => (k, Some(p)),
+        None => (dedup_key, None),
+    };
+    let mut out = match key.rsplit_once("/v") {
         Some((series, v)) => format!("{}/v{v}", series_log_key(series)),
-        None => series_log_key(dedup_key),
+        None => series_log_key(key),
+    };
+    if let Some(p) = prior {
+        out.push_str("/prior/");
+        out.push_str(&series_log_key(p));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keys_are_logged_with_series_uids_hashed() {
+        let (a, b) = ("1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.2");
+        assert_eq!(series_key_of(&format!("{a}/v3")), format!("{}/v3", series_log_key(a)));
+        let link = series_key_of(&format!("{a}/v1/prior/{b}"));
+        assert_eq!(link, format!("{}/v1/prior/{}", series_log_key(a), series_log_key(b)));
+        assert!(!link.contains(a) && !link.contains(b));
     }
 }
 

@@ -2,10 +2,13 @@
 //! finished series after `storage.retention_hours`, and oldest-first when the data dir's file system is fuller
 //! than `storage.purge_high_water_percent` or a new instance does not fit.
 //!
+//! With a series' pixel data go the files made from its pixels: the dashboard key image and the DICOM output
+//! files (SEG, SR, key images) — all delivered or parked by then.
+//!
 //! Owns: choosing what to purge (through [`Store::purge_candidates`]: only series analysed or skipped with a
 //! result of their current revision and no DICOM output pending in the outbox), marking it purged in the store,
 //! deleting the files, and the periodic background task.
-//! Never: deletes results, alerts, outputs rows, the masks summary in the result JSON, or the instance rows (a
+//! Never: deletes results, alerts, outputs rows (the outbox rows stay, their files go), the masks summary in the result JSON, or the instance rows (a
 //! purged instance keeps its routing attributes, so a late re-analysis can say its pixels were purged); never
 //! touches a series that is receiving, waiting for analysis, failed, or still has DICOM outputs to deliver.
 //!
@@ -119,13 +122,33 @@ impl Retention {
                 }
             }
         }
+        // What was made from the pixels goes with them: the dashboard's key image and the DICOM output files
+        // (every output row of a purgeable series is delivered or parked; the rows stay).
+        let mut derived = 0usize;
+        let png = crate::dashboard::key_png_path(&self.cfg.data_dir, series_uid);
+        match std::fs::remove_file(&png) {
+            Ok(()) => derived += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(series = %series_log_key(series_uid), error = %e, "retention: cannot delete the key image")
+            }
+        }
+        let outputs = crate::outputs::outbox::series_dir(&self.cfg.data_dir, series_uid);
+        if outputs.exists() {
+            match std::fs::remove_dir_all(&outputs) {
+                Ok(()) => derived += 1,
+                Err(e) => tracing::warn!(series = %series_log_key(series_uid), error = %e,
+                    "retention: cannot delete the DICOM output files"),
+            }
+        }
         tracing::info!(
             series = %series_log_key(series_uid),
             stage = "retention",
             reason = why,
             files = report.files,
             bytes = report.bytes,
-            "retention: purged the series' pixel data (results and alerts kept)"
+            derived,
+            "retention: purged the series' pixel data, key image and DICOM output files (results and alerts kept)"
         );
         Ok(report)
     }

@@ -100,6 +100,8 @@ fn pixels_purged_after_retention_hours_results_and_alerts_kept() {
     assert_eq!(rows.len(), 24);
     // Right after the result the pixels are still there (the retention clock counts from the last instance).
     let present_at_result = rows.iter().filter(|(p, _)| Path::new(p).exists()).count();
+    let png = lungsentry::dashboard::key_png_path(&dir.join("data"), &uid);
+    wait_until("the key image", Duration::from_secs(30), &d, || png.exists());
     eprintln!("spool files present when the result was recorded: {present_at_result}/24");
 
     // The pixels go after retention_hours.
@@ -111,6 +113,7 @@ fn pixels_purged_after_retention_hours_results_and_alerts_kept() {
     assert!(purged_at.is_some(), "series.pixels_purged_at not recorded");
     let spool_left: Vec<_> = walk(&dir.join("data/spool")).into_iter().filter(|p| p.extension().is_some()).collect();
     assert!(spool_left.is_empty(), "spool files left: {spool_left:?}");
+    assert!(!png.exists(), "the key image goes with the pixels");
     // Result, masks summary and alert are kept.
     let kept = d.store().latest_result(&uid).unwrap().expect("result kept");
     assert_eq!(kept.version, 1);
@@ -139,6 +142,7 @@ fn pixels_purged_after_retention_hours_results_and_alerts_kept() {
     let r2 = d.wait_result(&uid, 2, Duration::from_secs(300));
     assert_eq!(r2.result["n_slices"], 25, "{}", r2.result);
     assert_eq!(r2.result["status"], "analysed", "{}", r2.result);
+    wait_until("the re-analysis to write the key image again", Duration::from_secs(30), &d, || png.exists());
     let check: String = db(&dir).query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
     assert!(d.child.try_wait().unwrap().is_none(), "daemon died; log:\n{}", d.log());
@@ -321,6 +325,16 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
     store.enqueue_dicom_outputs("1.9.3", 1, &[out]).unwrap();
     store.record_instance(&inst("1.9.4", 4), 1, "pk").unwrap();
 
+    // Files made from the pixels: key images of the finished series and of the one with a pending output, and
+    // that one's output file.
+    for s in ["1.9.1", "1.9.3"] {
+        let png = lungsentry::dashboard::key_png_path(&data, s);
+        std::fs::create_dir_all(png.parent().unwrap()).unwrap();
+        std::fs::write(&png, b"png").unwrap();
+    }
+    let out_file = lungsentry::outputs::outbox::series_dir(&data, "1.9.3").join("v1/sr.dcm");
+    std::fs::create_dir_all(out_file.parent().unwrap()).unwrap();
+    std::fs::write(&out_file, b"sr").unwrap();
     let cfg = lungsentry::config::StorageConfig { data_dir: data.clone(), retention_hours: 1e-9, ..Default::default() };
     let retention = Retention::new(store.clone(), cfg, Arc::new(RwLock::new(())));
     std::thread::sleep(Duration::from_millis(20));
@@ -331,6 +345,9 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
     assert_eq!(store.purged_instance_count("1.9.1").unwrap(), 3);
     assert!(store.pixels_purged_at("1.9.1").unwrap().is_some());
     assert!(!data.join("spool/1.9.1").exists(), "empty series directory removed");
+    assert!(!lungsentry::dashboard::key_png_path(&data, "1.9.1").exists(), "key image purged with the pixels");
+    assert!(lungsentry::dashboard::key_png_path(&data, "1.9.3").exists(), "kept while its output is pending");
+    assert!(out_file.exists(), "a pending output's file is kept");
     assert_eq!((present("1.9.2"), present("1.9.3"), present("1.9.4")), (3, 3, 4), "unfinished series kept");
     assert!(store.latest_result("1.9.1").unwrap().is_some(), "result kept");
     assert_eq!(store.purged_instance_count("1.9.3").unwrap(), 0);
@@ -341,6 +358,9 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
     let r = retention.purge_oldest("test").unwrap();
     assert_eq!(r.series, 1);
     assert_eq!(present("1.9.3"), 0);
+    assert!(!out_file.exists() && !lungsentry::outputs::outbox::series_dir(&data, "1.9.3").exists());
+    assert!(!lungsentry::dashboard::key_png_path(&data, "1.9.3").exists());
+    assert!(store.dicom_outbox_of_series("1.9.3").unwrap().len() == 1, "the outbox row stays");
     assert_eq!(retention.purge_oldest("test").unwrap().series, 0, "nothing else is finished");
 
     // A purged instance stored again is present again.

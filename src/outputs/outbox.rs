@@ -94,7 +94,7 @@ pub fn enqueue_result(
     }
     let opts = OutputOptions { kinds, key_images: cfg.key_images, uid_seed: format!("{series_uid}|v{version}") };
     let objects = build(result, slices, &opts)?;
-    let dir = data_dir.join("outputs").join(sanitize(series_uid)).join(format!("v{version}"));
+    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
     for o in &objects {
@@ -121,6 +121,12 @@ pub fn enqueue_result(
 }
 
 /// Keeps UID-like names safe as file names.
+/// Where a series' DICOM output files are kept (`v{version}/` below it); retention deletes it with the series'
+/// pixel data.
+pub fn series_dir(data_dir: &Path, series_uid: &str) -> PathBuf {
+    data_dir.join("outputs").join(sanitize(series_uid))
+}
+
 fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
 }

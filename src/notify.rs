@@ -187,20 +187,6 @@ fn series_key_of(dedup_key: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_keys_are_logged_with_series_uids_hashed() {
-        let (a, b) = ("1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.2");
-        assert_eq!(series_key_of(&format!("{a}/v3")), format!("{}/v3", series_log_key(a)));
-        let link = series_key_of(&format!("{a}/v1/prior/{b}"));
-        assert_eq!(link, format!("{}/v1/prior/{}", series_log_key(a), series_log_key(b)));
-        assert!(!link.contains(a) && !link.contains(b));
-    }
-}
-
 /// One log line per analysed series, with structured fields picked from the result JSON: hashed series key
 /// (`series`), `patient_key`, `stage = "result"`, `positive`, `involvement_percent`, `lesions`, `version`, and
 /// the timings in milliseconds (`decode_ms`, `infer_ms`, `analysis_ms`, `total_ms`) when present — each a
@@ -226,5 +212,19 @@ pub fn log_result(result: &serde_json::Value) {
         tracing::info!(series = %series, patient_key = %patient, stage = "result", status = %status, positive,
             involvement_percent = involvement, lesions, version, decode_ms, infer_ms, analysis_ms, total_ms,
             "series analysed: {} (involvement {involvement:.2} %)", if status == "skipped" { "skipped" } else { "negative" });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keys_are_logged_with_series_uids_hashed() {
+        let (a, b) = ("1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.2");
+        assert_eq!(series_key_of(&format!("{a}/v3")), format!("{}/v3", series_log_key(a)));
+        let link = series_key_of(&format!("{a}/v1/prior/{b}"));
+        assert_eq!(link, format!("{}/v1/prior/{}", series_log_key(a), series_log_key(b)));
+        assert!(!link.contains(a) && !link.contains(b));
     }
 }

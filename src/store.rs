@@ -709,11 +709,7 @@ impl Store {
         links: &[FollowUpLink],
     ) -> Result<u32> {
         let obj = result_json.as_object().ok_or_else(|| anyhow!("result_json must be a JSON object"))?;
-        for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
-            if obj.contains_key(k) {
-                bail!("result_json carries raw identifier key {k:?}; use patient_key");
-            }
-        }
+        refuse_raw_identifiers(obj, "result_json")?;
         let now = now_ms();
         let mut c = self.lock();
         let tx = c.transaction()?;
@@ -1022,6 +1018,16 @@ fn recount(tx: &Transaction<'_>, series_uid: &str, now: i64) -> rusqlite::Result
     Ok(())
 }
 
+/// Refuses a JSON object (a result, an alert body) that carries raw patient identifiers as keys.
+fn refuse_raw_identifiers(obj: &serde_json::Map<String, serde_json::Value>, what: &str) -> Result<()> {
+    for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
+        if obj.contains_key(k) {
+            bail!("{what} carries raw identifier key {k:?}; use patient_key");
+        }
+    }
+    Ok(())
+}
+
 /// Stores one backward follow-up link (see [`Store::record_result_with_links`]); returns whether it queued an
 /// alert.
 fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Result<bool> {
@@ -1059,11 +1065,7 @@ fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Re
     )?;
     let Some(payload) = &l.alert_payload else { return Ok(false) };
     let mut payload = payload.as_object().cloned().ok_or_else(|| anyhow!("alert payload must be a JSON object"))?;
-    for k in ["patient_id", "patient_name", "PatientID", "PatientName"] {
-        if payload.contains_key(k) {
-            bail!("alert payload carries raw identifier key {k:?}; use patient_key");
-        }
-    }
+    refuse_raw_identifiers(&payload, "alert payload")?;
     let dedup_key = format!("{}/v{}/prior/{}", l.series_instance_uid, l.result_version, l.prior_series_instance_uid);
     payload.insert("version".into(), serde_json::json!(l.result_version));
     payload.insert("dedup_key".into(), serde_json::json!(dedup_key));

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::analysis::followup;
 use crate::config::Config;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
@@ -202,16 +201,20 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         let (mut result, slices) =
             work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
         let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
-        if followup::comparable(&result) && !patient_key.is_empty() {
-            let history = crate::pipeline::patient_history(store, &patient_key, &series_uid)?;
-            followup::link(&mut result, &history, rule);
-        }
+        // As the daemon links (later studies already in a kept store link back to this one; no alerts offline).
+        let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false)?;
         let positive = result["positive"].as_bool().unwrap_or(false);
         let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-        // Later studies already in a kept store link back to this one, as in the daemon (no alerts offline).
-        let links = crate::pipeline::follow_up_links(store, &patient_key, &series_uid, &result, rule, false)?;
-        let version =
-            store.record_result_with_links(&series_uid, None, positive, involvement, &result, false, false, &links)?;
+        let version = store.record_result_with_outputs(
+            &series_uid,
+            None,
+            positive,
+            involvement,
+            &result,
+            false,
+            false,
+            &links,
+        )?;
         for l in &links {
             eprintln!(
                 "{}: version {} now compares with the earlier study {series_uid} (given after it)",

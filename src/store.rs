@@ -662,42 +662,27 @@ impl Store {
         result_json: &serde_json::Value,
         alert: bool,
     ) -> Result<u32> {
-        self.record_result_with_outputs(series_uid, revision, positive, involvement_percent, result_json, alert, false)
-    }
-
-    /// [`Store::record_result_for_revision`] that also marks, in the same transaction, whether the result's DICOM
-    /// outputs are due (`outputs_due`: some `[[outputs.dicom]]` destination wants them). The mark is cleared by
-    /// [`Store::enqueue_dicom_outputs`] for that version.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_result_with_outputs(
-        &self,
-        series_uid: &str,
-        revision: Option<i64>,
-        positive: bool,
-        involvement_percent: f64,
-        result_json: &serde_json::Value,
-        alert: bool,
-        outputs_due: bool,
-    ) -> Result<u32> {
-        self.record_result_with_links(
+        self.record_result_with_outputs(
             series_uid,
             revision,
             positive,
             involvement_percent,
             result_json,
             alert,
-            outputs_due,
+            false,
             &[],
         )
     }
 
-    /// [`Store::record_result_with_outputs`] that also stores, in the same transaction, the backward follow-up
-    /// links this result causes (other series of the patient whose prior study it now is). A link is stored
-    /// only while its result version is still that series' latest, and once per (series, version, prior,
-    /// comparison); a link with `alert_payload` queues a webhook row with dedup key
-    /// `"{series}/v{version}/prior/{prior series}"`. Returns the new result's version.
+    /// [`Store::record_result_for_revision`] that also, in the same transaction, marks whether the result's DICOM
+    /// outputs are due (`outputs_due`: some `[[outputs.dicom]]` destination wants them; the mark is cleared by
+    /// [`Store::enqueue_dicom_outputs`] for that version) and stores the backward follow-up `links` this result
+    /// causes (other series of the patient whose prior study it now is). A link is stored only while its result
+    /// version is still that series' latest, and only when it changes what that version shows; a link with
+    /// `alert_payload` queues a webhook row with dedup key `"{series}/v{version}/prior/{prior series}"`.
+    /// Returns the new result's version.
     #[allow(clippy::too_many_arguments)]
-    pub fn record_result_with_links(
+    pub fn record_result_with_outputs(
         &self,
         series_uid: &str,
         revision: Option<i64>,
@@ -1028,7 +1013,7 @@ fn refuse_raw_identifiers(obj: &serde_json::Map<String, serde_json::Value>, what
     Ok(())
 }
 
-/// Stores one backward follow-up link (see [`Store::record_result_with_links`]); returns whether it queued an
+/// Stores one backward follow-up link (see [`Store::record_result_with_outputs`]); returns whether it queued an
 /// alert.
 fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Result<bool> {
     let latest: Option<i64> = tx.query_row(

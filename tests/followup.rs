@@ -154,31 +154,27 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
 fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    phantom(&a, 42101, 24, "moderate");
-    common::phantom_follow_up(&b, 42102, &a);
+    let uid_a = phantom(&a, 42101, 24, "moderate")["series_instance_uid"].as_str().unwrap().to_string();
+    let uid_b = common::phantom_follow_up(&b, 42102, &a)["series_instance_uid"].as_str().unwrap().to_string();
     let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
-    let uid = |p: &Path| -> String {
-        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth.json")).unwrap()).unwrap();
-        t["series_instance_uid"].as_str().unwrap().to_string()
-    };
-    for p in [&b, &a] {
+    for (p, uid) in [(&b, &uid_b), (&a, &uid_a)] {
         let (ok, log) = storescu(d.port, "CT1", &[p.as_path()], true);
         assert!(ok, "{log}");
-        d.wait_result(&uid(p), 1, Duration::from_secs(300));
+        d.wait_result(uid, 1, Duration::from_secs(300));
     }
     let store = d.store();
-    let rb = store.latest_result(&uid(&b)).unwrap().unwrap();
-    let ra = store.latest_result(&uid(&a)).unwrap().unwrap();
+    let rb = store.latest_result(&uid_b).unwrap().unwrap();
+    let ra = store.latest_result(&uid_a).unwrap().unwrap();
     assert!(ra.result.get("follow_up").is_none(), "the earlier study has no prior");
     assert_eq!(rb.version, 1, "the follow-up is not re-analysed");
-    assert_eq!(store.result_history(&uid(&b)).unwrap().len(), 1);
+    assert_eq!(store.result_history(&uid_b).unwrap().len(), 1);
     let f = &rb.result["follow_up"];
-    assert_eq!(f["prior_series_instance_uid"].as_str().unwrap(), uid(&a), "{}", d.log());
+    assert_eq!(f["prior_series_instance_uid"].as_str().unwrap(), uid_a, "{}", d.log());
     assert_eq!(f["relinked"], true);
     assert_eq!(f["prior_involvement_percent"], ra.result["involvement_percent"]);
     // The same comparison `analyze` makes when given both studies together (date order).
     let offline = analyze(&[&a, &b]);
-    let ob = offline.iter().find(|r| r["series_instance_uid"] == uid(&b).as_str()).unwrap();
+    let ob = offline.iter().find(|r| r["series_instance_uid"] == uid_b.as_str()).unwrap();
     for k in ["involvement_change_points", "new", "grown", "shrunk", "stable", "resolved", "progression"] {
         assert_eq!(f[k], ob["follow_up"][k], "{k}");
     }

@@ -542,8 +542,8 @@ fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
     }
     let result = |s: &str| serde_json::json!({"series_instance_uid": s, "patient_key": pk, "status": "analysed"});
     // a: outputs due; b: none wanted (e.g. a negative series and only_positive destinations).
-    let va = store.record_result_with_outputs(a, None, true, 5.0, &result(a), false, true).unwrap();
-    store.record_result_with_outputs(b, None, false, 0.0, &result(b), false, false).unwrap();
+    let va = store.record_result_with_outputs(a, None, true, 5.0, &result(a), false, true, &[]).unwrap();
+    store.record_result_with_outputs(b, None, false, 0.0, &result(b), false, false, &[]).unwrap();
     let awaiting = |store: &Store| -> Vec<(String, u32)> {
         store.results_awaiting_outputs().unwrap().into_iter().map(|r| (r.series_instance_uid, r.version)).collect()
     };
@@ -551,7 +551,7 @@ fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
     // A series changed since its result is re-analysed (its new version makes the outputs): not listed.
     store.record_instance(&fake_instance(a, "1.2.826.0.9.1.2", ("PID9", "DOE^JOHN"), 2), 2, &pk).unwrap();
     assert!(awaiting(&store).is_empty());
-    let va2 = store.record_result_with_outputs(a, None, true, 6.0, &result(a), false, true).unwrap();
+    let va2 = store.record_result_with_outputs(a, None, true, 6.0, &result(a), false, true, &[]).unwrap();
     assert_eq!(awaiting(&store), vec![(a.to_string(), va2)]);
     // Queueing the rows clears the mark in the same transaction (an empty set of rows only clears it).
     let row = lungsentry::store::NewDicomOutput {
@@ -593,16 +593,16 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     };
     let rule = ProgressionRule { relative_percent: 50.0, absolute_points: 1.0 };
     // The 20 April study first: nothing to compare with.
-    let r_late = result(late, "20200420", 9.0, 30.0);
-    assert!(lungsentry::pipeline::follow_up_links(&store, &pk, late, &r_late, rule, true).unwrap().is_empty());
+    let mut r_late = result(late, "20200420", 9.0, 30.0);
+    assert!(lungsentry::pipeline::link_follow_ups(&store, &pk, late, &mut r_late, rule, true).unwrap().is_empty());
     let v_late = store.record_result(late, true, 9.0, &r_late, false).unwrap();
     // The 1 April study arrives: 20 April now compares with it (9 vs 3 %: progression, alert queued).
-    let r_early = result(early, "20200401", 3.0, 10.0);
-    let links = lungsentry::pipeline::follow_up_links(&store, &pk, early, &r_early, rule, true).unwrap();
+    let mut r_early = result(early, "20200401", 3.0, 10.0);
+    let links = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true).unwrap();
     assert_eq!(links.len(), 1);
     assert_eq!((links[0].series_instance_uid.as_str(), links[0].result_version), (late, v_late));
     assert!(links[0].alert_payload.is_some());
-    store.record_result_with_links(early, None, false, 3.0, &r_early, false, false, &links).unwrap();
+    store.record_result_with_outputs(early, None, false, 3.0, &r_early, false, false, &links).unwrap();
     let shown = store.latest_result(late).unwrap().unwrap();
     assert_eq!(shown.version, v_late, "no new version of the later series");
     assert_eq!(store.result_history(late).unwrap().len(), 1);
@@ -621,13 +621,13 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     assert_eq!(body["series_instance_uid"], late);
     assert!(!due[0].payload_json.contains("ROE") && !due[0].payload_json.contains("PID7"));
     // The same prior seen again (re-sent unchanged): nothing new to store, no second alert.
-    let again = lungsentry::pipeline::follow_up_links(&store, &pk, early, &r_early, rule, true).unwrap();
+    let again = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true).unwrap();
     assert!(again.is_empty(), "{again:?}");
     // A stale link (the later series was re-analysed meanwhile) is not stored.
     let mut stale = links[0].clone();
     stale.follow_up["involvement_change_points"] = serde_json::json!(1.0);
     store.record_result(late, true, 9.0, &r_late, false).unwrap();
-    store.record_result_with_links(early, None, false, 3.0, &r_early, false, false, &[stale]).unwrap();
+    store.record_result_with_outputs(early, None, false, 3.0, &r_early, false, false, &[stale]).unwrap();
     assert_eq!(store.follow_up_links(late).unwrap().len(), 1);
     assert!(store.latest_result(late).unwrap().unwrap().result.get("follow_up").is_none(), "v2 shows its own");
     assert_eq!(store.due_outbox(i64::MAX, 10).unwrap().len(), 1);

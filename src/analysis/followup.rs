@@ -144,11 +144,11 @@ pub fn comparable(r: &Value) -> bool {
 /// Picks the prior study to compare `current` with from the same patient's `history` (any order): the latest
 /// analysed result of another study dated on or before the current one (undated studies compare by position in
 /// `history`, which the callers give in arrival order).
-pub fn pick_prior<'a>(current: &Value, history: &'a [Value]) -> Option<&'a Value> {
+pub fn pick_prior<'a>(current: &Value, history: impl IntoIterator<Item = &'a Value>) -> Option<&'a Value> {
     let study = current["study_instance_uid"].as_str().unwrap_or("");
     let date = current["study_date"].as_str().unwrap_or("");
     history
-        .iter()
+        .into_iter()
         .filter(|h| comparable(h) && h["study_instance_uid"].as_str().unwrap_or("") != study)
         .filter(|h| date.is_empty() || h["study_date"].as_str().unwrap_or("") <= date)
         .max_by(|a, b| a["study_date"].as_str().unwrap_or("").cmp(b["study_date"].as_str().unwrap_or("")))
@@ -193,14 +193,8 @@ pub fn relinks(new: &Value, others: &[Value], rule: ProgressionRule) -> Vec<Reli
         }
         // The later series' history as `link` would have seen it: every other series, `new` last (the newest
         // arrival, which wins a tie of study dates as the newest arrival does in the daemon).
-        let history: Vec<Value> = others
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != index)
-            .map(|(_, h)| h.clone())
-            .chain(std::iter::once(new.clone()))
-            .collect();
-        let Some(prior) = pick_prior(later, &history) else { continue };
+        let history = others.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, h)| h).chain([new]);
+        let Some(prior) = pick_prior(later, history) else { continue };
         if prior["series_instance_uid"].as_str().unwrap_or("") != new_series {
             continue;
         }

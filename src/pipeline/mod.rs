@@ -620,11 +620,17 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     let row = shared.store.series(series_uid)?;
     let patient_key = row.as_ref().map(|s| s.patient_key.clone()).unwrap_or_default();
     let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
-    // Follow-up: compare with the same patient's latest earlier study (other series of this patient only).
-    if crate::analysis::followup::comparable(&result) && !patient_key.is_empty() {
-        let history = patient_history(&shared.store, &patient_key, series_uid)?;
-        crate::analysis::followup::link(&mut result, &history, (&shared.config.analysis).into());
-    }
+    // Follow-up: compare with the same patient's latest earlier study (other series of this patient only), and
+    // the later studies analysed before this one arrived that now compare with it (stored with this result, in
+    // its transaction).
+    let links = link_follow_ups(
+        &shared.store,
+        &patient_key,
+        series_uid,
+        &mut result,
+        (&shared.config.analysis).into(),
+        shared.config.alerts.webhook_url.is_some(),
+    )?;
     let positive = result["positive"].as_bool().unwrap_or(false);
     let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
     let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
@@ -643,17 +649,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     result["alert"] = serde_json::json!(!reasons.is_empty());
     result["alert_reasons"] = serde_json::json!(reasons);
     let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
-    // Backward follow-up: later studies of this patient, analysed before this one arrived, that now compare
-    // with it (stored with this result, in its transaction).
-    let links = follow_up_links(
-        &shared.store,
-        &patient_key,
-        series_uid,
-        &result,
-        (&shared.config.analysis).into(),
-        shared.config.alerts.webhook_url.is_some(),
-    )?;
-    let version = shared.store.record_result_with_links(
+    let version = shared.store.record_result_with_outputs(
         series_uid,
         revision,
         positive,
@@ -706,24 +702,16 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     Ok(())
 }
 
-/// The latest results of a patient's other series (follow-up history), as the daemon and `analyze --store` read it.
-pub fn patient_history(store: &Store, patient_key: &str, series_uid: &str) -> Result<Vec<serde_json::Value>> {
-    Ok(store
-        .results_for_patient(patient_key)?
-        .into_iter()
-        .filter(|r| r.series_instance_uid != series_uid)
-        .map(|r| r.result)
-        .collect())
-}
-
-/// Backward follow-up links `result` (about to be recorded for `series_uid`) causes: the patient's other series
-/// whose prior study it now is ([`crate::analysis::followup::relinks`]). With `webhook`, a link that newly shows
-/// progression carries an alert (the later series' result as it now reads, `alert_reasons: ["progression"]`).
-pub fn follow_up_links(
+/// Follow-up linking of `result` (about to be recorded for `series_uid`), as the daemon and `analyze --store` do
+/// it, from one read of the patient's other series: forward, `follow_up` with the latest earlier study
+/// ([`crate::analysis::followup::link`]); backward, the links to store for later studies whose prior study it
+/// now is ([`crate::analysis::followup::relinks`]). With `webhook`, a link that newly shows progression carries
+/// an alert (the later series' result as it now reads, `alert_reasons: ["progression"]`).
+pub fn link_follow_ups(
     store: &Store,
     patient_key: &str,
     series_uid: &str,
-    result: &serde_json::Value,
+    result: &mut serde_json::Value,
     rule: crate::analysis::followup::ProgressionRule,
     webhook: bool,
 ) -> Result<Vec<crate::store::FollowUpLink>> {
@@ -733,6 +721,7 @@ pub fn follow_up_links(
     let others: Vec<crate::store::StoredResult> =
         store.results_for_patient(patient_key)?.into_iter().filter(|r| r.series_instance_uid != series_uid).collect();
     let values: Vec<serde_json::Value> = others.iter().map(|r| r.result.clone()).collect();
+    crate::analysis::followup::link(result, &values, rule);
     let links = crate::analysis::followup::relinks(result, &values, rule)
         .into_iter()
         .map(|rl| {

@@ -202,7 +202,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
         let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
         // As the daemon links (later studies already in a kept store link back to this one; no alerts offline).
-        let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false)?;
+        let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false, None)?;
         let positive = result["positive"].as_bool().unwrap_or(false);
         let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
         let version = store.record_result_with_outputs(
@@ -229,6 +229,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
                 kinds: args.objects.clone(),
                 key_images: args.key_images,
                 uid_seed: String::new(),
+                amendment: None,
             };
             match crate::outputs::build(&result, &slices, &opts) {
                 Ok(objects) => {

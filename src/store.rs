@@ -23,7 +23,9 @@
 //!
 //! `results.outputs_due` is set in the transaction that records a result whose DICOM outputs some destination
 //! wants, and cleared in the transaction that queues its `dicom_outbox` rows: a crash in between leaves it set,
-//! and [`Store::results_awaiting_outputs`] hands such results to the daemon's start-up sweep.
+//! and [`Store::results_awaiting_outputs`] hands such results to the daemon's start-up sweep. A backward link
+//! whose amended SR a destination wants works the same way (`follow_up_links.outputs_due`,
+//! [`Store::links_awaiting_outputs`]).
 //!
 //! Retention (`crate::retention`) deletes the spool files of finished series and marks their rows
 //! `instances.purged_at` / `series.pixels_purged_at`; results, alerts and outputs rows are never purged. A purged
@@ -171,6 +173,12 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX follow_up_links_by_result ON follow_up_links(series_instance_uid, result_version);
     "#,
+    // 6: a backward link whose amended SR some DICOM destination wants but that is not yet queued (set with the
+    // link, cleared with its outbox rows in one transaction each), so a crash in between is repaired at the next
+    // start.
+    r#"
+    ALTER TABLE follow_up_links ADD COLUMN outputs_due INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Current time as unix-epoch milliseconds (the store's one time unit).
@@ -270,6 +278,9 @@ pub struct FollowUpLink {
     pub follow_up: serde_json::Value,
     /// When set, a webhook alert with this body (the result as it now reads) is queued with the link.
     pub alert_payload: Option<serde_json::Value>,
+    /// Some DICOM destination wants the amended SR of this comparison (queued by
+    /// [`crate::outputs::outbox::enqueue_link_outputs`], which clears the mark).
+    pub outputs_due: bool,
 }
 
 /// One stored analysis result (its `result.follow_up` is the newest backward link of that version, if any).
@@ -751,22 +762,51 @@ impl Store {
     pub fn follow_up_links(&self, series_uid: &str) -> Result<Vec<FollowUpLink>> {
         let c = self.lock();
         let mut st = c.prepare(
-            "SELECT series_instance_uid, result_version, prior_series_instance_uid, follow_up_json FROM follow_up_links
-             WHERE series_instance_uid = ?1 ORDER BY id",
+            "SELECT series_instance_uid, result_version, prior_series_instance_uid, follow_up_json, outputs_due
+             FROM follow_up_links WHERE series_instance_uid = ?1 ORDER BY id",
         )?;
-        let rows = st.query_map([series_uid], |r| {
-            let json: String = r.get(3)?;
-            Ok(FollowUpLink {
-                series_instance_uid: r.get(0)?,
-                result_version: r.get::<_, i64>(1)? as u32,
-                prior_series_instance_uid: r.get(2)?,
-                follow_up: serde_json::from_str(&json).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
-                })?,
-                alert_payload: None,
-            })
-        })?;
+        let rows = st.query_map([series_uid], follow_up_link)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Backward links whose amended SR is due but not yet queued, oldest first, each with its row id and the
+    /// time it was stored (unix ms).
+    pub fn links_awaiting_outputs(&self) -> Result<Vec<(i64, i64, FollowUpLink)>> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT series_instance_uid, result_version, prior_series_instance_uid, follow_up_json, outputs_due, id,
+                    created_at FROM follow_up_links WHERE outputs_due = 1 ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(5)?, r.get(6)?, follow_up_link(r)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Queues the amended SR of backward link `link_id` in one transaction, which also clears the link's
+    /// `outputs_due` (an empty `rows` only clears it). Returns how many rows were new.
+    pub fn enqueue_link_outputs(&self, link_id: i64, rows: &[NewDicomOutput]) -> Result<usize> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let (series_uid, version): (String, i64) = tx.query_row(
+            "SELECT series_instance_uid, result_version FROM follow_up_links WHERE id = ?1",
+            [link_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let n = insert_dicom_outputs(&tx, &series_uid, version, rows, now_ms())?;
+        tx.execute("UPDATE follow_up_links SET outputs_due = 0 WHERE id = ?1", [link_id])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// The newest SR queued for a result version (the document an amended SR of that version replaces).
+    pub fn latest_queued_sr(&self, series_uid: &str, result_version: i64) -> Result<Option<String>> {
+        let c = self.lock();
+        Ok(c.query_row(
+            "SELECT sop_instance_uid FROM dicom_outbox WHERE series_instance_uid = ?1 AND result_version = ?2
+             AND kind = 'sr' ORDER BY id DESC LIMIT 1",
+            params![series_uid, result_version],
+            |r| r.get(0),
+        )
+        .optional()?)
     }
 
     /// The newest result of a series.
@@ -901,6 +941,8 @@ const PURGEABLE: &str = "((s.state IN ('analysed', 'skipped')
         AND d.delivered_at IS NULL AND d.parked_at IS NULL)
     AND NOT EXISTS (SELECT 1 FROM results r WHERE r.series_instance_uid = s.series_instance_uid
         AND r.outputs_due = 1)
+    AND NOT EXISTS (SELECT 1 FROM follow_up_links f WHERE f.series_instance_uid = s.series_instance_uid
+        AND f.outputs_due = 1)
     AND EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = s.series_instance_uid
         AND i.purged_at IS NULL)";
 
@@ -1015,6 +1057,49 @@ fn refuse_raw_identifiers(obj: &serde_json::Map<String, serde_json::Value>, what
 
 /// Stores one backward follow-up link (see [`Store::record_result_with_outputs`]); returns whether it queued an
 /// alert.
+/// A `follow_up_links` row (columns: series, version, prior, follow_up_json, outputs_due).
+fn follow_up_link(r: &rusqlite::Row<'_>) -> rusqlite::Result<FollowUpLink> {
+    let json: String = r.get(3)?;
+    Ok(FollowUpLink {
+        series_instance_uid: r.get(0)?,
+        result_version: r.get::<_, i64>(1)? as u32,
+        prior_series_instance_uid: r.get(2)?,
+        follow_up: serde_json::from_str(&json)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e)))?,
+        alert_payload: None,
+        outputs_due: r.get(4)?,
+    })
+}
+
+/// Inserts DICOM outbox rows of one result version; a (destination, SOP instance) already queued is left alone.
+fn insert_dicom_outputs(
+    tx: &Transaction<'_>,
+    series_uid: &str,
+    result_version: i64,
+    rows: &[NewDicomOutput],
+    now: i64,
+) -> Result<usize> {
+    let mut n = 0;
+    for r in rows {
+        n += tx.execute(
+            "INSERT INTO dicom_outbox (destination, series_instance_uid, result_version, kind, sop_class_uid,
+                sop_instance_uid, path, next_attempt_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
+            params![
+                r.destination,
+                series_uid,
+                result_version,
+                r.kind,
+                r.sop_class_uid,
+                r.sop_instance_uid,
+                r.path.to_string_lossy(),
+                now
+            ],
+        )?;
+    }
+    Ok(n)
+}
+
 fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Result<bool> {
     let latest: Option<i64> = tx.query_row(
         "SELECT MAX(version) FROM results WHERE series_instance_uid = ?1",
@@ -1039,9 +1124,17 @@ fn insert_follow_up_link(tx: &Transaction<'_>, l: &FollowUpLink, now: i64) -> Re
     let progression = l.follow_up["progression"].as_bool().unwrap_or(false);
     tx.execute(
         "INSERT INTO follow_up_links (series_instance_uid, result_version, prior_series_instance_uid, follow_up_json,
-                                      progression, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![l.series_instance_uid, l.result_version, l.prior_series_instance_uid, json, progression, now],
+                                      progression, created_at, outputs_due)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            l.series_instance_uid,
+            l.result_version,
+            l.prior_series_instance_uid,
+            json,
+            progression,
+            now,
+            l.outputs_due
+        ],
     )?;
     // The series' shown result changed: lists ordered by activity (the dashboard) see it.
     tx.execute(
@@ -1186,25 +1279,7 @@ impl Store {
     ) -> Result<usize> {
         let mut c = self.lock();
         let tx = c.transaction()?;
-        let now = now_ms();
-        let mut n = 0;
-        for r in rows {
-            n += tx.execute(
-                "INSERT INTO dicom_outbox (destination, series_instance_uid, result_version, kind, sop_class_uid,
-                    sop_instance_uid, path, next_attempt_at, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
-                params![
-                    r.destination,
-                    series_uid,
-                    result_version,
-                    r.kind,
-                    r.sop_class_uid,
-                    r.sop_instance_uid,
-                    r.path.to_string_lossy(),
-                    now
-                ],
-            )?;
-        }
+        let n = insert_dicom_outputs(&tx, series_uid, result_version, rows, now_ms())?;
         tx.execute(
             "UPDATE results SET outputs_due = 0 WHERE series_instance_uid = ?1 AND version = ?2",
             params![series_uid, result_version],

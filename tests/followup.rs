@@ -149,19 +149,37 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
 }
 
 /// A prior study that arrives after its follow-up was analysed: the follow-up's result (one version, not
-/// re-analysed) now shows the comparison with it, as if they had arrived in date order.
+/// re-analysed) now shows the comparison with it, as if they had arrived in date order, and the PACS gets an
+/// amended SR carrying it — queued after a crash between writing it and queueing it.
 #[test]
 fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let uid_a = phantom(&a, 42101, 24, "moderate")["series_instance_uid"].as_str().unwrap().to_string();
     let uid_b = common::phantom_follow_up(&b, 42102, &a)["series_instance_uid"].as_str().unwrap().to_string();
-    let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
-    for (p, uid) in [(&b, &uid_b), (&a, &uid_a)] {
-        let (ok, log) = storescu(d.port, "CT1", &[p.as_path()], true);
-        assert!(ok, "{log}");
-        d.wait_result(uid, 1, Duration::from_secs(300));
-    }
+    // A PACS (DCMTK storescp) takes every DICOM output: the follow-up's first SR has no comparison; when its
+    // prior study arrives, an amended SR replaces it.
+    let pacs_dir = dir.path().join("pacs");
+    let (_pacs, pacs_port) = common::storescp(&pacs_dir, false);
+    let extra = format!(
+        "[series]\nquiet_period_s = 0.5\n\n[outputs]\nkey_images = 1\n\n\
+         [[outputs.dicom]]\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\nport = {pacs_port}\n"
+    );
+    // The daemon aborts right after writing the amended SR's file, before queueing it: the restart queues it.
+    let mut d =
+        Daemon::start_env(&dir.path().join("d"), &extra, &[("LUNGSENTRY_TEST_CRASH_AT", "after_amended_sr_file")]);
+    let (ok, log) = storescu(d.port, "CT1", &[b.as_path()], true);
+    assert!(ok, "{log}");
+    d.wait_result(&uid_b, 1, Duration::from_secs(300));
+    let (ok, log) = storescu(d.port, "CT1", &[a.as_path()], true);
+    assert!(ok, "{log}");
+    assert!(!d.wait_exit(Duration::from_secs(300)).success(), "the daemon should have aborted:\n{}", d.log());
+    assert!(d.log().contains("follow-up re-linked"), "{}", d.log());
+    let awaiting = d.store().links_awaiting_outputs().unwrap();
+    assert_eq!(awaiting.len(), 1, "the link's amended SR is marked as due: {awaiting:#?}");
+    assert_eq!(awaiting[0].2.series_instance_uid, uid_b);
+    let d = d.restart();
+    d.wait_result(&uid_a, 1, Duration::from_secs(300));
     let store = d.store();
     let rb = store.latest_result(&uid_b).unwrap().unwrap();
     let ra = store.latest_result(&uid_a).unwrap().unwrap();
@@ -178,7 +196,88 @@ fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
     for k in ["involvement_change_points", "new", "grown", "shrunk", "stable", "resolved", "progression"] {
         assert_eq!(f[k], ob["follow_up"][k], "{k}");
     }
-    assert!(d.log().contains("follow-up re-linked"), "{}", d.log());
+    check_amended_sr(&d, &uid_b, &b, &pacs_dir, &rb.result, dir.path());
+    assert!(store.links_awaiting_outputs().unwrap().is_empty());
+}
+
+/// The follow-up's outputs reached the PACS twice for its SR: the first (no comparison), then an amended SR in
+/// the same SR series (Instance Number 2) that names the first in its Predecessor Documents Sequence, validates
+/// with dciodvfy, and reads back with pydicom/highdicom with every number — the comparison included — equal to
+/// the result as it now reads.
+fn check_amended_sr(d: &Daemon, uid: &str, src: &Path, pacs_dir: &Path, result: &Value, tmp: &Path) {
+    let store = d.store();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let rows = loop {
+        let rows = store.dicom_outbox_of_series(uid).unwrap();
+        let srs = rows.iter().filter(|r| r.0.kind == "sr").count();
+        if srs >= 2 && rows.iter().all(|r| r.1) {
+            break rows;
+        }
+        assert!(std::time::Instant::now() < deadline, "outputs not delivered: {rows:#?}\nlog:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let srs: Vec<_> = rows.iter().filter(|r| r.0.kind == "sr").map(|r| &r.0).collect();
+    assert_eq!(srs.len(), 2, "one first SR and one amended SR: {srs:#?}");
+    assert!(srs.iter().all(|r| r.result_version == 1));
+    let (first, amended) = (&srs[0].sop_instance_uid, &srs[1].sop_instance_uid);
+    assert_ne!(first, amended);
+    // The PACS stored both (storescp names files <modality>.<SOP Instance UID>).
+    let received = |u: &str| {
+        std::fs::read_dir(pacs_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().ends_with(u))
+            .unwrap_or_else(|| panic!("{u} not received by the PACS"))
+    };
+    let (first_file, amended_file) = (received(first), received(amended));
+    let dump = |f: &Path, tag: &str| -> String {
+        let o = Command::new("dcmdump").args(["+P", tag]).arg(f).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let pred = dump(&amended_file, "0040,a360");
+    assert!(pred.contains(first.as_str()), "the amended SR names the first as its predecessor:\n{pred}");
+    assert!(dump(&first_file, "0040,a360").trim().is_empty(), "the first SR has no predecessor");
+    // The top-level Series Instance UID is the first one dcmdump prints (the nested ones sit in (0040,xxxx)).
+    let series = |f: &Path| dump(f, "0020,000e").lines().next().unwrap_or_default().to_string();
+    assert_eq!(series(&amended_file), series(&first_file), "same SR series");
+    assert!(dump(&amended_file, "0020,0013").contains("[2]"), "{}", dump(&amended_file, "0020,0013"));
+    let o = Command::new("dciodvfy").arg(&amended_file).output().expect("dciodvfy (dicom3tools)");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("Error")).collect();
+    assert!(errors.is_empty(), "dciodvfy errors in the amended SR: {errors:#?}");
+
+    // pydicom/highdicom read-back against the result as it now reads: the original SEG and key image beside the
+    // amended SR; the first SR fails the same check (it has no comparison), so the check can tell them apart.
+    let check = |sr: &Path, name: &str| -> (bool, String) {
+        let out = tmp.join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        for r in rows.iter().map(|r| &r.0).filter(|r| r.kind != "sr") {
+            let f = received(&r.sop_instance_uid);
+            let to = if r.kind == "seg" { "seg.dcm".to_string() } else { format!("key-{}.dcm", r.id) };
+            std::fs::copy(f, out.join(to)).unwrap();
+        }
+        std::fs::copy(sr, out.join("sr.dcm")).unwrap();
+        let rpath = tmp.join(format!("{name}.json"));
+        std::fs::write(&rpath, result.to_string()).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/check_dicom_outputs.py");
+        let o = Command::new("python3")
+            .arg(script)
+            .arg(&rpath)
+            .arg(src)
+            .arg(&out)
+            .arg(env!("CARGO_PKG_VERSION"))
+            .output()
+            .expect("python3");
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    let (ok, report) = check(&amended_file, "amended");
+    assert!(ok && report.contains("SR follow-up ok"), "amended SR read-back:\n{report}");
+    let (ok, report) = check(&first_file, "first");
+    assert!(
+        !ok && report.contains("Follow-up"),
+        "the first SR has no comparison, so it must not pass as the amended one:\n{report}"
+    );
+    eprintln!("first SR against the re-linked result (expected to fail):\n{report}");
 }
 
 /// Issue 8's acceptance on a phantom pair with known changes: every truth lesion change (new / grown / shrunk /

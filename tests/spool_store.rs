@@ -594,11 +594,13 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     let rule = ProgressionRule { relative_percent: 50.0, absolute_points: 1.0 };
     // The 20 April study first: nothing to compare with.
     let mut r_late = result(late, "20200420", 9.0, 30.0);
-    assert!(lungsentry::pipeline::link_follow_ups(&store, &pk, late, &mut r_late, rule, true).unwrap().is_empty());
+    assert!(lungsentry::pipeline::link_follow_ups(&store, &pk, late, &mut r_late, rule, true, None)
+        .unwrap()
+        .is_empty());
     let v_late = store.record_result(late, true, 9.0, &r_late, false).unwrap();
     // The 1 April study arrives: 20 April now compares with it (9 vs 3 %: progression, alert queued).
     let mut r_early = result(early, "20200401", 3.0, 10.0);
-    let links = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true).unwrap();
+    let links = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true, None).unwrap();
     assert_eq!(links.len(), 1);
     assert_eq!((links[0].series_instance_uid.as_str(), links[0].result_version), (late, v_late));
     assert!(links[0].alert_payload.is_some());
@@ -621,7 +623,7 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     assert_eq!(body["series_instance_uid"], late);
     assert!(!due[0].payload_json.contains("ROE") && !due[0].payload_json.contains("PID7"));
     // The same prior seen again (re-sent unchanged): nothing new to store, no second alert.
-    let again = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true).unwrap();
+    let again = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true, None).unwrap();
     assert!(again.is_empty(), "{again:?}");
     // A stale link (the later series was re-analysed meanwhile) is not stored.
     let mut stale = links[0].clone();
@@ -631,4 +633,67 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     assert_eq!(store.follow_up_links(late).unwrap().len(), 1);
     assert!(store.latest_result(late).unwrap().unwrap().result.get("follow_up").is_none(), "v2 shows its own");
     assert_eq!(store.due_outbox(i64::MAX, 10).unwrap().len(), 1);
+}
+
+/// A backward link whose amended SR a destination wants keeps the later series' pixels from retention until the
+/// SR is queued (it is built from the spooled instances' headers); queueing clears the mark in the same
+/// transaction, and the queued SR is the one a further amendment replaces.
+#[test]
+fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db.sqlite")).unwrap();
+    let pk = patient_key(b"salt", "PID8", "POE^ANN");
+    let (early, late) = ("1.2.826.0.8.1", "1.2.826.0.8.2");
+    for s in [late, early] {
+        store.record_instance(&fake_instance(s, &format!("{s}.1"), ("PID8", "POE^ANN"), 1), 1, &pk).unwrap();
+    }
+    let v = store.record_result(late, true, 9.0, &serde_json::json!({"status": "analysed"}), false).unwrap();
+    let candidates = |s: &Store| -> Vec<String> {
+        s.purge_candidates(None, 10).unwrap().into_iter().map(|c| c.series_instance_uid).collect()
+    };
+    assert_eq!(candidates(&store), vec![late.to_string()]);
+    let link = lungsentry::store::FollowUpLink {
+        series_instance_uid: late.into(),
+        result_version: v,
+        prior_series_instance_uid: early.into(),
+        follow_up: serde_json::json!({"prior_series_instance_uid": early, "relinked": true}),
+        alert_payload: None,
+        outputs_due: true,
+    };
+    store
+        .record_result_with_outputs(
+            early,
+            None,
+            false,
+            3.0,
+            &serde_json::json!({"status": "analysed"}),
+            false,
+            false,
+            &[link],
+        )
+        .unwrap();
+    assert_eq!(candidates(&store), vec![early.to_string()], "the later series' pixels are held for its SR");
+    let awaiting = store.links_awaiting_outputs().unwrap();
+    assert_eq!(awaiting.len(), 1);
+    let (id, _, l) = &awaiting[0];
+    assert!(l.outputs_due && l.series_instance_uid == late);
+    assert_eq!(store.latest_queued_sr(late, v as i64).unwrap(), None);
+    let row = lungsentry::store::NewDicomOutput {
+        destination: "PACS@127.0.0.1:104".into(),
+        kind: "sr".into(),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.34".into(),
+        sop_instance_uid: "2.25.42".into(),
+        path: tmp.path().join("sr.dcm"),
+    };
+    assert_eq!(store.enqueue_link_outputs(*id, &[row.clone()]).unwrap(), 1);
+    assert!(store.links_awaiting_outputs().unwrap().is_empty(), "cleared with its outbox row");
+    assert_eq!(store.enqueue_link_outputs(*id, &[row]).unwrap(), 0, "never queued twice");
+    assert_eq!(store.latest_queued_sr(late, v as i64).unwrap().as_deref(), Some("2.25.42"));
+    // Still held while the SR is undelivered; free once it is delivered.
+    assert_eq!(candidates(&store), vec![early.to_string()]);
+    let out = store.dicom_outbox_of_series(late).unwrap();
+    store.mark_dicom_delivered(out[0].0.id, 0).unwrap();
+    let mut c = candidates(&store);
+    c.sort();
+    assert_eq!(c, vec![early.to_string(), late.to_string()]);
 }

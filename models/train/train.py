@@ -128,7 +128,25 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
         global_lung_dice=dice(pred >= 1, lab >= 1),
         max_involvement_error_points=max([abs(s["involvement_pred"] - s["involvement_true"]) for s in series] or [0]),
         false_positive_series=sum(1 for s in none if s["involvement_pred"] >= fp_threshold),
-        none_series=len(none), lesion_series=len(les), fp_threshold_percent=fp_threshold, series=series)
+        none_series=len(none), lesion_series=len(les), fp_threshold_percent=fp_threshold,
+        **slice_figures(pred, lab), series=series)
+
+
+def slice_figures(pred: np.ndarray, lab: np.ndarray, min_pixels: int = 5) -> dict:
+    """The paper's slice-level figures: a slice is positive with at least `min_pixels` lesion pixels; per-slice
+    lesion IoU is 1 for a lesion-free slice with no prediction and 0 for a false positive."""
+    p_les = (pred == 2).reshape(len(pred), -1)
+    t_les = (lab == 2).reshape(len(lab), -1)
+    pos_pred = p_les.sum(1) >= min_pixels
+    pos_true = t_les.any(1)
+    inter = (p_les & t_les).sum(1)
+    union = (p_les | t_les).sum(1)
+    iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    iou = np.where(~pos_true & pos_pred, 0.0, iou)
+    neg = ~pos_true
+    return dict(slice_specificity=float((~pos_pred[neg]).mean()) if neg.any() else None,
+                slice_sensitivity=float(pos_pred[pos_true].mean()) if pos_true.any() else None,
+                mean_iou=float(iou.mean()))
 
 
 # ---------------------------------------------------------------- export
@@ -175,6 +193,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=MODELS / "lungsentry-unet.onnx")
     ap.add_argument("--fp-penalty", type=float, default=0.1,
                     help="checkpoint score penalty per false-positive lesion-free validation phantom series")
+    ap.add_argument("--iou-weight", type=float, default=0.0,
+                    help="checkpoint score weight of the validation phantoms' mean per-slice lesion IoU (paper convention)")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
     args = ap.parse_args()
 
@@ -303,9 +323,9 @@ def main() -> None:
         if ph_va is not None:
             p = eval_phantoms(model, ph_va)
             rec.update(ph_lesion=p["global_lesion_dice"], ph_inv_err=p["max_involvement_error_points"],
-                       ph_fp=p["false_positive_series"])
+                       ph_fp=p["false_positive_series"], ph_spec=p["slice_specificity"], ph_iou=p["mean_iou"])
             score += (p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"]
-                      - args.fp_penalty * p["false_positive_series"])
+                      - args.fp_penalty * p["false_positive_series"] + args.iou_weight * p["mean_iou"])
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))

@@ -129,12 +129,32 @@ pub struct OutputOptions {
     pub key_images: usize,
     /// Seed of the derived UIDs (series UID + result version in the daemon).
     pub uid_seed: String,
+    /// Build the SR as an amendment of the one first made for this result (its comparison with a prior study
+    /// changed after it was made); `kinds` should then be the SR alone.
+    pub amendment: Option<Amendment>,
 }
 
 impl Default for OutputOptions {
     fn default() -> Self {
-        OutputOptions { kinds: ObjectKind::ALL.to_vec(), key_images: 3, uid_seed: String::new() }
+        OutputOptions { kinds: ObjectKind::ALL.to_vec(), key_images: 3, uid_seed: String::new(), amendment: None }
     }
+}
+
+/// An SR that replaces an earlier SR of the same result version (same `uid_seed`): a new SOP instance in the same
+/// SR series, listing the document it replaces in the Predecessor Documents Sequence. Lesion tracking UIDs stay
+/// those of the first SR (the same lesions), and segment references point at the SEG made with it.
+#[derive(Debug, Clone)]
+pub struct Amendment {
+    /// Distinguishes this amendment's SOP Instance UID (e.g. `prior|<prior series UID>`).
+    pub tag: String,
+    /// Instance Number in the SR series (the first SR is 1).
+    pub instance_number: u32,
+    /// SOP Instance UID of the SR it replaces, when one was made.
+    pub predecessor: Option<String>,
+    /// Whether a SEG was made with the first SR (its UID follows from the seed).
+    pub with_seg: bool,
+    /// Content Date and Time (DA, TM) of the amendment.
+    pub content_time: (String, String),
 }
 
 /// One built instance.
@@ -200,10 +220,14 @@ pub fn build(result: &Value, slices: &[SourceSlice], opts: &OutputOptions) -> Re
     } else {
         opts.uid_seed.clone()
     };
-    let content_time = common::da_tm(result["completed_at"].as_str().unwrap_or(""));
-    let ctx = BuildContext { header, producer, seed, content_time };
+    let content_time = match &opts.amendment {
+        Some(a) => a.content_time.clone(),
+        None => common::da_tm(result["completed_at"].as_str().unwrap_or("")),
+    };
+    let seg_ref = opts.amendment.as_ref().filter(|a| a.with_seg).map(|_| derived_uid(&seed, "seg"));
+    let ctx = BuildContext { header, producer, seed, content_time, amendment: opts.amendment.clone() };
     let mut out = Vec::new();
-    let mut seg_ref = None;
+    let mut seg_ref = seg_ref;
     if opts.kinds.contains(&ObjectKind::Seg) {
         let o = seg::build(&ctx, slices)?;
         seg_ref = Some(o.sop_instance_uid.clone());
@@ -226,8 +250,10 @@ pub(crate) struct BuildContext {
     pub producer: common::Producer,
     /// Seed of derived UIDs.
     pub seed: String,
-    /// Content Date and Time (DA, TM): the result's completion time.
+    /// Content Date and Time (DA, TM): the result's completion time (an amendment's own time).
     pub content_time: (String, String),
+    /// Set when the SR replaces an earlier one of the same result.
+    pub amendment: Option<Amendment>,
 }
 
 /// Writes objects into `dir` (created), named by kind; returns the paths.

@@ -67,6 +67,90 @@ pub fn wants_outputs(cfg: &OutputsConfig, result: &Value) -> bool {
     !destinations_for(cfg, result).is_empty()
 }
 
+/// Whether some destination wants an SR of this result (an amended SR when its comparison changes).
+pub fn wants_sr(cfg: &OutputsConfig, result: &Value) -> bool {
+    destinations_for(cfg, result).iter().any(|d| d.objects.contains(&ObjectKind::Sr))
+}
+
+/// Makes, stores and queues the amended SR of backward follow-up link `link_id` (stored at `created_at`, unix
+/// ms) for every destination that wants an SR of the later series' result, and clears the link's `outputs_due` in
+/// the same transaction. The SR replaces the newest SR queued for that result version (Predecessor Documents
+/// Sequence) and carries the result as it now reads (the new comparison); no segmentation is needed. A link no
+/// longer shown (the series was re-analysed, or a newer link of the version exists) only has its mark cleared.
+/// Fails, leaving the mark for the next start, when the source instances are gone (retention keeps a series'
+/// pixels while the mark is set) or a write fails. Returns the number of new outbox rows.
+pub fn enqueue_link_outputs(
+    store: &Store,
+    cfg: &OutputsConfig,
+    data_dir: &Path,
+    link_id: i64,
+    created_at: i64,
+    link: &crate::store::FollowUpLink,
+) -> Result<usize> {
+    let series_uid = &link.series_instance_uid;
+    let version = link.result_version as i64;
+    let Some(latest) = store.latest_result(series_uid)? else { return store.enqueue_link_outputs(link_id, &[]) };
+    let shown = latest.version == link.result_version && latest.result["follow_up"] == link.follow_up;
+    let destinations: Vec<_> =
+        destinations_for(cfg, &latest.result).into_iter().filter(|d| d.objects.contains(&ObjectKind::Sr)).collect();
+    if !shown || destinations.is_empty() {
+        return store.enqueue_link_outputs(link_id, &[]);
+    }
+    // The analysed slices, in the result's order (the SR's evidence); only their UIDs and one header are read.
+    let order: Vec<&str> = latest.result["slice_sop_instance_uids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> =
+        store.series_instances(series_uid)?.into_iter().map(|(m, p)| (m.sop_instance_uid.clone(), (m, p))).collect();
+    let mut slices = Vec::with_capacity(order.len());
+    for uid in &order {
+        let (meta, path) = by_uid
+            .remove(*uid)
+            .with_context(|| format!("analysed instance {uid} is no longer in the spool (purged?)"))?;
+        let empty = crate::analysis::BitMask::new(0, 0);
+        slices.push(SourceSlice { meta, path, lung: empty.clone(), lesion: empty });
+    }
+    let with_seg = destinations_for(cfg, &latest.result).iter().any(|d| d.objects.contains(&ObjectKind::Seg));
+    let amendment = super::Amendment {
+        tag: format!("prior|{}", link.prior_series_instance_uid),
+        instance_number: 1 + store
+            .follow_up_links(series_uid)?
+            .iter()
+            .filter(|l| l.result_version == link.result_version)
+            .count() as u32,
+        predecessor: store.latest_queued_sr(series_uid, version)?,
+        with_seg,
+        content_time: super::common::da_tm(&crate::pipeline::rfc3339(created_at)),
+    };
+    let opts = OutputOptions {
+        kinds: vec![ObjectKind::Sr],
+        key_images: 0,
+        uid_seed: format!("{series_uid}|v{version}"),
+        amendment: Some(amendment),
+    };
+    let objects = build(&latest.result, &slices, &opts)?;
+    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
+    for o in &objects {
+        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
+        write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
+        for d in &destinations {
+            rows.push(NewDicomOutput {
+                destination: d.key(),
+                kind: o.kind.as_str().to_string(),
+                sop_class_uid: o.sop_class_uid.clone(),
+                sop_instance_uid: o.sop_instance_uid.clone(),
+                path: path.clone(),
+            });
+        }
+    }
+    sync_dir(&dir)?;
+    crash_point("after_amended_sr_file");
+    store.enqueue_link_outputs(link_id, &rows)
+}
+
 /// Makes, stores and queues the objects of one recorded result (version `version`) for every destination that
 /// wants it, and clears the result's `outputs_due` in the same transaction. Returns the number of new outbox rows
 /// (0 for a skipped series, no destination, or a result already queued).
@@ -92,7 +176,12 @@ pub fn enqueue_result(
             }
         }
     }
-    let opts = OutputOptions { kinds, key_images: cfg.key_images, uid_seed: format!("{series_uid}|v{version}") };
+    let opts = OutputOptions {
+        kinds,
+        key_images: cfg.key_images,
+        uid_seed: format!("{series_uid}|v{version}"),
+        amendment: None,
+    };
     let objects = build(result, slices, &opts)?;
     let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

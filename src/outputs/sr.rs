@@ -408,7 +408,11 @@ pub fn build(
 ) -> Result<OutputObject, OutputError> {
     let h = &ctx.header;
     let p = &ctx.producer;
-    let sop_instance_uid = derived_uid(&ctx.seed, "sr");
+    let sop_instance_uid = match &ctx.amendment {
+        Some(a) => derived_uid(&ctx.seed, &format!("sr|{}", a.tag)),
+        None => derived_uid(&ctx.seed, "sr"),
+    };
+    let instance_number = ctx.amendment.as_ref().map_or(1, |a| a.instance_number);
     let series_uid = derived_uid(&ctx.seed, "sr-series");
     let (date, time) = ctx.content_time.clone();
     let lung_ml = f64_field(result, "lung_volume_ml")?;
@@ -534,7 +538,7 @@ pub fn build(
         seq(tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE, vec![]),
         el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
         el(tags::SERIES_NUMBER, VR::IS, SR_SERIES_NUMBER.to_string()),
-        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        el(tags::INSTANCE_NUMBER, VR::IS, instance_number.to_string()),
         el(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
         code_seq(tags::CONCEPT_NAME_CODE_SEQUENCE, &IMAGING_MEASUREMENT_REPORT),
         el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
@@ -548,6 +552,25 @@ pub fn build(
         ),
         seq(tags::CONTENT_SEQUENCE, root_children),
     ]);
+    // An amendment names the document it replaces (SR Document General module, type 1C).
+    if let Some(prior_sr) = ctx.amendment.as_ref().and_then(|a| a.predecessor.as_deref()) {
+        elems.push(seq(
+            tags::PREDECESSOR_DOCUMENTS_SEQUENCE,
+            vec![obj(vec![
+                seq(
+                    tags::REFERENCED_SERIES_SEQUENCE,
+                    vec![obj(vec![
+                        seq(
+                            tags::REFERENCED_SOP_SEQUENCE,
+                            refs(vec![(COMPREHENSIVE_3D_SR_STORAGE.to_string(), prior_sr.to_string())]),
+                        ),
+                        el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
+                    ])],
+                ),
+                el(tags::STUDY_INSTANCE_UID, VR::UI, h.study_instance_uid.as_str()),
+            ])],
+        ));
+    }
     Ok(OutputObject {
         kind: ObjectKind::Sr,
         sop_class_uid: COMPREHENSIVE_3D_SR_STORAGE.to_string(),

@@ -282,6 +282,10 @@ impl Daemon {
                 tracing::info!(results = awaiting.len(), "results without their DICOM outputs queued: rebuilding them");
                 tasks.push(tokio::spawn(queue_missing_outputs(shared.clone(), awaiting)));
             }
+            if !store.links_awaiting_outputs()?.is_empty() {
+                tracing::info!("re-linked follow-ups without their amended SR queued: making them");
+                tasks.push(tokio::spawn(queue_amended_srs(shared.clone())));
+            }
             let (store, cfg, ae) = (store.clone(), config.outputs.clone(), config.dicom.ae_title.clone());
             let (wake, sd) = (shared.dicom_outbox_wake.clone(), shutdown_rx.clone());
             tasks.push(tokio::spawn(crate::outputs::outbox::run_dicom_outbox(store, cfg, ae, wake, sd)));
@@ -586,7 +590,7 @@ async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceM
 }
 
 /// 3D analysis, versioned result, outbox row for a first positive, log line.
-fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_at: &str) -> Result<()> {
+fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &SeriesWork, received_at: &str) -> Result<()> {
     if work.instance_count() == 0 {
         return Ok(());
     }
@@ -630,6 +634,7 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
         &mut result,
         (&shared.config.analysis).into(),
         shared.config.alerts.webhook_url.is_some(),
+        Some(&shared.config.outputs),
     )?;
     let positive = result["positive"].as_bool().unwrap_or(false);
     let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
@@ -662,7 +667,10 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
     for l in &links {
         tracing::info!(series = %crate::store::series_log_key(&l.series_instance_uid), version = l.result_version,
             prior = %crate::store::series_log_key(series_uid), alert = l.alert_payload.is_some(),
-            "follow-up re-linked: a prior study arrived after this series was analysed");
+            amended_sr = l.outputs_due, "follow-up re-linked: a prior study arrived after this series was analysed");
+    }
+    if links.iter().any(|l| l.outputs_due) {
+        tokio::runtime::Handle::current().spawn(queue_amended_srs(shared.clone()));
     }
     crate::outputs::outbox::crash_point("after_result");
     result["version"] = serde_json::json!(version);
@@ -706,7 +714,8 @@ fn finish_series(shared: &Shared, series_uid: &str, work: &SeriesWork, received_
 /// it, from one read of the patient's other series: forward, `follow_up` with the latest earlier study
 /// ([`crate::analysis::followup::link`]); backward, the links to store for later studies whose prior study it
 /// now is ([`crate::analysis::followup::relinks`]). With `webhook`, a link that newly shows progression carries
-/// an alert (the later series' result as it now reads, `alert_reasons: ["progression"]`).
+/// an alert (the later series' result as it now reads, `alert_reasons: ["progression"]`). With `outputs`, a link
+/// whose later series' result some destination wants an SR of is marked `outputs_due` (its amended SR).
 pub fn link_follow_ups(
     store: &Store,
     patient_key: &str,
@@ -714,6 +723,7 @@ pub fn link_follow_ups(
     result: &mut serde_json::Value,
     rule: crate::analysis::followup::ProgressionRule,
     webhook: bool,
+    outputs: Option<&crate::outputs::OutputsConfig>,
 ) -> Result<Vec<crate::store::FollowUpLink>> {
     if patient_key.is_empty() || !crate::analysis::followup::comparable(result) {
         return Ok(Vec::new());
@@ -727,12 +737,13 @@ pub fn link_follow_ups(
         .map(|rl| {
             let later = &others[rl.index];
             let follow_up = serde_json::to_value(&rl.follow_up).unwrap_or(serde_json::Value::Null);
+            let mut now_reads = later.result.clone();
+            now_reads["follow_up"] = follow_up.clone();
+            let outputs_due = outputs.is_some_and(|cfg| crate::outputs::outbox::wants_sr(cfg, &now_reads));
             let alert_payload = (webhook && rl.newly_progressed).then(|| {
-                let mut p = later.result.clone();
-                p["follow_up"] = follow_up.clone();
-                p["alert"] = serde_json::json!(true);
-                p["alert_reasons"] = serde_json::json!(["progression"]);
-                p
+                now_reads["alert"] = serde_json::json!(true);
+                now_reads["alert_reasons"] = serde_json::json!(["progression"]);
+                now_reads
             });
             crate::store::FollowUpLink {
                 series_instance_uid: later.series_instance_uid.clone(),
@@ -740,10 +751,48 @@ pub fn link_follow_ups(
                 prior_series_instance_uid: series_uid.to_string(),
                 follow_up,
                 alert_payload,
+                outputs_due,
             }
         })
         .collect();
     Ok(links)
+}
+
+/// Queues the amended SRs of backward links that are due ([`crate::outputs::outbox::enqueue_link_outputs`]):
+/// right after a link is stored, and at start-up for links a stop left unqueued. Needs no segmentation (an SR
+/// carries the stored numbers and references the original SEG), so it is cheap.
+async fn queue_amended_srs(shared: Arc<Shared>) {
+    let s = shared.clone();
+    let done = tokio::task::spawn_blocking(move || -> Result<usize> {
+        let mut queued = 0;
+        for (id, created_at, link) in s.store.links_awaiting_outputs()? {
+            let key = crate::store::series_log_key(&link.series_instance_uid);
+            match crate::outputs::outbox::enqueue_link_outputs(
+                &s.store,
+                &s.config.outputs,
+                &s.config.storage.data_dir,
+                id,
+                created_at,
+                &link,
+            ) {
+                Ok(n) => {
+                    queued += n;
+                    tracing::info!(series = %key, version = link.result_version, queued = n,
+                        "amended SR of a re-linked follow-up queued");
+                }
+                Err(e) => tracing::error!(series = %key, version = link.result_version, error = %format!("{e:#}"),
+                    "amended SR could not be made; retried at the next start"),
+            }
+        }
+        Ok(queued)
+    })
+    .await;
+    match done {
+        Ok(Ok(n)) if n > 0 => shared.dicom_outbox_wake.notify_one(),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "reading the links awaiting amended SRs failed"),
+        Err(e) => tracing::error!(error = %e, "queueing amended SRs panicked"),
+    }
 }
 
 /// Start-up sweep: results recorded with DICOM outputs due but never queued (the daemon stopped in between) get

@@ -12,7 +12,8 @@
 //!   with a "NOT FOR DIAGNOSTIC USE — lungsentry <version>" banner.
 //!
 //! UIDs are derived from a seed (series UID + result version), so rebuilding the same result gives the same
-//! instances. Hands on: Part-10 file objects ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
+//! instances. When a prior study arrives after a result's objects were made, an amended SR ([`Amendment`]) of
+//! that version carries the new comparison and names the SR it replaces. Hands on: Part-10 file objects ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
 //! DICOM outbox. Never: decides which results get outputs, sends anything, or touches the store.
 
 mod common;

@@ -16,6 +16,8 @@
 //! transaction, [`wants_outputs`]); [`enqueue_result`] clears it in the transaction that queues the rows. At start
 //! the daemon rebuilds the objects of every result still marked ([`crate::store::Store::results_awaiting_outputs`])
 //! from the spooled instances, with the same derived UIDs, so nothing is lost and nothing is queued twice.
+//! A backward follow-up link whose amended SR a destination wants is marked the same way
+//! (`follow_up_links.outputs_due`, [`wants_sr`], [`enqueue_link_outputs`]).
 //! `LUNGSENTRY_TEST_CRASH_AT` ([`crash_point`]) aborts the process at a named point of that window, for tests.
 //! Never: decides positivity, reads the model, or touches the webhook outbox.
 
@@ -44,7 +46,8 @@ const MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// Test hook: aborts the process (as a crash or SIGKILL would end it) when the environment variable
 /// `LUNGSENTRY_TEST_CRASH_AT` names this point. Points: `after_result` (result committed, nothing built),
-/// `after_output_files` (objects written, outbox rows not committed).
+/// `after_output_files` (objects written, outbox rows not committed), `after_amended_sr_file` (a link's amended
+/// SR written, not queued).
 pub fn crash_point(name: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if AT.get_or_init(|| std::env::var("LUNGSENTRY_TEST_CRASH_AT").ok()).as_deref() == Some(name) {

@@ -329,6 +329,7 @@ def main() -> None:
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))
+        torch.save(model.state_dict(), args.run / "last.pt")  # the latest epoch, for a look beside the best
         if score > best_score:
             best_score = score
             best = {k: v.clone() for k, v in model.state_dict().items()}

@@ -133,23 +133,7 @@ pub fn enqueue_link_outputs(
         amendment: Some(amendment),
     };
     let objects = build(&latest.result, &slices, &opts)?;
-    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rows = Vec::new();
-    for o in &objects {
-        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
-        write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
-        for d in &destinations {
-            rows.push(NewDicomOutput {
-                destination: d.key(),
-                kind: o.kind.as_str().to_string(),
-                sop_class_uid: o.sop_class_uid.clone(),
-                sop_instance_uid: o.sop_instance_uid.clone(),
-                path: path.clone(),
-            });
-        }
-    }
-    sync_dir(&dir)?;
+    let rows = write_objects(data_dir, series_uid, version, &objects, &destinations)?;
     crash_point("after_amended_sr_file");
     store.enqueue_link_outputs(link_id, &rows)
 }
@@ -186,25 +170,7 @@ pub fn enqueue_result(
         amendment: None,
     };
     let objects = build(result, slices, &opts)?;
-    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rows = Vec::new();
-    for o in &objects {
-        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
-        write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
-        for d in &destinations {
-            if d.objects.contains(&o.kind) {
-                rows.push(NewDicomOutput {
-                    destination: d.key(),
-                    kind: o.kind.as_str().to_string(),
-                    sop_class_uid: o.sop_class_uid.clone(),
-                    sop_instance_uid: o.sop_instance_uid.clone(),
-                    path: path.clone(),
-                });
-            }
-        }
-    }
-    sync_dir(&dir)?;
+    let rows = write_objects(data_dir, series_uid, version, &objects, &destinations)?;
     crash_point("after_output_files");
     let n = store.enqueue_dicom_outputs(series_uid, version, &rows)?;
     tracing::info!(series = %crate::store::series_log_key(series_uid), version, objects = objects.len(), queued = n,
@@ -212,13 +178,42 @@ pub fn enqueue_result(
     Ok(n)
 }
 
-/// Keeps UID-like names safe as file names.
+/// Writes `objects` durably under `data_dir/outputs/<series>/v<version>/` (each file, then the directory) and
+/// returns one outbox row per object per destination that takes its kind.
+fn write_objects(
+    data_dir: &Path,
+    series_uid: &str,
+    version: i64,
+    objects: &[super::OutputObject],
+    destinations: &[&super::DicomDestination],
+) -> Result<Vec<NewDicomOutput>> {
+    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
+    for o in objects {
+        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
+        write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
+        for d in destinations.iter().filter(|d| d.objects.contains(&o.kind)) {
+            rows.push(NewDicomOutput {
+                destination: d.key(),
+                kind: o.kind.as_str().to_string(),
+                sop_class_uid: o.sop_class_uid.clone(),
+                sop_instance_uid: o.sop_instance_uid.clone(),
+                path: path.clone(),
+            });
+        }
+    }
+    sync_dir(&dir)?;
+    Ok(rows)
+}
+
 /// Where a series' DICOM output files are kept (`v{version}/` below it); retention deletes it with the series'
 /// pixel data.
 pub fn series_dir(data_dir: &Path, series_uid: &str) -> PathBuf {
     data_dir.join("outputs").join(sanitize(series_uid))
 }
 
+/// Keeps UID-like names safe as file names.
 fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
 }

@@ -13,7 +13,8 @@
 //!
 //! UIDs are derived from a seed (series UID + result version), so rebuilding the same result gives the same
 //! instances. When a prior study arrives after a result's objects were made, an amended SR ([`Amendment`]) of
-//! that version carries the new comparison and names the SR it replaces. Hands on: Part-10 file objects ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
+//! that version carries the new comparison and names the SR it replaces. Hands on: Part-10 file objects
+//! ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
 //! DICOM outbox. Never: decides which results get outputs, sends anything, or touches the store.
 
 mod common;
@@ -225,10 +226,10 @@ pub fn build(result: &Value, slices: &[SourceSlice], opts: &OutputOptions) -> Re
         Some(a) => a.content_time.clone(),
         None => common::da_tm(result["completed_at"].as_str().unwrap_or("")),
     };
-    let seg_ref = opts.amendment.as_ref().filter(|a| a.with_seg).map(|_| derived_uid(&seed, "seg"));
+    // An amendment references the SEG made with the first SR (same seed, so the same UID).
+    let mut seg_ref = opts.amendment.as_ref().filter(|a| a.with_seg).map(|_| derived_uid(&seed, "seg"));
     let ctx = BuildContext { header, producer, seed, content_time, amendment: opts.amendment.clone() };
     let mut out = Vec::new();
-    let mut seg_ref = seg_ref;
     if opts.kinds.contains(&ObjectKind::Seg) {
         let o = seg::build(&ctx, slices)?;
         seg_ref = Some(o.sop_instance_uid.clone());

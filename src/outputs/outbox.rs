@@ -94,8 +94,9 @@ pub fn enqueue_link_outputs(
     let version = link.result_version as i64;
     let Some(latest) = store.latest_result(series_uid)? else { return store.enqueue_link_outputs(link_id, &[]) };
     let shown = latest.version == link.result_version && latest.result["follow_up"] == link.follow_up;
-    let destinations: Vec<_> =
-        destinations_for(cfg, &latest.result).into_iter().filter(|d| d.objects.contains(&ObjectKind::Sr)).collect();
+    let wanting = destinations_for(cfg, &latest.result);
+    let with_seg = wanting.iter().any(|d| d.objects.contains(&ObjectKind::Seg));
+    let destinations: Vec<_> = wanting.into_iter().filter(|d| d.objects.contains(&ObjectKind::Sr)).collect();
     if !shown || destinations.is_empty() {
         return store.enqueue_link_outputs(link_id, &[]);
     }
@@ -114,7 +115,6 @@ pub fn enqueue_link_outputs(
         let empty = crate::analysis::BitMask::new(0, 0);
         slices.push(SourceSlice { meta, path, lung: empty.clone(), lesion: empty });
     }
-    let with_seg = destinations_for(cfg, &latest.result).iter().any(|d| d.objects.contains(&ObjectKind::Seg));
     let amendment = super::Amendment {
         tag: format!("prior|{}", link.prior_series_instance_uid),
         instance_number: 1 + store

@@ -282,10 +282,8 @@ impl Daemon {
                 tracing::info!(results = awaiting.len(), "results without their DICOM outputs queued: rebuilding them");
                 tasks.push(tokio::spawn(queue_missing_outputs(shared.clone(), awaiting)));
             }
-            if !store.links_awaiting_outputs()?.is_empty() {
-                tracing::info!("re-linked follow-ups without their amended SR queued: making them");
-                tasks.push(tokio::spawn(queue_amended_srs(shared.clone())));
-            }
+            // Re-linked follow-ups whose amended SR a stop left unqueued (none: one empty read).
+            tasks.push(tokio::spawn(queue_amended_srs(shared.clone())));
             let (store, cfg, ae) = (store.clone(), config.outputs.clone(), config.dicom.ae_title.clone());
             let (wake, sd) = (shared.dicom_outbox_wake.clone(), shutdown_rx.clone());
             tasks.push(tokio::spawn(crate::outputs::outbox::run_dicom_outbox(store, cfg, ae, wake, sd)));
@@ -762,8 +760,12 @@ pub fn link_follow_ups(
 /// right after a link is stored, and at start-up for links a stop left unqueued. Needs no segmentation (an SR
 /// carries the stored numbers and references the original SEG), so it is cheap.
 async fn queue_amended_srs(shared: Arc<Shared>) {
+    // One sweep at a time: two (start-up and a new link) must not both make the SR of one link, the second
+    // naming the first's copy as its predecessor.
+    static SWEEP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let s = shared.clone();
     let done = tokio::task::spawn_blocking(move || -> Result<usize> {
+        let _one = SWEEP.lock().unwrap_or_else(|p| p.into_inner());
         let mut queued = 0;
         for (id, created_at, link) in s.store.links_awaiting_outputs()? {
             let key = crate::store::series_log_key(&link.series_instance_uid);

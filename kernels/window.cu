@@ -5,9 +5,13 @@
 //   → clip → per-slice min-max to u8 (f64, round half up) → CLAHE (OpenCV: per-tile clipped histograms, LUTs,
 //   bilinear between tile LUTs) → bilinear resize (OpenCV INTER_LINEAR fixed point) → /255 → fp16 or fp32,
 //   written straight into the engine's N×C×H×W input (C > 1: neighbour slices stacked, edges clamped).
-// Phases inside the block: A min/max (block reduction), B tile histograms in shared memory (warp-aggregated
-// atomics), C clip + redistribute + prefix sum → tile LUTs (one warp per tile), D output pixels. The slice is read
-// three times (A, B, D); in one block the re-reads come from L2.
+// Phases inside the block: A the range of the rescaled integers (block reduction; HU and its clip are monotonic in
+// them, so the clipped HU's min/max follow from the two ends), then a shared table stored value → u8 for that range
+// (the f64 min-max arithmetic once per value, not per pixel; a wider range than the table computes per pixel),
+// B tile histograms in shared memory (a warp per row, warp-aggregated atomics), C clip + redistribute + prefix sum
+// → tile LUTs written over their own histograms (one warp per tile), D output pixels. 72 KiB of shared memory and
+// 40 registers: three blocks per H100 SM, so a 300-slice series runs in one wave. The slice is read three times
+// (A, B, D); in one block the re-reads come from L2.
 //
 // Compiled at start-up by NVRTC with --fmad=false: every float/double operation then rounds exactly as the Rust
 // CPU path does, so the two agree bit for bit. Geometry tables (CLAHE tile weights, resize taps) are computed on
@@ -58,11 +62,16 @@ __device__ __forceinline__ int stored_value(const WindowParams& p, u16 raw) {
     return (int)v;
 }
 
-// HU exactly as StoredFrame::into_hu: (v as f64 * slope + intercept) as f32, padding -1024.
-__device__ __forceinline__ float hu_of(const WindowParams& p, u16 raw, double slope, double intercept) {
+// The integer a stored sample is rescaled from (after MONOCHROME1), and whether it is padding.
+__device__ __forceinline__ int value_of(const WindowParams& p, u16 raw, bool& pad) {
     int v = stored_value(p, raw);
-    if (p.has_padding && v >= p.pad_lo && v <= p.pad_hi) return -1024.0f;
+    pad = p.has_padding && v >= p.pad_lo && v <= p.pad_hi;
     if (p.monochrome1) v = p.smin_plus_smax - v;
+    return v;
+}
+
+// HU exactly as StoredFrame::into_hu: (v as f64 * slope + intercept) as f32 (padding is -1024, decided by the caller).
+__device__ __forceinline__ float hu_of_value(int v, double slope, double intercept) {
     double x = (double)v * slope;
     x = x + intercept;
     return (float)x;
@@ -102,13 +111,32 @@ __device__ __forceinline__ void store_out<float>(float* out, size_t i, float v) 
 template <>
 __device__ __forceinline__ void store_out<u16>(u16* out, size_t i, float v) { out[i] = f32_to_f16_bits(v); }
 
-// Dynamic shared memory: tiles·256 u32 histograms, then tiles·256 u8 LUTs.
+// The u8 (min-max) value of a stored sample: from the block's value table when the slice's value range fits it,
+// else computed (the same function either way).
+struct U8Map {
+    const u8* table;  // null: compute
+    int vmin;
+    int pad_u8;
+    double slope, intercept, lo, range;
+};
+
+__device__ __forceinline__ int u8_of(const WindowParams& p, const U8Map& m, u16 raw) {
+    bool pad;
+    int v = value_of(p, raw, pad);
+    if (pad) return m.pad_u8;
+    if (m.table) return m.table[v - m.vmin];
+    return to_u8(p, hu_of_value(v, m.slope, m.intercept), m.lo, m.range);
+}
+
+// Dynamic shared memory: tiles·256 u32 histograms (each tile's LUT later overwrites the first 256 bytes of its own
+// histogram), then VALUE_TABLE_CAP u8: stored value → u8 for the slice's value range.
+#define VALUE_TABLE_CAP 8192
 template <typename Out>
 __device__ void window_slice(const u16* __restrict__ raw_all, const double* __restrict__ rescale,
                              const WindowParams p,
                              const int4* __restrict__ resize_x,    // out_w: (s0, s1, a0, a1)
                              const int4* __restrict__ resize_y,    // out_h: (s0, s1, b0, b1)
-                             const int2* __restrict__ clahe_xi,    // cols: (LUT offset left, right)
+                             const int2* __restrict__ clahe_xi,    // cols: (LUT offset left, right) = tile × 256
                              const float2* __restrict__ clahe_xw,  // cols: (xa, 1 - xa)
                              const int2* __restrict__ clahe_yi,    // rows: (tile row up, down)
                              const float2* __restrict__ clahe_yw,  // rows: (ya, 1 - ya)
@@ -120,9 +148,11 @@ __device__ void window_slice(const u16* __restrict__ raw_all, const double* __re
 #endif
     const int tiles = p.tiles_x * p.tiles_y;
     u32* hist = smem;
-    u8* luts = (u8*)(smem + tiles * 256);
-    __shared__ double red_lo[WARPS], red_hi[WARPS];
+    u8* luts = (u8*)smem;  // tile t's LUT: bytes [t·1024, t·1024 + 256)
+    u8* values = (u8*)(smem + tiles * 256);
+    __shared__ int red_min[WARPS], red_max[WARPS], red_pad[WARPS];
     __shared__ double s_lo, s_range;
+    __shared__ int s_vmin, s_span;
 
     const int s = blockIdx.x;
     const int npx = p.rows * p.cols;
@@ -130,48 +160,87 @@ __device__ void window_slice(const u16* __restrict__ raw_all, const double* __re
     const double slope = rescale[2 * s], intercept = rescale[2 * s + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-    // A: min and max of the clipped HU.
-    double lo = 1.0 / 0.0, hi = -1.0 / 0.0;
+    // A: range of the rescaled integers (padding apart). HU and the clip are monotonic in them, so the clipped HU's
+    // min and max are those of the two ends (and of padding's -1024): integer min/max, no float math per pixel.
+    int vmin = 0x7fffffff, vmax = -0x7fffffff - 1, anypad = 0;
     for (int i = threadIdx.x; i < npx; i += WINDOW_THREADS) {
-        double c = clip_hu(p, hu_of(p, __ldg(raw + i), slope, intercept));
-        lo = fmin(lo, c);
-        hi = fmax(hi, c);
+        bool pad;
+        int v = value_of(p, __ldg(raw + i), pad);
+        if (pad) {
+            anypad = 1;
+        } else {
+            vmin = min(vmin, v);
+            vmax = max(vmax, v);
+        }
     }
     for (int o = 16; o > 0; o >>= 1) {
-        lo = fmin(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-        hi = fmax(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        vmin = min(vmin, __shfl_xor_sync(0xffffffffu, vmin, o));
+        vmax = max(vmax, __shfl_xor_sync(0xffffffffu, vmax, o));
+        anypad |= __shfl_xor_sync(0xffffffffu, anypad, o);
     }
-    if (lane == 0) { red_lo[warp] = lo; red_hi[warp] = hi; }
+    if (lane == 0) { red_min[warp] = vmin; red_max[warp] = vmax; red_pad[warp] = anypad; }
     for (int i = threadIdx.x; i < tiles * 256; i += WINDOW_THREADS) hist[i] = 0;
     __syncthreads();
     if (threadIdx.x == 0) {
-        double l = red_lo[0], h = red_hi[0];
-        for (int w = 1; w < WARPS; ++w) { l = fmin(l, red_lo[w]); h = fmax(h, red_hi[w]); }
+        for (int w = 1; w < WARPS; ++w) {
+            vmin = min(vmin, red_min[w]);
+            vmax = max(vmax, red_max[w]);
+            anypad |= red_pad[w];
+        }
+        double l = 1.0 / 0.0, h = -1.0 / 0.0;
+        if (vmin <= vmax) {
+            double a = clip_hu(p, hu_of_value(vmin, slope, intercept));
+            double b = clip_hu(p, hu_of_value(vmax, slope, intercept));
+            l = fmin(a, b);
+            h = fmax(a, b);
+        }
+        if (anypad) {
+            double c = clip_hu(p, -1024.0f);
+            l = fmin(l, c);
+            h = fmax(h, c);
+        }
         s_lo = l;
         s_range = h > l ? h - l : 0.0;
+        s_vmin = vmin;
+        s_span = vmin <= vmax ? vmax - vmin + 1 : 0;
     }
     __syncthreads();
-    lo = s_lo;
-    const double range = s_range;
+    U8Map m;
+    m.slope = slope;
+    m.intercept = intercept;
+    m.lo = s_lo;
+    m.range = s_range;
+    m.vmin = s_vmin;
+    m.pad_u8 = to_u8(p, -1024.0f, m.lo, m.range);
+    const int span = s_span;
+    m.table = span > 0 && span <= VALUE_TABLE_CAP ? values : nullptr;
+    if (m.table) {
+        for (int j = threadIdx.x; j < span; j += WINDOW_THREADS)
+            values[j] = (u8)to_u8(p, hu_of_value(m.vmin + j, slope, intercept), m.lo, m.range);
+        __syncthreads();
+    }
 
-    // B: tile histograms over the padded image, warp-aggregated shared atomics (CT has long runs of one value).
-    const int ext_px = p.ext_rows * p.ext_cols;
-    for (int base = 0; base < ext_px; base += WINDOW_THREADS) {
-        int i = base + threadIdx.x;
-        int key = -1;
-        if (i < ext_px) {
-            int y = i / p.ext_cols, x = i - y * p.ext_cols;
-            int sy = reflect101(y, p.rows), sx = reflect101(x, p.cols);
-            int v = to_u8(p, hu_of(p, __ldg(raw + sy * p.cols + sx), slope, intercept), lo, range);
-            int tile = (y / p.tile_h) * p.tiles_x + (x / p.tile_w);
-            key = tile * 256 + v;
+    // B: tile histograms over the padded image, a warp per row, warp-aggregated shared atomics (CT has long runs
+    // of one value).
+    const int ext_cols32 = (p.ext_cols + 31) & ~31;
+    for (int y = warp; y < p.ext_rows; y += WARPS) {
+        const u16* row = raw + (size_t)reflect101(y, p.rows) * p.cols;
+        const int tile_row = (y / p.tile_h) * p.tiles_x;
+        int tx = lane / p.tile_w;
+        for (int x = lane; x < ext_cols32; x += 32) {
+            int key = -1;
+            if (x < p.ext_cols) {
+                while (x >= (tx + 1) * p.tile_w) ++tx;
+                key = (tile_row + tx) * 256 + u8_of(p, m, __ldg(row + reflect101(x, p.cols)));
+            }
+            u32 peers = __match_any_sync(0xffffffffu, key);
+            if (key >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[key], (u32)__popc(peers));
         }
-        u32 peers = __match_any_sync(0xffffffffu, key);
-        if (key >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[key], (u32)__popc(peers));
     }
     __syncthreads();
 
-    // C: one warp per tile: clip, redistribute (OpenCV order), inclusive prefix sum, LUT.
+    // C: one warp per tile: clip, redistribute (OpenCV order), inclusive prefix sum, LUT (over the tile's own
+    // histogram once the whole warp has read it).
     for (int t = warp; t < tiles; t += WARPS) {
         u32* h = hist + t * 256;
         int b[8];
@@ -200,13 +269,15 @@ __device__ void window_slice(const u16* __restrict__ raw_all, const double* __re
             if (lane >= o) incl += n;
         }
         int before = incl - local;
-        for (int k = 0; k < 8; ++k) luts[t * 256 + lane * 8 + k] = (u8)sat_u8((float)(before + b[k]) * p.lut_scale);
+        __syncwarp();
+        for (int k = 0; k < 8; ++k) luts[t * 1024 + lane * 8 + k] = (u8)sat_u8((float)(before + b[k]) * p.lut_scale);
     }
     __syncthreads();
 
     // D: output pixels. Each tap: u8 → CLAHE (bilinear between the four tile LUTs) → fixed-point resize.
     const int out_px = p.out_h * p.out_w;
     const int half = p.channels / 2;
+    const int lut_row = p.tiles_x * 1024;
     for (int o = threadIdx.x; o < out_px; o += WINDOW_THREADS) {
         int dy = o / p.out_w, dx = o - dy * p.out_w;
         int4 rx = resize_x[dx], ry = resize_y[dy];
@@ -214,17 +285,17 @@ __device__ void window_slice(const u16* __restrict__ raw_all, const double* __re
         int sy2[2] = {ry.x, ry.y}, sx2[2] = {rx.x, rx.y};
         for (int j = 0; j < 4; ++j) {
             int sy = sy2[j >> 1], sx = sx2[j & 1];
-            int v = to_u8(p, hu_of(p, __ldg(raw + sy * p.cols + sx), slope, intercept), lo, range);
+            int v = u8_of(p, m, __ldg(raw + sy * p.cols + sx));
             int2 xi = clahe_xi[sx];
             float2 xw = clahe_xw[sx];
             int2 yi = clahe_yi[sy];
             float2 yw = clahe_yw[sy];
-            const u8* l1 = luts + yi.x * p.tiles_x * 256;
-            const u8* l2 = luts + yi.y * p.tiles_x * 256;
-            float top = (float)l1[xi.x + v] * xw.y;
-            top = top + (float)l1[xi.y + v] * xw.x;
-            float bottom = (float)l2[xi.x + v] * xw.y;
-            bottom = bottom + (float)l2[xi.y + v] * xw.x;
+            const u8* l1 = luts + yi.x * lut_row;
+            const u8* l2 = luts + yi.y * lut_row;
+            float top = (float)l1[xi.x * 4 + v] * xw.y;
+            top = top + (float)l1[xi.y * 4 + v] * xw.x;
+            float bottom = (float)l2[xi.x * 4 + v] * xw.y;
+            bottom = bottom + (float)l2[xi.y * 4 + v] * xw.x;
             float res = top * yw.y;
             res = res + bottom * yw.x;
             c4[j] = sat_u8(res);
@@ -245,13 +316,13 @@ __device__ void window_slice(const u16* __restrict__ raw_all, const double* __re
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WINDOW_THREADS)
+extern "C" __global__ void __launch_bounds__(WINDOW_THREADS, 3)
 ls_window_f16(const u16* raw, const double* rescale, const WindowParams p, const int4* rx, const int4* ry,
               const int2* xi, const float2* xw, const int2* yi, const float2* yw, u16* out) {
     window_slice<u16>(raw, rescale, p, rx, ry, xi, xw, yi, yw, out);
 }
 
-extern "C" __global__ void __launch_bounds__(WINDOW_THREADS)
+extern "C" __global__ void __launch_bounds__(WINDOW_THREADS, 3)
 ls_window_f32(const u16* raw, const double* rescale, const WindowParams p, const int4* rx, const int4* ry,
               const int2* xi, const float2* xw, const int2* yi, const float2* yw, float* out) {
     window_slice<float>(raw, rescale, p, rx, ry, xi, xw, yi, yw, out);

@@ -190,6 +190,26 @@ fn odd_frame(rows: usize, cols: usize, seed: u32, monochrome1: bool) -> StoredFr
     }
 }
 
+/// Signed 16-bit samples spread over ±`spread` around 0 and a negative slope (HU falls as the stored value rises).
+/// A spread wider than the kernel's stored value → u8 table (8192 values) takes its per-pixel path.
+fn wide_frame(rows: usize, cols: usize, seed: u32, spread: i32) -> StoredFrame {
+    let format = StoredFormat { bits_allocated: 16, bits_stored: 16, high_bit: 15, signed: true };
+    let mut state = seed.wrapping_mul(2654435761).max(1);
+    let mut data = Vec::with_capacity(rows * cols * 2);
+    for _ in 0..rows * cols {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let v = (state % (2 * spread as u32 + 1)) as i32 - spread;
+        data.extend_from_slice(&(v as i16).to_ne_bytes());
+    }
+    StoredFrame {
+        data,
+        rescale: StoredRescale { format, pad_range: None, monochrome1: false, slope: -0.37, intercept: 55.25 },
+        geometry: HuSlice::from_hu(rows, cols, Vec::new()),
+    }
+}
+
 #[test]
 fn window_kernel_matches_cpu_on_odd_geometry() {
     // 300×203: not divisible by the 8×8 grid (reflect-101 padding), non-square, upsampled in x and downsampled in y
@@ -198,6 +218,11 @@ fn window_kernel_matches_cpu_on_odd_geometry() {
     check_window(&frames, &contract(1, 256, 320));
     let mono: Vec<StoredFrame> = (0..2).map(|s| odd_frame(120, 136, s + 7, true)).collect();
     check_window(&mono, &contract(3, 128, 128));
+    // Stored values wider than the value table (per-pixel path) and within it, both with a negative slope.
+    let wide: Vec<StoredFrame> = (0..2).map(|s| wide_frame(64, 72, s + 3, 30000)).collect();
+    check_window(&wide, &contract(1, 48, 40));
+    let narrow: Vec<StoredFrame> = (0..2).map(|s| wide_frame(64, 72, s + 5, 1500)).collect();
+    check_window(&narrow, &contract(1, 48, 40));
 }
 
 /// Runs the decode kernels under emulation and compares with `analysis::segment_slice`.

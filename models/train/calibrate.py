@@ -20,7 +20,7 @@ import torch
 
 import data_real
 import split as split_mod
-from model import UNet
+from model import UNet, from_summary
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,7 +52,7 @@ def main() -> None:
     offs = [float(x) for x in args.offsets.split(",")]
 
     summ = json.loads((args.run / "summary.json").read_text())
-    model = UNet(summ["width"], summ["levels"])
+    model = from_summary(summ)
     model.load_state_dict(torch.load(args.run / "best.pt"))
     model.eval()
 

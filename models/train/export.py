@@ -25,7 +25,7 @@ import torch
 
 import data_real
 import split as split_mod
-from model import UNet, count_params
+from model import UNet, from_summary, count_params
 from train import export_onnx, seg_metrics, dice
 
 HERE = Path(__file__).resolve().parent
@@ -124,8 +124,11 @@ def main() -> None:
 
     sf = args.run / "summary.json"
     # a run still in progress has no summary yet: export its best checkpoint so far
-    summ = json.loads(sf.read_text()) if sf.exists() else dict(width=args.width, levels=args.levels, partial_run=True)
-    model = UNet(summ["width"], summ["levels"])
+    arch = args.run / "arch.json"
+    summ = (json.loads(sf.read_text()) if sf.exists() else
+            dict(json.loads(arch.read_text()), partial_run=True) if arch.exists() else
+            dict(width=args.width, levels=args.levels, partial_run=True))
+    model = from_summary(summ)
     model.load_state_dict(torch.load(args.run / "best.pt"))
     model.eval()
     export_onnx(model, args.out)

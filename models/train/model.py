@@ -19,32 +19,39 @@ def block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    def __init__(self, width: int = 12, levels: int = 4, classes: int = 3):
+    """`chans` (per-level widths) and `bottom` default to w, 2w, 4w, 8w and 16w; `refine_kernel` 1 makes the
+    full-resolution refinement a 1x1 convolution (cheap on CPU where the deeper levels are widened instead)."""
+
+    def __init__(self, width: int = 12, levels: int = 4, classes: int = 3, chans: list[int] | None = None,
+                 bottom: int | None = None, refine_kernel: int = 3):
         super().__init__()
         self.width, self.levels = width, levels
         w = width
         self.stem = nn.Sequential(
             nn.Conv2d(1, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
         )
-        chans = [w * 2**i for i in range(levels)]
+        chans = list(chans) if chans else [w * 2**i for i in range(levels)]
+        assert len(chans) == levels and chans[0] == w, "chans: one width per level, the first equal to width"
         self.enc = nn.ModuleList()
         cin = w
         for c in chans:
             self.enc.append(block(cin, c))
             cin = c
         self.pool = nn.MaxPool2d(2)
-        self.bottom = block(chans[-1], chans[-1] * 2)
+        bottom = bottom or chans[-1] * 2
+        self.bottom = block(chans[-1], bottom)
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
-        cin = chans[-1] * 2
+        cin = bottom
         for c in reversed(chans):
             self.up.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
             self.dec.append(block(2 * c, c))
             cin = c
         # back to full resolution, refined with the input itself
         self.up_full = nn.ConvTranspose2d(w, w, 2, stride=2)
+        k = refine_kernel
         self.refine = nn.Sequential(
-            nn.Conv2d(w + 1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+            nn.Conv2d(w + 1, w, k, padding=k // 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
         )
         self.head = nn.Conv2d(w, classes, 1)
 
@@ -65,3 +72,52 @@ class UNet(nn.Module):
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def from_summary(summ: dict) -> UNet:
+    """The architecture a run's summary.json describes."""
+    return UNet(summ["width"], summ["levels"], chans=summ.get("chans"), bottom=summ.get("bottom"),
+                refine_kernel=summ.get("refine_kernel", 3))
+
+
+def widen_from(model: UNet, old: dict) -> None:
+    """Loads a narrower checkpoint of the same family into `model` so it computes the same function (Net2Wider with
+    zero outgoing weights): old channels keep their weights, new output channels keep the fresh initialisation,
+    and every weight that reads a new channel is zero, so the new channels change nothing until trained. The
+    decoder's first convolution reads [upsampled | skip]; both halves are mapped. A 3x3 refinement going to 1x1
+    keeps its centre tap (an approximation; fine-tuning takes it from there)."""
+    new = model.state_dict()
+    with torch.no_grad():
+        for name, t in new.items():
+            o = old[name]
+            if o.shape == t.shape:
+                t.copy_(o)
+                continue
+            if t.dim() == 1:  # BatchNorm / bias: old leading entries, new ones as initialised
+                t[: o.shape[0]].copy_(o)
+                continue
+            if o.shape[2:] != t.shape[2:]:  # refine 3x3 -> 1x1: the centre tap
+                c = o.shape[2] // 2
+                o = o[:, :, c:c + 1, c:c + 1]
+            transposed = name.startswith("up.") or name.startswith("up_full.")
+            if transposed:  # ConvTranspose2d weight: (in, out, k, k); new inputs read nothing
+                t[o.shape[0]:].zero_()
+                t[: o.shape[0], : o.shape[1]].copy_(o)
+                continue
+            # Conv2d weight (out, in, k, k)
+            parts = name.split(".")
+            if parts[0] == "dec" and parts[2] == "0":  # dec.<level>.0.weight: reads [upsampled | skip]
+                oh, th = o.shape[1] // 2, t.shape[1] // 2
+                t[:, :].zero_()
+                t[: o.shape[0], :oh].copy_(o[:, :oh])
+                t[: o.shape[0], th:th + oh].copy_(o[:, oh:])
+                # new output rows read old and new inputs: random on the old inputs, as initialised
+                fresh = torch.empty_like(t[o.shape[0]:])
+                nn.init.kaiming_uniform_(fresh, a=5 ** 0.5)
+                t[o.shape[0]:] = fresh
+                t[o.shape[0]:, oh:th].zero_()
+                t[o.shape[0]:, th + oh:].zero_()
+                continue
+            t[:, o.shape[1]:].zero_()
+            t[: o.shape[0], : o.shape[1]].copy_(o)
+    model.load_state_dict(new)

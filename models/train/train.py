@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data_real
 import split as split_mod
-from model import UNet, count_params
+from model import UNet, count_params, widen_from
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent
@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--chans", default=None, help="per-level widths, e.g. 8,16,48,96 (default: width x 2^level)")
+    ap.add_argument("--bottom", type=int, default=None, help="bottleneck width (default: twice the last level)")
+    ap.add_argument("--refine-kernel", type=int, default=3, choices=[1, 3])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
@@ -254,11 +257,21 @@ def main() -> None:
         ph_les_idx, ph_free_idx = np.flatnonzero(has_les), np.flatnonzero(~has_les)
         say(f"phantom train slices: {len(ph_les_idx)} with lesion, {len(ph_free_idx)} lesion-free")
 
-    model = UNet(args.width, args.levels)
+    chans = [int(c) for c in args.chans.split(",")] if args.chans else None
+    model = UNet(args.width, args.levels, chans=chans, bottom=args.bottom, refine_kernel=args.refine_kernel)
     if args.init:
-        model.load_state_dict(torch.load(args.init))
+        state = torch.load(args.init)
+        if all(state[k].shape == v.shape for k, v in model.state_dict().items()):
+            model.load_state_dict(state)
+        else:  # a narrower checkpoint of the same family: same function, wider layers (model.widen_from)
+            widen_from(model, state)
+            say(f"widened {args.init} into the new architecture")
     model = model.to(memory_format=torch.channels_last)
-    say(f"model: width {args.width} levels {args.levels} params {count_params(model)}")
+    say(f"model: width {args.width} levels {args.levels} chans {chans} bottom {args.bottom} "
+        f"refine {args.refine_kernel} params {count_params(model)}")
+    # the architecture, for exporting a checkpoint before the run has written summary.json
+    (args.run / "arch.json").write_text(json.dumps(dict(width=args.width, levels=args.levels, chans=chans,
+                                                        bottom=args.bottom, refine_kernel=args.refine_kernel)))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = args.samples_per_epoch // args.batch
     total = steps_per_epoch * args.epochs
@@ -340,7 +353,8 @@ def main() -> None:
     p = eval_phantoms(model, ph_va) if ph_va is not None else None
     model = model.to(memory_format=torch.contiguous_format)
     export_onnx(model, args.out)
-    summary = dict(width=args.width, levels=args.levels, params=count_params(model), epochs=len(history),
+    summary = dict(width=args.width, levels=args.levels, chans=chans, bottom=args.bottom,
+                   refine_kernel=args.refine_kernel, params=count_params(model), epochs=len(history),
                    batch=args.batch, lr=args.lr, seed=args.seed, phantoms=bool(args.phantoms),
                    phantom_fraction=args.phantom_fraction if args.phantoms else 0.0,
                    samples_per_epoch=args.samples_per_epoch, crop=args.crop, full_after=args.full_after,

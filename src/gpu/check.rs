@@ -120,6 +120,34 @@ fn load_series(args: &CheckArgs, scratch: &std::path::Path) -> Result<Vec<Stored
 
 type Report = serde_json::Map<String, serde_json::Value>;
 
+/// Registers, local memory and resident blocks per SM of each kernel at the shape it was launched with.
+fn kernel_attributes(rt: &GpuRuntime, batch: &WindowBatch, plan: &DecodePlan) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let window_smem = batch.plan.shared_bytes() as usize;
+    let kernels = [
+        ("ls_window_f16", &rt.window_f16, super::window::THREADS, window_smem),
+        ("ls_window_f32", &rt.window_f32, super::window::THREADS, window_smem),
+        ("ls_decode_f16", &rt.decode_f16, super::decode::THREADS, 0),
+        ("ls_decode_f32", &rt.decode_f32, super::decode::THREADS, 0),
+        ("ls_lesion_maxprob_f16", &rt.maxprob_f16, super::decode::THREADS, 0),
+    ];
+    for (name, f, threads, smem) in kernels {
+        out.insert(
+            name.into(),
+            json!({
+                "registers": f.num_regs()?,
+                "local_bytes": f.local_size_bytes()?,
+                "static_shared_bytes": f.shared_size_bytes()?,
+                "dynamic_shared_bytes": smem,
+                "threads": threads,
+                "blocks_per_sm": f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?,
+            }),
+        );
+    }
+    out.insert("decode_blocks_per_slice".into(), json!(plan.config(plan.params.rows * plan.params.cols).grid_dim.0));
+    Ok(serde_json::Value::Object(out))
+}
+
 /// Writes what is known so far, so a failure part-way (a device run is scarce) still leaves every earlier figure.
 fn flush(out: &std::path::Path, rep: &Report) -> Result<()> {
     std::fs::write(out.join("gpu-check.json"), serde_json::to_string_pretty(rep)?)?;
@@ -141,10 +169,7 @@ pub fn run(args: CheckArgs) -> Result<serde_json::Value> {
 fn run_into(args: &CheckArgs, rep: &mut Report) -> Result<()> {
     let rt = GpuRuntime::open(0, args.ptx_cache.as_deref()).context("opening the GPU")?;
     rep.insert("device".into(), json!(rt.device_name));
-    rep.insert(
-        "compute_capability".into(),
-        json!(format!("{}.{}", rt.compute_capability.0, rt.compute_capability.1)),
-    );
+    rep.insert("compute_capability".into(), json!(format!("{}.{}", rt.compute_capability.0, rt.compute_capability.1)));
     flush(&args.out, rep)?;
     let stream = rt.new_stream()?;
     let scratch = Scratch(std::env::temp_dir().join(format!("lungsentry-gpu-check-{}", std::process::id())));
@@ -240,7 +265,7 @@ fn run_into(args: &CheckArgs, rep: &mut Report) -> Result<()> {
     let dec16 = plan.download(&stream)?;
 
     let total_voxels = (n * rows * cols) as f64;
-    let compare = |d: &super::decode::DecodedSlices| {
+    let compare = |d: &super::decode::DecodedSlices, cpu_seg: &[crate::analysis::SliceSegmentation]| {
         let mut differing = 0usize;
         let mut worst_count = 0f64;
         let mut exact_counts = true;
@@ -286,11 +311,27 @@ fn run_into(args: &CheckArgs, rep: &mut Report) -> Result<()> {
             "max_lesion_probability_max_abs_difference": maxprob_diff,
         })
     };
-    let decode32 = compare(&dec32);
-    let decode16 = compare(&dec16);
+    let decode32 = compare(&dec32, &cpu_seg);
+    let decode16 = compare(&dec16, &cpu_seg);
+    // The CPU path on the same fp16-rounded scores (what it decodes behind a TensorRT FP16 engine): any difference
+    // left is the kernel's, not the rounding's.
+    let scores16_f32: Vec<f32> = scores16.iter().map(|&h| f16_bits_to_f32(h)).collect();
+    let cpu_seg16: Vec<_> = hus
+        .iter()
+        .zip(scores16_f32.chunks_exact(per_scores))
+        .map(|(hu, s)| segment_slice(s, classes, input.height, input.width, hu))
+        .collect();
+    let decode16_same = compare(&dec16, &cpu_seg16);
 
     let dec16_ms = time_ms(&rt, &stream, args.repeats, || Ok(plan.run(&rt, &stream, &scores16_dev)?))?;
     let dec32_ms = time_ms(&rt, &stream, args.repeats, || Ok(plan.run(&rt, &stream, &scores_dev)?))?;
+    let dec16_masks_ms = time_ms(&rt, &stream, args.repeats, || Ok(plan.run_masks(&rt, &stream, &scores16_dev)?))?;
+    let dec16_maxprob_ms =
+        time_ms(&rt, &stream, args.repeats, || Ok(plan.run_maxprob(&rt, &stream, &scores16_dev)?))?;
+    rep.insert(
+        "decode_fp16_parts_ms".into(),
+        json!({"masks_and_counts": dec16_masks_ms, "max_probability": dec16_maxprob_ms}),
+    );
     let floor_ms = |bytes: usize| bytes as f64 / bandwidth * 1e3;
     let row = |name: &str, ms: f64, bytes: usize| {
         json!({"kernel": name, "ms": ms, "bytes": bytes, "floor_ms": floor_ms(bytes),
@@ -307,6 +348,8 @@ fn run_into(args: &CheckArgs, rep: &mut Report) -> Result<()> {
         "engine_for_scores": engine.name(),
         "decode_f32_scores": decode32,
         "decode_f16_scores": decode16,
+        "decode_f16_scores_vs_cpu_on_the_same_f16_scores": decode16_same,
+        "kernels": kernel_attributes(&rt, &batch, &plan)?,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "timings": timings,
         "cpu_ms": {"window_single_thread": cpu_window_ms, "decode_single_thread": cpu_decode_ms, "engine": engine_ms},

@@ -15,6 +15,8 @@ use crate::preprocess::{linear_table, ClahePlan, StoredFrame, StoredRescale};
 
 /// Threads per block (`WINDOW_THREADS` in the kernel).
 pub const THREADS: u32 = 512;
+/// Entries of the per-slice stored value → u8 table in shared memory (`VALUE_TABLE_CAP` in the kernel).
+pub const VALUE_TABLE_CAP: u32 = 8192;
 
 /// The kernel's parameter block (`struct WindowParams` in `kernels/window.cu`; same field order and types).
 #[repr(C)]
@@ -154,9 +156,10 @@ impl WindowPlan {
         (&self.resize_x, &self.resize_y, &self.clahe_xi, &self.clahe_xw, &self.clahe_yi, &self.clahe_yw)
     }
 
-    /// Dynamic shared memory per block: tile histograms (u32) and tile LUTs (u8).
+    /// Dynamic shared memory per block: tile histograms (u32; the tile LUTs overwrite them) and the stored value →
+    /// u8 table (`VALUE_TABLE_CAP` in the kernel).
     pub fn shared_bytes(&self) -> u32 {
-        (self.params.tiles_x * self.params.tiles_y * 256 * 5) as u32
+        (self.params.tiles_x * self.params.tiles_y * 256 * 4) as u32 + VALUE_TABLE_CAP
     }
 
     /// Elements of the output: N × C × H × W.

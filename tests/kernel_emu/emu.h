@@ -23,7 +23,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 
 struct emu_dim3 {
@@ -58,6 +58,8 @@ inline void __syncthreads() { emu_sync.block->arrive_and_wait(); }
 
 inline unsigned emu_lane() { return threadIdx.x & 31; }
 inline unsigned emu_warp() { return threadIdx.x >> 5; }
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_sync.warps[emu_warp()]->arrive_and_wait(); }
 
 template <typename T>
 inline T emu_exchange(T v, unsigned src_lane) {

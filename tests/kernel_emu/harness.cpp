@@ -54,7 +54,7 @@ static int run_window(const std::string& dir) {
     auto xw = load<float2>(dir, "clahe_xw.bin");
     auto yw = load<float2>(dir, "clahe_yw.bin");
     size_t out_len = (size_t)p.n_slices * p.channels * p.out_h * p.out_w;
-    size_t smem = (size_t)p.tiles_x * p.tiles_y * 256 * 5;
+    size_t smem = (size_t)p.tiles_x * p.tiles_y * 256 * 4 + VALUE_TABLE_CAP;
     std::vector<float> o32(out_len, -1.0f);
     std::vector<u16> o16(out_len, 0xffff);
     emu_dim3 grid{(unsigned)p.n_slices, 1, 1};

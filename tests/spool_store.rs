@@ -697,3 +697,59 @@ fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
     c.sort();
     assert_eq!(c, vec![early.to_string(), late.to_string()]);
 }
+
+#[test]
+fn an_amended_sr_whose_series_pixels_were_purged_first_is_given_up_with_the_mark_cleared() {
+    // The prior study arrives after retention purged the later series' pixels: its amended SR can never be made
+    // (the SR needs one spooled header), so the mark is cleared instead of failing at every start.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db.sqlite")).unwrap();
+    let pk = patient_key(b"salt", "PID9", "ROE^BEA");
+    let (early, late) = ("1.2.826.0.9.1", "1.2.826.0.9.2");
+    for s in [late, early] {
+        store.record_instance(&fake_instance(s, &format!("{s}.1"), ("PID9", "ROE^BEA"), 1), 1, &pk).unwrap();
+    }
+    let result = serde_json::json!({"status": "analysed", "positive": true, "series_instance_uid": late,
+                                    "slice_sop_instance_uids": [format!("{late}.1")]});
+    let v = store.record_result(late, true, 9.0, &result, false).unwrap();
+    assert!(!store.mark_series_purged(late).unwrap().is_empty(), "the later series' pixels are purged");
+    let link = lungsentry::store::FollowUpLink {
+        series_instance_uid: late.into(),
+        result_version: v,
+        prior_series_instance_uid: early.into(),
+        follow_up: serde_json::Value::Null,
+        alert_payload: None,
+        outputs_due: true,
+    };
+    store
+        .record_result_with_outputs(
+            early,
+            None,
+            false,
+            3.0,
+            &serde_json::json!({"status": "analysed"}),
+            false,
+            false,
+            &[link],
+        )
+        .unwrap();
+    let awaiting = store.links_awaiting_outputs().unwrap();
+    assert_eq!(awaiting.len(), 1);
+    let (id, created_at, link) = &awaiting[0];
+    let cfg = lungsentry::outputs::OutputsConfig {
+        dicom: vec![lungsentry::outputs::DicomDestination {
+            ae_title: "PACS".into(),
+            host: "127.0.0.1".into(),
+            port: 104,
+            objects: vec![lungsentry::outputs::ObjectKind::Sr],
+            only_positive: false,
+        }],
+        ..Default::default()
+    };
+    assert!(lungsentry::outputs::outbox::wants_sr(&cfg, &result));
+    let n = lungsentry::outputs::outbox::enqueue_link_outputs(&store, &cfg, tmp.path(), *id, *created_at, link)
+        .expect("a purged series is not an error");
+    assert_eq!(n, 0, "nothing queued");
+    assert!(store.links_awaiting_outputs().unwrap().is_empty(), "the mark is cleared: not retried at every start");
+    assert!(store.dicom_outbox_of_series(late).unwrap().is_empty());
+}

@@ -80,8 +80,9 @@ pub fn wants_sr(cfg: &OutputsConfig, result: &Value) -> bool {
 /// the same transaction. The SR replaces the newest SR queued for that result version (Predecessor Documents
 /// Sequence) and carries the result as it now reads (the new comparison); no segmentation is needed. A link no
 /// longer shown (the series was re-analysed, or a newer link of the version exists) only has its mark cleared.
-/// Fails, leaving the mark for the next start, when the source instances are gone (retention keeps a series'
-/// pixels while the mark is set) or a write fails. Returns the number of new outbox rows.
+/// When retention purged the series' pixels before the link existed (it holds them only while the mark is set), no
+/// SR can be made: a warning, and the mark is cleared. Fails, leaving the mark for the next start, when a write
+/// fails. Returns the number of new outbox rows.
 pub fn enqueue_link_outputs(
     store: &Store,
     cfg: &OutputsConfig,
@@ -107,11 +108,19 @@ pub fn enqueue_link_outputs(
         .unwrap_or_default();
     let mut by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> =
         store.series_instances(series_uid)?.into_iter().map(|(m, p)| (m.sop_instance_uid.clone(), (m, p))).collect();
+    if order.iter().any(|uid| !by_uid.contains_key(*uid)) {
+        // Retention purged the series' pixels before its prior study arrived (it holds them only while a link's SR
+        // is due): the SR cannot be made again, now or later. The result, dashboard and webhook carry the new
+        // comparison; PACS keeps the first SR.
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), version,
+            prior = %crate::store::series_log_key(&link.prior_series_instance_uid),
+            "no amended SR: the series' pixel data was purged by retention before its prior study arrived; \
+             the result and dashboard show the comparison, PACS keeps the first SR");
+        return store.enqueue_link_outputs(link_id, &[]);
+    }
     let mut slices = Vec::with_capacity(order.len());
     for uid in &order {
-        let (meta, path) = by_uid
-            .remove(*uid)
-            .with_context(|| format!("analysed instance {uid} is no longer in the spool (purged?)"))?;
+        let (meta, path) = by_uid.remove(*uid).context("checked above")?;
         let empty = crate::analysis::BitMask::new(0, 0);
         slices.push(SourceSlice { meta, path, lung: empty.clone(), lesion: empty });
     }

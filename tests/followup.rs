@@ -221,6 +221,10 @@ fn check_amended_sr(d: &Daemon, uid: &str, src: &Path, pacs_dir: &Path, result: 
     assert!(srs.iter().all(|r| r.result_version == 1));
     let (first, amended) = (&srs[0].sop_instance_uid, &srs[1].sop_instance_uid);
     assert_ne!(first, amended);
+    // The UID the dashboard recognises an amended SR by (it labels the row with the prior series).
+    let prior = result["follow_up"]["prior_series_instance_uid"].as_str().unwrap();
+    assert_eq!(amended, &lungsentry::outputs::outbox::amended_sr_uid(uid, 1, prior));
+    assert_ne!(first, &lungsentry::outputs::outbox::amended_sr_uid(uid, 1, prior));
     // The PACS stored both (storescp names files <modality>.<SOP Instance UID>).
     let received = |u: &str| {
         std::fs::read_dir(pacs_dir)

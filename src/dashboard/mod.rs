@@ -235,7 +235,30 @@ fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
     let Some(r) = store.latest_result(uid)? else { return Ok(None) };
     let mut v = r.result;
     v["version"] = json!(r.version);
-    v["dicom_outputs"] = Value::Array(store.dicom_outbox_of_series(uid)?.iter().map(output_json).collect());
+    // Amended SRs (a prior study linked after this series was analysed) by their derived SOP Instance UID.
+    let amended: std::collections::HashMap<String, String> = store
+        .follow_up_links(uid)?
+        .into_iter()
+        .map(|l| {
+            (
+                crate::outputs::outbox::amended_sr_uid(uid, l.result_version, &l.prior_series_instance_uid),
+                l.prior_series_instance_uid,
+            )
+        })
+        .collect();
+    let outputs = store.dicom_outbox_of_series(uid)?;
+    v["dicom_outputs"] = Value::Array(
+        outputs
+            .iter()
+            .map(|row| {
+                let mut o = output_json(row);
+                if let Some(prior) = amended.get(&row.0.sop_instance_uid) {
+                    o["amends_for_prior_series_instance_uid"] = json!(prior);
+                }
+                o
+            })
+            .collect(),
+    );
     Ok(Some(v))
 }
 

@@ -75,6 +75,16 @@ pub fn wants_sr(cfg: &OutputsConfig, result: &Value) -> bool {
     destinations_for(cfg, result).iter().any(|d| d.objects.contains(&ObjectKind::Sr))
 }
 
+/// The SOP Instance UID of the amended SR that version `version` of `series_uid` gets when prior series `prior` is
+/// linked to it after its analysis (what [`enqueue_link_outputs`] makes; the dashboard labels it with this).
+pub fn amended_sr_uid(series_uid: &str, version: u32, prior: &str) -> String {
+    super::derived_uid(&format!("{series_uid}|v{version}"), &format!("sr|{}", amendment_tag(prior)))
+}
+
+fn amendment_tag(prior: &str) -> String {
+    format!("prior|{prior}")
+}
+
 /// Makes, stores and queues the amended SR of backward follow-up link `link_id` (stored at `created_at`, unix
 /// ms) for every destination that wants an SR of the later series' result, and clears the link's `outputs_due` in
 /// the same transaction. The SR replaces the newest SR queued for that result version (Predecessor Documents
@@ -125,7 +135,7 @@ pub fn enqueue_link_outputs(
         slices.push(SourceSlice { meta, path, lung: empty.clone(), lesion: empty });
     }
     let amendment = super::Amendment {
-        tag: format!("prior|{}", link.prior_series_instance_uid),
+        tag: amendment_tag(&link.prior_series_instance_uid),
         instance_number: 1 + store
             .follow_up_links(series_uid)?
             .iter()

@@ -525,7 +525,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                 drop(queued);
             }
             WorkerMsg::Complete => {
-                let w = work.take().unwrap();
+                let mut w = work.take().unwrap();
                 let s = shared.clone();
                 let uid = series_uid.clone();
                 let ra = received_at.clone();
@@ -533,7 +533,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                 let done = tokio::task::spawn_blocking(move || {
                     let _slot = slot;
                     let _busy = s.live.busy("3D analysis");
-                    let r = finish_series(&s, &uid, &w, &ra);
+                    let r = finish_series(&s, &uid, &mut w, &ra);
                     s.live.analysed();
                     (w, r)
                 })
@@ -588,20 +588,8 @@ async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceM
 }
 
 /// 3D analysis, versioned result, outbox row for a first positive, log line.
-fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &SeriesWork, received_at: &str) -> Result<()> {
+fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, received_at: &str) -> Result<()> {
     if work.instance_count() == 0 {
-        return Ok(());
-    }
-    // Retention purged pixel data this worker does not hold: a partial re-analysis would be wrong. Say so.
-    let purged = shared.store.purged_instance_count(series_uid)?;
-    let recorded = shared.store.series(series_uid)?.map(|r| r.n_instances as usize).unwrap_or(0);
-    if purged > 0 && work.instance_count() < recorded {
-        let reason = format!(
-            "re-analysis not possible: pixel data of {purged} of {recorded} instances was purged by retention \
-             (storage.retention_hours / disk pressure); re-send the whole series to analyse it again"
-        );
-        tracing::warn!(series = %crate::store::series_log_key(series_uid), stage = "analysis", purged, recorded, "{reason}");
-        shared.store.set_series_state(series_uid, "purged", Some(&reason))?;
         return Ok(());
     }
     // The revision read before the analysis: instances arriving meanwhile leave the series pending.
@@ -616,6 +604,34 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &SeriesWork, rece
                 "already analysed at this revision; no new version");
             return Ok(());
         }
+    }
+    // Instances recorded by then whose message has not reached this worker yet (behind this completion in its
+    // queue, or still being handed over) are segmented now from the spool, so the result covers the revision it is
+    // recorded with. Without this, a result tagged with that revision could miss them, and every later completion
+    // would find the revision "already analysed": acknowledged instances never analysed.
+    let mut topped_up = 0;
+    for (meta, path) in shared.store.series_instances(series_uid)? {
+        if !work.holds(&meta.sop_instance_uid) {
+            let _busy = shared.live.busy("slice segmentation");
+            work.add(&shared.ctx, meta, &path);
+            topped_up += 1;
+        }
+    }
+    if topped_up > 0 {
+        tracing::info!(series = %crate::store::series_log_key(series_uid), stage = "analysis", topped_up,
+            "instances recorded before the analysis but not yet at the series worker segmented from the spool");
+    }
+    // Retention purged pixel data this worker does not hold: a partial re-analysis would be wrong. Say so.
+    let purged = shared.store.purged_instance_count(series_uid)?;
+    let recorded = shared.store.series(series_uid)?.map(|r| r.n_instances as usize).unwrap_or(0);
+    if purged > 0 && work.instance_count() < recorded {
+        let reason = format!(
+            "re-analysis not possible: pixel data of {purged} of {recorded} instances was purged by retention \
+             (storage.retention_hours / disk pressure); re-send the whole series to analyse it again"
+        );
+        tracing::warn!(series = %crate::store::series_log_key(series_uid), stage = "analysis", purged, recorded, "{reason}");
+        shared.store.set_series_state(series_uid, "purged", Some(&reason))?;
+        return Ok(());
     }
     // The key was computed from the raw identifiers when the instances were recorded (the store hands
     // instance metadata back without them).

@@ -96,6 +96,11 @@ impl SeriesWork {
         self.metas.len()
     }
 
+    /// Whether this instance (by SOP Instance UID) has been added.
+    pub fn holds(&self, sop_instance_uid: &str) -> bool {
+        self.metas.contains_key(sop_instance_uid)
+    }
+
     /// Segments one instance (blocking: decode + inference). Instances that can never be analysed (other SOP
     /// classes, localizers, ...) are only counted.
     pub fn add(&mut self, ctx: &InferenceContext, meta: InstanceMeta, path: &Path) {

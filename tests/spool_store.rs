@@ -638,6 +638,20 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
 /// A backward link whose amended SR a destination wants keeps the later series' pixels from retention until the
 /// SR is queued (it is built from the spooled instances' headers); queueing clears the mark in the same
 /// transaction, and the queued SR is the one a further amendment replaces.
+/// Records the prior series `early`'s result with a backward link to version `v` of `late` whose amended SR is due.
+fn record_prior_linking(store: &Store, early: &str, late: &str, v: u32, follow_up: serde_json::Value) {
+    let link = lungsentry::store::FollowUpLink {
+        series_instance_uid: late.into(),
+        result_version: v,
+        prior_series_instance_uid: early.into(),
+        follow_up,
+        alert_payload: None,
+        outputs_due: true,
+    };
+    let result = serde_json::json!({"status": "analysed"});
+    store.record_result_with_outputs(early, None, false, 3.0, &result, false, false, &[link]).unwrap();
+}
+
 #[test]
 fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
     let tmp = tempfile::tempdir().unwrap();
@@ -652,26 +666,13 @@ fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
         s.purge_candidates(None, 10).unwrap().into_iter().map(|c| c.series_instance_uid).collect()
     };
     assert_eq!(candidates(&store), vec![late.to_string()]);
-    let link = lungsentry::store::FollowUpLink {
-        series_instance_uid: late.into(),
-        result_version: v,
-        prior_series_instance_uid: early.into(),
-        follow_up: serde_json::json!({"prior_series_instance_uid": early, "relinked": true}),
-        alert_payload: None,
-        outputs_due: true,
-    };
-    store
-        .record_result_with_outputs(
-            early,
-            None,
-            false,
-            3.0,
-            &serde_json::json!({"status": "analysed"}),
-            false,
-            false,
-            &[link],
-        )
-        .unwrap();
+    record_prior_linking(
+        &store,
+        early,
+        late,
+        v,
+        serde_json::json!({"prior_series_instance_uid": early, "relinked": true}),
+    );
     assert_eq!(candidates(&store), vec![early.to_string()], "the later series' pixels are held for its SR");
     let awaiting = store.links_awaiting_outputs().unwrap();
     assert_eq!(awaiting.len(), 1);
@@ -713,26 +714,7 @@ fn an_amended_sr_whose_series_pixels_were_purged_first_is_given_up_with_the_mark
                                     "slice_sop_instance_uids": [format!("{late}.1")]});
     let v = store.record_result(late, true, 9.0, &result, false).unwrap();
     assert!(!store.mark_series_purged(late).unwrap().is_empty(), "the later series' pixels are purged");
-    let link = lungsentry::store::FollowUpLink {
-        series_instance_uid: late.into(),
-        result_version: v,
-        prior_series_instance_uid: early.into(),
-        follow_up: serde_json::Value::Null,
-        alert_payload: None,
-        outputs_due: true,
-    };
-    store
-        .record_result_with_outputs(
-            early,
-            None,
-            false,
-            3.0,
-            &serde_json::json!({"status": "analysed"}),
-            false,
-            false,
-            &[link],
-        )
-        .unwrap();
+    record_prior_linking(&store, early, late, v, serde_json::Value::Null);
     let awaiting = store.links_awaiting_outputs().unwrap();
     assert_eq!(awaiting.len(), 1);
     let (id, created_at, link) = &awaiting[0];

@@ -78,7 +78,12 @@ pub fn wants_sr(cfg: &OutputsConfig, result: &Value) -> bool {
 /// The SOP Instance UID of the amended SR that version `version` of `series_uid` gets when prior series `prior` is
 /// linked to it after its analysis (what [`enqueue_link_outputs`] makes; the dashboard labels it with this).
 pub fn amended_sr_uid(series_uid: &str, version: u32, prior: &str) -> String {
-    super::derived_uid(&format!("{series_uid}|v{version}"), &format!("sr|{}", amendment_tag(prior)))
+    super::derived_uid(&uid_seed(series_uid, version), &format!("sr|{}", amendment_tag(prior)))
+}
+
+/// The seed every UID of a result version's objects is derived from.
+fn uid_seed(series_uid: &str, version: impl std::fmt::Display) -> String {
+    format!("{series_uid}|v{version}")
 }
 
 fn amendment_tag(prior: &str) -> String {
@@ -148,7 +153,7 @@ pub fn enqueue_link_outputs(
     let opts = OutputOptions {
         kinds: vec![ObjectKind::Sr],
         key_images: 0,
-        uid_seed: format!("{series_uid}|v{version}"),
+        uid_seed: uid_seed(series_uid, version),
         amendment: Some(amendment),
     };
     let objects = build(&latest.result, &slices, &opts)?;
@@ -182,12 +187,8 @@ pub fn enqueue_result(
             }
         }
     }
-    let opts = OutputOptions {
-        kinds,
-        key_images: cfg.key_images,
-        uid_seed: format!("{series_uid}|v{version}"),
-        amendment: None,
-    };
+    let opts =
+        OutputOptions { kinds, key_images: cfg.key_images, uid_seed: uid_seed(series_uid, version), amendment: None };
     let objects = build(result, slices, &opts)?;
     let rows = write_objects(data_dir, series_uid, version, &objects, &destinations)?;
     crash_point("after_output_files");

@@ -199,6 +199,9 @@ def main() -> None:
     ap.add_argument("--iou-weight", type=float, default=0.0,
                     help="checkpoint score weight of the validation phantoms' mean per-slice lesion IoU (paper convention)")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
+                         "step; the average is what is validated, kept as best and exported (0: off)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -273,6 +276,11 @@ def main() -> None:
     (args.run / "arch.json").write_text(json.dumps(dict(width=args.width, levels=args.levels, chans=chans,
                                                         bottom=args.bottom, refine_kernel=args.refine_kernel)))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = None
+    if args.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    judged = model if ema is None else ema.module  # the weights validated, kept and exported
     steps_per_epoch = args.samples_per_epoch // args.batch
     total = steps_per_epoch * args.epochs
     budget = None if args.minutes is None else 60.0 * args.minutes
@@ -327,14 +335,16 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.item())
-        r = eval_real(model, ct, lab, va_idx, per_patient)
+        r = eval_real(judged, ct, lab, va_idx, per_patient)
         rec = dict(epoch=ep + 1, loss=round(float(np.mean(losses)), 4), secs=round(time.time() - t0, 1),
                    lr=round(sched.get_last_lr()[0], 6), crop=crop,
                    real_lung=r["global"]["lung_dice"], real_lesion=r["global"]["lesion_dice"])
         score = r["global"]["lesion_dice"] + r["global"]["lung_dice"]
         if ph_va is not None:
-            p = eval_phantoms(model, ph_va)
+            p = eval_phantoms(judged, ph_va)
             rec.update(ph_lesion=p["global_lesion_dice"], ph_inv_err=p["max_involvement_error_points"],
                        ph_fp=p["false_positive_series"], ph_spec=p["slice_specificity"], ph_iou=p["mean_iou"])
             score += (p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"]
@@ -342,10 +352,10 @@ def main() -> None:
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))
-        torch.save(model.state_dict(), args.run / "last.pt")  # the latest epoch, for a look beside the best
+        torch.save(judged.state_dict(), args.run / "last.pt")  # the latest epoch, for a look beside the best
         if score > best_score:
             best_score = score
-            best = {k: v.clone() for k, v in model.state_dict().items()}
+            best = {k: v.clone() for k, v in judged.state_dict().items()}
             torch.save(best, args.run / "best.pt")
     train_secs = time.time() - t_start
     model.load_state_dict(best)
@@ -362,7 +372,7 @@ def main() -> None:
                    phantom_none_every=args.phantom_none_every,
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
-                   threads=args.threads, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
+                   threads=args.threads, ema=args.ema, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))
     say(json.dumps(dict(real=r["global"], phantom=None if p is None else

@@ -607,11 +607,12 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     }
     // Instances recorded by then whose message has not reached this worker yet (behind this completion in its
     // queue, or still being handed over) are segmented now from the spool, so the result covers the revision it is
-    // recorded with. Without this, a result tagged with that revision could miss them, and every later completion
-    // would find the revision "already analysed": acknowledged instances never analysed.
+    // recorded with; so are repeats whose new file replaced the one this worker read (changed content under the same
+    // SOP Instance UID). Without this, a result tagged with that revision could miss them or analyse the older
+    // content, and every later completion would find the revision "already analysed": acknowledged data never analysed.
     let mut topped_up = 0;
     for (meta, path) in shared.store.series_instances(series_uid)? {
-        if !work.holds(&meta.sop_instance_uid) {
+        if work.changed_since_added(&meta.sop_instance_uid, &path) {
             let _busy = shared.live.busy("slice segmentation");
             work.add(&shared.ctx, meta, &path);
             topped_up += 1;
@@ -619,7 +620,8 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     }
     if topped_up > 0 {
         tracing::info!(series = %crate::store::series_log_key(series_uid), stage = "analysis", topped_up,
-            "instances recorded before the analysis but not yet at the series worker segmented from the spool");
+            "instances recorded before the analysis but not yet at the series worker, or replaced since it read \
+             them, segmented from the spool");
     }
     // Retention purged pixel data this worker does not hold: a partial re-analysis would be wrong. Say so.
     let purged = shared.store.purged_instance_count(series_uid)?;

@@ -80,6 +80,8 @@ pub struct SeriesWork {
     segmented: BTreeMap<String, SegmentedInstance>,
     /// Every instance seen, analysable or not, by SOP Instance UID (for eligibility and counts).
     metas: BTreeMap<String, InstanceMeta>,
+    /// The identity of each instance's spool file as it was before it was read (see [`FileIdentity`]).
+    files: BTreeMap<String, Option<FileIdentity>>,
     /// Instances whose pixels could not be used, with the reason.
     errors: BTreeMap<String, String>,
     /// Milliseconds spent decoding + normalising.
@@ -96,15 +98,23 @@ impl SeriesWork {
         self.metas.len()
     }
 
-    /// Whether this instance (by SOP Instance UID) has been added.
-    pub fn holds(&self, sop_instance_uid: &str) -> bool {
-        self.metas.contains_key(sop_instance_uid)
+    /// Whether the instance's spool file has been replaced since it was added (a repeat of the SOP Instance UID
+    /// stored over it, perhaps with other content) or the instance is not held at all.
+    pub fn changed_since_added(&self, sop_instance_uid: &str, path: &Path) -> bool {
+        match self.files.get(sop_instance_uid) {
+            None => true,
+            // unreadable now (purged, or a transient error): nothing newer to read
+            Some(held) => FileIdentity::of(path).is_some_and(|now| held.as_ref() != Some(&now)),
+        }
     }
 
     /// Segments one instance (blocking: decode + inference). Instances that can never be analysed (other SOP
     /// classes, localizers, ...) are only counted.
     pub fn add(&mut self, ctx: &InferenceContext, meta: InstanceMeta, path: &Path) {
         let uid = meta.sop_instance_uid.clone();
+        // Taken before the file is read: a replacement landing in between makes the next top-up read it again
+        // (at worst once too often), never leaves the older content looking current.
+        self.files.insert(uid.clone(), FileIdentity::of(path));
         self.metas.insert(uid.clone(), meta.clone());
         self.segmented.remove(&uid);
         self.errors.remove(&uid);
@@ -245,6 +255,29 @@ impl SeriesWork {
             None => Vec::new(),
         };
         (v, source_slices)
+    }
+}
+
+/// Which file a path names and which version of it: the spool stores a repeat of a SOP Instance UID by renaming a
+/// new file over the old one, so the inode changes (and usually size and modification time with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
     }
 }
 

@@ -17,16 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn dcm_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .collect();
-    v.sort();
-    v
-}
-
 fn db(dir: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open(dir.join("data/lungsentry.sqlite")).unwrap()
 }

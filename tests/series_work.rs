@@ -6,22 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use common::dcm_files;
 
 use lungsentry::config::{Config, EngineKind};
 use lungsentry::instance::InstanceMeta;
 use lungsentry::model::Model;
 use lungsentry::pipeline::{InferenceContext, SeriesWork};
-
-fn dcm_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .collect();
-    v.sort();
-    v
-}
 
 fn meta_of(path: &Path) -> InstanceMeta {
     InstanceMeta::from_file(&lungsentry::spool::read_instance(path).unwrap()).unwrap()

@@ -25,6 +25,17 @@ pub fn model_shipped() -> bool {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/manifest.toml").exists()
 }
 
+/// The `.dcm` files directly in `dir`, sorted by name.
+pub fn dcm_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    v.sort();
+    v
+}
+
 /// Runs `lungsentry phantom` into `out` and returns its truth.json.
 pub fn phantom(out: &Path, seed: u64, slices: usize, severity: &str) -> serde_json::Value {
     let st = Command::new(bin())

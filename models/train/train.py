@@ -199,6 +199,9 @@ def main() -> None:
     ap.add_argument("--iou-weight", type=float, default=0.0,
                     help="checkpoint score weight of the validation phantoms' mean per-slice lesion IoU (paper convention)")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
+    ap.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of the lesion-free phantom draws taken from the lesion-free training slices the "
+                         "model currently marks lesion on most (re-mined every 5 epochs on 800 of them; 0: off)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
@@ -297,8 +300,16 @@ def main() -> None:
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress(s))))
 
     best, best_score, history = None, -1.0, []
+    hard_idx = None  # lesion-free phantom slices with the most false lesion pixels at the last mining
     t_start = time.time()
     for ep in range(args.epochs):
+        if args.hard_negatives > 0 and ph_free_idx is not None and ep % 5 == 0:
+            probe = rng.choice(ph_free_idx, size=min(800, len(ph_free_idx)), replace=False)
+            fp = (predict(judged, ph_tr["ct"][probe]) == 2).reshape(len(probe), -1).sum(1)
+            hard = probe[fp > 0]
+            hard_idx = hard[np.argsort(-fp[fp > 0])][:200] if len(hard) else None
+            say(f"hard negatives: {int((fp > 0).sum())} of {len(probe)} probed lesion-free slices show lesion "
+                f"({int(fp.sum())} pixels)")
         model.train()
         t0 = time.time()
         losses = []
@@ -317,6 +328,8 @@ def main() -> None:
                         i = int(rng.integers(len(ph_tr["ct"])))
                     else:
                         pool = ph_free_idx if rng.random() < args.phantom_lesion_free_share else ph_les_idx
+                        if pool is ph_free_idx and hard_idx is not None and rng.random() < args.hard_negatives:
+                            pool = hard_idx
                         i = int(pool[rng.integers(len(pool))])
                     img, l = ph_tr["ct"][i], ph_tr["labels"][i]
                 else:
@@ -372,7 +385,7 @@ def main() -> None:
                    phantom_none_every=args.phantom_none_every,
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
-                   threads=args.threads, ema=args.ema, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
+                   threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))
     say(json.dumps(dict(real=r["global"], phantom=None if p is None else

@@ -306,9 +306,9 @@ def main() -> None:
         if args.hard_negatives > 0 and ph_free_idx is not None and ep % 5 == 0:
             probe = rng.choice(ph_free_idx, size=min(800, len(ph_free_idx)), replace=False)
             fp = (predict(judged, ph_tr["ct"][probe]) == 2).reshape(len(probe), -1).sum(1)
-            hard = probe[fp > 0]
-            hard_idx = hard[np.argsort(-fp[fp > 0])][:200] if len(hard) else None
-            say(f"hard negatives: {int((fp > 0).sum())} of {len(probe)} probed lesion-free slices show lesion "
+            shows = fp > 0
+            hard_idx = probe[shows][np.argsort(-fp[shows])][:200] if shows.any() else None
+            say(f"hard negatives: {int(shows.sum())} of {len(probe)} probed lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
         model.train()
         t0 = time.time()
@@ -385,7 +385,8 @@ def main() -> None:
                    phantom_none_every=args.phantom_none_every,
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
-                   threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives, best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
+                   threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives,
+                   best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))
     say(json.dumps(dict(real=r["global"], phantom=None if p is None else

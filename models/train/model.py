@@ -84,7 +84,8 @@ def widen_from(model: UNet, old: dict) -> None:
     """Loads a narrower checkpoint of the same family into `model` so it computes the same function (Net2Wider with
     zero outgoing weights): old channels keep their weights, new output channels keep the fresh initialisation,
     and every weight that reads a new channel is zero, so the new channels change nothing until trained. The
-    decoder's first convolution reads [upsampled | skip]; both halves are mapped. A 3x3 refinement going to 1x1
+    decoder's first convolution reads [upsampled | skip] and the refinement [upsampled | input]; both parts are
+    mapped. A 3x3 refinement going to 1x1
     keeps its centre tap (an approximation; fine-tuning takes it from there)."""
     new = model.state_dict()
     with torch.no_grad():
@@ -106,6 +107,12 @@ def widen_from(model: UNet, old: dict) -> None:
                 continue
             # Conv2d weight (out, in, k, k)
             parts = name.split(".")
+            if name == "refine.0.weight" and t.shape[1] != o.shape[1]:  # reads [upsampled | input image]
+                ow = o.shape[1] - 1
+                t.zero_()
+                t[: o.shape[0], :ow].copy_(o[:, :ow])
+                t[: o.shape[0], -1:].copy_(o[:, ow:])
+                continue
             if parts[0] == "dec" and parts[2] == "0":  # dec.<level>.0.weight: reads [upsampled | skip]
                 oh, th = o.shape[1] // 2, t.shape[1] // 2
                 t[:, :].zero_()

@@ -192,6 +192,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
                 path: std::fs::canonicalize(&i.path).unwrap_or_else(|_| i.path.clone()),
                 transfer_syntax_uid: i.transfer_syntax_uid.clone(),
                 bytes: i.bytes,
+                unchanged_since_ms: None,
             };
             store.record_instance(&spooled, 0, &patient_key)?;
         }

@@ -16,7 +16,9 @@
 //! <data_dir>/spool/<h[0..2]>/<h[0..16]>/<sop>.dcm  h = hex sha256(SeriesInstanceUID)
 //! ```
 //!
-//! A repeated SOP Instance UID replaces the earlier file atomically (same series ⇒ same path).
+//! A repeated SOP Instance UID replaces the earlier file atomically (same series ⇒ same path); a repeat whose
+//! file would be byte-for-byte the stored one is not written again ([`SpooledInstance::unchanged_since_ms`]), so
+//! `store` can tell a sender's retry from new content.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -81,6 +83,10 @@ pub struct SpooledInstance {
     pub transfer_syntax_uid: String,
     /// Size of the whole file on disk (meta group + dataset), bytes.
     pub bytes: u64,
+    /// `Some(ms)`: the spool already held exactly these bytes at this path (a sender's retry of an instance it had
+    /// sent before), written at this time (file mtime, ms since the Unix epoch); nothing was written, the file
+    /// and its directory were synced again. `None`: the file was written now (new, or new content).
+    pub unchanged_since_ms: Option<i64>,
 }
 
 /// The spool directory. Cheap to share (`Arc<Spool>`); [`Spool::store`] is safe to call concurrently.
@@ -180,18 +186,28 @@ impl Spool {
         };
         let meta = validate(inc, dataset, &ts_uid)?;
         let final_path = self.path_for(&meta.series_instance_uid, &meta.sop_instance_uid);
-        let bytes = self.write_durably(&final_path, &meta, &ts_uid, dataset)?;
-        Ok(SpooledInstance { meta, path: final_path, transfer_syntax_uid: ts_uid, bytes })
+        let header = part10_header(&meta, &ts_uid)?;
+        let bytes = (header.len() + dataset.len()) as u64;
+        if let Some(written_ms) = identical_file(&final_path, &header, dataset) {
+            // Already stored; sync it again in case the store that wrote it failed before its directory sync.
+            let sync = || -> io::Result<()> {
+                File::open(&final_path)?.sync_all()?;
+                sync_dir(final_path.parent().expect("spool paths have a parent"))
+            };
+            sync().map_err(io_err(format!("fsync of {}", final_path.display())))?;
+            return Ok(SpooledInstance {
+                meta,
+                path: final_path,
+                transfer_syntax_uid: ts_uid,
+                bytes,
+                unchanged_since_ms: Some(written_ms),
+            });
+        }
+        self.write_durably(&final_path, &header, dataset)?;
+        Ok(SpooledInstance { meta, path: final_path, transfer_syntax_uid: ts_uid, bytes, unchanged_since_ms: None })
     }
 
-    fn write_durably(
-        &self,
-        final_path: &Path,
-        meta: &InstanceMeta,
-        ts_uid: &str,
-        dataset: &[u8],
-    ) -> Result<u64, SpoolError> {
-        let header = part10_header(meta, ts_uid)?;
+    fn write_durably(&self, final_path: &Path, header: &[u8], dataset: &[u8]) -> Result<u64, SpoolError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
         let result = (|| {
@@ -201,7 +217,7 @@ impl Spool {
                 .mode(0o600)
                 .open(&tmp_path)
                 .map_err(io_err(format!("creating {}", tmp_path.display())))?;
-            f.write_all(&header).map_err(io_err("writing file meta"))?;
+            f.write_all(header).map_err(io_err("writing file meta"))?;
             f.write_all(dataset).map_err(io_err("writing dataset"))?;
             f.sync_all().map_err(io_err("fsync of the instance file"))?;
             drop(f);
@@ -223,6 +239,24 @@ impl Spool {
         }
         result
     }
+}
+
+/// When `path` holds exactly `header` followed by `dataset`: the file's modification time (ms since the Unix
+/// epoch). Any error reading it means "not identical" (the caller then writes the file as usual).
+fn identical_file(path: &Path, header: &[u8], dataset: &[u8]) -> Option<i64> {
+    let md = fs::metadata(path).ok()?;
+    if !md.is_file() || md.len() != (header.len() + dataset.len()) as u64 {
+        return None;
+    }
+    let on_disk = fs::read(path).ok()?;
+    if on_disk.len() != header.len() + dataset.len()
+        || on_disk[..header.len()] != *header
+        || on_disk[header.len()..] != *dataset
+    {
+        return None;
+    }
+    let mtime = md.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(mtime.as_millis()).ok()
 }
 
 /// File name for a SOP Instance UID: the UID itself when it is a well-formed UID (digits and dots, ≤ 64

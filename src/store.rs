@@ -31,7 +31,8 @@
 //! `instances.purged_at` / `series.pixels_purged_at`; results, alerts and outputs rows are never purged. A purged
 //! instance stored again clears its mark.
 //!
-//! `series.revision` grows by one with every instance recorded for the series (new or repeated). A result
+//! `series.revision` grows by one with every instance recorded for the series (new, or a repeat with other bytes;
+//! a sender's retry of the very bytes it had sent changes nothing, see [`Store::record_instance`]). A result
 //! remembers the revision it was computed from; a series whose revision moved past its latest result's (or that
 //! has no result, and is not `skipped`) is *pending analysis* — that is how the daemon resumes after a crash.
 //!
@@ -265,6 +266,9 @@ pub struct InstanceRecorded {
     pub revision: i64,
     /// A repeat of an instance whose spool file retention had purged (its pixels are back now).
     pub was_purged: bool,
+    /// A sender's retry: the same bytes as the recorded, unpurged instance (the spool wrote nothing, see
+    /// [`SpooledInstance::unchanged_since_ms`]). Nothing was changed: no revision step, the series keeps its state.
+    pub unchanged: bool,
 }
 
 /// A backward follow-up link: result `result_version` of `series_instance_uid` now compares with
@@ -468,6 +472,10 @@ impl Store {
     /// Records a spooled instance in one transaction: upserts the patient (raw identifiers from `inst.meta`
     /// under `patient_key`), the series (state back to `receiving`, revision + 1) and the instance (a repeat
     /// SOP Instance UID replaces the earlier row).
+    ///
+    /// A retry of the same bytes ([`SpooledInstance::unchanged_since_ms`]) of an instance recorded at that spool
+    /// path, not purged, and recorded *after* the file was written (so the recorded instance is this file's content:
+    /// a file replaced by a store whose recording then failed is not) changes nothing and says `unchanged`.
     pub fn record_instance(
         &self,
         inst: &SpooledInstance,
@@ -495,6 +503,37 @@ impl Store {
         let path = inst.path.to_str().ok_or_else(|| anyhow!("spool path is not UTF-8: {}", inst.path.display()))?;
         let mut c = self.lock();
         let tx = c.transaction()?;
+        if let Some(written_ms) = inst.unchanged_since_ms {
+            let same: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT s.n_instances, s.revision FROM instances i
+                     JOIN series s ON s.series_instance_uid = i.series_instance_uid
+                     WHERE i.sop_instance_uid = ?1 AND i.series_instance_uid = ?2 AND i.path = ?3
+                       AND i.purged_at IS NULL AND i.received_at >= ?4",
+                    params![m.sop_instance_uid, m.series_instance_uid, path, written_ms],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((n_instances, revision)) = same {
+                let series_had_result = tx
+                    .query_row(
+                        "SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1",
+                        [&m.series_instance_uid],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                return Ok(InstanceRecorded {
+                    was_purged: false,
+                    new_instance: false,
+                    new_series: false,
+                    series_had_result,
+                    n_instances: n_instances as u32,
+                    revision,
+                    unchanged: true,
+                });
+            }
+        }
         tx.execute(
             "INSERT INTO patients (patient_key, patient_id, patient_name, first_seen_at, last_seen_at)
              VALUES (?1, ?2, ?3, ?4, ?4)
@@ -568,6 +607,7 @@ impl Store {
             series_had_result,
             n_instances: n_instances as u32,
             revision,
+            unchanged: false,
         })
     }
 

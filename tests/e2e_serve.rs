@@ -99,6 +99,64 @@ fn positive_and_negative_phantoms_meet_the_accuracy_goals() {
     positive_and_negative(true);
 }
 
+/// A scanner's retry of a whole analysed series (the same bytes again) is acknowledged and changes nothing: no new
+/// result version, no revision step, the series stays analysed, no second alert. A corrected instance (same SOP
+/// Instance UID, other bytes) sent after the analysis re-opens the series and is analysed: result version 2.
+#[test]
+fn a_retried_series_changes_nothing_and_a_corrected_instance_is_analysed_again() {
+    if skip_without_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("series");
+    let truth = phantom(&src, 20_031, 24, "severe");
+    let series_uid = truth["series_instance_uid"].as_str().unwrap().to_string();
+    let rt = runtime();
+    let (hook, got) = webhook_receiver(&rt);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[series]\nquiet_period_s = 1.0\n\n[alerts]\nwebhook_url = \"http://{hook}/alert\"\n"),
+    );
+    let send = |paths: &[&Path], n: usize| {
+        let (ok, out) = storescu(d.port, "CT1", paths, true);
+        assert!(ok, "storescu failed:\n{out}");
+        assert_eq!(out.matches("Received Store Response (Success)").count(), n, "{out}");
+    };
+    send(&[&src], 24);
+    let v1 = d.wait_result(&series_uid, 1, Duration::from_secs(300));
+    assert_eq!((v1.version, v1.result["n_slices"].as_u64()), (1, Some(24)));
+    assert!(v1.positive, "a severe phantom: {}", v1.result);
+    let store = d.store();
+    let before = store.series(&series_uid).unwrap().unwrap();
+    assert_eq!(before.state, "analysed");
+
+    // The retry: every instance acknowledged again, nothing else happens.
+    send(&[&src], 24);
+    std::thread::sleep(Duration::from_secs(6)); // > quiet period + the completion ticker
+    let after = store.series(&series_uid).unwrap().unwrap();
+    assert_eq!((after.state.as_str(), after.revision), ("analysed", before.revision), "{after:?}");
+    assert_eq!(store.latest_result(&series_uid).unwrap().unwrap().version, 1, "a retry made a new result version");
+    assert!(store.series_pending_analysis().unwrap().is_empty(), "a restart would analyse the retry again");
+    assert_eq!(got.lock().unwrap().len(), 1, "one alert for one positive result");
+
+    // A corrected instance: same SOP Instance UID, other bytes.
+    let fixed = tmp.path().join("fixed");
+    std::fs::create_dir_all(&fixed).unwrap();
+    let one = fixed.join("IM00006.dcm");
+    std::fs::copy(src.join("IM00006.dcm"), &one).unwrap();
+    let st = std::process::Command::new("dcmodify")
+        .args(["-nb", "-i", "(0020,4000)=corrected by the scanner"])
+        .arg(&one)
+        .status()
+        .expect("run dcmodify (apt-get install dcmtk)");
+    assert!(st.success());
+    send(&[&fixed], 1);
+    let v2 = d.wait_result(&series_uid, 2, Duration::from_secs(300));
+    assert_eq!((v2.version, v2.result["n_slices"].as_u64()), (2, Some(24)), "{}", v2.result);
+    let last = store.series(&series_uid).unwrap().unwrap();
+    assert_eq!((last.state.as_str(), last.revision), ("analysed", before.revision + 1), "{last:?}");
+}
+
 /// kill -9 mid-series, restart: every acknowledged instance is there, the series completes and is analysed,
 /// and the alert goes out exactly once.
 #[test]

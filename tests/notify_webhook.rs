@@ -77,6 +77,7 @@ fn instance(series: &str) -> SpooledInstance {
         path: PathBuf::from("/nonexistent.dcm"),
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
         bytes: 1,
+        unchanged_since_ms: None,
     }
 }
 

@@ -292,6 +292,7 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
             path,
             transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
             bytes: 1000,
+            unchanged_since_ms: None,
         }
     };
     let json = serde_json::json!({"status": "analysed"});

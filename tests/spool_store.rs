@@ -214,6 +214,55 @@ fn repeated_instance_replaces_the_file() {
     assert_eq!(n, 1);
 }
 
+/// A sender's retry (the same bytes again) is recognised by the spool and changes nothing in the store; a repeat
+/// with other bytes, and a retry of a file whose recording is older than the file, are recorded as changes.
+#[test]
+fn a_retry_of_the_same_bytes_changes_nothing_a_repeat_with_other_bytes_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(tmp.path()).unwrap();
+    let store = Store::open(&tmp.path().join("db.sqlite")).unwrap();
+    let inc = incoming_from_file(&real("lidc-idri-2-slices/0.dcm"));
+
+    let first = spool.store(&inc).unwrap();
+    assert_eq!(first.unchanged_since_ms, None, "a new instance is written");
+    let r1 = store.record_instance(&first, 1, "pk").unwrap();
+    assert!(r1.new_instance && !r1.unchanged);
+    store.record_result(&first.meta.series_instance_uid, false, 0.0, &serde_json::json!({}), false).unwrap();
+    let series = |s: &Store| s.series(&first.meta.series_instance_uid).unwrap().unwrap();
+    assert_eq!((series(&store).state.as_str(), series(&store).revision), ("analysed", r1.revision));
+
+    // The retry: nothing written, nothing changed, the series stays analysed and is not pending analysis.
+    let written = std::fs::metadata(&first.path).unwrap().modified().unwrap();
+    let retry = spool.store(&inc).unwrap();
+    assert!(retry.unchanged_since_ms.is_some(), "the same bytes are recognised");
+    assert_eq!(std::fs::metadata(&first.path).unwrap().modified().unwrap(), written, "not written again");
+    let r2 = store.record_instance(&retry, 2, "pk").unwrap();
+    assert!(r2.unchanged && !r2.new_instance && r2.series_had_result);
+    assert_eq!(r2.revision, r1.revision);
+    assert_eq!((series(&store).state.as_str(), series(&store).revision), ("analysed", r1.revision));
+    assert!(store.series_pending_analysis().unwrap().is_empty());
+
+    // A file replaced after its instance was recorded (a store whose recording failed): its bytes are not what
+    // the store recorded, so a retry of them is a change.
+    let late = SpooledInstance { unchanged_since_ms: Some(lungsentry::store::now_ms() + 60_000), ..retry.clone() };
+    let r3 = store.record_instance(&late, 3, "pk").unwrap();
+    assert!(!r3.unchanged);
+    assert_eq!(r3.revision, r1.revision + 1);
+    store.record_result(&first.meta.series_instance_uid, false, 0.0, &serde_json::json!({}), false).unwrap();
+
+    // Other bytes under the same SOP Instance UID: written, a new revision, the series is receiving again.
+    let mut obj = parse(&inc);
+    obj.put(DataElement::new(tags::IMAGE_COMMENTS, VR::LT, PrimitiveValue::from("corrected")));
+    let changed = spool.store(&incoming_from_object(&inc, &obj)).unwrap();
+    assert_eq!(changed.unchanged_since_ms, None);
+    assert_eq!(changed.path, first.path);
+    let r4 = store.record_instance(&changed, 4, "pk").unwrap();
+    assert!(!r4.unchanged && !r4.new_instance);
+    assert_eq!(r4.revision, r3.revision + 1);
+    assert_eq!(series(&store).state, "receiving");
+    assert_eq!(store.series_pending_analysis().unwrap(), vec![first.meta.series_instance_uid.clone()]);
+}
+
 #[test]
 fn open_removes_leftover_temporary_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -367,6 +416,7 @@ fn fake_instance(series: &str, sop: &str, patient: (&str, &str), n: i64) -> Spoo
         path: PathBuf::from(format!("/spool/{sop}.dcm")),
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
         bytes: 1234,
+        unchanged_since_ms: None,
     }
 }
 

@@ -422,9 +422,13 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         }
     };
     let series_uid = spooled.meta.series_instance_uid.clone();
-    // A repeat of an instance already analysed does not re-open the series; a new one does, and so does a repeat
-    // whose pixels retention had purged (the scanner re-sending a purged series gets it analysed again).
-    if rec.new_instance || !rec.series_had_result || rec.was_purged {
+    // A sender's retry of bytes already stored and recorded changes nothing (no new result version, no outputs sent
+    // again). Anything else goes to the series: a new instance, a repeat with other content (a late one re-opens an
+    // analysed series, which is analysed again and gets a new result version), a re-send of purged pixels.
+    if rec.unchanged {
+        tracing::debug!(association, series = %crate::store::series_log_key(&series_uid), stage = "store",
+            "instance already stored with these bytes: acknowledged, nothing changed");
+    } else {
         shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
         let queued = shared.backlog.enqueue();
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path, queued }).await;

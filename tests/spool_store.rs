@@ -381,11 +381,13 @@ fn unwritable_spool_is_out_of_resources_even_as_root() {
     std::fs::remove_file(&top).unwrap();
     assert!(spool.store(&inc).is_ok(), "works again once the obstacle is gone");
 
-    // 2. The temporary file cannot be created (spool/tmp replaced by a regular file).
+    // 2. The temporary file cannot be created (spool/tmp replaced by a regular file): a new instance is refused;
+    //    a retry of the stored one needs no temporary file and is still acknowledged.
     std::fs::remove_dir_all(tmp.path().join("spool/tmp")).unwrap();
     std::fs::write(tmp.path().join("spool/tmp"), b"not a directory").unwrap();
-    let e = spool.store(&inc).unwrap_err();
+    let e = spool.store(&incoming_from_file(&real("lidc-idri-2-slices/1.dcm"))).unwrap_err();
     assert_eq!(e.status(), status::OUT_OF_RESOURCES, "{e}");
+    assert!(spool.store(&inc).unwrap().unchanged_since_ms.is_some());
 }
 
 // ---------------------------------------------------------------- store

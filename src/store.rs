@@ -271,6 +271,13 @@ pub struct InstanceRecorded {
     pub unchanged: bool,
 }
 
+/// Whether the series has at least one analysis result.
+fn has_result(c: &rusqlite::Connection, series_uid: &str) -> Result<bool> {
+    Ok(c.query_row("SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1", [series_uid], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// A backward follow-up link: result `result_version` of `series_instance_uid` now compares with
 /// `prior_series_instance_uid` (a study of the same patient that arrived, or was re-analysed, after it).
 #[derive(Debug, Clone, PartialEq)]
@@ -475,7 +482,8 @@ impl Store {
     ///
     /// A retry of the same bytes ([`SpooledInstance::unchanged_since_ms`]) of an instance recorded at that spool
     /// path, not purged, and recorded *after* the file was written (so the recorded instance is this file's content:
-    /// a file replaced by a store whose recording then failed is not) changes nothing and says `unchanged`.
+    /// a file replaced by a store whose recording then failed is not) changes nothing and says `unchanged` — unless
+    /// the series' analysis `failed`: a re-send then records as before, so it is tried again.
     pub fn record_instance(
         &self,
         inst: &SpooledInstance,
@@ -509,25 +517,17 @@ impl Store {
                     "SELECT s.n_instances, s.revision FROM instances i
                      JOIN series s ON s.series_instance_uid = i.series_instance_uid
                      WHERE i.sop_instance_uid = ?1 AND i.series_instance_uid = ?2 AND i.path = ?3
-                       AND i.purged_at IS NULL AND i.received_at >= ?4",
+                       AND i.purged_at IS NULL AND i.received_at >= ?4 AND s.state <> 'failed'",
                     params![m.sop_instance_uid, m.series_instance_uid, path, written_ms],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             if let Some((n_instances, revision)) = same {
-                let series_had_result = tx
-                    .query_row(
-                        "SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1",
-                        [&m.series_instance_uid],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some();
                 return Ok(InstanceRecorded {
                     was_purged: false,
                     new_instance: false,
                     new_series: false,
-                    series_had_result,
+                    series_had_result: has_result(&tx, &m.series_instance_uid)?,
                     n_instances: n_instances as u32,
                     revision,
                     unchanged: true,
@@ -593,12 +593,7 @@ impl Store {
             [&m.series_instance_uid],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let series_had_result = tx
-            .query_row("SELECT 1 FROM results WHERE series_instance_uid = ?1 LIMIT 1", [&m.series_instance_uid], |_| {
-                Ok(())
-            })
-            .optional()?
-            .is_some();
+        let series_had_result = has_result(&tx, &m.series_instance_uid)?;
         tx.commit()?;
         Ok(InstanceRecorded {
             was_purged,

@@ -261,6 +261,14 @@ fn a_retry_of_the_same_bytes_changes_nothing_a_repeat_with_other_bytes_does() {
     assert_eq!(r4.revision, r3.revision + 1);
     assert_eq!(series(&store).state, "receiving");
     assert_eq!(store.series_pending_analysis().unwrap(), vec![first.meta.series_instance_uid.clone()]);
+
+    // A series whose analysis failed: a retry of the same bytes is recorded, so the re-send tries it again.
+    store.set_series_state(&first.meta.series_instance_uid, "failed", Some("engine error")).unwrap();
+    let again = spool.store(&incoming_from_object(&inc, &obj)).unwrap();
+    assert!(again.unchanged_since_ms.is_some());
+    let r5 = store.record_instance(&again, 5, "pk").unwrap();
+    assert!(!r5.unchanged);
+    assert_eq!((series(&store).state.as_str(), r5.revision), ("receiving", r4.revision + 1));
 }
 
 #[test]

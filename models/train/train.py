@@ -202,6 +202,12 @@ def main() -> None:
     ap.add_argument("--hard-negatives", type=float, default=0.0,
                     help="share of the lesion-free phantom draws taken from the lesion-free training slices the "
                          "model currently marks lesion on most (re-mined every 5 epochs on 800 of them; 0: off)")
+    ap.add_argument("--hard-positives", type=float, default=0.0,
+                    help="share of the lesion phantom draws taken from the lesion training slices where the model "
+                         "currently misses the most lesion pixels (re-mined every 5 epochs on 800 of them; 0: off)")
+    ap.add_argument("--real-source-balance", action="store_true",
+                    help="draw real training slices half from each source group of split.json (Coronacases-like, "
+                         "Radiopaedia-like) instead of uniformly over slices")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
@@ -226,6 +232,14 @@ def main() -> None:
     sp = split_mod.load_split()
     tr_idx, va_idx, per_patient = split_mod.split_indices(sp)
     say(f"real: {len(ct)} slices, train {len(tr_idx)}, val {len(va_idx)} ({[p for p, _ in per_patient]})")
+    real_groups = [tr_idx]
+    if args.real_source_balance:
+        groups: dict[str, list[int]] = {}
+        for p in sp["patients"]:
+            if p["set"] == "train":
+                groups.setdefault(p["source_guess"].split("-like")[0], []).extend(range(p["first"], p["last"] + 1))
+        real_groups = [np.array(v) for v in groups.values()]
+        say(f"real draws balanced over sources: {[(k, len(v)) for k, v in groups.items()]}")
 
     ph_tr = ph_va = None
     if args.phantoms:
@@ -301,6 +315,7 @@ def main() -> None:
 
     best, best_score, history = None, -1.0, []
     hard_idx = None  # lesion-free phantom slices with the most false lesion pixels at the last mining
+    hard_pos = None  # lesion phantom slices with the most missed lesion pixels at the last mining
     t_start = time.time()
     for ep in range(args.epochs):
         if args.hard_negatives > 0 and ph_free_idx is not None and ep % 5 == 0:
@@ -310,6 +325,13 @@ def main() -> None:
             hard_idx = probe[shows][np.argsort(-fp[shows])][:200] if shows.any() else None
             say(f"hard negatives: {int(shows.sum())} of {len(probe)} probed lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
+        if args.hard_positives > 0 and ph_les_idx is not None and ep % 5 == 0:
+            probe = rng.choice(ph_les_idx, size=min(800, len(ph_les_idx)), replace=False)
+            miss = ((predict(judged, ph_tr["ct"][probe]) != 2) & (ph_tr["labels"][probe] == 2)).reshape(
+                len(probe), -1).sum(1)
+            hard_pos = probe[np.argsort(-miss)][:200]
+            say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
+                f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         model.train()
         t0 = time.time()
         losses = []
@@ -330,10 +352,13 @@ def main() -> None:
                         pool = ph_free_idx if rng.random() < args.phantom_lesion_free_share else ph_les_idx
                         if pool is ph_free_idx and hard_idx is not None and rng.random() < args.hard_negatives:
                             pool = hard_idx
+                        elif pool is ph_les_idx and hard_pos is not None and rng.random() < args.hard_positives:
+                            pool = hard_pos
                         i = int(pool[rng.integers(len(pool))])
                     img, l = ph_tr["ct"][i], ph_tr["labels"][i]
                 else:
-                    i = int(tr_idx[rng.integers(len(tr_idx))])
+                    g = real_groups[rng.integers(len(real_groups))] if len(real_groups) > 1 else tr_idx
+                    i = int(g[rng.integers(len(g))])
                     img, l = ct[i], lab[i]
                 a, b = augment(img.astype(np.float32) / 255.0, l, rng)
                 if crop and crop < 256:
@@ -386,6 +411,7 @@ def main() -> None:
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
                    threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives,
+                   hard_positives=args.hard_positives, real_source_balance=args.real_source_balance,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

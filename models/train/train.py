@@ -28,9 +28,26 @@ MODELS = HERE.parent
 
 
 # ---------------------------------------------------------------- augmentation
+def elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random displacement field (Gaussian-filtered noise, sigma 16 px, up to ~8 px): image linear,
+    labels nearest."""
+    h, w = lab.shape
+    alpha = rng.uniform(4.0, 10.0)
+    d = [cv2.GaussianBlur(rng.uniform(-1, 1, (h, w)).astype(np.float32), (0, 0), 16.0) for _ in range(2)]
+    d = [x * (alpha / max(1e-6, float(np.abs(x).max()))) for x in d]
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    mx, my = gx + d[0], gy + d[1]
+    img = cv2.remap(np.ascontiguousarray(img), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    lab = cv2.remap(np.ascontiguousarray(lab), mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
+    return img, lab
+
+
+ELASTIC = 0.0  # probability of an elastic deformation per sample (--elastic)
+
+
 def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """img float32 [0,1] 256x256, lab u8. Geometry (flips, rotation, scale, shift) + intensity mapping
-    perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
+    """img float32 [0,1] 256x256, lab u8. Geometry (flips, rotation, scale, shift, optionally elastic) + intensity
+    mapping perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     if rng.random() < 0.5:
@@ -47,6 +64,8 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple
         lab = cv2.warpAffine(np.ascontiguousarray(lab), M, (256, 256), flags=cv2.INTER_NEAREST,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     img = np.ascontiguousarray(img, dtype=np.float32)
+    if ELASTIC > 0 and rng.random() < ELASTIC:
+        img, lab = elastic(img, lab, rng)
     if rng.random() < 0.5:
         img = np.power(np.clip(img, 0, 1), rng.uniform(0.7, 1.5)).astype(np.float32)
     if rng.random() < 0.5:
@@ -208,10 +227,14 @@ def main() -> None:
     ap.add_argument("--real-source-balance", action="store_true",
                     help="draw real training slices half from each source group of split.json (Coronacases-like, "
                          "Radiopaedia-like) instead of uniformly over slices")
+    ap.add_argument("--elastic", type=float, default=0.0,
+                    help="probability of a smooth elastic deformation per training sample (0: off)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
     args = ap.parse_args()
+    global ELASTIC
+    ELASTIC = args.elastic
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -411,7 +434,7 @@ def main() -> None:
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
                    threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives,
-                   hard_positives=args.hard_positives, real_source_balance=args.real_source_balance,
+                   hard_positives=args.hard_positives, elastic=args.elastic, real_source_balance=args.real_source_balance,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -29,7 +29,7 @@ MODELS = HERE.parent
 
 # ---------------------------------------------------------------- augmentation
 def elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random displacement field (Gaussian-filtered noise, sigma 16 px, up to ~8 px): image linear,
+    """A smooth random displacement field (Gaussian-filtered noise, sigma 16 px, peak 4–10 px): image linear,
     labels nearest."""
     h, w = lab.shape
     alpha = rng.uniform(4.0, 10.0)
@@ -42,10 +42,8 @@ def elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple
     return img, lab
 
 
-ELASTIC = 0.0  # probability of an elastic deformation per sample (--elastic)
-
-
-def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
+            elastic_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """img float32 [0,1] 256x256, lab u8. Geometry (flips, rotation, scale, shift, optionally elastic) + intensity
     mapping perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
     if rng.random() < 0.5:
@@ -64,7 +62,7 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple
         lab = cv2.warpAffine(np.ascontiguousarray(lab), M, (256, 256), flags=cv2.INTER_NEAREST,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     img = np.ascontiguousarray(img, dtype=np.float32)
-    if ELASTIC > 0 and rng.random() < ELASTIC:
+    if elastic_p > 0 and rng.random() < elastic_p:
         img, lab = elastic(img, lab, rng)
     if rng.random() < 0.5:
         img = np.power(np.clip(img, 0, 1), rng.uniform(0.7, 1.5)).astype(np.float32)
@@ -233,8 +231,6 @@ def main() -> None:
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
     args = ap.parse_args()
-    global ELASTIC
-    ELASTIC = args.elastic
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -255,7 +251,7 @@ def main() -> None:
     sp = split_mod.load_split()
     tr_idx, va_idx, per_patient = split_mod.split_indices(sp)
     say(f"real: {len(ct)} slices, train {len(tr_idx)}, val {len(va_idx)} ({[p for p, _ in per_patient]})")
-    real_groups = [tr_idx]
+    real_groups = None  # with --real-source-balance: the training slices of each source group
     if args.real_source_balance:
         groups: dict[str, list[int]] = {}
         for p in sp["patients"]:
@@ -380,10 +376,10 @@ def main() -> None:
                         i = int(pool[rng.integers(len(pool))])
                     img, l = ph_tr["ct"][i], ph_tr["labels"][i]
                 else:
-                    g = real_groups[rng.integers(len(real_groups))] if len(real_groups) > 1 else tr_idx
+                    g = tr_idx if real_groups is None else real_groups[rng.integers(len(real_groups))]
                     i = int(g[rng.integers(len(g))])
                     img, l = ct[i], lab[i]
-                a, b = augment(img.astype(np.float32) / 255.0, l, rng)
+                a, b = augment(img.astype(np.float32) / 255.0, l, rng, args.elastic)
                 if crop and crop < 256:
                     oy, ox = rng.integers(0, 256 - crop + 1, 2)
                     a, b = a[oy:oy + crop, ox:ox + crop], b[oy:oy + crop, ox:ox + crop]
@@ -434,7 +430,8 @@ def main() -> None:
                    phantom_lesion_free_share=args.phantom_lesion_free_share,
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
                    threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives,
-                   hard_positives=args.hard_positives, elastic=args.elastic, real_source_balance=args.real_source_balance,
+                   hard_positives=args.hard_positives, elastic=args.elastic,
+                   real_source_balance=args.real_source_balance,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

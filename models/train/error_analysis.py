@@ -27,23 +27,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 from scipy import ndimage as ndi
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import data_real  # noqa: E402
 import split as split_mod  # noqa: E402
+from export import session  # noqa: E402
 from normalise import hu_to_u8  # noqa: E402
 from phantoms import read_series  # noqa: E402
+from train import dice  # noqa: E402
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-
-
-def probs(sess: ort.InferenceSession, x: np.ndarray, bs: int = 16) -> np.ndarray:
+def probs(sess, x: np.ndarray, bs: int = 16) -> np.ndarray:
     out = []
     for i in range(0, len(x), bs):
         lg = sess.run(None, {"ct": x[i:i + bs]})[0]
@@ -155,9 +151,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(str(args.onnx), so, providers=["CPUExecutionProvider"])
+    sess = session(args.onnx, args.threads)
     dirs = args.phantoms
     if dirs is None:
         dirs = sorted(d for d in Path("/tmp/lungsentry-eval-phantoms").glob("seed*")

@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--version", default="0.1.0")
     ap.add_argument("--phantom-val", type=Path, default=None, help="phantom val cache .npz (default: newest in cache/)")
     ap.add_argument("--fp-threshold", type=float, default=0.4)
+    ap.add_argument("--checkpoint", default="best.pt",
+                    help="checkpoint file in the run folder (train.py keeps best.pt, last.pt and epochNNN.pt)")
     ap.add_argument("--width", type=int, default=8, help="only used when the run has no summary.json yet")
     ap.add_argument("--levels", type=int, default=4, help="only used when the run has no summary.json yet")
     args = ap.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
             dict(json.loads(arch.read_text()), partial_run=True) if arch.exists() else
             dict(width=args.width, levels=args.levels, partial_run=True))
     model = from_summary(summ)
-    model.load_state_dict(torch.load(args.run / "best.pt"))
+    model.load_state_dict(torch.load(args.run / args.checkpoint))
     model.eval()
     export_onnx(model, args.out)
     onnx.checker.check_model(onnx.load(str(args.out)))

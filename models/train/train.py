@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data_negatives
 import data_real
 import split as split_mod
 from model import UNet, count_params, widen_from
@@ -149,6 +150,20 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
         **slice_figures(pred, lab), series=series)
 
 
+def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
+    """Real lesion-free series (data_negatives): per series the involvement (lesion / lung pixels over the whole
+    series, no 3D guard) and the slice specificity (a slice is positive with at least `min_pixels` lesion pixels)."""
+    pred = predict(model, neg["ct"])
+    out = {}
+    for k, name in enumerate(neg["names"]):
+        p = pred[neg["series"] == k]
+        les = (p == 2).reshape(len(p), -1).sum(1)
+        out[name] = dict(involvement=round(100.0 * float(les.sum()) / max(int((p >= 1).sum()), 1), 3),
+                         slice_specificity=round(float((les < min_pixels).mean()), 4),
+                         lung_dice=dice(p >= 1, neg["labels"][neg["series"] == k] >= 1))
+    return out
+
+
 def slice_figures(pred: np.ndarray, lab: np.ndarray, min_pixels: int = 5) -> dict:
     """The paper's slice-level figures: a slice is positive with at least `min_pixels` lesion pixels; per-slice
     lesion IoU is 1 for a lesion-free slice with no prediction and 0 for a false positive."""
@@ -227,6 +242,15 @@ def main() -> None:
                          "Radiopaedia-like) instead of uniformly over slices")
     ap.add_argument("--elastic", type=float, default=0.0,
                     help="probability of a smooth elastic deformation per training sample (0: off)")
+    ap.add_argument("--negatives", type=float, default=0.0,
+                    help="share of each batch drawn from real lesion-free CT (data_negatives: LUNA16, ACRIN, LIDC "
+                         "training series; labels lung / background); its validation series are scored every epoch")
+    ap.add_argument("--hard-real-negatives", type=float, default=0.0,
+                    help="share of the real-negative draws taken from the real lesion-free training slices the model "
+                         "currently marks most lesion on (re-mined every 3 epochs over all of them; 0: off)")
+    ap.add_argument("--neg-weight", type=float, default=1.0,
+                    help="checkpoint score weight of the real lesion-free validation series: + weight x mean slice "
+                         "specificity - weight x mean involvement (percent) over them")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
@@ -290,6 +314,13 @@ def main() -> None:
         ph_va = load_set("val", list(range(9000, 9000 + args.phantom_val_series)))
         say(f"phantoms: train {len(ph_tr['ct'])} slices, val {len(ph_va['ct'])} slices ({time.time() - t0:.0f} s)")
 
+    neg_tr = neg_va = None
+    if args.negatives > 0:
+        neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
+        say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
+            f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+    hard_real = None  # real lesion-free training slices with the most false lesion pixels at the last mining
+
     ph_les_idx = ph_free_idx = None
     if ph_tr is not None:
         has_les = (ph_tr["labels"] == 2).reshape(len(ph_tr["labels"]), -1).any(1)
@@ -351,6 +382,12 @@ def main() -> None:
             hard_pos = probe[np.argsort(-miss)][:200]
             say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
+        if args.hard_real_negatives > 0 and neg_tr is not None and ep % 3 == 0:
+            fp = (predict(judged, neg_tr["ct"]) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
+            shows = fp > 0
+            hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
+            say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "
+                f"({int(fp.sum())} pixels)")
         model.train()
         t0 = time.time()
         losses = []
@@ -364,7 +401,12 @@ def main() -> None:
             crop = args.crop if progress(step_no[0]) < args.full_after else 0
             xs, ys = [], []
             for _ in range(args.batch):
-                if ph_tr is not None and rng.random() < args.phantom_fraction:
+                u = rng.random()
+                if neg_tr is not None and u < args.negatives:
+                    pool = hard_real if hard_real is not None and rng.random() < args.hard_real_negatives else None
+                    i = int(pool[rng.integers(len(pool))]) if pool is not None else int(rng.integers(len(neg_tr["ct"])))
+                    img, l = neg_tr["ct"][i], neg_tr["labels"][i]
+                elif ph_tr is not None and (u - args.negatives) / (1 - args.negatives) < args.phantom_fraction:
                     if args.phantom_lesion_free_share is None:
                         i = int(rng.integers(len(ph_tr["ct"])))
                     else:
@@ -406,10 +448,16 @@ def main() -> None:
                        ph_fp=p["false_positive_series"], ph_spec=p["slice_specificity"], ph_iou=p["mean_iou"])
             score += (p["global_lesion_dice"] - 0.02 * p["max_involvement_error_points"]
                       - args.fp_penalty * p["false_positive_series"] + args.iou_weight * p["mean_iou"])
+        if neg_va is not None:
+            n = eval_negatives(judged, neg_va)
+            rec["neg"] = n
+            score += args.neg_weight * (np.mean([v["slice_specificity"] for v in n.values()])
+                                        - np.mean([v["involvement"] for v in n.values()]))
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))
         torch.save(judged.state_dict(), args.run / "last.pt")  # the latest epoch, for a look beside the best
+        torch.save(judged.state_dict(), args.run / f"epoch{ep + 1:03d}.pt")
         if score > best_score:
             best_score = score
             best = {k: v.clone() for k, v in judged.state_dict().items()}
@@ -431,7 +479,8 @@ def main() -> None:
                    phantom_long_series=args.phantom_long_series, train_seconds=round(train_secs),
                    threads=args.threads, ema=args.ema, hard_negatives=args.hard_negatives,
                    hard_positives=args.hard_positives, elastic=args.elastic,
-                   real_source_balance=args.real_source_balance,
+                   real_source_balance=args.real_source_balance, negatives=args.negatives,
+                   hard_real_negatives=args.hard_real_negatives, neg_weight=args.neg_weight,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -6,6 +6,7 @@ Sources (all under LUNGSENTRY_DATA, see its README.md; none copied into the repo
 - `real-ct-series/normal-pancreas-ct-cb-001/`, `real-ct-series/normal-acrin-flt-breast-001/series-{1,2}/`: DICOM
   series (HU), chest + upper abdomen.
 - `real-dicom/lidc-idri-2-slices/`: two LIDC chest slices.
+- `real-dicom/siemens-abdomen-j2k-series/`: a Siemens abdomen series (JPEG 2000: pylibjpeg-openjpeg decodes it).
 
 Each slice goes through the product's input normalisation (`normalise.hu_to_u8`: the same HU -> clip -> min-max ->
 CLAHE -> 256 path the daemon runs), and gets labels 0 background / 1 lung, never 2: these chests hold no lesion.
@@ -18,7 +19,9 @@ pre-deep-learning pipelines did it:
 3. 3D components (6-connectivity) of that air eroded in-plane by 2 pixels, so a lung base and the stomach gas
    under it (a diaphragm thinner than a resampled pixel, or overlapping in x-y on adjacent slices) stay apart; the
    lungs (with trachea and bronchi) are the large ones: kept when at least 10 % of the largest component's volume
-   and at least 5 mL (bowel gas and stomach air under the diaphragm are separate, smaller components); the kept
+   and at least 5 mL (bowel gas and stomach air under the diaphragm are separate, smaller components), and with a
+   mean HU above -925 (lung is air with tissue: -890 to -700 on these series after resampling to 256; gas in
+   stomach and bowel -930 to -990, which also keeps an abdomen-only series free of "lung"); the kept
    cores grown back in-plane inside the air;
 4. airways: per slice, a small (< 6 cm^2) component centred in the body (within 10 % of the body width of its
    centre) is trachea or a main bronchus and dropped (lung apices sit lateral to it);
@@ -50,6 +53,7 @@ TRAIN = [
     ("acrin-flt-breast-001-series-1", "dicom", "real-ct-series/normal-acrin-flt-breast-001/series-1"),
     ("acrin-flt-breast-001-series-2", "dicom", "real-ct-series/normal-acrin-flt-breast-001/series-2"),
     ("lidc-idri-2-slices", "dicom", "real-dicom/lidc-idri-2-slices"),
+    ("siemens-abdomen-j2k", "dicom", "real-dicom/siemens-abdomen-j2k-series"),
 ]
 VAL = [
     ("luna16-normal_patient_3", "luna-png", "real-ct-series/luna16-normal-3/normal_patient_3"),
@@ -63,6 +67,7 @@ KEEP_FRACTION = 0.10
 KEEP_MIN_ML = 5.0
 AIRWAY_MAX_CM2 = 6.0
 AIRWAY_CENTRE = 0.10
+GAS_MEAN_HU = -925.0
 ERODE_PX = 2
 VESSEL_MAX_CM2 = 3.0
 
@@ -137,7 +142,9 @@ def lung_mask_3d(hu: np.ndarray, pix_mm: float, dz_mm: float) -> np.ndarray:
         return np.zeros_like(air)
     voxel_ml = pix_mm * pix_mm * dz_mm / 1000.0
     vols = ndi.sum(core, lab, range(1, n + 1)) * voxel_ml
-    keep = [i + 1 for i, v in enumerate(vols) if v >= KEEP_FRACTION * vols.max() and v >= KEEP_MIN_ML]
+    means = ndi.mean(hu, lab, range(1, n + 1))
+    keep = [i + 1 for i, (v, m) in enumerate(zip(vols, means))
+            if v >= KEEP_FRACTION * vols.max() and v >= KEEP_MIN_ML and m > GAS_MEAN_HU]
     # the kept cores grown back in-plane inside the air (geodesic dilation: never across soft tissue)
     lung = ndi.binary_dilation(np.isin(lab, keep), structure=plane, iterations=ERODE_PX + 1, mask=air)
     px_cm2 = pix_mm * pix_mm / 100.0

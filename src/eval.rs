@@ -10,7 +10,13 @@
 //!   Runs the same series path as the daemon (decode → HU → contract → engine → masks → 3D analysis) and reports
 //!   voxel Dice, involvement error and series-level sensitivity/specificity at the 0.4 % threshold, plus the
 //!   image-level metrics above over all slices of all series (`slice_level`).
-//! Never: changes a model or writes anything but its report to stdout.
+//! - `--real MANIFEST`: real CT series without masks, judged by their expected flag (`real.rs`): per-series
+//!   involvement, lung volume, lesions, positive slices, slice specificity of negative series, series sensitivity /
+//!   specificity, and (`--overlays DIR`) key images of the worst false-positive slices.
+//! Never: changes a model or writes anything but its report (stdout, `--out`) and `--overlays`.
+
+pub mod overlay;
+pub mod real;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +50,22 @@ pub struct EvalArgs {
     /// Phantom series folders (series mode).
     #[arg(long, num_args = 1.., conflicts_with = "images")]
     pub series: Vec<PathBuf>,
+    /// Real-series manifest (real mode): `[[series]]` entries with name, path, kind (dicom, dicom-slices,
+    /// luna-png) and expected flag (positive, negative); no masks needed.
+    #[arg(long, value_name = "MANIFEST", conflicts_with_all = ["images", "series"])]
+    pub real: Option<PathBuf>,
+    /// Real mode: root of the manifest's relative paths (default: LUNGSENTRY_DATA, else ../shared/data).
+    #[arg(long, value_name = "DIR", requires = "real")]
+    pub data: Option<PathBuf>,
+    /// Real mode: write PNG key images of the worst false-positive slices (most lesion pixels in negative series).
+    #[arg(long, value_name = "DIR", requires = "real")]
+    pub overlays: Option<PathBuf>,
+    /// Real mode: how many slices `--overlays` writes.
+    #[arg(long, default_value_t = 12)]
+    pub overlay_count: usize,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
     /// Use only the first N images / series (sorted by name).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -573,12 +595,19 @@ fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model = Model::load(&args.manifest)?;
     let report = match (&args.images, &args.masks) {
+        _ if args.real.is_some() => real::run_real(&args, &model, args.real.as_deref().unwrap_or(Path::new("")))?,
         (Some(images), Some(masks)) => run_images(&args, &model, images, masks)?,
         _ if !args.series.is_empty() => run_series(&args, &model)?,
-        _ => bail!("eval needs either --images DIR --masks DIR [--lungs DIR] or --series DIR..."),
+        _ => bail!("eval needs --images DIR --masks DIR [--lungs DIR], --series DIR... or --real MANIFEST"),
     };
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report["mode"] == "real" {
+        print!("{}", real::table(&report));
     } else {
         for e in report["engines"].as_array().into_iter().flatten() {
             let mut line = format!("{}:", e["engine"].as_str().unwrap_or("?"));

@@ -92,6 +92,20 @@ def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ce + 0.5 * sdice(p_lung, t_lung) + 1.0 * sdice(p_les, t_les)
 
 
+def error_weighted_ce(logits: torch.Tensor, y: torch.Tensor, fp_weight: float, fn_weight: float) -> torch.Tensor:
+    """Cross-entropy whose pixels the model currently gets wrong on lesion count more: a pixel called lesion
+    (argmax) that is not lesion weighs fp_weight, a lesion pixel not called lesion weighs fn_weight, others 1.
+    On lesion-free slices this is where a hilar vessel or a dependent density is read as lesion; on lesion slices
+    where ground glass is read as lung."""
+    with torch.no_grad():
+        called = logits.argmax(1) == 2
+        truth = y == 2
+        w = torch.ones_like(logits[:, 0])
+        w[called & ~truth] = fp_weight
+        w[~called & truth] = fn_weight
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
     s = int(pred.sum()) + int(truth.sum())
     if s == 0:
@@ -251,6 +265,11 @@ def main() -> None:
     ap.add_argument("--neg-weight", type=float, default=1.0,
                     help="checkpoint score weight of the real lesion-free validation series: + weight x mean slice "
                          "specificity - weight x mean involvement (percent) over them")
+    ap.add_argument("--fp-pixel-weight", type=float, default=1.0,
+                    help="extra cross-entropy term whose pixels called lesion that are not weigh this much "
+                         "(error_weighted_ce; 1 with --fn-pixel-weight 1: off)")
+    ap.add_argument("--fn-pixel-weight", type=float, default=1.0,
+                    help="the same term's weight of lesion pixels not called lesion")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
@@ -429,7 +448,10 @@ def main() -> None:
                 ys.append(b)
             x = torch.from_numpy(np.stack(xs))[:, None].contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(np.stack(ys).astype(np.int64))
-            loss = dice_ce_loss(model(x), y)
+            logits = model(x)
+            loss = dice_ce_loss(logits, y)
+            if args.fp_pixel_weight != 1.0 or args.fn_pixel_weight != 1.0:
+                loss = loss + error_weighted_ce(logits, y, args.fp_pixel_weight, args.fn_pixel_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -481,6 +503,7 @@ def main() -> None:
                    hard_positives=args.hard_positives, elastic=args.elastic,
                    real_source_balance=args.real_source_balance, negatives=args.negatives,
                    hard_real_negatives=args.hard_real_negatives, neg_weight=args.neg_weight,
+                   fp_pixel_weight=args.fp_pixel_weight, fn_pixel_weight=args.fn_pixel_weight,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

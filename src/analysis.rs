@@ -8,6 +8,7 @@
 //! Never: decodes pixels, runs the model, or decides what happens with a positive result.
 
 pub mod followup;
+pub mod lung_guard;
 pub mod regions;
 
 use serde::{Deserialize, Serialize};
@@ -92,7 +93,7 @@ impl BitMask {
     }
 
     /// Sets pixels `from..to` (row-major indices), a word at a time.
-    fn set_range(&mut self, from: usize, to: usize) {
+    pub(crate) fn set_range(&mut self, from: usize, to: usize) {
         let mut i = from;
         while i < to {
             let (w, b) = (i / 64, i % 64);
@@ -203,6 +204,11 @@ pub struct SliceSegmentation {
     pub lesion_hu: Vec<f32>,
     /// Highest lesion probability (softmax of the scores, at model resolution) anywhere in the slice.
     pub max_lesion_probability: f32,
+    /// Air-density pixels inside the body contour and the pure gas among them, from the HU slice
+    /// ([`lung_guard::air_mask`]); the lung guard's input at completion. `None` when the masks were made without HU (hand-built fixtures): the series is then
+    /// analysed without the guard.
+    #[serde(default)]
+    pub air: Option<lung_guard::BodyAir>,
 }
 
 /// Bilinear upsampling table (half-pixel centres, clamped): two source indices and the weight of the second.
@@ -323,6 +329,7 @@ pub fn segment_slice(scores: &[f32], classes: usize, h: usize, w: usize, hu: &Hu
         lesion,
         lesion_hu,
         max_lesion_probability: max_class_probability(scores, classes, h, w, LESION_CLASS),
+        air: Some(lung_guard::air_mask(hu)),
     }
 }
 
@@ -424,6 +431,9 @@ pub struct SeriesAnalysis {
     /// Volume of lung-labelled 3D components dropped as implausible (e.g. bowel gas below the diaphragm), mL.
     #[serde(default)]
     pub dropped_lung_ml: f64,
+    /// What the lung guard (HU anatomy, [`lung_guard`]) did, with the figures it changed as they were without it.
+    #[serde(default)]
+    pub lung_guard: lung_guard::LungGuardReport,
 }
 
 /// Joins `runs` (indices per slice in `slice_runs`, raster order) into 3D components: 8-connectivity in-plane,
@@ -442,15 +452,20 @@ fn components_3d(sorted: &[&PlacedSlice], runs: &[Run], slice_runs: &[Vec<u32>])
     dsu
 }
 
-/// Of the 3D components (26-connectivity) of the per-slice lung masks, keeps the two largest and every other one of
+/// Of the 3D components (26-connectivity) of the per-slice lung masks `lung_in` (position order: the lung guard's
+/// output, or the model's masks when the guard does not apply), keeps the two largest and every other one of
 /// at least 5 % of the largest's volume; the rest (isolated air-like blobs such as bowel gas or an oesophagus, which
 /// the 2D model can call lung) are dropped. Returns the kept masks (position order) and the dropped volume (mL).
-fn plausible_lungs(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64) -> (Vec<BitMask>, f64) {
+fn plausible_lungs(
+    sorted: &[&PlacedSlice],
+    lung_in: &[&BitMask],
+    voxel_ml: impl Fn(&PlacedSlice) -> f64,
+) -> (Vec<BitMask>, f64) {
     let mut runs: Vec<Run> = Vec::new();
     let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
-    for (si, s) in sorted.iter().enumerate() {
+    for (si, lung) in lung_in.iter().enumerate() {
         let mut idx = Vec::new();
-        for (r, c0, c1) in s.segmentation.lung.runs() {
+        for (r, c0, c1) in lung.runs() {
             idx.push(runs.len() as u32);
             runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
         }
@@ -560,9 +575,39 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         .or_else(|| sorted.first().and_then(|s| s.slice_thickness).filter(|t| *t > 0.0))
         .unwrap_or(1.0);
     let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
+    let model_lungs: Vec<&BitMask> = sorted.iter().map(|s| &s.segmentation.lung).collect();
+    // The lung guard (HU anatomy) first; the same analysis on the model's own masks gives the unguarded figures.
+    let mut r = match lung_guard::guard(&sorted, voxel_ml, spacing) {
+        Some(g) => {
+            let guarded: Vec<&BitMask> = g.lung.iter().collect();
+            let mut r = analyse_sorted(&sorted, &guarded, params, spacing);
+            let u = analyse_sorted(&sorted, &model_lungs, params, spacing);
+            r.lung_guard = lung_guard::LungGuardReport {
+                unguarded_lung_volume_ml: u.lung_volume_ml,
+                unguarded_lesion_volume_ml: u.lesion_volume_ml,
+                unguarded_involvement_percent: u.involvement_percent,
+                ..g.report
+            };
+            r
+        }
+        None => analyse_sorted(&sorted, &model_lungs, params, spacing),
+    };
+    r.slice_order = order;
+    r
+}
+
+/// The 3D analysis of slices in position order, with `lung_in` as each slice's lung mask (lesion pixels outside
+/// the kept lungs do not count). `slice_order` and `lung_guard` are left for the caller.
+fn analyse_sorted(
+    sorted: &[&PlacedSlice],
+    lung_in: &[&BitMask],
+    params: &AnalysisParams,
+    spacing: f64,
+) -> SeriesAnalysis {
+    let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
 
     // The lungs: 3D components of the lung masks that are plausibly lungs (see `plausible_lungs`).
-    let (lungs, dropped_lung_ml) = plausible_lungs(&sorted, voxel_ml);
+    let (lungs, dropped_lung_ml) = plausible_lungs(sorted, lung_in, voxel_ml);
     // Lung volume and the lungs' mid-line (centre of their x extent in patient coordinates).
     let mut lung_volume_ml = 0.0;
     let (mut min_x, mut max_x) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -609,7 +654,7 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         }
         slice_runs.push(idx);
     }
-    let mut dsu = components_3d(&sorted, &runs, &slice_runs);
+    let mut dsu = components_3d(sorted, &runs, &slice_runs);
 
     // Accumulate per component (root).
     #[derive(Default, Clone)]
@@ -681,7 +726,7 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         }
     }
     let involvement_percent = if lung_volume_ml > 0.0 { lesion_volume_ml / lung_volume_ml * 100.0 } else { 0.0 };
-    let regional = regions::regional(&sorted, &lungs, &lesion_masks, midline_x, spacing);
+    let regional = regions::regional(sorted, &lungs, &lesion_masks, midline_x, spacing);
     SeriesAnalysis {
         lesions,
         lung_volume_ml,
@@ -690,11 +735,12 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
         positive_slices: positive.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i).collect(),
         positive: involvement_percent > params.positive_threshold_percent,
         slice_spacing_mm: spacing,
-        slice_order: order,
+        slice_order: Vec::new(),
         lesion_masks,
         regional,
         dropped_lung_ml,
         lung_masks: lungs,
+        lung_guard: lung_guard::LungGuardReport::default(),
     }
 }
 

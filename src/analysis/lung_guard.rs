@@ -1,0 +1,693 @@
+//! lung_guard — the product rule that lung and lesion pixels count only where the CT's own HU anatomy has lung.
+//!
+//! A 2D model trained on chest slices reads abdomen slices of real scans as chest: bowel gas and stomach air as
+//! lung, liver and bowel wall as lesion (issue 26). This module checks the model's masks against the air the
+//! scan itself shows, in 3D over the whole series, at completion.
+//!
+//! Owns:
+//! - [`air_mask`] (per slice, computed on the CPU from the HU slice wherever a [`SliceSegmentation`] is made, so
+//!   the GPU kernels need no change): [`BodyAir`], air-density pixels (HU < [`AIR_HU`]) inside the patient's body contour. The
+//!   body is the largest 4-connected tissue component after an opening of [`BODY_OPEN_MM`] (which cuts the thin
+//!   table shell, blankets and leads off the patient), holes filled. Air around the patient and the air inside a
+//!   table cradle are therefore not "inside". The pure gas among them (HU < [`GAS_HU`]) is a second mask.
+//! - [`guard`] (per series, slices in position order): the 3D components of the air masks (8-connectivity in-plane,
+//!   26 across adjacent slices, as the lesion components); a component is lung when its volume is at least
+//!   [`MIN_COMPONENT_FRACTION`] of the largest one **and** at least `min(`[`MIN_LUNG_ML`]`, `[`MIN_SECTION_CM2`]` ×
+//!   series extent)` (the second term is what a series too thin for a 3D volume, a single slice, is held to: a
+//!   cross-section of 10 cm²) **and** at most [`MAX_GAS_FRACTION`] of its voxels are pure gas (HU < [`GAS_HU`]):
+//!   aerated lung is tissue with air in it (about −850 HU), bowel and stomach gas is gas. The lungs with trachea
+//!   and bronchi form one or two large components; bowel gas and stomach air below the diaphragm are separate,
+//!   smaller and gas-dense ones (a gas-filled colon on a single abdomen slice can be larger than lungs at their
+//!   base: the density rule is what drops it). "The largest" is the largest that passes the density rule. Airways: on each slice, a kept piece smaller
+//!   than [`AIRWAY_MAX_CM2`] whose centre lies within [`AIRWAY_MIDLINE_MM`] of the lungs' mid-line (trachea, main
+//!   bronchi, oesophageal air) is left out of the field. The field is the kept air dilated by
+//!   [`SEED_DILATION_MM`]. A 2D component (8-connectivity) of the model's lung mask (lesion included) is kept
+//!   **whole** when it overlaps the field by at least [`SEED_MIN_CM2`]; the others are dropped with every lesion
+//!   pixel in them. Keeping whole components is how the field is closed: a dense consolidation against the heart
+//!   or the chest wall has no air, but the model labels it together with the aerated lung it borders, so it stays
+//!   in (a closing or hull of the air would have to guess how thick a consolidation may be). A slice with no kept
+//!   air keeps no lung and no lesion.
+//!
+//! Complements `plausible_lungs` (the model-shape rule in `analysis`): the guard runs first, on HU anatomy;
+//! `plausible_lungs` then drops small isolated lung-labelled 3D components of what the guard kept.
+//! Hands on: the guarded lung masks (position order) and a [`LungGuardReport`] (in the result JSON as
+//! `lung_guard`) to `analyse_series`.
+//! Never: changes the streaming segmentation, runs the model, or adds a pixel the model did not label.
+//!
+//! [`SliceSegmentation`]: super::SliceSegmentation
+
+use serde::{Deserialize, Serialize};
+
+use super::{components_3d, BitMask, PlacedSlice, Run};
+use crate::preprocess::HuSlice;
+
+/// Air density, HU: below it a pixel is air or aerated lung. Normal lung is about −850 HU, ground glass −700 to
+/// −300, fat −100: −400 keeps the lung with its partial-volume rim and never takes fat or soft tissue.
+pub const AIR_HU: f32 = -400.0;
+/// Pure gas, HU: air-density voxels below it are gas rather than aerated lung. Lung parenchyma (about −850 HU, with
+/// vessels and partial volume) has almost none (0–5 % of its air voxels on every real series and slice here); bowel
+/// and stomach gas has 25–65 % (partial volume and noise put the rest above).
+pub const GAS_HU: f32 = -950.0;
+/// Radius of the opening applied to the tissue mask before the body is picked, mm: structures thinner than about
+/// twice this (table shell, mattress skin, blankets, ECG leads) do not join the patient to the table.
+pub const BODY_OPEN_MM: f64 = 2.0;
+/// A 3D air component is lung only if its volume is at least this fraction of the largest component's.
+pub const MIN_COMPONENT_FRACTION: f64 = 0.05;
+/// … and at least this volume, mL (bowel gas and stomach air in the trimmed real series: at most 45 mL; a
+/// chest's lungs: litres).
+pub const MIN_LUNG_ML: f64 = 40.0;
+/// … or, for a series too short for [`MIN_LUNG_ML`] to be reachable, this cross-section times the series extent
+/// (one slice: one slice thickness): cm². Lungs on a chest slice are tens of cm² each; gas loops at kidney level a
+/// few cm².
+pub const MIN_SECTION_CM2: f64 = 10.0;
+/// A 3D air component with more than this fraction of its voxels below [`GAS_HU`] is gas (bowel, stomach, a
+/// trachea on its own), not lung, whatever its size. (Lungs with very severe emphysema, LAA−950 above 30 %, would
+/// read as gas: a known limit.)
+pub const MAX_GAS_FRACTION: f64 = 0.3;
+/// A kept in-plane air piece smaller than this (cm²) near the mid-line is airway, not lung field.
+pub const AIRWAY_MAX_CM2: f64 = 4.0;
+/// "Near the mid-line": centre within this distance (mm, patient x) of the kept air's mid-line on the series.
+pub const AIRWAY_MIDLINE_MM: f64 = 25.0;
+/// The lung field is the kept air dilated by this, mm (reaches the lung's partial-volume rim and pixels the model
+/// labels just outside the air).
+pub const SEED_DILATION_MM: f64 = 3.0;
+/// A model lung component is kept when it overlaps the lung field by at least this, cm².
+pub const SEED_MIN_CM2: f64 = 0.1;
+/// … whole when at least this fraction of its pixels is in the field (aerated lung with the consolidation it
+/// borders); otherwise only its pixels within [`NEAR_MM`] of the kept air (an abdominal blob touching a lung
+/// base's thin costophrenic recess).
+pub const WHOLE_OVERLAP_FRACTION: f64 = 0.2;
+/// See [`WHOLE_OVERLAP_FRACTION`], mm.
+pub const NEAR_MM: f64 = 10.0;
+
+/// The per-slice input of the guard: air inside the body and, within it, pure gas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BodyAir {
+    /// Air-density pixels (HU < [`AIR_HU`]) inside the body contour.
+    pub air: BitMask,
+    /// The part of `air` below [`GAS_HU`].
+    pub gas: BitMask,
+}
+
+/// What the guard did to a series (the result JSON's `lung_guard`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LungGuardReport {
+    /// Whether the guard ran (false when a slice has no air mask, e.g. masks made without HU).
+    pub applied: bool,
+    /// 3D air components inside the body.
+    pub air_components: usize,
+    /// Of them, kept as lung.
+    pub lung_components: usize,
+    /// Volume of the kept air (airways included), mL.
+    pub lung_air_ml: f64,
+    /// Slices (position order) with a lung field.
+    pub slices_with_lung_field: usize,
+    /// Model lung (lesion included) dropped by the guard, mL.
+    pub removed_lung_ml: f64,
+    /// The figures without the guard (`plausible_lungs` only), for comparison: lung volume, mL.
+    pub unguarded_lung_volume_ml: f64,
+    /// Surviving lesion volume without the guard, mL.
+    pub unguarded_lesion_volume_ml: f64,
+    /// Involvement without the guard, %.
+    pub unguarded_involvement_percent: f64,
+}
+
+/// The guard's outcome for a series.
+#[derive(Debug, Clone)]
+pub struct Guarded {
+    /// Model lung masks restricted to the components the field seeds, position order.
+    pub lung: Vec<BitMask>,
+    /// The lung field per slice (kept air, airways out, dilated), position order.
+    pub field: Vec<BitMask>,
+    /// What was done (the `unguarded_*` figures are filled in by the caller).
+    pub report: LungGuardReport,
+}
+
+/// Air-density pixels (HU < [`AIR_HU`]) inside the patient's body contour, and the gas among them (see the
+/// module doc).
+pub fn air_mask(hu: &HuSlice) -> BodyAir {
+    let (rows, cols) = (hu.rows, hu.cols);
+    let min_spacing = hu.pixel_spacing[0].min(hu.pixel_spacing[1]);
+    let r = if min_spacing > 0.0 { (BODY_OPEN_MM / min_spacing).round().max(1.0) as usize } else { 1 };
+    let air: Vec<bool> = hu.hu.iter().map(|&v| v < AIR_HU).collect();
+    let tissue: Vec<bool> = air.iter().map(|a| !a).collect();
+    let opened = dilate(&erode(&tissue, rows, cols, r), rows, cols, r);
+    let (labels, sizes) = label(&opened, rows, cols, false);
+    let Some(body) = sizes.iter().enumerate().skip(1).max_by_key(|&(_, &n)| n).map(|(l, _)| l as u32) else {
+        return BodyAir { air: BitMask::new(rows, cols), gas: BitMask::new(rows, cols) };
+    };
+    let body_px: Vec<bool> = labels.iter().map(|&l| l == body).collect();
+    let filled = fill_holes(&body_px, rows, cols);
+    let inside: Vec<bool> = air.iter().zip(&filled).map(|(a, f)| *a && *f).collect();
+    let gas: Vec<bool> = inside.iter().zip(&hu.hu).map(|(a, &v)| *a && v < GAS_HU).collect();
+    BodyAir { air: BitMask::from_bools(rows, cols, &inside), gas: BitMask::from_bools(rows, cols, &gas) }
+}
+
+/// The guard over a series' slices in position order (`None` when a slice has no air mask). `voxel_ml` gives a
+/// slice's voxel volume; `spacing` is the series' voxel depth, mm.
+pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, spacing: f64) -> Option<Guarded> {
+    let bodies: Vec<&BodyAir> = sorted.iter().map(|s| s.segmentation.air.as_ref()).collect::<Option<_>>()?;
+    for (s, b) in sorted.iter().zip(&bodies) {
+        let size = (s.segmentation.rows, s.segmentation.cols);
+        if (b.air.rows, b.air.cols) != size || (b.gas.rows, b.gas.cols) != size {
+            return None;
+        }
+    }
+    let mut report = LungGuardReport { applied: true, ..Default::default() };
+
+    // Per slice, the in-plane air pieces that are not gas: a piece with more than MAX_GAS_FRACTION of pure gas is
+    // bowel or stomach gas or an airway lumen, and is left out before the 3D components are made (so a gas-filled
+    // colon touching a lung base across slices does not join the lung).
+    let candidates: Vec<BitMask> = bodies
+        .iter()
+        .map(|b| {
+            let (rows, cols) = (b.air.rows, b.air.cols);
+            let air = b.air.to_bools();
+            let (labels, sizes) = label(&air, rows, cols, true);
+            let mut gas = vec![0usize; sizes.len()];
+            for (i, &l) in labels.iter().enumerate() {
+                if l != 0 && b.gas.get_index(i) {
+                    gas[l as usize] += 1;
+                }
+            }
+            let keep: Vec<bool> =
+                (0..sizes.len()).map(|l| gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64).collect();
+            let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
+            BitMask::from_bools(rows, cols, &px)
+        })
+        .collect();
+
+    // 3D components of what is left, and the size rules.
+    let mut runs: Vec<Run> = Vec::new();
+    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
+    for (si, a) in candidates.iter().enumerate() {
+        let mut idx = Vec::new();
+        for (r, c0, c1) in a.runs() {
+            idx.push(runs.len() as u32);
+            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
+        }
+        slice_runs.push(idx);
+    }
+    let mut dsu = components_3d(sorted, &runs, &slice_runs);
+    let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
+    let mut volume: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    for (run, &root) in runs.iter().zip(&roots) {
+        *volume.entry(root).or_default() += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
+    }
+    let largest = volume.values().copied().fold(0.0, f64::max);
+    let extent_cm = sorted.len() as f64 * spacing / 10.0;
+    let min_ml = MIN_LUNG_ML.min(MIN_SECTION_CM2 * extent_cm).max(MIN_COMPONENT_FRACTION * largest);
+    let keep: std::collections::HashSet<u32> =
+        volume.iter().filter(|&(_, &v)| v > 0.0 && v >= min_ml).map(|(&r, _)| r).collect();
+    report.air_components = volume.len();
+    report.lung_components = keep.len();
+    report.lung_air_ml = keep.iter().map(|r| volume[r]).sum();
+
+    let mut kept: Vec<BitMask> =
+        sorted.iter().map(|s| BitMask::new(s.segmentation.rows, s.segmentation.cols)).collect();
+    let (mut min_x, mut max_x) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (run, root) in runs.iter().zip(&roots) {
+        if keep.contains(root) {
+            let cols = kept[run.slice].cols;
+            kept[run.slice].set_range(run.row * cols + run.start, run.row * cols + run.end + 1);
+            for c in [run.start, run.end] {
+                let x = sorted[run.slice].point(run.row as f64, c as f64)[0];
+                min_x = min_x.min(x);
+                max_x = max_x.max(x);
+            }
+        }
+    }
+    let midline_x = (min_x + max_x) / 2.0;
+
+    let mut lung = Vec::with_capacity(sorted.len());
+    let mut field = Vec::with_capacity(sorted.len());
+    for (s, k) in sorted.iter().zip(&kept) {
+        let seg = &s.segmentation;
+        let (rows, cols) = (seg.rows, seg.cols);
+        let px_cm2 = s.pixel_spacing[0] * s.pixel_spacing[1] / 100.0;
+        if k.count() == 0 {
+            report.removed_lung_ml += seg.lung.count() as f64 * voxel_ml(*s);
+            lung.push(BitMask::new(rows, cols));
+            field.push(BitMask::new(rows, cols));
+            continue;
+        }
+        // Airways out: small kept pieces near the mid-line.
+        let mut air = k.to_bools();
+        let (labels, sizes) = label(&air, rows, cols, true);
+        let mut centre = vec![(0.0f64, 0.0f64); sizes.len()];
+        for (i, &l) in labels.iter().enumerate() {
+            if l != 0 {
+                centre[l as usize].0 += (i / cols) as f64;
+                centre[l as usize].1 += (i % cols) as f64;
+            }
+        }
+        let airway: Vec<bool> = (0..sizes.len())
+            .map(|l| {
+                if l == 0 || sizes[l] == 0 {
+                    return false;
+                }
+                let n = sizes[l] as f64;
+                let x = s.point(centre[l].0 / n, centre[l].1 / n)[0];
+                n * px_cm2 < AIRWAY_MAX_CM2 && (x - midline_x).abs() < AIRWAY_MIDLINE_MM
+            })
+            .collect();
+        for (a, &l) in air.iter_mut().zip(&labels) {
+            if airway[l as usize] {
+                *a = false;
+            }
+        }
+        // The field, and the model's lung components it seeds.
+        let min_spacing = s.pixel_spacing[0].min(s.pixel_spacing[1]);
+        let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
+        let f = dilate(&air, rows, cols, px(SEED_DILATION_MM));
+        let model = seg.lung.to_bools();
+        let (mlabels, msizes) = label(&model, rows, cols, true);
+        let mut overlap = vec![0usize; msizes.len()];
+        for (&l, &inside) in mlabels.iter().zip(&f) {
+            if l != 0 && inside {
+                overlap[l as usize] += 1;
+            }
+        }
+        // 0: dropped, 1: only its pixels near the field, 2: whole.
+        let how: Vec<u8> = (0..msizes.len())
+            .map(|l| {
+                let n = overlap[l];
+                if l == 0 || n == 0 || (n as f64 * px_cm2) < SEED_MIN_CM2 {
+                    0
+                } else if n as f64 >= WHOLE_OVERLAP_FRACTION * msizes[l] as f64 {
+                    2
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let near = if how.contains(&1) { dilate(&air, rows, cols, px(NEAR_MM)) } else { Vec::new() };
+        let kept_px: Vec<bool> = mlabels
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| match how[l as usize] {
+                2 => true,
+                1 => near[i],
+                _ => false,
+            })
+            .collect();
+        let kept_lung = BitMask::from_bools(rows, cols, &kept_px);
+        report.removed_lung_ml += (seg.lung.count() - kept_lung.count()) as f64 * voxel_ml(*s);
+        if f.iter().any(|&b| b) {
+            report.slices_with_lung_field += 1;
+        }
+        lung.push(kept_lung);
+        field.push(BitMask::from_bools(rows, cols, &f));
+    }
+    Some(Guarded { lung, field, report })
+}
+
+/// Square dilation (Chebyshev radius `r`) of a rows×cols mask: separable, prefix counts per line.
+fn dilate(m: &[bool], rows: usize, cols: usize, r: usize) -> Vec<bool> {
+    if r == 0 {
+        return m.to_vec();
+    }
+    let line = |get: &dyn Fn(usize) -> bool, n: usize, out: &mut dyn FnMut(usize, bool)| {
+        let mut prefix = vec![0u32; n + 1];
+        for i in 0..n {
+            prefix[i + 1] = prefix[i] + get(i) as u32;
+        }
+        for i in 0..n {
+            let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
+            out(i, prefix[b] > prefix[a]);
+        }
+    };
+    let mut h = vec![false; rows * cols];
+    for row in 0..rows {
+        let base = row * cols;
+        line(&|c: usize| m[base + c], cols, &mut |c: usize, v: bool| h[base + c] = v);
+    }
+    let mut out = vec![false; rows * cols];
+    for col in 0..cols {
+        line(&|row: usize| h[row * cols + col], rows, &mut |row: usize, v: bool| out[row * cols + col] = v);
+    }
+    out
+}
+
+/// Square erosion: the complement of the dilation of the complement (outside the image counts as set).
+fn erode(m: &[bool], rows: usize, cols: usize, r: usize) -> Vec<bool> {
+    let inv: Vec<bool> = m.iter().map(|b| !b).collect();
+    dilate(&inv, rows, cols, r).into_iter().map(|b| !b).collect()
+}
+
+/// Connected components of the set pixels (4- or 8-connectivity): a label per pixel (0 = unset, components from
+/// 1) and each label's pixel count (index 0 unused).
+fn label(m: &[bool], rows: usize, cols: usize, eight: bool) -> (Vec<u32>, Vec<usize>) {
+    let mut labels = vec![0u32; rows * cols];
+    let mut sizes = vec![0usize];
+    let mut stack = Vec::new();
+    for start in 0..rows * cols {
+        if !m[start] || labels[start] != 0 {
+            continue;
+        }
+        let l = sizes.len() as u32;
+        sizes.push(0);
+        labels[start] = l;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            sizes[l as usize] += 1;
+            let (r, c) = ((i / cols) as isize, (i % cols) as isize);
+            for (dr, dc) in [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+                .into_iter()
+                .take(if eight { 8 } else { 4 })
+            {
+                let (nr, nc) = (r + dr, c + dc);
+                if nr < 0 || nc < 0 || nr >= rows as isize || nc >= cols as isize {
+                    continue;
+                }
+                let j = nr as usize * cols + nc as usize;
+                if m[j] && labels[j] == 0 {
+                    labels[j] = l;
+                    stack.push(j);
+                }
+            }
+        }
+    }
+    (labels, sizes)
+}
+
+/// The mask with its holes filled: every unset pixel not 4-connected to the image border through unset pixels.
+fn fill_holes(m: &[bool], rows: usize, cols: usize) -> Vec<bool> {
+    let mut outside = vec![false; rows * cols];
+    if rows == 0 || cols == 0 {
+        return m.to_vec();
+    }
+    let mut stack: Vec<usize> = Vec::new();
+    let seed = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<usize>| {
+        if !m[i] && !outside[i] {
+            outside[i] = true;
+            stack.push(i);
+        }
+    };
+    for c in 0..cols {
+        seed(c, &mut outside, &mut stack);
+        seed((rows - 1) * cols + c, &mut outside, &mut stack);
+    }
+    for r in 0..rows {
+        seed(r * cols, &mut outside, &mut stack);
+        seed(r * cols + cols - 1, &mut outside, &mut stack);
+    }
+    while let Some(i) = stack.pop() {
+        let (r, c) = (i / cols, i % cols);
+        if r > 0 {
+            seed(i - cols, &mut outside, &mut stack);
+        }
+        if r + 1 < rows {
+            seed(i + cols, &mut outside, &mut stack);
+        }
+        if c > 0 {
+            seed(i - 1, &mut outside, &mut stack);
+        }
+        if c + 1 < cols {
+            seed(i + 1, &mut outside, &mut stack);
+        }
+    }
+    outside.into_iter().map(|o| !o).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{analyse_series, AnalysisParams, SliceSegmentation};
+
+    const N: usize = 64;
+    /// Pixel spacing of the synthetic slices, mm (a 320 mm field; one pixel = 0.25 cm²).
+    const PX_MM: f64 = 5.0;
+
+    fn ellipse(r: usize, c: usize, (cr, cc, ar, ac): (f64, f64, f64, f64)) -> bool {
+        ((r as f64 - cr) / ar).powi(2) + ((c as f64 - cc) / ac).powi(2) < 1.0
+    }
+    const BODY: (f64, f64, f64, f64) = (32.0, 32.0, 27.0, 30.0);
+    const RIGHT_LUNG: (f64, f64, f64, f64) = (32.0, 18.0, 14.0, 9.0);
+    const LEFT_LUNG: (f64, f64, f64, f64) = (32.0, 46.0, 14.0, 9.0);
+
+    /// A consolidation against the right lung's lateral-posterior wall: dense (no air), labelled lesion.
+    fn consolidation(r: usize, c: usize) -> bool {
+        ellipse(r, c, RIGHT_LUNG) && r >= 38 && c <= 18
+    }
+
+    fn hu_slice(f: impl Fn(usize, usize) -> f32) -> HuSlice {
+        let mut s = HuSlice::from_hu(N, N, (0..N * N).map(|i| f(i / N, i % N)).collect());
+        s.pixel_spacing = [PX_MM, PX_MM];
+        s
+    }
+
+    /// A chest slice: body, two aerated lungs (−850 HU) with a dense consolidation in the right one.
+    fn chest_hu() -> HuSlice {
+        hu_slice(|r, c| {
+            if consolidation(r, c) {
+                30.0
+            } else if ellipse(r, c, RIGHT_LUNG) || ellipse(r, c, LEFT_LUNG) {
+                -850.0
+            } else if ellipse(r, c, BODY) {
+                40.0
+            } else {
+                -1000.0
+            }
+        })
+    }
+
+    /// A slice below the lungs: body with a 3×3 gas pocket (2.25 cm²).
+    fn gas(r: usize, c: usize) -> bool {
+        (20..23).contains(&r) && (30..33).contains(&c)
+    }
+    fn abdomen_hu() -> HuSlice {
+        hu_slice(|r, c| {
+            if gas(r, c) {
+                -1000.0
+            } else if ellipse(r, c, BODY) {
+                40.0
+            } else {
+                -1000.0
+            }
+        })
+    }
+
+    fn mask(f: impl Fn(usize, usize) -> bool) -> Vec<bool> {
+        (0..N * N).map(|i| f(i / N, i % N)).collect()
+    }
+
+    fn placed(z: f64, hu: &HuSlice, lung: Vec<bool>, lesion: Vec<bool>) -> PlacedSlice {
+        let lung: Vec<bool> = lung.iter().zip(&lesion).map(|(a, b)| *a || *b).collect();
+        let lesion = BitMask::from_bools(N, N, &lesion);
+        PlacedSlice {
+            segmentation: SliceSegmentation {
+                rows: N,
+                cols: N,
+                lung: BitMask::from_bools(N, N, &lung),
+                lesion_hu: vec![0.0; lesion.count()],
+                lesion,
+                max_lesion_probability: 0.5,
+                air: Some(air_mask(hu)),
+            },
+            position_mm: z,
+            image_position: [0.0, 0.0, z],
+            image_orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            pixel_spacing: [PX_MM, PX_MM],
+            slice_thickness: Some(PX_MM),
+        }
+    }
+
+    /// The model's view of a chest slice: both lungs with the consolidation as lesion.
+    fn chest(z: f64) -> PlacedSlice {
+        let lungs = mask(|r, c| ellipse(r, c, RIGHT_LUNG) || ellipse(r, c, LEFT_LUNG));
+        placed(z, &chest_hu(), lungs, mask(consolidation))
+    }
+
+    /// The model's mistake on an abdomen slice: the gas read as lung, the wall around it as lesion.
+    fn abdomen(z: f64) -> PlacedSlice {
+        let wall = mask(|r, c| (18..25).contains(&r) && (28..35).contains(&c) && !gas(r, c));
+        placed(z, &abdomen_hu(), mask(gas), wall)
+    }
+
+    fn params() -> AnalysisParams {
+        AnalysisParams { min_lesion_volume_ml: 0.0, positive_threshold_percent: 0.4 }
+    }
+
+    #[test]
+    fn air_mask_is_the_air_inside_the_body_not_around_it_nor_in_the_table() {
+        // The chest slice on a table: a 1-pixel table top touching the body, and a cradle below it enclosing air.
+        let base = chest_hu();
+        let hu = hu_slice(|r, c| {
+            let table = r == 59 || r == 63 || ((59..=63).contains(&r) && (c == 4 || c == 59));
+            if table && (4..=59).contains(&c) {
+                200.0
+            } else {
+                base.hu[r * N + c]
+            }
+        });
+        let air = air_mask(&hu).air;
+        for r in 0..N {
+            for c in 0..N {
+                let lung = (ellipse(r, c, RIGHT_LUNG) || ellipse(r, c, LEFT_LUNG)) && !consolidation(r, c);
+                assert_eq!(air.get(r, c), lung, "pixel ({r}, {c})");
+            }
+        }
+        // Without the opening the cradle would be a hole of the body joined to the table: it is air, enclosed.
+        assert!(hu.hu[61 * N + 30] < AIR_HU);
+        // No body at all (an empty field of view): no air inside.
+        assert_eq!(air_mask(&hu_slice(|_, _| -1000.0)).air.count(), 0);
+        // Gas is the part below −950 HU.
+        let gas = air_mask(&abdomen_hu());
+        assert_eq!((gas.air.count(), gas.gas.count()), (9, 9));
+        assert_eq!(air_mask(&chest_hu()).gas.count(), 0);
+    }
+
+    #[test]
+    fn lungs_are_kept_whole_with_their_consolidation_and_abdomen_slices_lose_lung_and_lesion() {
+        // Abdomen slices z = 0..25, chest slices z = 30..70 (5 mm apart).
+        let slices: Vec<PlacedSlice> =
+            (0..15).map(|k| if k < 6 { abdomen(k as f64 * 5.0) } else { chest(k as f64 * 5.0) }).collect();
+        let sorted: Vec<&PlacedSlice> = slices.iter().collect();
+        let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * 5.0 / 1000.0;
+        let g = guard(&sorted, voxel_ml, 5.0).expect("every slice has an air mask");
+        // Two lungs (9 slices each, ~0.5 L) kept; the gas pocket (6 slices × 2.25 cm² × 0.5 cm = 6.75 mL) is not.
+        assert_eq!((g.report.air_components, g.report.lung_components), (3, 2), "{:?}", g.report);
+        for (k, s) in slices.iter().enumerate() {
+            if k < 6 {
+                assert_eq!(g.lung[k].count(), 0, "abdomen slice {k}");
+                assert_eq!(g.field[k].count(), 0, "abdomen slice {k}");
+            } else {
+                // The consolidation has no air; it is kept because the model labels it with the lung it borders.
+                assert_eq!(g.lung[k], s.segmentation.lung, "chest slice {k}");
+                assert!(mask(consolidation).iter().enumerate().any(|(i, &b)| b && !g.field[k].get_index(i)));
+            }
+        }
+        assert_eq!(g.report.slices_with_lung_field, 9);
+        assert!((g.report.removed_lung_ml - 6.0 * 49.0 * 0.125).abs() < 1e-9, "{:?}", g.report);
+
+        let r = analyse_series(&slices, &params());
+        let consolidation_ml = 9.0 * mask(consolidation).iter().filter(|&&b| b).count() as f64 * 0.125;
+        assert!((r.lesion_volume_ml - consolidation_ml).abs() < 1e-9, "{} vs {consolidation_ml}", r.lesion_volume_ml);
+        assert_eq!(r.lesions.len(), 1);
+        assert!(r.lung_guard.applied);
+        assert!((r.lung_guard.unguarded_lesion_volume_ml - consolidation_ml - 6.0 * 40.0 * 0.125).abs() < 1e-9);
+        assert!(r.lung_guard.unguarded_involvement_percent > r.involvement_percent);
+        assert!(r.positive_slices.iter().all(|&k| k >= 6));
+    }
+
+    #[test]
+    fn single_slices_a_chest_keeps_its_lungs_an_abdomen_gets_nothing() {
+        let r = analyse_series(&[chest(0.0)], &params());
+        assert!(r.lung_guard.applied);
+        assert_eq!(r.lung_masks[0], chest(0.0).segmentation.lung);
+        assert!(r.lesion_volume_ml > 0.0);
+        let r = analyse_series(&[abdomen(0.0)], &params());
+        assert!(r.lung_guard.applied);
+        assert_eq!((r.lung_volume_ml, r.lesion_volume_ml, r.positive), (0.0, 0.0, false));
+        assert!(r.lung_guard.unguarded_lesion_volume_ml > 0.0, "the model's mistake is there to be removed");
+    }
+
+    #[test]
+    fn a_small_midline_airway_piece_is_not_lung_field() {
+        // Chest slices z = 0..40; a trachea (3×3, 2.25 cm²) between the lungs on the top three, joined to both
+        // lungs by a bronchus on the lowest of them (so it is part of a kept 3D component). The model calls the
+        // trachea lung.
+        let trachea = |r: usize, c: usize| (29..32).contains(&r) && (31..34).contains(&c);
+        let bronchus = |r: usize, c: usize| (29..31).contains(&r) && (25..40).contains(&c);
+        let slices: Vec<PlacedSlice> = (0..9)
+            .map(|k| {
+                let z = k as f64 * 5.0;
+                if k < 6 {
+                    return chest(z);
+                }
+                let base = chest_hu();
+                let with_bronchus = k == 6;
+                let hu = hu_slice(|r, c| {
+                    if trachea(r, c) || (with_bronchus && bronchus(r, c)) {
+                        -1000.0
+                    } else {
+                        base.hu[r * N + c]
+                    }
+                });
+                let lungs = mask(|r, c| ellipse(r, c, RIGHT_LUNG) || ellipse(r, c, LEFT_LUNG) || trachea(r, c));
+                placed(z, &hu, lungs, mask(consolidation))
+            })
+            .collect();
+        let sorted: Vec<&PlacedSlice> = slices.iter().collect();
+        let g = guard(&sorted, |s| s.pixel_spacing[0] * s.pixel_spacing[1] * 5.0 / 1000.0, 5.0).unwrap();
+        assert_eq!(g.report.lung_components, 1, "the bronchus joins lungs and trachea: {:?}", g.report);
+        for k in 7..9 {
+            assert!(!g.lung[k].get(30, 32), "slice {k}: the trachea is not lung");
+            assert!(g.lung[k].get(32, 18) && g.lung[k].get(32, 46), "slice {k}: the lungs are");
+        }
+    }
+
+    #[test]
+    fn a_large_pocket_of_pure_gas_is_not_lung_aerated_lung_of_the_same_size_is() {
+        // One slice, one 6×20 px (30 cm²) air pocket the model calls lung with a lesion rim: large enough for the
+        // size rules either way; only its density decides.
+        let pocket = |r: usize, c: usize| (20..26).contains(&r) && (22..42).contains(&c);
+        let rim = |r: usize, c: usize| (18..28).contains(&r) && (20..44).contains(&c) && !pocket(r, c);
+        for (hu_in, lung) in [(-1000.0, false), (-850.0, true)] {
+            let hu = hu_slice(|r, c| {
+                if pocket(r, c) {
+                    hu_in
+                } else if ellipse(r, c, BODY) {
+                    40.0
+                } else {
+                    -1000.0
+                }
+            });
+            let r = analyse_series(&[placed(0.0, &hu, mask(pocket), mask(rim))], &params());
+            assert_eq!(r.lung_guard.lung_components, lung as usize, "{hu_in} HU: {:?}", r.lung_guard);
+            assert_eq!(r.lesion_volume_ml > 0.0, lung, "{hu_in} HU");
+        }
+    }
+
+    #[test]
+    fn without_air_masks_the_guard_does_not_apply() {
+        let mut s = chest(0.0);
+        s.segmentation.air = None;
+        let r = analyse_series(&[abdomen(5.0), s], &params());
+        assert!(!r.lung_guard.applied);
+        assert!(r.lesion_volume_ml > 0.0);
+    }
+
+    #[test]
+    fn morphology_helpers_match_their_definitions() {
+        let (rows, cols) = (9, 11);
+        let m: Vec<bool> = (0..rows * cols).map(|i| i % 7 == 0 || i % 13 == 0).collect();
+        for r in 0..3 {
+            let d = dilate(&m, rows, cols, r);
+            let e = erode(&m, rows, cols, r);
+            for i in 0..rows * cols {
+                let (y, x) = ((i / cols) as isize, (i % cols) as isize);
+                let near = |want: bool| {
+                    (-(r as isize)..=r as isize).any(|dy| {
+                        (-(r as isize)..=r as isize).any(|dx| {
+                            let (yy, xx) = (y + dy, x + dx);
+                            yy >= 0
+                                && xx >= 0
+                                && yy < rows as isize
+                                && xx < cols as isize
+                                && m[yy as usize * cols + xx as usize] == want
+                        })
+                    })
+                };
+                assert_eq!(d[i], near(true), "dilate r={r} at {i}");
+                assert_eq!(e[i], !near(false), "erode r={r} at {i}");
+            }
+        }
+        // A ring with a hole, and a C shape whose inside reaches the border.
+        let ring: Vec<bool> = (0..49)
+            .map(|i| {
+                let (y, x) = (i / 7, i % 7);
+                (1..6).contains(&y) && (1..6).contains(&x) && !(y == 3 && x == 3)
+            })
+            .collect();
+        let filled = fill_holes(&ring, 7, 7);
+        assert!(filled[3 * 7 + 3] && !filled[0]);
+        let (labels, sizes) = label(&ring, 7, 7, false);
+        assert_eq!(sizes.len(), 2);
+        assert_eq!(labels[3 * 7 + 3], 0);
+        let diag = vec![true, false, false, true];
+        assert_eq!(label(&diag, 2, 2, false).1.len(), 3);
+        assert_eq!(label(&diag, 2, 2, true).1.len(), 2);
+    }
+}

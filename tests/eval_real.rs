@@ -11,6 +11,9 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
+/// The one COVID-19-NY-SBU file that is a reformatted (derived) image.
+const DERIVED_SLICE: &str = "A072894_19001203-066.dcm";
+
 fn copy_files(from: &Path, names: &[String], to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for n in names {
@@ -34,7 +37,10 @@ fn build_set() -> (PathBuf, tempfile::TempDir) {
     let pan_names = names(&pancreas);
     copy_files(&pancreas, &pan_names[30..36], &t.join("pancreas"));
     let sbu = data.join("real-dicom/covid19-ny-sbu-axial");
-    copy_files(&sbu, &names(&sbu)[..2], &t.join("sbu"));
+    let mut sbu_names = names(&sbu)[..2].to_vec();
+    // A DERIVED/SECONDARY/REFORMATTED image: the daemon analyses no slice of it, so it gets no flag.
+    sbu_names.push(DERIVED_SLICE.to_string());
+    copy_files(&sbu, &sbu_names, &t.join("sbu"));
     let luna = data.join("real-ct-series/luna16-normal-3/normal_patient_3");
     let luna_names: Vec<String> = (120..125).map(|z| format!("z_{z:03}.png")).collect();
     copy_files(&luna, &luna_names, &t.join("luna"));
@@ -166,6 +172,12 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
         let positive = s["positive"].as_bool().unwrap();
         let expected_positive = s["expected"] == "positive";
         assert_eq!(positive, involvement > threshold, "{name}: flag is involvement > threshold");
+        if s["status"] == "skipped" {
+            assert!(s["flag_correct"].is_null() && !positive && u(&s["analysed_slices"]) == 0, "{name}");
+            assert!(!s["skip_reasons"].as_array().unwrap().is_empty(), "{name}: a skipped series says why");
+            continue;
+        }
+        assert_eq!(s["status"], "analysed", "{name}");
         assert_eq!(s["flag_correct"].as_bool().unwrap(), positive == expected_positive, "{name}");
         let lung = f(&s["lung_volume_ml"]);
         let lesion = f(&s["lesion_volume_ml"]);
@@ -206,6 +218,7 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
     }
     let c = &e["series_confusion"];
     assert_eq!([u(&c["tp"]), u(&c["fp"]), u(&c["tn"]), u(&c["fn"])], conf);
+    assert_eq!(conf.iter().sum::<usize>() + u(&e["n_skipped"]), series.len());
     assert_eq!(f(&e["series_sensitivity"]), conf[0] as f64 / (conf[0] + conf[3]) as f64);
     assert_eq!(f(&e["series_specificity"]), conf[2] as f64 / (conf[2] + conf[1]) as f64);
     let negatives: Vec<&Value> = series.iter().filter(|s| s["expected"] == "negative").collect();
@@ -213,7 +226,12 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
     let clear: usize = negatives.iter().map(|s| u(&s["analysed_slices"]) - u(&s["positive_slices"])).sum();
     assert_eq!(u(&e["negative_slices_without_lesion"]), clear);
     let sbu_entry = e["by_entry"].as_array().unwrap().iter().find(|b| b["entry"] == "sbu").unwrap();
-    assert_eq!(u(&sbu_entry["n_series"]), 2);
+    assert_eq!(u(&sbu_entry["n_series"]), 3);
+    assert_eq!(u(&sbu_entry["skipped"]), 1);
+    let derived = by_name(&format!("sbu/{}", DERIVED_SLICE.trim_end_matches(".dcm")));
+    assert_eq!(derived["status"], "skipped");
+    assert!(derived["skip_reasons"].to_string().contains("derived"), "{}", derived["skip_reasons"]);
+    assert_eq!(u(&e["n_skipped"]), 1);
 
     // Overlays: the negative-series slices with the most lesion pixels, worst first, each a two-panel PNG.
     let mut fp_slices: Vec<(usize, String, usize)> = Vec::new();
@@ -235,9 +253,8 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
         assert_eq!(s["expected"], "negative");
         let row = &s["slices"][u(&o["slice_index"])];
         assert_eq!(u(&row["lesion_px"]), u(&o["lesion_px"]));
-        let png = png::Decoder::new(std::fs::File::open(overlays.join(o["file"].as_str().unwrap())).unwrap());
-        let info = png.read_info().unwrap().info().clone();
-        assert!(info.width > info.height, "two panels side by side");
+        let img = lungsentry::eval::read_png_gray(&overlays.join(o["file"].as_str().unwrap())).unwrap();
+        assert!(img.cols > 2 * img.rows, "two panels side by side: {}×{}", img.cols, img.rows);
     }
 
     // The human table names every series and the summary.

@@ -223,8 +223,9 @@ pub struct RealSeriesEval {
     pub largest_lesion_ml: f64,
     /// The product's flag.
     pub positive: bool,
-    /// positive == expected.
-    pub flag_correct: bool,
+    /// positive == expected; None when the series was skipped (no slice the daemon analyses: it gets no flag and
+    /// counts in neither sensitivity nor specificity).
+    pub flag_correct: Option<bool>,
     /// Rules the daemon would have skipped the series for (it is analysed anyway, as `analyze` does).
     pub skip_reasons: Vec<String>,
     /// Slices whose pixels could not be used, with the reason.
@@ -312,7 +313,7 @@ fn series_eval(
         lesion_count: lesions.len(),
         largest_lesion_ml: lesions.iter().filter_map(|l| l["volume_ml"].as_f64()).fold(0.0, f64::max),
         positive,
-        flag_correct: positive == entry.expected.positive(),
+        flag_correct: analysed.then_some(positive == entry.expected.positive()),
         skip_reasons: strings(&result["skip_reasons"]),
         slice_errors: strings(&result["slice_errors"]),
         geometry,
@@ -524,6 +525,8 @@ struct EntrySummary {
     expected: Expected,
     n_series: usize,
     flagged_positive: usize,
+    /// Series with no analysable slice (no flag).
+    skipped: usize,
     correct: usize,
 }
 
@@ -605,9 +608,10 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
             }
         }
         let mut conf = Confusion::default();
-        for s in &series {
+        for s in series.iter().filter(|s| s.flag_correct.is_some()) {
             conf.add(s.positive, s.expected.positive());
         }
+        let skipped = series.iter().filter(|s| s.flag_correct.is_none()).count();
         let neg: Vec<&RealSeriesEval> = series.iter().filter(|s| !s.expected.positive()).collect();
         let neg_slices: usize = neg.iter().map(|s| s.analysed_slices).sum();
         let neg_clear: usize = neg.iter().map(|s| s.analysed_slices - s.positive_slices).sum();
@@ -622,7 +626,8 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
                     expected: e.expected,
                     n_series: rows.len(),
                     flagged_positive: rows.iter().filter(|s| s.positive).count(),
-                    correct: rows.iter().filter(|s| s.flag_correct).count(),
+                    skipped: rows.iter().filter(|s| s.flag_correct.is_none()).count(),
+                    correct: rows.iter().filter(|s| s.flag_correct == Some(true)).count(),
                 }
             })
             .collect();
@@ -634,6 +639,7 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
         engines_out.push(json!({
             "engine": ctx.engine.name(),
             "n_series": series.len(),
+            "n_skipped": skipped,
             "series_confusion": conf,
             "series_sensitivity": conf.sensitivity(),
             "series_specificity": conf.specificity(),
@@ -693,13 +699,21 @@ pub fn table(report: &Value) -> String {
                 r["name"].as_str().unwrap_or("?"),
                 r["kind"].as_str().unwrap_or("?"),
                 r["expected"].as_str().unwrap_or("?"),
-                if r["positive"].as_bool().unwrap_or(false) { "POSITIVE" } else { "negative" },
+                match (r["status"].as_str(), r["positive"].as_bool()) {
+                    (Some("skipped"), _) => "skipped",
+                    (_, Some(true)) => "POSITIVE",
+                    _ => "negative",
+                },
                 opt(&r["involvement_percent"], 2),
                 opt(&r["lung_volume_ml"], 0),
-                r["lesion_count"],
+                r["lesion_count"].to_string(),
                 format!("{}/{}", r["positive_slices"], r["analysed_slices"]),
                 opt(&r["slice_specificity"], 3),
-                if r["flag_correct"].as_bool().unwrap_or(false) { "ok" } else { "WRONG" },
+                match r["flag_correct"].as_bool() {
+                    Some(true) => "ok".to_string(),
+                    Some(false) => "WRONG".to_string(),
+                    None => format!("not analysed: {}", r["skip_reasons"][0].as_str().unwrap_or("?")),
+                },
             ));
         }
         let c = &e["series_confusion"];
@@ -716,6 +730,12 @@ pub fn table(report: &Value) -> String {
             e["negative_slices_without_lesion"],
             e["negative_slices"],
         ));
+        if e["n_skipped"].as_u64().unwrap_or(0) > 0 {
+            s.push_str(&format!(
+                "{} series not analysed (no slice the daemon analyses), left out of both\n",
+                e["n_skipped"]
+            ));
+        }
         for o in e["overlays"].as_array().into_iter().flatten() {
             s.push_str(&format!(
                 "overlay {}: {} slice {} ({}), {} lesion px\n",

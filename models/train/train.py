@@ -270,6 +270,10 @@ def main() -> None:
                          "(error_weighted_ce; 1 with --fn-pixel-weight 1: off)")
     ap.add_argument("--fn-pixel-weight", type=float, default=1.0,
                     help="the same term's weight of lesion pixels not called lesion")
+    ap.add_argument("--freeze-bn", action="store_true",
+                    help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
+                         "are kept and batches are normalised with them, so a new mix of data in the batch does not "
+                         "shift what the layers do on the old data")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
@@ -408,6 +412,10 @@ def main() -> None:
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
         model.train()
+        if args.freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
         t0 = time.time()
         losses = []
         if budget is not None and time.time() - t_begin >= budget:
@@ -504,6 +512,7 @@ def main() -> None:
                    real_source_balance=args.real_source_balance, negatives=args.negatives,
                    hard_real_negatives=args.hard_real_negatives, neg_weight=args.neg_weight,
                    fp_pixel_weight=args.fp_pixel_weight, fn_pixel_weight=args.fn_pixel_weight,
+                   freeze_bn=args.freeze_bn,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

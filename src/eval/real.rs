@@ -130,9 +130,11 @@ impl RealManifest {
 
 /// The data root relative entry paths are resolved against: `--data`, else `LUNGSENTRY_DATA`, else `../shared/data`.
 pub fn data_root(flag: Option<&Path>) -> PathBuf {
-    flag.map(Path::to_path_buf)
+    let root = flag
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("LUNGSENTRY_DATA").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("../shared/data"))
+        .unwrap_or_else(|| PathBuf::from("../shared/data"));
+    std::fs::canonicalize(&root).unwrap_or(root)
 }
 
 /// Where pixel and slice spacing came from.

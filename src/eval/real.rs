@@ -674,7 +674,10 @@ fn opt(v: &Value, digits: usize) -> String {
 pub fn table(report: &Value) -> String {
     let mut s = String::new();
     let m = &report["model"];
-    for e in report["engines"].as_array().into_iter().flatten() {
+    for (i, e) in report["engines"].as_array().into_iter().flatten().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
         s.push_str(&format!(
             "engine {} — model {} {} — series positive above {} % involvement\n",
             e["engine"].as_str().unwrap_or("?"),

@@ -262,6 +262,10 @@ def main() -> None:
     ap.add_argument("--hard-real-negatives", type=float, default=0.0,
                     help="share of the real-negative draws taken from the real lesion-free training slices the model "
                          "currently marks most lesion on (re-mined every 3 epochs over all of them; 0: off)")
+    ap.add_argument("--hard-real-positives", type=float, default=0.0,
+                    help="share of the covid19-ct-seg-256 training draws taken from its training slices where the "
+                         "model currently misses the most lesion pixels (re-mined every 3 epochs over all of them; "
+                         "diffuse ground glass read as lung; 0: off)")
     ap.add_argument("--neg-weight", type=float, default=1.0,
                     help="checkpoint score weight of the real lesion-free validation series: + weight x mean slice "
                          "specificity - weight x mean involvement (percent) over them")
@@ -343,6 +347,7 @@ def main() -> None:
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
     hard_real = None  # real lesion-free training slices with the most false lesion pixels at the last mining
+    hard_real_pos = None  # real training slices with the most missed lesion pixels at the last mining
 
     ph_les_idx = ph_free_idx = None
     if ph_tr is not None:
@@ -411,6 +416,11 @@ def main() -> None:
             hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
+        if args.hard_real_positives > 0 and ep % 3 == 0:
+            miss = ((predict(judged, ct[tr_idx]) != 2) & (lab[tr_idx] == 2)).reshape(len(tr_idx), -1).sum(1)
+            hard_real_pos = tr_idx[np.argsort(-miss)][:200]
+            say(f"hard real positives: {int((miss > 0).sum())} of {len(tr_idx)} real training slices miss lesion "
+                f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         model.train()
         if args.freeze_bn:
             for mod in model.modules():
@@ -446,6 +456,8 @@ def main() -> None:
                     img, l = ph_tr["ct"][i], ph_tr["labels"][i]
                 else:
                     g = tr_idx if real_groups is None else real_groups[rng.integers(len(real_groups))]
+                    if hard_real_pos is not None and rng.random() < args.hard_real_positives:
+                        g = hard_real_pos
                     i = int(g[rng.integers(len(g))])
                     img, l = ct[i], lab[i]
                 a, b = augment(img.astype(np.float32) / 255.0, l, rng, args.elastic)
@@ -512,7 +524,7 @@ def main() -> None:
                    real_source_balance=args.real_source_balance, negatives=args.negatives,
                    hard_real_negatives=args.hard_real_negatives, neg_weight=args.neg_weight,
                    fp_pixel_weight=args.fp_pixel_weight, fn_pixel_weight=args.fn_pixel_weight,
-                   freeze_bn=args.freeze_bn,
+                   freeze_bn=args.freeze_bn, hard_real_positives=args.hard_real_positives,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

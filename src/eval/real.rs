@@ -233,6 +233,9 @@ pub struct RealSeriesEval {
     /// Slices whose pixels could not be used, with the reason.
     pub slice_errors: Vec<String>,
     pub geometry: Geometry,
+    /// What the analysis' lung guard did (the result's `lung_guard`, as the product reports it), when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lung_guard: Option<Value>,
     /// Wall time of decode + inference + analysis, ms.
     pub ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,6 +322,7 @@ fn series_eval(
         skip_reasons: strings(&result["skip_reasons"]),
         slice_errors: strings(&result["slice_errors"]),
         geometry,
+        lung_guard: result.get("lung_guard").filter(|v| !v.is_null()).cloned(),
         ms,
         note: entry.note.clone(),
         slices: rows,

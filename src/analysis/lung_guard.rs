@@ -1,38 +1,46 @@
 //! lung_guard — the product rule that lung and lesion pixels count only where the CT's own HU anatomy has lung.
 //!
 //! A 2D model trained on chest slices reads abdomen slices of real scans as chest: bowel gas and stomach air as
-//! lung, liver and bowel wall as lesion (issue 26). This module checks the model's masks against the air the
-//! scan itself shows, in 3D over the whole series, at completion.
+//! lung, liver, spleen and bowel wall as lesion (issue 26). This module checks the model's masks against the air
+//! the scan itself shows, in 3D over the whole series, at completion. Rule, constants and measurements:
+//! `models/MODEL_CARD.md`, "Lung guard (product rule)".
 //!
 //! Owns:
 //! - [`air_mask`] (per slice, computed on the CPU from the HU slice wherever a [`SliceSegmentation`] is made, so
-//!   the GPU kernels need no change): [`BodyAir`], air-density pixels (HU < [`AIR_HU`]) inside the patient's body contour. The
-//!   body is the largest 4-connected tissue component after an opening of [`BODY_OPEN_MM`] (which cuts the thin
-//!   table shell, blankets and leads off the patient), holes filled. Air around the patient and the air inside a
-//!   table cradle are therefore not "inside". The pure gas among them (HU < [`GAS_HU`]) is a second mask.
-//! - [`guard`] (per series, slices in position order): the 3D components of the air masks (8-connectivity in-plane,
-//!   26 across adjacent slices, as the lesion components); a component is lung when its volume is at least
-//!   [`MIN_COMPONENT_FRACTION`] of the largest one **and** at least `min(`[`MIN_LUNG_ML`]`, `[`MIN_SECTION_CM2`]` ×
-//!   series extent)` (the second term is what a series too thin for a 3D volume, a single slice, is held to: a
-//!   cross-section of 10 cm²) **and** at most [`MAX_GAS_FRACTION`] of its voxels are pure gas (HU < [`GAS_HU`]):
-//!   aerated lung is tissue with air in it (about −850 HU), bowel and stomach gas is gas. The lungs with trachea
-//!   and bronchi form one or two large components; bowel gas and stomach air below the diaphragm are separate,
-//!   smaller and gas-dense ones (a gas-filled colon on a single abdomen slice can be larger than lungs at their
-//!   base: the density rule is what drops it). "The largest" is the largest that passes the density rule. Airways: on each slice, a kept piece smaller
-//!   than [`AIRWAY_MAX_CM2`] whose centre lies within [`AIRWAY_MIDLINE_MM`] of the lungs' mid-line (trachea, main
-//!   bronchi, oesophageal air) is left out of the field. The field is the kept air dilated by
-//!   [`SEED_DILATION_MM`]. A 2D component (8-connectivity) of the model's lung mask (lesion included) is kept
-//!   **whole** when it overlaps the field by at least [`SEED_MIN_CM2`]; the others are dropped with every lesion
-//!   pixel in them. Keeping whole components is how the field is closed: a dense consolidation against the heart
-//!   or the chest wall has no air, but the model labels it together with the aerated lung it borders, so it stays
-//!   in (a closing or hull of the air would have to guess how thick a consolidation may be). A slice with no kept
-//!   air keeps no lung and no lesion.
+//!   the GPU kernels need no change): [`BodyAir`], the air-density pixels (HU < [`AIR_HU`]) inside the patient's
+//!   body contour, and the pure gas among them (HU < [`GAS_HU`]). The body is the largest 4-connected tissue
+//!   component after an opening of [`BODY_OPEN_MM`] (which cuts a thin table shell, blankets and leads off the
+//!   patient), holes filled: the air around the patient and inside a table cradle is not "inside".
+//! - [`guard`] (per series, slices in position order):
+//!   1. per slice, the air that is not gas: pure-gas cores (gas opened by [`GAS_CORE_MM`]) are taken out with a rim
+//!      of [`GAS_RIM_MM`], then in-plane pieces with more than [`MAX_GAS_FRACTION`] of pure gas are dropped —
+//!      bowel and stomach gas and airway lumens, before any 3D linking, so a gas-filled colon or a stomach bubble
+//!      touching a lung base does not join the lung;
+//!   2. 3D components of the rest (8-connectivity in-plane, 26 across adjacent slices, as the lesion components);
+//!      a component is lung when its volume is at least [`MIN_COMPONENT_FRACTION`] of the largest one **and** at
+//!      least `min(`[`MIN_LUNG_ML`]`, `[`MIN_SECTION_CM2`]` × series extent)` (the second term is what a series too
+//!      thin for a 3D volume, a single slice, is held to: a cross-section of 10 cm²);
+//!   3. airways: a kept in-plane piece smaller than [`AIRWAY_MAX_CM2`] whose centre lies within
+//!      [`AIRWAY_MIDLINE_MM`] of the kept air's mid-line (trachea, main bronchi, oesophageal air that is not pure
+//!      gas) is not lung field;
+//!   4. the lung field is the kept air dilated by [`SEED_DILATION_MM`]. A 2D component (8-connectivity) of the
+//!      model's lung mask (lesion included) with at least [`WHOLE_OVERLAP_FRACTION`] of its pixels in the field is
+//!      kept **whole**; of the other components only the pixels within [`NEAR_MM`] of the kept air are kept.
+//!      Keeping whole components is how the field is closed: a dense consolidation against the heart or the
+//!      chest wall has no air, but the model labels it together with the aerated lung it borders, so it stays in
+//!      (a closing or hull of the air would have to guess how thick a consolidation may be). Model pixels in a
+//!      hole of (kept lung ∪ field) are kept too (hole filling: a lesion island the model set apart inside a
+//!      consolidation it called background). An abdominal blob that only touches a thin costophrenic recess keeps
+//!      only its edge;
+//!   5. a slice with no kept air keeps no lung and no lesion.
 //!
-//! Complements `plausible_lungs` (the model-shape rule in `analysis`): the guard runs first, on HU anatomy;
-//! `plausible_lungs` then drops small isolated lung-labelled 3D components of what the guard kept.
-//! Hands on: the guarded lung masks (position order) and a [`LungGuardReport`] (in the result JSON as
-//! `lung_guard`) to `analyse_series`.
-//! Never: changes the streaming segmentation, runs the model, or adds a pixel the model did not label.
+//! Complements `plausible_lungs` (the model-shape rule in `analysis`), which it does not replace: the guard runs
+//! first, on HU anatomy; `plausible_lungs` then drops small isolated lung-labelled 3D components of what the guard
+//! kept. Lesion pixels outside the kept lungs do not count, so guarding the lung masks guards the lesions.
+//! Hands on: the guarded lung masks and the lung field (position order) and a [`LungGuardReport`] (in the result
+//! JSON as `lung_guard`) to `analyse_series`.
+//! Never: changes the streaming segmentation, runs the model, or adds a pixel the model did not label; applies
+//! when a slice has no air mask (masks made without HU: the series is analysed as before).
 //!
 //! [`SliceSegmentation`]: super::SliceSegmentation
 
@@ -51,18 +59,25 @@ pub const GAS_HU: f32 = -950.0;
 /// Radius of the opening applied to the tissue mask before the body is picked, mm: structures thinner than about
 /// twice this (table shell, mattress skin, blankets, ECG leads) do not join the patient to the table.
 pub const BODY_OPEN_MM: f64 = 2.0;
-/// A 3D air component is lung only if its volume is at least this fraction of the largest component's.
+/// A 3D air component (of the non-gas air) is lung only if its volume is at least this fraction of the largest
+/// component's.
 pub const MIN_COMPONENT_FRACTION: f64 = 0.05;
-/// … and at least this volume, mL (bowel gas and stomach air in the trimmed real series: at most 45 mL; a
-/// chest's lungs: litres).
+/// … and at least this volume, mL (non-gas bowel air in the trimmed real series: at most ~30 mL; a chest's
+/// lungs: litres).
 pub const MIN_LUNG_ML: f64 = 40.0;
 /// … or, for a series too short for [`MIN_LUNG_ML`] to be reachable, this cross-section times the series extent
 /// (one slice: one slice thickness): cm². Lungs on a chest slice are tens of cm² each; gas loops at kidney level a
 /// few cm².
 pub const MIN_SECTION_CM2: f64 = 10.0;
-/// A 3D air component with more than this fraction of its voxels below [`GAS_HU`] is gas (bowel, stomach, a
-/// trachea on its own), not lung, whatever its size. (Lungs with very severe emphysema, LAA−950 above 30 %, would
-/// read as gas: a known limit.)
+/// Pure-gas cores: the gas mask opened with this radius, mm (a core is at least about twice this across; noise
+/// speckles in lung are not cores).
+pub const GAS_CORE_MM: f64 = 2.5;
+/// … taken out of the air with this rim, mm (their partial-volume edge, and the diaphragm between a stomach bubble
+/// and the lung it touches in-plane).
+pub const GAS_RIM_MM: f64 = 5.0;
+/// An in-plane air piece (after the gas cores are out) with more than this fraction of its pixels below [`GAS_HU`]
+/// is gas (a bowel pocket too small or thin for a core), not lung, whatever its size. Noisy lung has up to 20 %
+/// (phantoms), real lung 0–7 %. (Lungs with very severe emphysema read partly as gas: a known limit.)
 pub const MAX_GAS_FRACTION: f64 = 0.3;
 /// A kept in-plane air piece smaller than this (cm²) near the mid-line is airway, not lung field.
 pub const AIRWAY_MAX_CM2: f64 = 4.0;
@@ -71,14 +86,13 @@ pub const AIRWAY_MIDLINE_MM: f64 = 25.0;
 /// The lung field is the kept air dilated by this, mm (reaches the lung's partial-volume rim and pixels the model
 /// labels just outside the air).
 pub const SEED_DILATION_MM: f64 = 3.0;
-/// A model lung component is kept when it overlaps the lung field by at least this, cm².
-pub const SEED_MIN_CM2: f64 = 0.1;
-/// … whole when at least this fraction of its pixels is in the field (aerated lung with the consolidation it
-/// borders); otherwise only its pixels within [`NEAR_MM`] of the kept air (an abdominal blob touching a lung
-/// base's thin costophrenic recess).
+/// A model lung component (8-connectivity, lesion included) with at least this fraction of its pixels in the lung
+/// field is kept whole (aerated lung with the consolidation it borders); of the others only the pixels within
+/// [`NEAR_MM`] of the kept air (an abdominal blob touching a lung base's thin costophrenic recess keeps only its
+/// edge; a small lesion island the model set apart from the lung it lies in keeps all of itself).
 pub const WHOLE_OVERLAP_FRACTION: f64 = 0.2;
 /// See [`WHOLE_OVERLAP_FRACTION`], mm.
-pub const NEAR_MM: f64 = 10.0;
+pub const NEAR_MM: f64 = 15.0;
 
 /// The per-slice input of the guard: air inside the body and, within it, pure gas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,27 +169,9 @@ pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, sp
     }
     let mut report = LungGuardReport { applied: true, ..Default::default() };
 
-    // Per slice, the in-plane air pieces that are not gas: a piece with more than MAX_GAS_FRACTION of pure gas is
-    // bowel or stomach gas or an airway lumen, and is left out before the 3D components are made (so a gas-filled
-    // colon touching a lung base across slices does not join the lung).
-    let candidates: Vec<BitMask> = bodies
-        .iter()
-        .map(|b| {
-            let (rows, cols) = (b.air.rows, b.air.cols);
-            let air = b.air.to_bools();
-            let (labels, sizes) = label(&air, rows, cols, true);
-            let mut gas = vec![0usize; sizes.len()];
-            for (i, &l) in labels.iter().enumerate() {
-                if l != 0 && b.gas.get_index(i) {
-                    gas[l as usize] += 1;
-                }
-            }
-            let keep: Vec<bool> =
-                (0..sizes.len()).map(|l| gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64).collect();
-            let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
-            BitMask::from_bools(rows, cols, &px)
-        })
-        .collect();
+    // Per slice, the air that is not gas (see `non_gas_air`), before any 3D linking: a gas-filled colon touching a
+    // lung base across slices, or a stomach bubble touching it in-plane, does not join the lung.
+    let candidates: Vec<BitMask> = par_map(&bodies, |si, b| non_gas_air(b, sorted[si].pixel_spacing));
 
     // 3D components of what is left, and the size rules.
     let mut runs: Vec<Run> = Vec::new();
@@ -219,112 +215,174 @@ pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, sp
     }
     let midline_x = (min_x + max_x) / 2.0;
 
+    let per_slice = par_map(&kept, |si, k| seed(sorted[si], k, midline_x));
     let mut lung = Vec::with_capacity(sorted.len());
     let mut field = Vec::with_capacity(sorted.len());
-    for (s, k) in sorted.iter().zip(&kept) {
-        let seg = &s.segmentation;
-        let (rows, cols) = (seg.rows, seg.cols);
-        let px_cm2 = s.pixel_spacing[0] * s.pixel_spacing[1] / 100.0;
-        if k.count() == 0 {
-            report.removed_lung_ml += seg.lung.count() as f64 * voxel_ml(*s);
-            lung.push(BitMask::new(rows, cols));
-            field.push(BitMask::new(rows, cols));
-            continue;
-        }
-        // Airways out: small kept pieces near the mid-line.
-        let mut air = k.to_bools();
-        let (labels, sizes) = label(&air, rows, cols, true);
-        let mut centre = vec![(0.0f64, 0.0f64); sizes.len()];
-        for (i, &l) in labels.iter().enumerate() {
-            if l != 0 {
-                centre[l as usize].0 += (i / cols) as f64;
-                centre[l as usize].1 += (i % cols) as f64;
-            }
-        }
-        let airway: Vec<bool> = (0..sizes.len())
-            .map(|l| {
-                if l == 0 || sizes[l] == 0 {
-                    return false;
-                }
-                let n = sizes[l] as f64;
-                let x = s.point(centre[l].0 / n, centre[l].1 / n)[0];
-                n * px_cm2 < AIRWAY_MAX_CM2 && (x - midline_x).abs() < AIRWAY_MIDLINE_MM
-            })
-            .collect();
-        for (a, &l) in air.iter_mut().zip(&labels) {
-            if airway[l as usize] {
-                *a = false;
-            }
-        }
-        // The field, and the model's lung components it seeds.
-        let min_spacing = s.pixel_spacing[0].min(s.pixel_spacing[1]);
-        let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
-        let f = dilate(&air, rows, cols, px(SEED_DILATION_MM));
-        let model = seg.lung.to_bools();
-        let (mlabels, msizes) = label(&model, rows, cols, true);
-        let mut overlap = vec![0usize; msizes.len()];
-        for (&l, &inside) in mlabels.iter().zip(&f) {
-            if l != 0 && inside {
-                overlap[l as usize] += 1;
-            }
-        }
-        // 0: dropped, 1: only its pixels near the field, 2: whole.
-        let how: Vec<u8> = (0..msizes.len())
-            .map(|l| {
-                let n = overlap[l];
-                if l == 0 || n == 0 || (n as f64 * px_cm2) < SEED_MIN_CM2 {
-                    0
-                } else if n as f64 >= WHOLE_OVERLAP_FRACTION * msizes[l] as f64 {
-                    2
-                } else {
-                    1
-                }
-            })
-            .collect();
-        let near = if how.contains(&1) { dilate(&air, rows, cols, px(NEAR_MM)) } else { Vec::new() };
-        let kept_px: Vec<bool> = mlabels
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| match how[l as usize] {
-                2 => true,
-                1 => near[i],
-                _ => false,
-            })
-            .collect();
-        let kept_lung = BitMask::from_bools(rows, cols, &kept_px);
-        report.removed_lung_ml += (seg.lung.count() - kept_lung.count()) as f64 * voxel_ml(*s);
-        if f.iter().any(|&b| b) {
-            report.slices_with_lung_field += 1;
-        }
+    for (s, (kept_lung, f)) in sorted.iter().zip(per_slice) {
+        report.removed_lung_ml += (s.segmentation.lung.count() - kept_lung.count()) as f64 * voxel_ml(*s);
+        report.slices_with_lung_field += (f.count() > 0) as usize;
         lung.push(kept_lung);
-        field.push(BitMask::from_bools(rows, cols, &f));
+        field.push(f);
     }
     Some(Guarded { lung, field, report })
 }
 
+/// One slice's share of [`guard`]: the kept air `k` less airway pieces, dilated into the lung field, and the model
+/// lung components it seeds (see the module doc). Returns (kept model lung, field).
+fn seed(s: &PlacedSlice, k: &BitMask, midline_x: f64) -> (BitMask, BitMask) {
+    let seg = &s.segmentation;
+    let (rows, cols) = (seg.rows, seg.cols);
+    let px_cm2 = s.pixel_spacing[0] * s.pixel_spacing[1] / 100.0;
+    if k.count() == 0 {
+        return (BitMask::new(rows, cols), BitMask::new(rows, cols));
+    }
+    // Airways out: small kept pieces near the mid-line.
+    let mut air = k.to_bools();
+    let (labels, sizes) = label(&air, rows, cols, true);
+    let mut centre = vec![(0.0f64, 0.0f64); sizes.len()];
+    for (i, &l) in labels.iter().enumerate() {
+        if l != 0 {
+            centre[l as usize].0 += (i / cols) as f64;
+            centre[l as usize].1 += (i % cols) as f64;
+        }
+    }
+    let airway: Vec<bool> = (0..sizes.len())
+        .map(|l| {
+            if l == 0 || sizes[l] == 0 {
+                return false;
+            }
+            let n = sizes[l] as f64;
+            let x = s.point(centre[l].0 / n, centre[l].1 / n)[0];
+            n * px_cm2 < AIRWAY_MAX_CM2 && (x - midline_x).abs() < AIRWAY_MIDLINE_MM
+        })
+        .collect();
+    for (a, &l) in air.iter_mut().zip(&labels) {
+        if airway[l as usize] {
+            *a = false;
+        }
+    }
+    // The field, and the model's lung components it seeds.
+    let min_spacing = s.pixel_spacing[0].min(s.pixel_spacing[1]);
+    let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
+    let f = dilate(&air, rows, cols, px(SEED_DILATION_MM));
+    let model = seg.lung.to_bools();
+    let (mlabels, msizes) = label(&model, rows, cols, true);
+    let mut overlap = vec![0usize; msizes.len()];
+    for (&l, &inside) in mlabels.iter().zip(&f) {
+        if l != 0 && inside {
+            overlap[l as usize] += 1;
+        }
+    }
+    // A component with WHOLE_OVERLAP_FRACTION of its pixels in the field is kept whole; of the others, the pixels
+    // within NEAR_MM of the kept air.
+    let whole: Vec<bool> =
+        (0..msizes.len()).map(|l| l != 0 && overlap[l] as f64 >= WHOLE_OVERLAP_FRACTION * msizes[l] as f64).collect();
+    let near = dilate(&air, rows, cols, px(NEAR_MM));
+    let mut kept_px: Vec<bool> =
+        mlabels.iter().zip(&near).map(|(&l, &near)| l != 0 && (whole[l as usize] || near)).collect();
+    // Model pixels enclosed by the kept lung and the field (a lesion island the model set apart inside a
+    // consolidation it called background) are kept too: the field with its holes filled.
+    let with_field: Vec<bool> = kept_px.iter().zip(&f).map(|(k, f)| *k || *f).collect();
+    for ((k, inside), &l) in kept_px.iter_mut().zip(fill_holes(&with_field, rows, cols)).zip(&mlabels) {
+        *k |= l != 0 && inside;
+    }
+    let kept_lung = BitMask::from_bools(rows, cols, &kept_px);
+    (kept_lung, BitMask::from_bools(rows, cols, &f))
+}
+
+/// The air of one slice that is not gas: pure-gas cores (the gas mask opened by [`GAS_CORE_MM`]: noise speckles in
+/// lung do not survive it) are taken out with a rim of [`GAS_RIM_MM`] (their partial-volume edge), then every
+/// in-plane piece (8-connectivity) with more than [`MAX_GAS_FRACTION`] of pure gas left is dropped (gas pockets too
+/// small or thin for a core).
+fn non_gas_air(b: &BodyAir, pixel_spacing: [f64; 2]) -> BitMask {
+    let (rows, cols) = (b.air.rows, b.air.cols);
+    let min_spacing = pixel_spacing[0].min(pixel_spacing[1]);
+    let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
+    let gas = b.gas.to_bools();
+    let mut air = b.air.to_bools();
+    if gas.iter().any(|&g| g) {
+        let r = px(GAS_CORE_MM).max(1);
+        let core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);
+        if core.iter().any(|&c| c) {
+            for (a, x) in air.iter_mut().zip(dilate(&core, rows, cols, px(GAS_RIM_MM))) {
+                *a &= !x;
+            }
+        }
+    }
+    let (labels, sizes) = label(&air, rows, cols, true);
+    let mut n_gas = vec![0usize; sizes.len()];
+    for (&l, &g) in labels.iter().zip(&gas) {
+        if l != 0 && g {
+            n_gas[l as usize] += 1;
+        }
+    }
+    let keep: Vec<bool> = (0..sizes.len()).map(|l| n_gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64).collect();
+    let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
+    BitMask::from_bools(rows, cols, &px)
+}
+
+/// `f` over `items` on up to 8 scoped threads (slices are independent; the guard runs at completion, where the
+/// alert waits for it).
+fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(usize, &T) -> U + Sync) -> Vec<U> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    if threads == 1 || items.len() < 2 {
+        return items.iter().enumerate().map(|(i, t)| f(i, t)).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .enumerate()
+            .map(|(ci, part)| {
+                scope.spawn(move || part.iter().enumerate().map(|(i, t)| f(ci * chunk + i, t)).collect::<Vec<U>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("lung guard worker panicked")).collect()
+    })
+}
+
 /// Square dilation (Chebyshev radius `r`) of a rows×cols mask: separable, prefix counts per line.
 fn dilate(m: &[bool], rows: usize, cols: usize, r: usize) -> Vec<bool> {
-    if r == 0 {
+    if r == 0 || rows == 0 || cols == 0 {
         return m.to_vec();
     }
-    let line = |get: &dyn Fn(usize) -> bool, n: usize, out: &mut dyn FnMut(usize, bool)| {
-        let mut prefix = vec![0u32; n + 1];
-        for i in 0..n {
-            prefix[i + 1] = prefix[i] + get(i) as u32;
-        }
-        for i in 0..n {
-            let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
-            out(i, prefix[b] > prefix[a]);
-        }
-    };
+    // Horizontal: a running count of set pixels in the window [c − r, c + r] of each row.
     let mut h = vec![false; rows * cols];
-    for row in 0..rows {
-        let base = row * cols;
-        line(&|c: usize| m[base + c], cols, &mut |c: usize, v: bool| h[base + c] = v);
+    for (src, dst) in m.chunks_exact(cols).zip(h.chunks_exact_mut(cols)) {
+        let mut n = src[..r.min(cols)].iter().filter(|&&b| b).count();
+        for c in 0..cols {
+            if c + r < cols && src[c + r] {
+                n += 1;
+            }
+            if c > r && src[c - r - 1] {
+                n -= 1;
+            }
+            dst[c] = n > 0;
+        }
     }
+    // Vertical: the same per column, rows streamed in order (one count per column).
     let mut out = vec![false; rows * cols];
-    for col in 0..cols {
-        line(&|row: usize| h[row * cols + col], rows, &mut |row: usize, v: bool| out[row * cols + col] = v);
+    let mut n = vec![0u32; cols];
+    for row in 0..r.min(rows) {
+        for (k, &b) in n.iter_mut().zip(&h[row * cols..(row + 1) * cols]) {
+            *k += b as u32;
+        }
+    }
+    for row in 0..rows {
+        if row + r < rows {
+            for (k, &b) in n.iter_mut().zip(&h[(row + r) * cols..(row + r + 1) * cols]) {
+                *k += b as u32;
+            }
+        }
+        if row > r {
+            for (k, &b) in n.iter_mut().zip(&h[(row - r - 1) * cols..(row - r) * cols]) {
+                *k -= b as u32;
+            }
+        }
+        for (o, &k) in out[row * cols..(row + 1) * cols].iter_mut().zip(&n) {
+            *o = k > 0;
+        }
     }
     out
 }
@@ -452,14 +510,15 @@ mod tests {
         })
     }
 
-    /// A slice below the lungs: body with a 3×3 gas pocket (2.25 cm²).
+    /// A slice below the lungs: body with a 3×3 gas pocket (2.25 cm²) at −900 HU (air density, not pure gas: a small
+    /// pocket in a thick slice), so that only the size rules can drop it.
     fn gas(r: usize, c: usize) -> bool {
         (20..23).contains(&r) && (30..33).contains(&c)
     }
     fn abdomen_hu() -> HuSlice {
         hu_slice(|r, c| {
             if gas(r, c) {
-                -1000.0
+                -900.0
             } else if ellipse(r, c, BODY) {
                 40.0
             } else {
@@ -533,8 +592,10 @@ mod tests {
         // No body at all (an empty field of view): no air inside.
         assert_eq!(air_mask(&hu_slice(|_, _| -1000.0)).air.count(), 0);
         // Gas is the part below −950 HU.
-        let gas = air_mask(&abdomen_hu());
-        assert_eq!((gas.air.count(), gas.gas.count()), (9, 9));
+        let pocket = air_mask(&abdomen_hu());
+        assert_eq!((pocket.air.count(), pocket.gas.count()), (9, 0));
+        let pure = hu_slice(|r, c| if gas(r, c) || !ellipse(r, c, BODY) { -1000.0 } else { 40.0 });
+        assert_eq!((air_mask(&pure).air.count(), air_mask(&pure).gas.count()), (9, 9));
         assert_eq!(air_mask(&chest_hu()).gas.count(), 0);
     }
 
@@ -598,9 +659,10 @@ mod tests {
                 }
                 let base = chest_hu();
                 let with_bronchus = k == 6;
+                // −900 HU: an airway in partial volume, not pure gas (pure gas is taken out by the gas rule).
                 let hu = hu_slice(|r, c| {
                     if trachea(r, c) || (with_bronchus && bronchus(r, c)) {
-                        -1000.0
+                        -900.0
                     } else {
                         base.hu[r * N + c]
                     }

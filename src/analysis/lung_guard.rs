@@ -72,6 +72,9 @@ pub const MIN_SECTION_CM2: f64 = 10.0;
 /// Pure-gas cores: the gas mask opened with this radius, mm (a core is at least about twice this across; noise
 /// speckles in lung are not cores).
 pub const GAS_CORE_MM: f64 = 2.5;
+/// … when at least this large, cm² (a stomach bubble, a colon pocket, the trachea; the cysts of a diseased or
+/// emphysematous lung are smaller and stay).
+pub const GAS_CORE_MIN_CM2: f64 = 1.0;
 /// … taken out of the air with this rim, mm (their partial-volume edge, and the diaphragm between a stomach bubble
 /// and the lung it touches in-plane).
 pub const GAS_RIM_MM: f64 = 5.0;
@@ -79,6 +82,9 @@ pub const GAS_RIM_MM: f64 = 5.0;
 /// is gas (a bowel pocket too small or thin for a core), not lung, whatever its size. Noisy lung has up to 20 %
 /// (phantoms), real lung 0–7 %. (Lungs with very severe emphysema read partly as gas: a known limit.)
 pub const MAX_GAS_FRACTION: f64 = 0.3;
+/// … tested on pieces smaller than this only, cm² (a large piece with that much gas and no large core is lung with
+/// many small cysts, not bowel).
+pub const GAS_PIECE_MAX_CM2: f64 = 20.0;
 /// A kept in-plane air piece smaller than this (cm²) near the mid-line is airway, not lung field.
 pub const AIRWAY_MAX_CM2: f64 = 4.0;
 /// "Near the mid-line": centre within this distance (mm, patient x) of the kept air's mid-line on the series.
@@ -302,7 +308,13 @@ fn non_gas_air(b: &BodyAir, pixel_spacing: [f64; 2]) -> BitMask {
     let mut air = b.air.to_bools();
     if gas.iter().any(|&g| g) {
         let r = px(GAS_CORE_MM).max(1);
-        let core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);
+        let mut core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);
+        // Only large cores (stomach, colon, trachea): the small cysts of a diseased or emphysematous lung stay.
+        let (labels, sizes) = label(&core, rows, cols, false);
+        let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
+        for (c, &l) in core.iter_mut().zip(&labels) {
+            *c &= l != 0 && sizes[l as usize] as f64 * px_cm2 >= GAS_CORE_MIN_CM2;
+        }
         if core.iter().any(|&c| c) {
             for (a, x) in air.iter_mut().zip(dilate(&core, rows, cols, px(GAS_RIM_MM))) {
                 *a &= !x;
@@ -316,7 +328,10 @@ fn non_gas_air(b: &BodyAir, pixel_spacing: [f64; 2]) -> BitMask {
             n_gas[l as usize] += 1;
         }
     }
-    let keep: Vec<bool> = (0..sizes.len()).map(|l| n_gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64).collect();
+    let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
+    let keep: Vec<bool> = (0..sizes.len())
+        .map(|l| sizes[l] as f64 * px_cm2 >= GAS_PIECE_MAX_CM2 || n_gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64)
+        .collect();
     let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
     BitMask::from_bools(rows, cols, &px)
 }

@@ -100,13 +100,16 @@ pub const WHOLE_OVERLAP_FRACTION: f64 = 0.2;
 /// See [`WHOLE_OVERLAP_FRACTION`], mm.
 pub const NEAR_MM: f64 = 15.0;
 
-/// The per-slice input of the guard: air inside the body and, within it, pure gas.
+/// The per-slice input of the guard: air inside the body, within it pure gas, and the air that is not gas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BodyAir {
     /// Air-density pixels (HU < [`AIR_HU`]) inside the body contour.
     pub air: BitMask,
     /// The part of `air` below [`GAS_HU`].
     pub gas: BitMask,
+    /// `air` without its gas pieces (see `non_gas_air`): what the guard links in 3D. It depends on this slice only,
+    /// so it is made while the series streams in, not at completion, where the alert waits for the guard.
+    pub candidate: BitMask,
 }
 
 /// What the guard did to a series (the result JSON's `lung_guard`).
@@ -154,13 +157,20 @@ pub fn air_mask(hu: &HuSlice) -> BodyAir {
     let opened = dilate(&erode(&tissue, rows, cols, r), rows, cols, r);
     let (labels, sizes) = label(&opened, rows, cols, false);
     let Some(body) = sizes.iter().enumerate().skip(1).max_by_key(|&(_, &n)| n).map(|(l, _)| l as u32) else {
-        return BodyAir { air: BitMask::new(rows, cols), gas: BitMask::new(rows, cols) };
+        return BodyAir {
+            air: BitMask::new(rows, cols),
+            gas: BitMask::new(rows, cols),
+            candidate: BitMask::new(rows, cols),
+        };
     };
     let body_px: Vec<bool> = labels.iter().map(|&l| l == body).collect();
     let filled = fill_holes(&body_px, rows, cols);
     let inside: Vec<bool> = air.iter().zip(&filled).map(|(a, f)| *a && *f).collect();
     let gas: Vec<bool> = inside.iter().zip(&hu.hu).map(|(a, &v)| *a && v < GAS_HU).collect();
-    BodyAir { air: BitMask::from_bools(rows, cols, &inside), gas: BitMask::from_bools(rows, cols, &gas) }
+    let air = BitMask::from_bools(rows, cols, &inside);
+    let gas = BitMask::from_bools(rows, cols, &gas);
+    let candidate = non_gas_air(&air, &gas, hu.pixel_spacing);
+    BodyAir { air, gas, candidate }
 }
 
 /// The guard over a series' slices in position order (`None` when a slice has no air mask). `voxel_ml` gives a
@@ -169,15 +179,16 @@ pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, sp
     let bodies: Vec<&BodyAir> = sorted.iter().map(|s| s.segmentation.air.as_ref()).collect::<Option<_>>()?;
     for (s, b) in sorted.iter().zip(&bodies) {
         let size = (s.segmentation.rows, s.segmentation.cols);
-        if (b.air.rows, b.air.cols) != size || (b.gas.rows, b.gas.cols) != size {
+        if [&b.air, &b.gas, &b.candidate].iter().any(|m| (m.rows, m.cols) != size) {
             return None;
         }
     }
     let mut report = LungGuardReport { applied: true, ..Default::default() };
 
-    // Per slice, the air that is not gas (see `non_gas_air`), before any 3D linking: a gas-filled colon touching a
-    // lung base across slices, or a stomach bubble touching it in-plane, does not join the lung.
-    let candidates: Vec<BitMask> = par_map(&bodies, |si, b| non_gas_air(b, sorted[si].pixel_spacing));
+    // Per slice, the air that is not gas (see `non_gas_air`, made with the slice), before any 3D linking: a
+    // gas-filled colon touching a lung base across slices, or a stomach bubble touching it in-plane, does not join
+    // the lung.
+    let candidates: Vec<&BitMask> = bodies.iter().map(|b| &b.candidate).collect();
 
     // 3D components of what is left, and the size rules.
     let mut runs: Vec<Run> = Vec::new();
@@ -300,12 +311,12 @@ fn seed(s: &PlacedSlice, k: &BitMask, midline_x: f64) -> (BitMask, BitMask) {
 /// lung do not survive it) are taken out with a rim of [`GAS_RIM_MM`] (their partial-volume edge), then every
 /// in-plane piece (8-connectivity) with more than [`MAX_GAS_FRACTION`] of pure gas left is dropped (gas pockets too
 /// small or thin for a core).
-fn non_gas_air(b: &BodyAir, pixel_spacing: [f64; 2]) -> BitMask {
-    let (rows, cols) = (b.air.rows, b.air.cols);
+fn non_gas_air(air: &BitMask, gas: &BitMask, pixel_spacing: [f64; 2]) -> BitMask {
+    let (rows, cols) = (air.rows, air.cols);
     let min_spacing = pixel_spacing[0].min(pixel_spacing[1]);
     let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
-    let gas = b.gas.to_bools();
-    let mut air = b.air.to_bools();
+    let gas = gas.to_bools();
+    let mut air = air.to_bools();
     if gas.iter().any(|&g| g) {
         let r = px(GAS_CORE_MM).max(1);
         let mut core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);

@@ -38,7 +38,7 @@ struct PackedSegmentation {
     lesion_hu: Vec<f32>,
     max_lesion_probability: f32,
     /// Air inside the body and the gas in it (the lung guard's input at completion), as runs like the masks.
-    air: Option<(RunMask, RunMask)>,
+    air: Option<(RunMask, RunMask, RunMask)>,
 }
 
 impl PackedSegmentation {
@@ -49,7 +49,9 @@ impl PackedSegmentation {
             lesion: RunMask::from_bitmask(&s.lesion),
             lesion_hu: s.lesion_hu,
             max_lesion_probability: s.max_lesion_probability,
-            air: s.air.as_ref().map(|a| (RunMask::from_bitmask(&a.air), RunMask::from_bitmask(&a.gas))),
+            air: s.air.as_ref().map(|a| {
+                (RunMask::from_bitmask(&a.air), RunMask::from_bitmask(&a.gas), RunMask::from_bitmask(&a.candidate))
+            }),
         }
     }
 
@@ -62,10 +64,11 @@ impl PackedSegmentation {
             lesion: self.lesion.to_bitmask(),
             lesion_hu: self.lesion_hu.clone(),
             max_lesion_probability: self.max_lesion_probability,
-            air: self
-                .air
-                .as_ref()
-                .map(|(air, gas)| analysis::lung_guard::BodyAir { air: air.to_bitmask(), gas: gas.to_bitmask() }),
+            air: self.air.as_ref().map(|(air, gas, candidate)| analysis::lung_guard::BodyAir {
+                air: air.to_bitmask(),
+                gas: gas.to_bitmask(),
+                candidate: candidate.to_bitmask(),
+            }),
         }
     }
 }

@@ -204,11 +204,11 @@ pub struct SliceSegmentation {
     pub lesion_hu: Vec<f32>,
     /// Highest lesion probability (softmax of the scores, at model resolution) anywhere in the slice.
     pub max_lesion_probability: f32,
-    /// Air-density pixels inside the body contour and the pure gas among them, from the HU slice
-    /// ([`lung_guard::air_mask`]); the lung guard's input at completion. `None` when the masks were made without HU (hand-built fixtures): the series is then
-    /// analysed without the guard.
+    /// Air-density pixels inside the body contour less its gas pieces, from the HU slice
+    /// ([`lung_guard::air_mask`]'s `candidate`); the lung guard's input at completion. `None` when the masks were made
+    /// without HU (hand-built fixtures): the series is then analysed without the guard.
     #[serde(default)]
-    pub air: Option<lung_guard::BodyAir>,
+    pub air: Option<BitMask>,
 }
 
 /// Bilinear upsampling table (half-pixel centres, clamped): two source indices and the weight of the second.
@@ -329,7 +329,7 @@ pub fn segment_slice(scores: &[f32], classes: usize, h: usize, w: usize, hu: &Hu
         lesion,
         lesion_hu,
         max_lesion_probability: max_class_probability(scores, classes, h, w, LESION_CLASS),
-        air: Some(lung_guard::air_mask(hu)),
+        air: Some(lung_guard::air_mask(hu).candidate),
     }
 }
 

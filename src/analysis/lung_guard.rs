@@ -100,15 +100,17 @@ pub const WHOLE_OVERLAP_FRACTION: f64 = 0.2;
 /// See [`WHOLE_OVERLAP_FRACTION`], mm.
 pub const NEAR_MM: f64 = 15.0;
 
-/// The per-slice input of the guard: air inside the body, within it pure gas, and the air that is not gas.
+/// One slice's air: inside the body, within it pure gas, and the air that is not gas (the guard's per-slice input,
+/// the only part a slice keeps until completion).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BodyAir {
     /// Air-density pixels (HU < [`AIR_HU`]) inside the body contour.
     pub air: BitMask,
     /// The part of `air` below [`GAS_HU`].
     pub gas: BitMask,
-    /// `air` without its gas pieces (see `non_gas_air`): what the guard links in 3D. It depends on this slice only,
-    /// so it is made while the series streams in, not at completion, where the alert waits for the guard.
+    /// `air` without its gas pieces (see `non_gas_air`): what the guard links in 3D (`SliceSegmentation::air`). It
+    /// depends on this slice only, so it is made while the series streams in, not at completion, where the alert
+    /// waits for the guard.
     pub candidate: BitMask,
 }
 
@@ -176,19 +178,16 @@ pub fn air_mask(hu: &HuSlice) -> BodyAir {
 /// The guard over a series' slices in position order (`None` when a slice has no air mask). `voxel_ml` gives a
 /// slice's voxel volume; `spacing` is the series' voxel depth, mm.
 pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, spacing: f64) -> Option<Guarded> {
-    let bodies: Vec<&BodyAir> = sorted.iter().map(|s| s.segmentation.air.as_ref()).collect::<Option<_>>()?;
-    for (s, b) in sorted.iter().zip(&bodies) {
-        let size = (s.segmentation.rows, s.segmentation.cols);
-        if [&b.air, &b.gas, &b.candidate].iter().any(|m| (m.rows, m.cols) != size) {
+    // Per slice, the air that is not gas (see `non_gas_air`, made with the slice), before any 3D linking: a
+    // gas-filled colon touching a lung base across slices, or a stomach bubble touching it in-plane, does not join
+    // the lung.
+    let candidates: Vec<&BitMask> = sorted.iter().map(|s| s.segmentation.air.as_ref()).collect::<Option<_>>()?;
+    for (s, a) in sorted.iter().zip(&candidates) {
+        if (a.rows, a.cols) != (s.segmentation.rows, s.segmentation.cols) {
             return None;
         }
     }
     let mut report = LungGuardReport { applied: true, ..Default::default() };
-
-    // Per slice, the air that is not gas (see `non_gas_air`, made with the slice), before any 3D linking: a
-    // gas-filled colon touching a lung base across slices, or a stomach bubble touching it in-plane, does not join
-    // the lung.
-    let candidates: Vec<&BitMask> = bodies.iter().map(|b| &b.candidate).collect();
 
     // 3D components of what is left, and the size rules.
     let mut runs: Vec<Run> = Vec::new();
@@ -568,7 +567,7 @@ mod tests {
                 lesion_hu: vec![0.0; lesion.count()],
                 lesion,
                 max_lesion_probability: 0.5,
-                air: Some(air_mask(hu)),
+                air: Some(air_mask(hu).candidate),
             },
             position_mm: z,
             image_position: [0.0, 0.0, z],

@@ -37,8 +37,8 @@ struct PackedSegmentation {
     lesion: RunMask,
     lesion_hu: Vec<f32>,
     max_lesion_probability: f32,
-    /// Air inside the body and the gas in it (the lung guard's input at completion), as runs like the masks.
-    air: Option<(RunMask, RunMask, RunMask)>,
+    /// Air inside the body less its gas pieces (the lung guard's input at completion), as runs like the masks.
+    air: Option<RunMask>,
 }
 
 impl PackedSegmentation {
@@ -49,9 +49,7 @@ impl PackedSegmentation {
             lesion: RunMask::from_bitmask(&s.lesion),
             lesion_hu: s.lesion_hu,
             max_lesion_probability: s.max_lesion_probability,
-            air: s.air.as_ref().map(|a| {
-                (RunMask::from_bitmask(&a.air), RunMask::from_bitmask(&a.gas), RunMask::from_bitmask(&a.candidate))
-            }),
+            air: s.air.as_ref().map(RunMask::from_bitmask),
         }
     }
 
@@ -64,11 +62,7 @@ impl PackedSegmentation {
             lesion: self.lesion.to_bitmask(),
             lesion_hu: self.lesion_hu.clone(),
             max_lesion_probability: self.max_lesion_probability,
-            air: self.air.as_ref().map(|(air, gas, candidate)| analysis::lung_guard::BodyAir {
-                air: air.to_bitmask(),
-                gas: gas.to_bitmask(),
-                candidate: candidate.to_bitmask(),
-            }),
+            air: self.air.as_ref().map(RunMask::to_bitmask),
         }
     }
 }

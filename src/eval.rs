@@ -456,6 +456,32 @@ pub struct SeriesEval {
     pub slices: SliceMetrics,
 }
 
+/// The product's per-slice path for a batch of HU slices: the model's input contract, one engine call, masks at
+/// native resolution (`analysis::segment_slice`). Returns the segmentations (in `hus` order) and the engine call's
+/// seconds.
+pub(crate) fn segment_batch(
+    engine: &dyn Engine,
+    model: &Model,
+    hus: &[HuSlice],
+) -> Result<(Vec<analysis::SliceSegmentation>, f64)> {
+    let inp = &model.manifest.input;
+    let classes = model.manifest.output.classes.len();
+    let plane = inp.height * inp.width;
+    let mut x = vec![0f32; hus.len() * plane];
+    for (hu, xi) in hus.iter().zip(x.chunks_exact_mut(plane)) {
+        preprocess::prepare(hu, inp, xi)?;
+    }
+    let t = Instant::now();
+    let scores = engine.infer(&x, hus.len())?;
+    let secs = t.elapsed().as_secs_f64();
+    let segs = hus
+        .iter()
+        .zip(scores.chunks_exact(classes * plane))
+        .map(|(hu, s)| analysis::segment_slice(s, classes, inp.height, inp.width, hu))
+        .collect();
+    Ok((segs, secs))
+}
+
 /// Runs one engine over one phantom folder.
 pub fn eval_series(
     engine: &dyn Engine,
@@ -474,9 +500,6 @@ pub fn eval_series(
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
         bail!("{}: labels.raw / files do not match n_slices × size²", dir.display());
     }
-    let inp = &model.manifest.input;
-    let classes = model.manifest.output.classes.len();
-    let plane = inp.height * inp.width;
     let mut placed = Vec::with_capacity(truth.n_slices);
     let mut lesion_o = Overlap::default();
     let mut lung_o = Overlap::default();
@@ -485,25 +508,13 @@ pub fn eval_series(
     let file_idx: Vec<usize> = (0..truth.files.len()).collect();
     for chunk in file_idx.chunks(batch.max(1)) {
         let mut hus = Vec::with_capacity(chunk.len());
-        let mut x = vec![0f32; chunk.len() * plane];
-        for (i, &fi) in chunk.iter().enumerate() {
-            let path = dir.join(&truth.files[fi]);
-            let obj = crate::spool::read_instance(&path)?;
-            let hu = preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?;
-            preprocess::prepare(&hu, inp, &mut x[i * plane..(i + 1) * plane])?;
-            hus.push(hu);
+        for &fi in chunk {
+            let obj = crate::spool::read_instance(&dir.join(&truth.files[fi]))?;
+            hus.push(preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?);
         }
-        let t = Instant::now();
-        let scores = engine.infer(&x, chunk.len())?;
-        infer_s += t.elapsed().as_secs_f64();
-        for (i, (&fi, hu)) in chunk.iter().zip(&hus).enumerate() {
-            let seg = analysis::segment_slice(
-                &scores[i * classes * plane..(i + 1) * classes * plane],
-                classes,
-                inp.height,
-                inp.width,
-                hu,
-            );
+        let (segs, secs) = segment_batch(engine, model, &hus)?;
+        infer_s += secs;
+        for ((&fi, hu), seg) in chunk.iter().zip(&hus).zip(segs) {
             if (seg.rows, seg.cols) != (truth.size, truth.size) {
                 bail!("{}: slice {fi} is {}×{}, labels are {}²", dir.display(), seg.rows, seg.cols, truth.size);
             }

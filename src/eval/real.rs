@@ -474,29 +474,18 @@ fn eval_luna(
     if inp.channels != 1 {
         bail!("luna-png evaluation needs a single-channel model (manifest input.channels = {})", inp.channels);
     }
-    let classes = ctx.model.manifest.output.classes.len();
-    let plane = inp.height * inp.width;
     let mut placed = Vec::with_capacity(files.len());
     for chunk in files.chunks(batch.max(1)) {
         let mut hus = Vec::with_capacity(chunk.len());
-        let mut x = vec![0f32; chunk.len() * plane];
-        for (i, (_, p)) in chunk.iter().enumerate() {
+        for (_, p) in chunk {
             let mut hu = luna_hu(p)?;
             hu.pixel_spacing = [px, px];
             hu.pixel_spacing_known = true;
-            preprocess::prepare(&hu, inp, &mut x[i * plane..(i + 1) * plane])
-                .with_context(|| format!("normalising {}", p.display()))?;
             hus.push(hu);
         }
-        let scores = ctx.engine.infer(&x, chunk.len()).context("inference")?;
-        for (i, ((z, _), hu)) in chunk.iter().zip(&hus).enumerate() {
-            let seg = analysis::segment_slice(
-                &scores[i * classes * plane..(i + 1) * classes * plane],
-                classes,
-                inp.height,
-                inp.width,
-                hu,
-            );
+        let (segs, _) = super::segment_batch(ctx.engine.as_ref(), &ctx.model, &hus)
+            .with_context(|| format!("segmenting {} … {}", chunk[0].1.display(), chunk[chunk.len() - 1].1.display()))?;
+        for (((z, _), hu), seg) in chunk.iter().zip(&hus).zip(segs) {
             // Patient LPS: z_NNN rises towards the head; the image centred on the table axis.
             let zmm = *z as f64 * dz;
             placed.push(PlacedSlice {

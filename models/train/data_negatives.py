@@ -42,6 +42,7 @@ import pydicom
 from scipy import ndimage as ndi
 
 from normalise import hu_to_u8
+from phantoms import hu_of
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
@@ -76,15 +77,6 @@ def data_root() -> Path:
     return Path(os.environ.get("LUNGSENTRY_DATA", str(HERE.parent.parent.parent / "shared" / "data")))
 
 
-def read_hu(ds) -> np.ndarray:
-    px = ds.pixel_array
-    hu = px.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
-    pad = getattr(ds, "PixelPaddingValue", None)
-    if pad is not None:
-        hu[px == pad] = -1024.0
-    return hu
-
-
 def load_dicom_series(d: Path):
     """(HU z x H x W sorted by position along the slice normal, pixel mm, slice mm)."""
     dss = [pydicom.dcmread(str(f)) for f in sorted(d.iterdir()) if f.is_file()]
@@ -93,7 +85,7 @@ def load_dicom_series(d: Path):
         n = np.cross(o[:3], o[3:])
         return float(np.dot(n, [float(v) for v in ds.ImagePositionPatient]))
     dss.sort(key=pos)
-    hu = np.stack([read_hu(ds) for ds in dss])
+    hu = np.stack([hu_of(ds) for ds in dss])
     pix = float(dss[0].PixelSpacing[0])
     p = [pos(ds) for ds in dss]
     dz = float(np.median(np.diff(p))) if len(p) > 1 else float(getattr(dss[0], "SliceThickness", 1.0))

@@ -14,7 +14,11 @@ SEVERITIES = ["none", "mild", "moderate", "severe"]
 
 
 def read_hu(path: Path) -> np.ndarray:
-    ds = pydicom.dcmread(str(path))
+    return hu_of(pydicom.dcmread(str(path)))
+
+
+def hu_of(ds) -> np.ndarray:
+    """A DICOM dataset's pixels in HU (slope/intercept; PixelPaddingValue -> -1024)."""
     px = ds.pixel_array
     stored = px.astype(np.float64)
     slope = float(getattr(ds, "RescaleSlope", 1.0))

@@ -2,6 +2,11 @@
 //!
 //! Owns: extracting grouping/ordering/eligibility attributes from a parsed dataset, once, at receive time.
 //! Hands to `spool` (which stores them beside the file) and `series` (which groups and orders by them).
+//! Refuses: an instance whose Study, Series or SOP Instance UID is not a UID ([`crate::uid`]: digits and dots,
+//! no empty component, at most 64 characters) — `..`, `a/b` or a 65-character value is never grouped, stored or
+//! named after ([`InstanceError::InvalidUid`], a C000 status at receive). A UID that is *absent or blank* is not
+//! malformed: the SOP Instance UID then comes from the command or file meta and Study/Series UIDs are derived
+//! (below), as anonymisers leave them.
 //! Never: decodes pixel data (that is `preprocess`).
 
 use dicom_core::Tag;
@@ -19,6 +24,25 @@ pub const ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2.1";
 pub enum InstanceError {
     #[error("missing required attribute {0}")]
     Missing(&'static str),
+    /// A Study/Series/SOP Instance UID that breaks the UI value representation.
+    #[error("{attribute} {value} {reason}: not a valid UID")]
+    InvalidUid {
+        /// Which attribute.
+        attribute: &'static str,
+        /// The value as received, quoted and escaped, cut at 80 characters (for the log).
+        value: String,
+        /// What is wrong with it.
+        reason: crate::uid::UidError,
+    },
+}
+
+/// Refuses a routing UID that is not a UID (see the module docs).
+fn check_uid(attribute: &'static str, value: &str) -> Result<(), InstanceError> {
+    crate::uid::check(value).map_err(|reason| {
+        let shown: String = value.chars().take(80).collect();
+        let cut = if shown.len() < value.len() { "…" } else { "" };
+        InstanceError::InvalidUid { attribute, value: format!("{shown:?}{cut}"), reason }
+    })
 }
 
 /// The attributes of one instance that the pipeline routes, groups and orders by.
@@ -152,6 +176,9 @@ impl InstanceMeta {
                 derived_uid("series", &format!("{study_basis}|{basis}"))
             }
         };
+        check_uid("SOPInstanceUID", &sop_instance_uid)?;
+        check_uid("StudyInstanceUID", &study_instance_uid)?;
+        check_uid("SeriesInstanceUID", &series_instance_uid)?;
         let arr3 = |v: Vec<f64>| (v.len() >= 3).then(|| [v[0], v[1], v[2]]);
         let arr6 = |v: Vec<f64>| (v.len() >= 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]]);
         let arr2 = |v: Vec<f64>| (v.len() >= 2).then(|| [v[0], v[1]]);

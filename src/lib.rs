@@ -10,13 +10,15 @@
 //!
 //! `pipeline` wires the stages into the daemon (`serve`); `analyze` runs the same series logic offline;
 //! `scu` is the sending side (`send`, `echo`); `phantom` makes synthetic CT series with ground truth;
-//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series; `hil` is the
+//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series; `datadir` owns every path under the data dir
+//! (and its checked delete), `uid` the validated UID every such name derived from a peer value is; `hil` is the
 //! hardware-in-the-loop harness that replays series to an appliance and reports correctness and latency.
 
 pub mod analysis;
 pub mod analyze;
 pub mod config;
 pub mod dashboard;
+pub mod datadir;
 pub mod demo;
 pub mod engine;
 pub mod eval;
@@ -39,3 +41,5 @@ pub mod scu;
 pub mod series;
 pub mod spool;
 pub mod store;
+pub mod test_hooks;
+pub mod uid;

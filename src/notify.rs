@@ -158,16 +158,27 @@ async fn deliver(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, row
     if let Some(secret) = secret {
         req = req.header(SIGNATURE_HEADER, signature(secret, row.payload_json.as_bytes()));
     }
-    let resp = req.body(row.payload_json.clone()).send().await.map_err(|e| format!("request failed: {e}"))?;
+    let mut resp = req.body(row.payload_json.clone()).send().await.map_err(|e| format!("request failed: {e}"))?;
     let status = resp.status();
     if status.is_success() {
         Ok(status.as_u16())
     } else {
-        let body = resp.text().await.unwrap_or_default();
-        let snippet: String = body.chars().take(200).collect();
+        // At most MAX_ERROR_BODY bytes of the refusal are read; the rest is dropped with the connection.
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY {
+            match resp.chunk().await {
+                Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - body.len())]),
+                _ => break,
+            }
+        }
+        let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
         Err(format!("HTTP {status}: {snippet}"))
     }
 }
+
+/// Most bytes of a webhook's error response body that are read (its first 200 characters go into
+/// `outbox.last_error`); a receiver answering an endless or huge body costs no more memory than this.
+pub const MAX_ERROR_BODY: usize = 4 << 10;
 
 /// A dedup key as it may be logged: the series UIDs in it (`"{series_uid}/v{n}"`, or a backward follow-up link's
 /// `"{series_uid}/v{n}/prior/{prior_series_uid}"`) as hashes.

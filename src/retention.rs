@@ -18,6 +18,13 @@
 //! keeps a small reserve file ([`RESERVE_FILE`], [`RESERVE_BYTES`]); a purge that fails with "disk full" deletes
 //! it and tries once more, and the periodic pass puts it back once there is room again.
 //!
+//! Deletes: every file and directory goes through [`DataDir::remove_inside`] (or `remove_dir_if_empty`), which
+//! refuses anything that is not strictly inside the data dir or is a fixed part of its layout — a spool path
+//! read back from the store, or a series UID that an older version stored unvalidated (`..`), can never make a
+//! purge delete the store, the data dir, or anything outside it. The key image and output directory of a
+//! series are found through the layout ([`DataDir::key_image_of`], [`DataDir::series_outputs_of`]): a stored
+//! UID that is not a UID names only a hash there.
+//!
 //! Concurrency: a purge holds the write side of the daemon's spool guard while it marks and deletes, and every
 //! instance is spooled and recorded under the read side — so a re-sent instance can never have its freshly
 //! acknowledged file deleted by a purge that chose its series a moment before.
@@ -30,6 +37,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::config::StorageConfig;
+use crate::datadir::{DataDir, Removed};
 use crate::store::{now_ms, series_log_key, Store};
 
 /// Longest pause between two periodic checks.
@@ -39,7 +47,7 @@ const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Series examined per round.
 const BATCH: usize = 64;
 /// The disk reserve's file name in the data dir.
-pub const RESERVE_FILE: &str = "disk-reserve";
+pub const RESERVE_FILE: &str = crate::datadir::RESERVE_FILE;
 /// The disk reserve's size: room for the store to record a purge on an otherwise full disk.
 pub const RESERVE_BYTES: u64 = 4 << 20;
 
@@ -67,6 +75,8 @@ impl PurgeReport {
 pub struct Retention {
     store: Arc<Store>,
     cfg: StorageConfig,
+    /// The data dir's layout: where the files named after a series are, and the checked delete.
+    layout: DataDir,
     /// Write side held while purging; the instance path holds the read side while spooling + recording.
     guard: Arc<RwLock<()>>,
 }
@@ -74,7 +84,8 @@ pub struct Retention {
 impl Retention {
     /// `guard` is the daemon's spool guard (see the module docs).
     pub fn new(store: Arc<Store>, cfg: StorageConfig, guard: Arc<RwLock<()>>) -> Retention {
-        Retention { store, cfg, guard }
+        let layout = DataDir::new(&cfg.data_dir);
+        Retention { store, cfg, guard, layout }
     }
 
     /// Percent used of the data dir's file system (None when it cannot be read).
@@ -97,15 +108,14 @@ impl Retention {
         let mut report = PurgeReport { series: 1, ..Default::default() };
         let mut dirs: Vec<PathBuf> = Vec::new();
         for p in &paths {
-            let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-            match std::fs::remove_file(p) {
-                Ok(()) => {
+            match self.layout.remove_inside(p) {
+                Ok(Removed::File { bytes }) => {
                     report.files += 1;
-                    report.bytes += len;
+                    report.bytes += bytes;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(series = %series_log_key(series_uid), error = %e, "retention: cannot delete a spool file")
+                    tracing::error!(series = %series_log_key(series_uid), error = %e, "retention: a spool file was not deleted")
                 }
             }
             if let Some(d) = p.parent() {
@@ -115,30 +125,24 @@ impl Retention {
             }
         }
         for d in dirs {
-            // Empty series directories go too (and their parent when that empties); fails harmlessly otherwise.
-            if std::fs::remove_dir(&d).is_ok() {
+            // Empty series directories go too (and their parent when that empties); kept otherwise.
+            if self.layout.remove_dir_if_empty(&d).unwrap_or(false) {
                 if let Some(parent) = d.parent() {
-                    let _ = std::fs::remove_dir(parent);
+                    let _ = self.layout.remove_dir_if_empty(parent);
                 }
             }
         }
         // What was made from the pixels goes with them: the dashboard's key image and the DICOM output files
         // (every output row of a purgeable series is delivered or parked; the rows stay).
         let mut derived = 0usize;
-        let png = crate::dashboard::key_png_path(&self.cfg.data_dir, series_uid);
-        match std::fs::remove_file(&png) {
-            Ok(()) => derived += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(series = %series_log_key(series_uid), error = %e, "retention: cannot delete the key image")
-            }
-        }
-        let outputs = crate::outputs::outbox::series_dir(&self.cfg.data_dir, series_uid);
-        if outputs.exists() {
-            match std::fs::remove_dir_all(&outputs) {
-                Ok(()) => derived += 1,
-                Err(e) => tracing::warn!(series = %series_log_key(series_uid), error = %e,
-                    "retention: cannot delete the DICOM output files"),
+        for (what, path) in [
+            ("the key image", self.layout.key_image_of(series_uid)),
+            ("the DICOM output files", self.layout.series_outputs_of(series_uid)),
+        ] {
+            match self.layout.remove_inside(&path) {
+                Ok(Removed::Absent) => {}
+                Ok(_) => derived += 1,
+                Err(e) => tracing::error!(series = %series_log_key(series_uid), error = %e, "retention: {what} not deleted"),
             }
         }
         tracing::info!(
@@ -220,12 +224,12 @@ impl Retention {
     }
 
     fn reserve_path(&self) -> PathBuf {
-        self.cfg.data_dir.join(RESERVE_FILE)
+        self.layout.reserve_file()
     }
 
     /// Deletes the disk reserve; true when there was one.
     pub fn release_reserve(&self) -> bool {
-        std::fs::remove_file(self.reserve_path()).is_ok()
+        matches!(self.layout.remove_inside(&self.reserve_path()), Ok(Removed::File { .. }))
     }
 
     /// Creates the disk reserve when it is missing and the file system has room for it several times over (it is
@@ -251,7 +255,7 @@ impl Retention {
             std::fs::rename(&tmp, &path)
         })();
         if let Err(e) = made {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = self.layout.remove_inside(&tmp);
             tracing::warn!(stage = "retention", error = %e, "could not create the disk reserve");
         }
     }

@@ -16,6 +16,9 @@
 //! <data_dir>/spool/<h[0..2]>/<h[0..16]>/<sop>.dcm  h = hex sha256(SeriesInstanceUID)
 //! ```
 //!
+//! (The layout is [`crate::datadir::DataDir`]'s: `<sop>` is the SOP Instance UID — validated at receive — or
+//! the hash of a value that is not one; a peer never steers the path.)
+//!
 //! A repeated SOP Instance UID replaces the earlier file atomically (same series ⇒ same path); a repeat whose
 //! file would be byte-for-byte the stored one is not written again ([`SpooledInstance::unchanged_since_ms`]), so
 //! `store` can tell a sender's retry from new content.
@@ -31,7 +34,6 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntaxIndex};
 use dicom_object::{FileDicomObject, FileMetaTableBuilder, InMemDicomObject};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use sha2::{Digest, Sha256};
 
 use crate::instance::InstanceMeta;
 use crate::receive::{status, IncomingInstance};
@@ -100,6 +102,8 @@ pub struct Spool {
     counter: AtomicU64,
     /// Largest dataset accepted after inflating a Deflated Explicit VR LE one (a deflate bomb stops here).
     max_dataset_bytes: usize,
+    /// The data dir's layout: where each instance's file goes.
+    layout: crate::datadir::DataDir,
 }
 
 /// Default for [`Spool::with_max_dataset_bytes`]: the default `dicom.max_message_mb`.
@@ -129,8 +133,8 @@ impl Spool {
     /// temporary files left by a crash (they were never acknowledged, so nothing is lost).
     pub fn open(data_dir: &Path) -> anyhow::Result<Spool> {
         use anyhow::Context;
-        let root = data_dir.join("spool");
-        let tmp = root.join("tmp");
+        let layout = crate::datadir::DataDir::new(data_dir);
+        let (root, tmp) = (layout.spool_root(), layout.spool_tmp());
         make_dir(&tmp).with_context(|| format!("creating spool directory {}", tmp.display()))?;
         for d in [&root, &tmp] {
             fs::set_permissions(d, fs::Permissions::from_mode(0o700))
@@ -147,7 +151,7 @@ impl Spool {
         if removed > 0 {
             tracing::info!(removed, "spool: removed unacknowledged temporary files left by an earlier run");
         }
-        Ok(Spool { root, tmp, counter: AtomicU64::new(0), max_dataset_bytes: DEFAULT_MAX_DATASET_BYTES })
+        Ok(Spool { root, tmp, counter: AtomicU64::new(0), max_dataset_bytes: DEFAULT_MAX_DATASET_BYTES, layout })
     }
 
     /// Caps the size of an inflated Deflated Explicit VR LE dataset (use `dicom.max_message_mb`).
@@ -163,8 +167,7 @@ impl Spool {
 
     /// Where an instance of `series_uid` with `sop_uid` lives in the spool.
     pub fn path_for(&self, series_uid: &str, sop_uid: &str) -> PathBuf {
-        let h = hex::encode(Sha256::digest(series_uid.as_bytes()));
-        self.root.join(&h[..2]).join(&h[..16]).join(format!("{}.dcm", file_stem(sop_uid)))
+        self.layout.spool_instance(series_uid, sop_uid)
     }
 
     /// Validates `inc` and writes it durably; blocking (call from `spawn_blocking`).
@@ -257,20 +260,6 @@ fn identical_file(path: &Path, header: &[u8], dataset: &[u8]) -> Option<i64> {
     }
     let mtime = md.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
     i64::try_from(mtime.as_millis()).ok()
-}
-
-/// File name for a SOP Instance UID: the UID itself when it is a well-formed UID (digits and dots, ≤ 64
-/// characters, starting with a digit), else the hex SHA-256 of it — a peer can never steer the path.
-fn file_stem(sop_uid: &str) -> String {
-    let well_formed = !sop_uid.is_empty()
-        && sop_uid.len() <= 64
-        && sop_uid.as_bytes()[0].is_ascii_digit()
-        && sop_uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    if well_formed {
-        sop_uid.to_string()
-    } else {
-        format!("x{}", hex::encode(Sha256::digest(sop_uid.as_bytes())))
-    }
 }
 
 /// Preamble + "DICM" + our file meta group, ready to be followed by the dataset bytes: the head of every spooled

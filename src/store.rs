@@ -211,7 +211,7 @@ pub fn series_log_key(series_uid: &str) -> String {
 /// created on first use and read back afterwards. (`alerts.patient_key_salt` in the config overrides it; the
 /// caller decides.)
 pub fn load_or_create_salt(data_dir: &Path) -> Result<Vec<u8>> {
-    let path = data_dir.join("patient-key.salt");
+    let path = crate::datadir::DataDir::new(data_dir).salt_file();
     match std::fs::read(&path) {
         Ok(bytes) if bytes.len() >= 16 => return Ok(bytes),
         Ok(bytes) => bail!("{} holds {} bytes, expected 32; refusing to guess a salt", path.display(), bytes.len()),

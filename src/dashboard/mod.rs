@@ -49,7 +49,7 @@ pub fn load_or_create_token(configured: Option<&str>, data_dir: &Path) -> anyhow
     if let Some(t) = configured {
         return Ok(t.to_string());
     }
-    let path = data_dir.join("http-token");
+    let path = crate::datadir::DataDir::new(data_dir).token_file();
     if let Ok(t) = std::fs::read_to_string(&path) {
         if !t.trim().is_empty() {
             return Ok(t.trim().to_string());
@@ -300,11 +300,10 @@ pub async fn key_png(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPat
     }
 }
 
-/// Where the key PNG of a series lives.
+/// Where the key PNG of a series lives ([`crate::datadir::DataDir::key_image_of`]: a value that is not a UID,
+/// such as a URL segment, only ever names a hash).
 pub fn key_png_path(data_dir: &Path, series_uid: &str) -> PathBuf {
-    let safe: String =
-        series_uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
-    data_dir.join("keyimages").join(format!("{safe}.png"))
+    crate::datadir::DataDir::new(data_dir).key_image_of(series_uid)
 }
 
 /// Renders the key image of a result (its most involved slice; the slice with the most lung when there is no

@@ -18,7 +18,10 @@
 //! from the spooled instances, with the same derived UIDs, so nothing is lost and nothing is queued twice.
 //! A backward follow-up link whose amended SR a destination wants is marked the same way
 //! (`follow_up_links.outputs_due`, [`wants_sr`], [`enqueue_link_outputs`]).
-//! `LUNGSENTRY_TEST_CRASH_AT` ([`crash_point`]) aborts the process at a named point of that window, for tests.
+//! `LUNGSENTRY_TEST_CRASH_AT` ([`crash_point`]) aborts the process at a named point of that window, in a test
+//! build (`--features test-hooks`) only.
+//! File names: the series directory is the validated Series Instance UID and each file our own SOP Instance
+//! UID, both through [`crate::datadir::DataDir`]; a result whose series UID is not a UID gets no files.
 //! Never: decides positivity, reads the model, or touches the webhook outbox.
 
 use std::collections::BTreeMap;
@@ -44,17 +47,9 @@ const IDLE_POLL: Duration = Duration::from_secs(30);
 /// Shortest pause between rounds.
 const MIN_WAIT: Duration = Duration::from_millis(100);
 
-/// Test hook: aborts the process (as a crash or SIGKILL would end it) when the environment variable
-/// `LUNGSENTRY_TEST_CRASH_AT` names this point. Points: `after_result` (result committed, nothing built),
-/// `after_output_files` (objects written, outbox rows not committed), `after_amended_sr_file` (a link's amended
-/// SR written, not queued).
-pub fn crash_point(name: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("LUNGSENTRY_TEST_CRASH_AT").ok()).as_deref() == Some(name) {
-        tracing::error!(point = name, "LUNGSENTRY_TEST_CRASH_AT: aborting");
-        std::process::abort();
-    }
-}
+/// The crash-injection points of this module ([`crate::test_hooks::crash_point`]; a no-op unless built with the
+/// `test-hooks` feature).
+pub use crate::test_hooks::crash_point;
 
 /// The destinations that want this result's objects (none for a result that was not analysed).
 fn destinations_for<'a>(cfg: &'a OutputsConfig, result: &Value) -> Vec<&'a super::DicomDestination> {
@@ -207,11 +202,16 @@ fn write_objects(
     objects: &[super::OutputObject],
     destinations: &[&super::DicomDestination],
 ) -> Result<Vec<NewDicomOutput>> {
-    let dir = series_dir(data_dir, series_uid).join(format!("v{version}"));
+    let layout = crate::datadir::DataDir::new(data_dir);
+    let series = crate::uid::Uid::parse(series_uid)
+        .map_err(|e| anyhow::anyhow!("no output files: the Series Instance UID {e}, not a valid UID"))?;
+    let dir = layout.output_version(&series, version);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
     for o in objects {
-        let path = dir.join(format!("{}.dcm", sanitize(&o.sop_instance_uid)));
+        let sop = crate::uid::Uid::parse(&o.sop_instance_uid)
+            .map_err(|e| anyhow::anyhow!("output object's SOP Instance UID {e}"))?;
+        let path = layout.output_file(&series, version, &sop);
         write_durably(&path, |f| o.file.write_all(f).map_err(|e| std::io::Error::other(e.to_string())))?;
         for d in destinations.iter().filter(|d| d.objects.contains(&o.kind)) {
             rows.push(NewDicomOutput {
@@ -228,14 +228,10 @@ fn write_objects(
 }
 
 /// Where a series' DICOM output files are kept (`v{version}/` below it); retention deletes it with the series'
-/// pixel data.
+/// pixel data. The layout is [`crate::datadir::DataDir::series_outputs_of`]'s: a value that is not a UID only
+/// ever names a hash.
 pub fn series_dir(data_dir: &Path, series_uid: &str) -> PathBuf {
-    data_dir.join("outputs").join(sanitize(series_uid))
-}
-
-/// Keeps UID-like names safe as file names.
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
+    crate::datadir::DataDir::new(data_dir).series_outputs_of(series_uid)
 }
 
 fn write_durably(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {

@@ -11,11 +11,13 @@
 //! DICOM outputs are queued after the result commit; a result whose outputs were due but not queued when the
 //! daemon stopped is rebuilt at the next start (`queue_missing_outputs`).
 //! Owns: start-up order (store, model, engine warm-up, bind, recovery of series interrupted by a crash),
-//! one worker task per active series, the completion ticker, graceful shutdown.
+//! one worker task per active series, the completion ticker, graceful shutdown. After a panic in the shared
+//! state, `recovery` rebuilds it (or exits for systemd); no `lock().unwrap()` here.
 //! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
 
 mod backlog;
 mod liveness;
+mod recovery;
 mod segpool;
 mod slices;
 
@@ -145,9 +147,8 @@ impl Daemon {
         // SAFETY: umask only changes this process's file-creation mask.
         unsafe { libc::umask(0o077) };
         let data_dir = config.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        set_private(&data_dir);
-        let store = Arc::new(Store::open(&data_dir.join("lungsentry.sqlite"))?);
+        let layout = crate::datadir::DataDir::open(&data_dir).context("opening storage.data_dir")?;
+        let store = Arc::new(Store::open(&layout.store_file())?);
         let spool = Spool::open(&data_dir)?.with_max_dataset_bytes(config.dicom.max_message_mb << 20);
         let salt = match &config.alerts.patient_key_salt {
             Some(s) => s.as_bytes().to_vec(),
@@ -223,7 +224,7 @@ impl Daemon {
         for series_uid in store.series_pending_analysis()? {
             tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "recovery", "resuming series interrupted before analysis");
             ensure_worker(&shared, &series_uid);
-            shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
+            recovery::tracker(&shared).instance(&series_uid, None, Instant::now());
         }
 
         let addr: SocketAddr = format!("{}:{}", config.dicom.bind, config.dicom.port).parse()?;
@@ -263,11 +264,11 @@ impl Daemon {
             http_addr = Some(addr);
             tasks.push(task);
         }
-        tasks.push(tokio::spawn(completion_ticker(shared.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(recovery::supervise_ticker(shared.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::retention::run(retention, shutdown_rx.clone())));
         {
             let s = shared.clone();
-            let workers = move || s.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
+            let workers = move || recovery::lock(&s.workers).len();
             tasks.push(tokio::spawn(liveness::run(shared.live.clone(), store.clone(), workers, shutdown_rx.clone())));
         }
         if config.alerts.webhook_url.is_some() {
@@ -305,7 +306,7 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
     Arc::new(move || {
         use crate::metrics::gauge;
         let mut out = String::new();
-        let workers = shared.workers.lock().unwrap().values().filter(|tx| !tx.is_closed()).count();
+        let workers = recovery::lock(&shared.workers).values().filter(|tx| !tx.is_closed()).count();
         let queued = shared.backlog.queued();
         gauge(
             &mut out,
@@ -354,11 +355,6 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
     })
 }
 
-fn set_private(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-}
-
 async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<ReceiveEvent>) {
     while let Some(ev) = events.recv().await {
         match ev {
@@ -367,7 +363,7 @@ async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<Receive
                 tokio::spawn(async move { handle_instance(shared, inc, reply).await });
             }
             ReceiveEvent::Released { association, .. } => {
-                shared.tracker.lock().unwrap().association_ended(association);
+                recovery::tracker(&shared).association_ended(association);
             }
         }
     }
@@ -429,7 +425,7 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         tracing::debug!(association, series = %crate::store::series_log_key(&series_uid), stage = "store",
             "instance already stored with these bytes: acknowledged, nothing changed");
     } else {
-        shared.tracker.lock().unwrap().instance(&series_uid, Some(association), Instant::now());
+        recovery::tracker(&shared).instance(&series_uid, Some(association), Instant::now());
         let queued = shared.backlog.enqueue();
         enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path, queued }).await;
         // Stored and queued: the answer only waits while more segmentation is queued than the budget allows.
@@ -471,7 +467,7 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
             Ok(()) => return,
             Err(mpsc::error::SendError(m)) => {
                 // The worker ended (linger expired) between lookup and send: drop it and start a new one.
-                shared.workers.lock().unwrap().remove(series_uid);
+                recovery::lock(&shared.workers).remove(series_uid);
                 msg = Some(m);
             }
         }
@@ -480,7 +476,7 @@ async fn enqueue(shared: &Arc<Shared>, series_uid: &str, msg: WorkerMsg) {
 }
 
 fn ensure_worker(shared: &Arc<Shared>, series_uid: &str) -> mpsc::UnboundedSender<WorkerMsg> {
-    let mut workers = shared.workers.lock().unwrap();
+    let mut workers = recovery::lock(&shared.workers);
     if let Some(tx) = workers.get(series_uid) {
         if !tx.is_closed() {
             return tx.clone();
@@ -550,7 +546,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                             tracing::error!(series = %crate::store::series_log_key(&series_uid), stage = "analysis", error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
                             // A failed write (disk full, I/O error) must not leave the series unanalysed until
                             // the next instance or restart: the ticker completes it again later.
-                            shared.tracker.lock().unwrap().instance(&series_uid, None, Instant::now());
+                            recovery::tracker(&shared).instance(&series_uid, None, Instant::now());
                         }
                     }
                     Err(e) => {
@@ -565,7 +561,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
     }
     // Drop our receiver first: the map's sender then reports closed, unless a newer worker replaced it.
     drop(rx);
-    let mut workers = shared.workers.lock().unwrap();
+    let mut workers = recovery::lock(&shared.workers);
     if workers.get(&series_uid).map(|tx| tx.is_closed()).unwrap_or(false) {
         workers.remove(&series_uid);
     }
@@ -869,7 +865,15 @@ async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
             _ = shutdown.changed() => return,
         }
         shared.live.beat();
-        let done = shared.tracker.lock().unwrap().take_complete(Instant::now(), &shared.config.series);
+        let done = {
+            let mut tracker = recovery::tracker(&shared);
+            let done = tracker.take_complete(Instant::now(), &shared.config.series);
+            if !done.is_empty() {
+                // Test builds only: a panic here, lock held, the completed series taken out (recovery.rs).
+                crate::test_hooks::panic_point("completion");
+            }
+            done
+        };
         for series_uid in done {
             tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "completion", "series complete");
             enqueue(&shared, &series_uid, WorkerMsg::Complete).await;

@@ -7,7 +7,7 @@
 //! start-up ([`tracker`]: every series with instances and no result of its revision is registered again, so
 //! the stable timeout completes it). And the supervisor that restarts the completion ticker when it panicked
 //! ([`supervise_ticker`]).
-//! Escalation: [`MAX_PANICS`] ticker panics within [`PANIC_WINDOW`] mean the fault is not a one-off; the daemon
+//! Escalation: the [`MAX_PANICS`]th ticker panic within [`PANIC_WINDOW`] means the fault is not a one-off; the daemon
 //! then exits with status [`EXIT_WEDGED`] so systemd (`Restart=on-failure`) starts it afresh, and if it keeps
 //! failing, its start limit makes the failure visible instead of a daemon that looks up.
 //! Hands on: nothing new; the same tracker and workers, usable again.
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::Shared;
 use crate::series::CompletionTracker;
 
-/// Ticker panics tolerated within [`PANIC_WINDOW`]; one more and the daemon exits.
+/// Ticker panics within [`PANIC_WINDOW`] at which the daemon exits (the ones before are recovered).
 pub const MAX_PANICS: usize = 3;
 /// The window [`MAX_PANICS`] counts in.
 pub const PANIC_WINDOW: Duration = Duration::from_secs(600);

@@ -413,10 +413,49 @@ fn store_case(name: &str, ts: &str, sop: &str, dataset: Vec<u8>, expect: u16) ->
     }
 }
 
+/// Study/Series/SOP Instance UIDs that break the UI VR, each on its own: the values a hostile peer would use to
+/// steer a path (`..`, `.`, `../x`, `a/b`), an empty component, 65 characters, non-digits. Each is refused with
+/// C000 and nothing is stored. An empty SOP Instance UID in both the command and the dataset leaves nothing to
+/// identify the instance: refused too. (Blank Study/Series UIDs are derived, not refused: `instance`.)
+pub fn uid_bad_values() -> Vec<(&'static str, String)> {
+    vec![
+        ("dotdot", "..".into()),
+        ("dot", ".".into()),
+        ("parent-x", "../x".into()),
+        ("slash", "a/b".into()),
+        ("empty-component", "1.2..3".into()),
+        ("65-chars", format!("1.{}", "2".repeat(63))),
+        ("non-digits", "1.2.abc".into()),
+    ]
+}
+
+fn uid_cases(b: &Bases) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut n = 5000u32;
+    for (attr, tag) in [
+        ("study", tags::STUDY_INSTANCE_UID),
+        ("series", tags::SERIES_INSTANCE_UID),
+        ("sop", tags::SOP_INSTANCE_UID),
+    ] {
+        for (label, value) in uid_bad_values() {
+            n += 1;
+            let sop = if attr == "sop" { value.clone() } else { b.sop(n) };
+            let mut o = with_uid(&b.object, &sop);
+            o.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(value.as_str())));
+            let d = encode(&o, EXPLICIT);
+            cases.push(store_case(&format!("uid-{attr}-{label}"), EXPLICIT, &sop, d, CANNOT_UNDERSTAND));
+        }
+    }
+    let d = encode(&with_uid(&b.object, ""), EXPLICIT);
+    cases.push(store_case("uid-sop-empty", EXPLICIT, "", d, CANNOT_UNDERSTAND));
+    cases
+}
+
 /// Every case; `bases` from [`Bases::new`], `idle_ms` = the daemon's association_idle_timeout_s in ms,
 /// `max_pdu` = the daemon's maximum PDU length, `max_message` = dicom.max_message_mb in bytes.
 pub fn all(b: &Bases, idle_ms: u64, max_pdu: u32, max_message: usize) -> Vec<Case> {
     let mut cases = dataset_cases(b);
+    cases.extend(uid_cases(b));
     cases.extend(encapsulated_cases(b));
     cases.extend(dimse_cases(b, max_message));
     cases.extend(pdu_cases(b, idle_ms, max_pdu));

@@ -127,13 +127,15 @@ impl DataDir {
         DataDir { root: root.into() }
     }
 
-    /// Creates the data dir when missing (mode 0700; an existing one is set to 0700 too) and returns its layout,
-    /// rooted at its canonical path.
+    /// Creates the data dir when missing (mode 0700; an existing one is set to 0700 too, best effort: a
+    /// directory we may use but not chmod — a mount point — is used as it is, with a warning) and returns its
+    /// layout, rooted at its canonical path.
     pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err("creating", root))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("setting mode 0700 on", root))?;
+        if let Err(e) = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(data_dir = %root.display(), error = %e, "cannot set mode 0700 on the data dir");
+        }
         let root = std::fs::canonicalize(root).map_err(io_err("resolving", root))?;
         Ok(DataDir { root })
     }

@@ -254,3 +254,50 @@ fn result_log_line_levels_and_no_raw_identifiers() {
         assert!(!text.contains(bad), "{bad:?} leaked into the log: {text}");
     }
 }
+
+/// A receiver that refuses (500) with a body that never ends: the worker reads at most
+/// `notify::MAX_ERROR_BODY` bytes of it, records the failure with the start of the body, and moves on — it does
+/// not wait for the end of the body (which never comes; reading it all would also mean holding all of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_with_an_endless_body_is_read_only_up_to_the_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("1000\r\n{}\r\n", "E".repeat(0x1000));
+                while s.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&tmp.path().join("db.sqlite")).unwrap());
+    let series = "1.2.826.0.9.3";
+    store.record_instance(&instance(series), 1, "0123456789abcdef0123456789abcdef").unwrap();
+    let result = serde_json::json!({"series_instance_uid": series, "positive": true, "involvement_percent": 5.0});
+    store.record_result(series, true, 5.0, &result, true).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(run_webhook_outbox(store.clone(), alerts(&url), stop_rx));
+    let s = store.clone();
+    wait_for("a failed attempt", Duration::from_secs(30), move || s.outbox_counts().unwrap().failing == 1).await;
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
+    let last_error: String = rusqlite::Connection::open(tmp.path().join("db.sqlite"))
+        .unwrap()
+        .query_row("SELECT last_error FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert!(last_error.starts_with("HTTP 500"), "{last_error}");
+    assert!(
+        last_error.ends_with(&"E".repeat(200)),
+        "the first 200 characters of the body must be kept (a reader waiting for the end would have none): {last_error}"
+    );
+    assert!(lungsentry::notify::MAX_ERROR_BODY <= 16 << 10);
+}

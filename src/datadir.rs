@@ -307,7 +307,10 @@ mod tests {
         assert_eq!(name_of("1.2.3"), "1.2.3");
         for bad in ["", ".", "..", "../x", "a/b", "1..2", "1.2.abc"] {
             let n = name_of(bad);
-            assert!(n.starts_with('x') && n.len() == 65 && n[1..].bytes().all(|b| b.is_ascii_hexdigit()), "{bad:?}: {n}");
+            assert!(
+                n.starts_with('x') && n.len() == 65 && n[1..].bytes().all(|b| b.is_ascii_hexdigit()),
+                "{bad:?}: {n}"
+            );
         }
         let dd = DataDir::new("/d");
         assert_eq!(dd.series_outputs_of(".."), dd.outputs().join(name_of("..")));

@@ -142,7 +142,9 @@ impl Retention {
             match self.layout.remove_inside(&path) {
                 Ok(Removed::Absent) => {}
                 Ok(_) => derived += 1,
-                Err(e) => tracing::error!(series = %series_log_key(series_uid), error = %e, "retention: {what} not deleted"),
+                Err(e) => {
+                    tracing::error!(series = %series_log_key(series_uid), error = %e, "retention: {what} not deleted")
+                }
             }
         }
         tracing::info!(

@@ -318,7 +318,10 @@ fn assert_no_duplicates(dir: &Path) -> BTreeSet<String> {
 }
 
 #[test]
-#[cfg_attr(not(feature = "test-hooks"), ignore = "needs --features test-hooks (the crash-injection hook; scripts/test runs it)")]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs --features test-hooks (the crash-injection hook; scripts/test runs it)"
+)]
 fn a_crash_between_result_and_outputs_is_repaired_at_restart() {
     if !common::model_shipped() {
         panic!("models/manifest.toml missing: the shipped model is needed");

@@ -152,7 +152,10 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
 /// re-analysed) now shows the comparison with it, as if they had arrived in date order, and the PACS gets an
 /// amended SR carrying it — queued after a crash between writing it and queueing it.
 #[test]
-#[cfg_attr(not(feature = "test-hooks"), ignore = "needs --features test-hooks (the crash-injection hook; scripts/test runs it)")]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs --features test-hooks (the crash-injection hook; scripts/test runs it)"
+)]
 fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));

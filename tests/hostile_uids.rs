@@ -205,9 +205,8 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     // Nothing of the refused instances is stored; the blank-UID copy is, under derived UIDs.
     let conn = db(&data);
     for (_, _, sop) in &hostile {
-        let n: i64 = conn
-            .query_row("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?1", [sop], |r| r.get(0))
-            .unwrap();
+        let n: i64 =
+            conn.query_row("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?1", [sop], |r| r.get(0)).unwrap();
         assert_eq!(n, 0, "refused instance {sop:?} is in the store");
     }
     let bad_rows: i64 = conn

@@ -19,7 +19,10 @@ const NEEDS_HOOKS: &str = "needs the fault-injection hooks: run with --features 
 const CONFIG: &str = "[series]\nquiet_period_s = 0.5\nstable_timeout_s = 3.0\n";
 
 #[test]
-#[cfg_attr(not(feature = "test-hooks"), ignore = "needs --features test-hooks (the fault-injection hook; scripts/test runs it)")]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs --features test-hooks (the fault-injection hook; scripts/test runs it)"
+)]
 fn a_one_off_panic_in_the_completion_path_is_recovered() {
     assert!(lungsentry::test_hooks::ENABLED, "{NEEDS_HOOKS}");
     if !model_shipped() {
@@ -54,7 +57,10 @@ fn a_one_off_panic_in_the_completion_path_is_recovered() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "test-hooks"), ignore = "needs --features test-hooks (the fault-injection hook; scripts/test runs it)")]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs --features test-hooks (the fault-injection hook; scripts/test runs it)"
+)]
 fn a_completion_path_that_keeps_panicking_exits_non_zero_for_systemd() {
     assert!(lungsentry::test_hooks::ENABLED, "{NEEDS_HOOKS}");
     if !model_shipped() {

@@ -50,9 +50,12 @@ pub(super) fn tracker(shared: &Shared) -> MutexGuard<'_, CompletionTracker> {
                     for uid in &pending {
                         g.instance(uid, None, now);
                     }
-                    tracing::error!(stage = "completion", pending = pending.len(),
+                    tracing::error!(
+                        stage = "completion",
+                        pending = pending.len(),
                         "a panic left the completion tracker poisoned: rebuilt from the store (series without a \
-                         result complete after series.stable_timeout_s)");
+                         result complete after series.stable_timeout_s)"
+                    );
                 }
                 Err(e) => {
                     tracing::error!(stage = "completion", error = %format!("{e:#}"),
@@ -79,12 +82,20 @@ pub(super) async fn supervise_ticker(shared: Arc<Shared>, shutdown: watch::Recei
                 panics.retain(|t| now.duration_since(*t) < PANIC_WINDOW);
                 panics.push_back(now);
                 if panics.len() >= MAX_PANICS {
-                    tracing::error!(stage = "completion", panics = panics.len(), window_s = PANIC_WINDOW.as_secs(),
+                    tracing::error!(
+                        stage = "completion",
+                        panics = panics.len(),
+                        window_s = PANIC_WINDOW.as_secs(),
                         exit_status = EXIT_WEDGED,
-                        "the completion ticker keeps panicking: exiting so systemd restarts the daemon");
+                        "the completion ticker keeps panicking: exiting so systemd restarts the daemon"
+                    );
                     std::process::exit(EXIT_WEDGED);
                 }
-                tracing::error!(stage = "completion", panics = panics.len(), "the completion ticker panicked; restarting it");
+                tracing::error!(
+                    stage = "completion",
+                    panics = panics.len(),
+                    "the completion ticker panicked; restarting it"
+                );
             }
             Err(_) => return, // cancelled: the runtime is shutting down
         }

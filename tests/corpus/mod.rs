@@ -432,11 +432,9 @@ pub fn uid_bad_values() -> Vec<(&'static str, String)> {
 fn uid_cases(b: &Bases) -> Vec<Case> {
     let mut cases = Vec::new();
     let mut n = 5000u32;
-    for (attr, tag) in [
-        ("study", tags::STUDY_INSTANCE_UID),
-        ("series", tags::SERIES_INSTANCE_UID),
-        ("sop", tags::SOP_INSTANCE_UID),
-    ] {
+    for (attr, tag) in
+        [("study", tags::STUDY_INSTANCE_UID), ("series", tags::SERIES_INSTANCE_UID), ("sop", tags::SOP_INSTANCE_UID)]
+    {
         for (label, value) in uid_bad_values() {
             n += 1;
             let sop = if attr == "sop" { value.clone() } else { b.sop(n) };

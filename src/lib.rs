@@ -39,3 +39,4 @@ pub mod scu;
 pub mod series;
 pub mod spool;
 pub mod store;
+pub mod store_read;

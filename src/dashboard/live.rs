@@ -18,7 +18,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::store::Store;
 
 /// How often the snapshot task looks at `data_version` when nothing woke it.
-pub const CHECK: Duration = Duration::from_millis(250);
+pub const CHECK: Duration = Duration::from_millis(500);
 
 /// The shared live view.
 #[derive(Debug)]

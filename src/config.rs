@@ -460,6 +460,17 @@ mod tests {
         let e = Config::parse("[dicom.tls]\ncert = \"c\"\nkey = \"k\"\ncafile = \"x\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("cafile"), "{e:#}");
     }
+
+    #[test]
+    fn memory_budget_and_live_view_cap() {
+        let c = Config::parse("").unwrap();
+        assert_eq!((c.dicom.max_buffered_mb, c.http.max_sse_clients), (1024, 64));
+        let e = Config::parse("[dicom]\nmax_message_mb = 64\nmax_buffered_mb = 100\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dicom.max_buffered_mb"), "{e:#}");
+        assert!(Config::parse("[dicom]\nmax_message_mb = 64\nmax_buffered_mb = 128\n").is_ok());
+        let e = Config::parse("[http]\nmax_sse_clients = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("http.max_sse_clients"), "{e:#}");
+    }
 }
 
 #[cfg(test)]

@@ -397,7 +397,8 @@ pub struct Pragmas {
 /// (call from `spawn_blocking` on hot paths).
 #[derive(Debug)]
 pub struct Store {
-    /// The one connection; SQLite serialises writers anyway and our transactions are short.
+    /// The connection: the writer's (SQLite serialises writers anyway and our transactions are short), or a
+    /// read-only one ([`Store::open_read_only`], for `crate::store_read`).
     conn: Mutex<Connection>,
     /// Database file path (for messages).
     path: PathBuf,

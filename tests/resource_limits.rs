@@ -54,8 +54,11 @@ fn raw_data_parts(sop: &str, series: &str, size: usize) -> (Vec<u8>, usize, Vec<
         obj.put(DataElement::new(Tag(0x0009, 0x0010), VR::LO, PrimitiveValue::from("LUNGSENTRY TEST ")));
         obj.put(DataElement::new(Tag(0x0009, 0x1010), VR::OB, PrimitiveValue::from(vec![0u8; value_len])));
         let mut out = Vec::new();
-        obj.write_dataset_with_ts(&mut out, &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
-            .unwrap();
+        obj.write_dataset_with_ts(
+            &mut out,
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
         out
     };
     let small = build(2);
@@ -143,10 +146,8 @@ fn sixteen_maximum_size_messages_at_once_stay_within_the_memory_budget() {
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let statuses: Vec<Result<u16, String>> = rt.block_on(async {
-        let tasks: Vec<_> = peers
-            .into_iter()
-            .map(|(sop, p, n, s)| tokio::spawn(send_big(d.port, sop, p, n, s)))
-            .collect();
+        let tasks: Vec<_> =
+            peers.into_iter().map(|(sop, p, n, s)| tokio::spawn(send_big(d.port, sop, p, n, s))).collect();
         let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.unwrap());
@@ -215,7 +216,8 @@ fn live_view_clients_are_capped_and_still_see_a_new_result() {
     }
     let token = "test-token-sse-cap-0123";
     let tmp = tempfile::tempdir().unwrap();
-    let d = common::HttpDaemon::start(&tmp.path().join("d"), "", &format!("token = \"{token}\"\nmax_sse_clients = 2\n"));
+    let d =
+        common::HttpDaemon::start(&tmp.path().join("d"), "", &format!("token = \"{token}\"\nmax_sse_clients = 2\n"));
 
     let (h1, mut c1) = open_get(d.http_port, "/api/events", token);
     let (h2, mut c2) = open_get(d.http_port, "/api/events", token);

@@ -205,11 +205,8 @@ pub async fn events(State(st): State<Arc<DashboardState>>) -> Response {
     };
     // The slot lives as long as the stream: dropped (and freed) when the client goes.
     let stream = futures_util::stream::unfold((slot, snapshot, true), |(slot, mut snapshot, first)| async move {
-        let ready = if first {
-            snapshot.wait_for(|t| !t.is_empty()).await.is_ok()
-        } else {
-            snapshot.changed().await.is_ok()
-        };
+        let ready =
+            if first { snapshot.wait_for(|t| !t.is_empty()).await.is_ok() } else { snapshot.changed().await.is_ok() };
         if !ready {
             return None; // the daemon is stopping
         }

@@ -238,7 +238,8 @@ impl AssociationHandler {
         contexts: &HashMap<u8, Context>,
         stats: &mut Stats,
     ) -> End {
-        let mut assembler = MessageAssembler::with_budget(self.settings.max_message_bytes, self.settings.budget.clone());
+        let mut assembler =
+            MessageAssembler::with_budget(self.settings.max_message_bytes, self.settings.budget.clone());
         let max_pdu = self.settings.tuning.max_pdu_length;
         let quickack = self.settings.tuning.tcp_quickack;
         let mut stopping = false;

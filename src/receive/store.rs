@@ -95,7 +95,11 @@ async fn decide(
             dataset.len() as u64
         };
         if !c.grow(working) {
-            warn!(sop_instance, size = dataset.len(), "C-STORE refused: no room in dicom.max_buffered_mb to store it now");
+            warn!(
+                sop_instance,
+                size = dataset.len(),
+                "C-STORE refused: no room in dicom.max_buffered_mb to store it now"
+            );
             return (status::OUT_OF_RESOURCES, Some("receiver's memory budget is full; retry later".into()));
         }
     }

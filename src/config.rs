@@ -46,6 +46,11 @@ pub struct DicomConfig {
     pub max_associations: usize,
     /// Largest single DIMSE message (command + dataset) accepted, in MiB; bigger gets a failure status.
     pub max_message_mb: usize,
+    /// Memory budget, in MiB, for every DIMSE dataset buffered at once across all associations (bytes received
+    /// and not yet spooled, plus the spool's working copy of each). A message whose buffer would grow past it is
+    /// refused with 0xA700 (out of resources) and the rest of it is read and dropped, never allocated. At least
+    /// twice `max_message_mb` (one maximum-size message and its working copy always fit).
+    pub max_buffered_mb: usize,
     /// An association with no PDU for this long is aborted.
     pub association_idle_timeout_s: u64,
     /// Calling AE + peer address pairs allowed to associate; empty = anyone (warned at start).
@@ -197,6 +202,8 @@ pub struct HttpConfig {
     pub bind: String,
     /// Access token of everything but `/healthz`; unset = a random one kept in `data_dir/http-token`.
     pub token: Option<String>,
+    /// Dashboard live-view (SSE, `/api/events`) clients served at once; one more is refused with HTTP 503.
+    pub max_sse_clients: usize,
 }
 
 impl Default for DicomConfig {
@@ -207,6 +214,7 @@ impl Default for DicomConfig {
             port: 11112,
             max_associations: 16,
             max_message_mb: 256,
+            max_buffered_mb: 1024,
             association_idle_timeout_s: 60,
             allowed_peers: Vec::new(),
             tls: None,
@@ -256,7 +264,7 @@ impl Default for StorageConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { bind: "127.0.0.1:8080".into(), token: None }
+        HttpConfig { bind: "127.0.0.1:8080".into(), token: None, max_sse_clients: 64 }
     }
 }
 
@@ -301,6 +309,14 @@ impl Config {
         }
         if d.max_message_mb == 0 {
             bail!("dicom.max_message_mb must be at least 1");
+        }
+        if d.max_buffered_mb < d.max_message_mb.saturating_mul(2) {
+            bail!(
+                "dicom.max_buffered_mb ({}) must be at least twice dicom.max_message_mb ({}): a maximum-size message \
+                 and the spool's working copy of it must fit",
+                d.max_buffered_mb,
+                d.max_message_mb
+            );
         }
         if d.association_idle_timeout_s == 0 {
             bail!("dicom.association_idle_timeout_s must be at least 1");
@@ -369,6 +385,9 @@ impl Config {
         }
         if !self.http.bind.is_empty() && self.http.bind.parse::<SocketAddr>().is_err() {
             bail!("http.bind must be ADDRESS:PORT (or empty to disable), got {:?}", self.http.bind);
+        }
+        if self.http.max_sse_clients == 0 {
+            bail!("http.max_sse_clients must be at least 1");
         }
         let hw = self.storage.disk_high_water_percent;
         if !(hw > 0.0 && hw <= 100.0) {
@@ -440,6 +459,17 @@ mod tests {
         assert!(format!("{e:#}").contains("dicom.tls.handshake_timeout_s"), "{e:#}");
         let e = Config::parse("[dicom.tls]\ncert = \"c\"\nkey = \"k\"\ncafile = \"x\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("cafile"), "{e:#}");
+    }
+
+    #[test]
+    fn memory_budget_and_live_view_cap() {
+        let c = Config::parse("").unwrap();
+        assert_eq!((c.dicom.max_buffered_mb, c.http.max_sse_clients), (1024, 64));
+        let e = Config::parse("[dicom]\nmax_message_mb = 64\nmax_buffered_mb = 100\n").unwrap_err();
+        assert!(format!("{e:#}").contains("dicom.max_buffered_mb"), "{e:#}");
+        assert!(Config::parse("[dicom]\nmax_message_mb = 64\nmax_buffered_mb = 128\n").is_ok());
+        let e = Config::parse("[http]\nmax_sse_clients = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("http.max_sse_clients"), "{e:#}");
     }
 }
 

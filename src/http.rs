@@ -13,7 +13,7 @@ use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::store_read::ReadPool;
 
 /// What `/readyz` reports.
 pub struct Readiness {
@@ -23,8 +23,8 @@ pub struct Readiness {
     pub engine: &'static str,
     /// Where the DICOM SCP is bound.
     pub dicom_addr: SocketAddr,
-    /// The results store (a cheap query proves it answers).
-    pub store: Arc<Store>,
+    /// Read-only connections to the results store (a cheap query proves it answers; never the writer's).
+    pub readers: Arc<ReadPool>,
     /// Data dir and its high-water mark (percent used); not ready above it.
     pub disk: Option<(std::path::PathBuf, f64)>,
     /// Gauges read at scrape time (queue depths, outbox depths), as Prometheus text.
@@ -86,8 +86,8 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(r): State<Arc<Readiness>>) -> (StatusCode, Json<serde_json::Value>) {
-    let store = r.store.clone();
-    let store_ok = tokio::task::spawn_blocking(move || store.outbox_counts().is_ok()).await.unwrap_or(false);
+    let readers = r.readers.clone();
+    let store_ok = tokio::task::spawn_blocking(move || readers.get().outbox_counts().is_ok()).await.unwrap_or(false);
     let disk = r.disk.as_ref().map(|(p, hw)| (disk_usage(p), *hw));
     let disk_ok = match disk {
         Some((Some((used, _)), hw)) => used * 100.0 <= hw,

@@ -159,7 +159,26 @@ const MAX_CONTEXTS: usize = 128;
 /// (listed in [`SendReport::skipped`]). A file fails when the peer has no accepted presentation context
 /// for it, answers a failure status, or the association breaks while it is in flight (the remaining files
 /// then go on a new association). Errors only when nothing could be attempted (e.g. a path is missing).
+/// File reads and re-encoding run on the blocking pool (never on a runtime worker, which the daemon shares with
+/// the SCP answering C-ECHO and C-STORE).
 pub async fn send_files(opts: &SendOptions, paths: &[PathBuf]) -> Result<SendReport> {
+    let paths = paths.to_vec();
+    let (mut report, candidates) = tokio::task::spawn_blocking(move || candidates_of(&paths))
+        .await
+        .map_err(|e| anyhow!("scanning the files to send: {e}"))??;
+
+    let started = Instant::now();
+    let mut pacer = Pacer::new(opts.rate);
+    for batch in batches(&candidates) {
+        send_batch(opts, &batch, &mut pacer, &mut report).await;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The sendable files among `paths` (folders walked), and a report holding those skipped or failed already.
+/// Blocking.
+fn candidates_of(paths: &[PathBuf]) -> Result<(SendReport, Vec<Candidate>)> {
     let mut report = SendReport::default();
     let mut candidates = Vec::new();
     for path in paths {
@@ -180,14 +199,7 @@ pub async fn send_files(opts: &SendOptions, paths: &[PathBuf]) -> Result<SendRep
             }
         }
     }
-
-    let started = Instant::now();
-    let mut pacer = Pacer::new(opts.rate);
-    for batch in batches(&candidates) {
-        send_batch(opts, &batch, &mut pacer, &mut report).await;
-    }
-    report.elapsed = started.elapsed();
-    Ok(report)
+    Ok((report, candidates))
 }
 
 /// Holds each send until its slot: file `i` goes at `start + i / rate`, so pacing does not drift.
@@ -358,7 +370,11 @@ async fn store_one(
             c.sop_class, c.transfer_syntax
         )));
     };
-    let dataset = match load_dataset(&c.path, &c.transfer_syntax, &target_ts) {
+    let (path, file_ts, to_ts) = (c.path.clone(), c.transfer_syntax.clone(), target_ts.clone());
+    let loaded = tokio::task::spawn_blocking(move || load_dataset(&path, &file_ts, &to_ts))
+        .await
+        .map_err(|e| anyhow!("reading {}: {e}", c.path.display()))?;
+    let dataset = match loaded {
         Ok(d) => d,
         Err(e) => return Ok(Outcome::NotSent(format!("{e:#}"))),
     };

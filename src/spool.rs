@@ -24,7 +24,7 @@
 //! `store` can tell a sender's retry from new content.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,11 +251,19 @@ fn identical_file(path: &Path, header: &[u8], dataset: &[u8]) -> Option<i64> {
     if !md.is_file() || md.len() != (header.len() + dataset.len()) as u64 {
         return None;
     }
-    let on_disk = fs::read(path).ok()?;
-    if on_disk.len() != header.len() + dataset.len()
-        || on_disk[..header.len()] != *header
-        || on_disk[header.len()..] != *dataset
-    {
+    // Compared a block at a time: a retry of a large instance must not hold a second copy of it in memory.
+    let mut f = File::open(path).ok()?;
+    let mut block = vec![0u8; 1 << 20];
+    for part in [header, dataset] {
+        for want in part.chunks(block.len()) {
+            let got = &mut block[..want.len()];
+            f.read_exact(got).ok()?;
+            if got != want {
+                return None;
+            }
+        }
+    }
+    if f.read(&mut block[..1]).ok()? != 0 {
         return None;
     }
     let mtime = md.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;

@@ -397,7 +397,8 @@ pub struct Pragmas {
 /// (call from `spawn_blocking` on hot paths).
 #[derive(Debug)]
 pub struct Store {
-    /// The one connection; SQLite serialises writers anyway and our transactions are short.
+    /// The connection: the writer's (SQLite serialises writers anyway and our transactions are short), or a
+    /// read-only one ([`Store::open_read_only`], for `crate::store_read`).
     conn: Mutex<Connection>,
     /// Database file path (for messages).
     path: PathBuf,
@@ -438,6 +439,24 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         migrate(&mut conn).with_context(|| format!("migrating database {}", path.display()))?;
         Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf(), outbox_wake: tokio::sync::Notify::new() })
+    }
+
+    /// A read-only connection to the database at `path`, which [`Store::open`] created (WAL: it reads the last
+    /// committed state without waiting for the writer, and never blocks it). Every write method fails on it; see
+    /// `crate::store_read` for the pool the dashboard, metrics and API read through.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        use rusqlite::OpenFlags;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags)
+            .with_context(|| format!("opening database {} read-only", path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Store { conn: Mutex::new(conn), path: path.to_path_buf(), outbox_wake: tokio::sync::Notify::new() })
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection commits a change to the database
+    /// (a cheap "did anything change" for readers).
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self.lock().query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     /// The database file.

@@ -7,9 +7,11 @@
 //! outputs parked), the series detail (latest result — regional involvement, severity score, follow-up — and the
 //! series' DICOM outputs with their delivery state), the DICOM outputs summary (`/api/outputs`: outbox counts and
 //! every parked object, with the refusal), the
-//! SSE change detection (the store polled every 500 ms; an event only when the list changed), the key-image PNG
+//! SSE live view (`live`: one snapshot per database change shared by every client, a cap on clients), the
+//! key-image PNG
 //! files (`data_dir/keyimages/`, written by the pipeline through [`write_key_png`]), and the token
 //! (`[http] token`, else a random one kept in `data_dir/http-token`, mode 0600).
+//! Every route reads through the read-only connections of [`ReadPool`] on the blocking pool, never the writer's.
 //! Never: shows PatientName/PatientID (rows carry the pseudonymous `patient_key`), or accepts writes.
 
 use std::convert::Infallible;
@@ -26,18 +28,21 @@ use serde_json::{json, Value};
 
 use crate::outputs::SourceSlice;
 use crate::store::{DicomOutboxRow, Store};
+use crate::store_read::ReadPool;
+
+pub mod live;
 
 /// The page.
 const INDEX_HTML: &str = include_str!("index.html");
 /// Rows in the list.
 const LIST_LIMIT: usize = 50;
-/// How often the SSE stream looks for changes.
-const POLL: Duration = Duration::from_millis(500);
 
 /// What the dashboard routes read.
 pub struct DashboardState {
-    /// Results and series.
-    pub store: Arc<Store>,
+    /// Read-only connections to the results and series (never the writer's, see `store_read`).
+    pub readers: Arc<ReadPool>,
+    /// The shared live view behind `/api/events`.
+    pub live: Arc<live::LiveView>,
     /// Where key-image PNGs live.
     pub data_dir: PathBuf,
     /// The access token.
@@ -102,9 +107,10 @@ pub async fn index(
     State(st): State<Arc<DashboardState>>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Response {
-    let store = st.store.clone();
+    let readers = st.readers.clone();
     let series = q.get("series").cloned();
     let initial = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
+        let store = readers.get();
         let detail = match &series {
             Some(uid) => detail(&store, uid)?,
             None => None,
@@ -179,33 +185,35 @@ fn internal(e: impl std::fmt::Display) -> Response {
 
 /// `GET /api/series`: the list.
 pub async fn list(State(st): State<Arc<DashboardState>>) -> Response {
-    let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || rows(&store)).await {
+    let readers = st.readers.clone();
+    match tokio::task::spawn_blocking(move || rows(&readers.get())).await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),
     }
 }
 
-/// `GET /api/events`: SSE, event `series` with the whole list, sent at once and whenever it changes.
-pub async fn events(
-    State(st): State<Arc<DashboardState>>,
-) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let stream = futures_util::stream::unfold((st, String::new()), |(st, last)| async move {
-        loop {
-            let store = st.store.clone();
-            let text = match tokio::task::spawn_blocking(move || rows(&store)).await {
-                Ok(Ok(v)) => serde_json::to_string(&v).unwrap_or_default(),
-                _ => String::new(),
-            };
-            if !text.is_empty() && text != last {
-                let ev = Event::default().event("series").data(text.clone());
-                return Some((Ok(ev), (st, text)));
-            }
-            tokio::time::sleep(POLL).await;
+/// `GET /api/events`: SSE, event `series` with the whole list, sent at once and whenever it changes (the shared
+/// snapshot of [`live`]). Past `http.max_sse_clients` streams at once: 503 with the reason.
+pub async fn events(State(st): State<Arc<DashboardState>>) -> Response {
+    let (slot, snapshot) = match st.live.join() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(stage = "dashboard", max_sse_clients = e.max, "live-view client refused: limit reached");
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "30")], format!("{e}\n")).into_response();
         }
+    };
+    // The slot lives as long as the stream: dropped (and freed) when the client goes.
+    let stream = futures_util::stream::unfold((slot, snapshot, true), |(slot, mut snapshot, first)| async move {
+        let ready =
+            if first { snapshot.wait_for(|t| !t.is_empty()).await.is_ok() } else { snapshot.changed().await.is_ok() };
+        if !ready {
+            return None; // the daemon is stopping
+        }
+        let text = snapshot.borrow_and_update().clone();
+        Some((Ok::<_, Infallible>(Event::default().event("series").data(&*text)), (slot, snapshot, false)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// One DICOM outbox row as the dashboard shows it.
@@ -272,8 +280,8 @@ fn outputs_summary(store: &Store) -> anyhow::Result<Value> {
 /// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus
 /// `dicom_outputs`: the series' outbox rows with their state (delivered, pending, failing, parked).
 pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
-    let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || detail(&store, &uid)).await {
+    let readers = st.readers.clone();
+    match tokio::task::spawn_blocking(move || detail(&readers.get(), &uid)).await {
         Ok(Ok(Some(v))) => axum::Json(v).into_response(),
         Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no result for this series\n").into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
@@ -284,8 +292,8 @@ pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath
 /// `GET /api/outputs`: DICOM outbox counts by state and every parked object (newest first, at most 200), each
 /// with its destination, kind, series and the refusal that parked it.
 pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
-    let store = st.store.clone();
-    match tokio::task::spawn_blocking(move || outputs_summary(&store)).await {
+    let readers = st.readers.clone();
+    match tokio::task::spawn_blocking(move || outputs_summary(&readers.get())).await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),

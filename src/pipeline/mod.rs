@@ -246,15 +246,27 @@ impl Daemon {
         tasks.push(tokio::spawn(dispatch_events(shared.clone(), events_rx)));
         let mut http_addr = None;
         if !config.http.bind.is_empty() {
+            // The dashboard, metrics and API read through their own read-only connections (WAL), never the
+            // writer's that answers C-STOREs; the live view computes one snapshot per change for all its clients.
+            let db = data_dir.join("lungsentry.sqlite");
+            let readers = Arc::new(crate::store_read::ReadPool::open(&db, crate::store_read::DEFAULT_READERS)?);
+            let (live, live_task) = crate::dashboard::live::LiveView::start(
+                &db,
+                config.http.max_sse_clients,
+                Some(results_rx.clone()),
+                shutdown_rx.clone(),
+            )?;
+            tasks.push(live_task);
             let readiness = crate::http::Readiness {
                 model: format!("{} {}", shared.ctx.model.manifest.model.name, shared.ctx.model.manifest.model.version),
                 engine: shared.ctx.engine.name(),
                 dicom_addr,
-                store: store.clone(),
+                readers: readers.clone(),
                 disk: Some((data_dir.clone(), config.storage.disk_high_water_percent)),
-                gauges: Some(scrape_gauges(shared.clone())),
+                gauges: Some(scrape_gauges(shared.clone(), readers.clone())),
                 dashboard: Some(Arc::new(crate::dashboard::DashboardState {
-                    store: store.clone(),
+                    readers,
+                    live,
                     data_dir: data_dir.clone(),
                     token: crate::dashboard::load_or_create_token(config.http.token.as_deref(), &data_dir)?,
                 })),
@@ -302,7 +314,10 @@ impl Daemon {
 }
 
 /// The gauges `/metrics` reads at scrape time: live series workers, slices queued to them, outbox depths.
-fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
+fn scrape_gauges(
+    shared: Arc<Shared>,
+    readers: Arc<crate::store_read::ReadPool>,
+) -> Arc<dyn Fn() -> String + Send + Sync> {
     Arc::new(move || {
         use crate::metrics::gauge;
         let mut out = String::new();
@@ -326,7 +341,7 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
             "Estimated seconds of segmentation queued (C-STORE responses wait above engine.max_backlog_s).",
             &[(String::new(), shared.backlog.seconds())],
         );
-        if let Ok(c) = shared.store.outbox_counts() {
+        if let Ok(c) = readers.get().outbox_counts() {
             gauge(
                 &mut out,
                 "lungsentry_webhook_outbox",
@@ -338,7 +353,7 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
                 ],
             );
         }
-        if let Ok(c) = shared.store.dicom_outbox_counts() {
+        if let Ok(c) = readers.get().dicom_outbox_counts() {
             gauge(
                 &mut out,
                 "lungsentry_dicom_outbox",

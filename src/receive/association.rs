@@ -41,6 +41,8 @@ pub(super) struct Settings {
     pub ae_title: String,
     /// Cap on one DIMSE message (command + dataset), bytes.
     pub max_message_bytes: u64,
+    /// Memory shared by every association's buffered datasets (`dicom.max_buffered_mb`).
+    pub budget: Arc<super::budget::BufferBudget>,
     /// No PDU for this long → A-ABORT (also bounds the wait for the A-ASSOCIATE-RQ).
     pub idle_timeout: Duration,
     /// Allow-list; empty = anyone.
@@ -236,7 +238,8 @@ impl AssociationHandler {
         contexts: &HashMap<u8, Context>,
         stats: &mut Stats,
     ) -> End {
-        let mut assembler = MessageAssembler::new(self.settings.max_message_bytes);
+        let mut assembler =
+            MessageAssembler::with_budget(self.settings.max_message_bytes, self.settings.budget.clone());
         let max_pdu = self.settings.tuning.max_pdu_length;
         let quickack = self.settings.tuning.tcp_quickack;
         let mut stopping = false;
@@ -330,7 +333,7 @@ impl AssociationHandler {
         message: Message,
         stats: &mut Stats,
     ) -> Result<(), AnswerError> {
-        let Message { presentation_context_id: pc_id, command: request, payload } = message;
+        let Message { presentation_context_id: pc_id, command: request, payload, charge } = message;
         if request.is_response() {
             warn!(command_field = request.command_field, "peer sent a response; ignored");
             return Ok(());
@@ -360,8 +363,9 @@ impl AssociationHandler {
                     abstract_syntax: &ctx.abstract_syntax,
                     transfer_syntax: &ctx.transfer_syntax,
                     events: &self.events,
+                    max_message_bytes: self.settings.max_message_bytes,
                 };
-                let rsp = store::handle(store_ctx, &request, payload).await;
+                let rsp = store::handle(store_ctx, &request, payload, charge).await;
                 if status::is_stored(rsp.status.unwrap_or(status::PROCESSING_FAILURE)) {
                     stats.instances += 1;
                     stats.bytes += bytes;

@@ -2,17 +2,21 @@
 //!
 //! Owns: encoding and decoding command sets (always Implicit VR Little Endian, PS3.7 §6.3.1), and turning a
 //! stream of P-DATA value fragments into complete messages (command set + optional dataset), with a cap on
-//! the message size that never allocates more than what actually arrived.
+//! the message size that never allocates more than what actually arrived, and (when given one) a charge on the
+//! shared [`BufferBudget`] taken before the dataset buffer grows.
 //! Hands on: [`Message`]s to the association handler (SCP) and to `scu` (responses).
 //! Never: touches sockets or PDUs, interprets datasets, or decides statuses.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 use dicom_ul::pdu::{PDataValue, PDataValueType};
+
+use super::budget::{BufferBudget, Charge};
 
 /// Command Field values (PS3.7 §E.1) we send or recognise.
 pub mod command {
@@ -259,6 +263,12 @@ pub enum Payload {
         /// Bytes of dataset received in all.
         received: u64,
     },
+    /// The shared memory budget (`dicom.max_buffered_mb`) had no room for the next fragment: what the message
+    /// held was freed then and the rest was dropped as it arrived, only counted.
+    OverBudget {
+        /// Bytes of message received in all.
+        received: u64,
+    },
 }
 
 /// One complete DIMSE message.
@@ -270,6 +280,20 @@ pub struct Message {
     pub command: CommandSet,
     /// Its dataset, if any.
     pub payload: Payload,
+    /// The budget bytes a complete dataset holds (None without a budget or a dataset); keep it until the
+    /// dataset is out of memory.
+    pub charge: Option<Charge>,
+}
+
+/// Why the rest of a message is being dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropping {
+    /// Not dropping: the buffer keeps the bytes.
+    No,
+    /// Past `max_message_bytes`.
+    Oversize,
+    /// No room left in the shared budget.
+    OverBudget,
 }
 
 /// Where the assembler is within the current message.
@@ -280,18 +304,22 @@ enum State {
     /// Collecting command fragments.
     Command { pc: u8, buf: Vec<u8> },
     /// Collecting dataset fragments after a complete command.
-    Data { pc: u8, command: CommandSet, buf: Vec<u8>, received: u64, oversize: bool },
+    Data { pc: u8, command: CommandSet, buf: Vec<u8>, received: u64, dropping: Dropping, charge: Option<Charge> },
 }
 
 /// Turns P-DATA value fragments into complete messages.
 ///
 /// The cap (`max_message_bytes`) counts command + dataset bytes. Past it, the dataset buffer is freed and
 /// the rest of that message is read and thrown away, so the sender gets a failure status for that one
-/// instance instead of a dropped association; memory never exceeds the cap plus one fragment.
+/// instance instead of a dropped association; memory never exceeds the cap plus one fragment. With a budget,
+/// each data fragment is charged to it before the buffer grows; a fragment it has no room for frees the message
+/// (its charge given back) and the message completes as [`Payload::OverBudget`].
 #[derive(Debug)]
 pub struct MessageAssembler {
     /// Largest message (command + dataset) kept, in bytes.
     max_message_bytes: u64,
+    /// The memory budget shared with the other associations (None: only the cap applies).
+    budget: Option<Arc<BufferBudget>>,
     /// Current position within a message.
     state: State,
 }
@@ -299,7 +327,12 @@ pub struct MessageAssembler {
 impl MessageAssembler {
     /// An assembler keeping messages up to `max_message_bytes`.
     pub fn new(max_message_bytes: u64) -> Self {
-        MessageAssembler { max_message_bytes, state: State::Idle }
+        MessageAssembler { max_message_bytes, budget: None, state: State::Idle }
+    }
+
+    /// An assembler keeping messages up to `max_message_bytes` whose dataset buffers are charged to `budget`.
+    pub fn with_budget(max_message_bytes: u64, budget: Arc<BufferBudget>) -> Self {
+        MessageAssembler { max_message_bytes, budget: Some(budget), state: State::Idle }
     }
 
     /// Whether no message is partly received (a safe point to stop the association).
@@ -324,27 +357,40 @@ impl MessageAssembler {
             (State::Data { pc: expected, .. }, PDataValueType::Command) => {
                 Err(DimseError::UnexpectedCommandFragment(expected))
             }
-            (State::Data { pc: expected, command, mut buf, mut received, mut oversize }, PDataValueType::Data) => {
+            (
+                State::Data { pc: expected, command, mut buf, mut received, mut dropping, mut charge },
+                PDataValueType::Data,
+            ) => {
                 if expected != pc {
                     return Err(DimseError::ContextSwitch { expected, got: pc });
                 }
                 // `received` started at the command's length, so the cap covers command + dataset.
                 received += pdv.data.len() as u64;
-                if !oversize {
+                if dropping == Dropping::No {
                     if received > self.max_message_bytes {
-                        oversize = true;
-                        buf = Vec::new();
+                        dropping = Dropping::Oversize;
+                    } else if !charge.as_mut().map_or(true, |c| c.grow(pdv.data.len() as u64)) {
+                        dropping = Dropping::OverBudget;
                     } else if buf.is_empty() {
                         buf = pdv.data;
                     } else {
                         buf.extend_from_slice(&pdv.data);
                     }
+                    if dropping != Dropping::No {
+                        // Free what the message held now, not when it ends: others may use the room meanwhile.
+                        buf = Vec::new();
+                        charge = None;
+                    }
                 }
                 if pdv.is_last {
-                    let payload = if oversize { Payload::Oversize { received } } else { Payload::Complete(buf) };
-                    Ok(Some(Message { presentation_context_id: pc, command, payload }))
+                    let payload = match dropping {
+                        Dropping::No => Payload::Complete(buf),
+                        Dropping::Oversize => Payload::Oversize { received },
+                        Dropping::OverBudget => Payload::OverBudget { received },
+                    };
+                    Ok(Some(Message { presentation_context_id: pc, command, payload, charge }))
                 } else {
-                    self.state = State::Data { pc, command, buf, received, oversize };
+                    self.state = State::Data { pc, command, buf, received, dropping, charge };
                     Ok(None)
                 }
             }
@@ -364,11 +410,12 @@ impl MessageAssembler {
         if command.has_dataset {
             // The command's own bytes count against the cap too.
             let received = buf.len() as u64;
-            self.state =
-                State::Data { pc, command, buf: Vec::new(), received, oversize: received > self.max_message_bytes };
+            let dropping = if received > self.max_message_bytes { Dropping::Oversize } else { Dropping::No };
+            let charge = self.budget.as_ref().map(|b| b.charge());
+            self.state = State::Data { pc, command, buf: Vec::new(), received, dropping, charge };
             Ok(None)
         } else {
-            Ok(Some(Message { presentation_context_id: pc, command, payload: Payload::None }))
+            Ok(Some(Message { presentation_context_id: pc, command, payload: Payload::None, charge: None }))
         }
     }
 }
@@ -448,6 +495,31 @@ mod tests {
         asm.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
         let m = asm.push(frag(1, PDataValueType::Data, true, &[9; 2])).unwrap().unwrap();
         assert!(matches!(m.payload, Payload::Complete(_)));
+    }
+
+    #[test]
+    fn a_message_the_budget_has_no_room_for_is_dropped_and_frees_its_bytes() {
+        let cmd = CommandSet::store_rq(1, "1.2", "1.2.3").encode().unwrap();
+        let budget = BufferBudget::new(10);
+        let mut a = MessageAssembler::with_budget(1 << 20, budget.clone());
+        let mut b = MessageAssembler::with_budget(1 << 20, budget.clone());
+        a.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
+        b.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
+        a.push(frag(1, PDataValueType::Data, false, &[1; 6])).unwrap();
+        assert_eq!(budget.used(), 6);
+        // b's second fragment does not fit beside a's six bytes: b drops everything it held.
+        b.push(frag(1, PDataValueType::Data, false, &[2; 4])).unwrap();
+        b.push(frag(1, PDataValueType::Data, false, &[2; 4])).unwrap();
+        assert_eq!(budget.used(), 6, "b's four bytes were given back");
+        let m = b.push(frag(1, PDataValueType::Data, true, &[2; 4])).unwrap().unwrap();
+        assert!(matches!(m.payload, Payload::OverBudget { received } if received == cmd.len() as u64 + 12));
+        assert!(m.charge.is_none());
+        // a completes into the room b left, and holds its bytes until its message is dropped.
+        let m = a.push(frag(1, PDataValueType::Data, true, &[1; 4])).unwrap().unwrap();
+        assert!(matches!(m.payload, Payload::Complete(ref d) if d.len() == 10));
+        assert_eq!(budget.used(), 10);
+        drop(m);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub async fn run_with(
     let settings = Arc::new(Settings {
         ae_title: cfg.ae_title.clone(),
         max_message_bytes: (cfg.max_message_mb as u64).saturating_mul(1024 * 1024),
+        budget: super::budget::BufferBudget::new((cfg.max_buffered_mb as u64).saturating_mul(1024 * 1024)),
         idle_timeout: Duration::from_secs(cfg.association_idle_timeout_s.max(1)),
         allowed: Arc::new(cfg.allowed_peers.clone()),
         tuning,
@@ -93,6 +94,7 @@ pub async fn run_with(
         ae_title = %cfg.ae_title,
         %local,
         max_associations = cfg.max_associations,
+        max_buffered_mb = cfg.max_buffered_mb,
         tls = settings.tls.is_some(),
         client_cert = cfg.tls.as_ref().map_or("off", |t| match (&t.ca, t.require_client_cert) {
             (None, _) => "off",

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use tokio::sync::oneshot;
 
 mod association;
+pub mod budget;
 pub mod dimse;
 mod echo;
 mod listener;

@@ -5,6 +5,9 @@
 //! - `0xA700` (Refused: out of resources) when the message was larger than `dicom.max_message_mb` — the bytes
 //!   were read and dropped, it is this receiver's resource limit that refused it — and when the next stage is
 //!   gone or dropped the reply (the instance is then not durable; never answered with success);
+//! - `0xA700` too when the shared memory budget (`dicom.max_buffered_mb`) had no room for the message as it
+//!   arrived, or has none for the spool's working copy of it once complete (see `budget`); the message's charge
+//!   is held until its status is known, so a dataset in the spool stays counted;
 //! - `0x0118` (no such SOP class) when AffectedSOPClassUID differs from the presentation context's abstract
 //!   syntax; `0xC000` (cannot understand) when the request lacks its SOP instance UID or its dataset.
 //! Hands on: [`ReceiveEvent::Instance`] with a oneshot for the status.
@@ -12,9 +15,11 @@
 
 use std::net::SocketAddr;
 
+use dicom_dictionary_std::uids;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use super::budget::Charge;
 use super::dimse::{CommandSet, Payload};
 use super::{status, AssociationId, IncomingInstance, ReceiveEvent};
 
@@ -32,11 +37,18 @@ pub(super) struct StoreContext<'a> {
     pub transfer_syntax: &'a str,
     /// Where datasets go.
     pub events: &'a mpsc::Sender<ReceiveEvent>,
+    /// `dicom.max_message_mb` in bytes: what a deflated dataset may inflate to in the spool.
+    pub max_message_bytes: u64,
 }
 
 /// Handles one C-STORE-RQ and returns its C-STORE-RSP.
-pub(super) async fn handle(ctx: StoreContext<'_>, request: &CommandSet, payload: Payload) -> CommandSet {
-    let (code, comment) = decide(&ctx, request, payload).await;
+pub(super) async fn handle(
+    ctx: StoreContext<'_>,
+    request: &CommandSet,
+    payload: Payload,
+    charge: Option<Charge>,
+) -> CommandSet {
+    let (code, comment) = decide(&ctx, request, payload, charge).await;
     let mut rsp = CommandSet::response_to(request, code);
     // Only the SOP class the request named is echoed; fall back to the context's when the request had none.
     if rsp.affected_sop_class_uid.is_none() {
@@ -46,7 +58,12 @@ pub(super) async fn handle(ctx: StoreContext<'_>, request: &CommandSet, payload:
     rsp
 }
 
-async fn decide(ctx: &StoreContext<'_>, request: &CommandSet, payload: Payload) -> (u16, Option<String>) {
+async fn decide(
+    ctx: &StoreContext<'_>,
+    request: &CommandSet,
+    payload: Payload,
+    mut charge: Option<Charge>,
+) -> (u16, Option<String>) {
     let sop_class = request.affected_sop_class_uid.as_deref().unwrap_or("");
     if sop_class != ctx.abstract_syntax {
         warn!(sop_class, context = ctx.abstract_syntax, "C-STORE SOP class differs from its presentation context");
@@ -62,7 +79,30 @@ async fn decide(ctx: &StoreContext<'_>, request: &CommandSet, payload: Payload) 
             warn!(sop_instance, received, "C-STORE larger than dicom.max_message_mb, refused");
             return (status::OUT_OF_RESOURCES, Some("message larger than the receiver's limit".into()));
         }
+        Payload::OverBudget { received } => {
+            warn!(sop_instance, received, "C-STORE refused: dicom.max_buffered_mb has no room for it now");
+            return (status::OUT_OF_RESOURCES, Some("receiver's memory budget is full; retry later".into()));
+        }
     };
+    // The spool parses the dataset (a copy of its size) and inflates a deflated one (at most the message cap,
+    // then parsed too): room for that is taken now, while the received bytes are still held. A deflated message
+    // takes at most what is left of the whole budget, so one alone always fits.
+    let deflated = super::syntax::trim_uid(ctx.transfer_syntax) == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN;
+    if let Some(c) = charge.as_mut() {
+        let working = if deflated {
+            (dataset.len() as u64 + 2 * ctx.max_message_bytes).min(c.limit().saturating_sub(c.bytes()))
+        } else {
+            dataset.len() as u64
+        };
+        if !c.grow(working) {
+            warn!(
+                sop_instance,
+                size = dataset.len(),
+                "C-STORE refused: no room in dicom.max_buffered_mb to store it now"
+            );
+            return (status::OUT_OF_RESOURCES, Some("receiver's memory budget is full; retry later".into()));
+        }
+    }
     let size = dataset.len();
     let instance = IncomingInstance {
         association: ctx.association,

@@ -35,8 +35,8 @@ fn analyze_links_a_phantom_follow_up_to_its_baseline_and_aligns_by_the_lungs() {
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41001, 40, "moderate");
     common::phantom_follow_up(&b, 41002, &a);
-    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
-    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
+    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth/truth.json")).unwrap()).unwrap();
+    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth/truth.json")).unwrap()).unwrap();
     // Given in reverse order: analyze orders by study date.
     let r = analyze(&[&b, &a]);
     assert_eq!(r.len(), 2);
@@ -131,7 +131,7 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
     phantom(&other, 42003, 24, "mild");
     let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
     let uid = |p: &Path| -> String {
-        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth.json")).unwrap()).unwrap();
+        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth/truth.json")).unwrap()).unwrap();
         t["series_instance_uid"].as_str().unwrap().to_string()
     };
     for p in [&a, &other, &b] {
@@ -295,8 +295,8 @@ fn follow_up_changes_match_phantom_truth() {
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41101, 80, "moderate");
     common::phantom_follow_up(&b, 41102, &a);
-    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
-    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
+    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth/truth.json")).unwrap()).unwrap();
+    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth/truth.json")).unwrap()).unwrap();
     let r = analyze(&[&a, &b]);
     let f = &r[1]["follow_up"];
     let centroid = |l: &Value| -> [f64; 3] {

@@ -73,9 +73,17 @@ fn legacy_converted_and_enhanced_ct_give_the_classic_result() {
     assert_eq!((n, m), (24, 24));
 
     let d = Daemon::start(&tmp.path().join("d"), "[series]\nquiet_period_s = 1.0\n");
-    for dir in [&src, &lce_dir, &enh_dir] {
-        let (ok, out) = storescu(d.port, "CT1", &[dir], true);
-        assert!(ok, "{out}");
+    let (ok, out) = storescu(d.port, "CT1", &[&src], true);
+    assert!(ok, "{out}");
+    // `-R`: propose the SOP classes of the files (DCMTK's default list has no Legacy Converted Enhanced CT).
+    for dir in [&lce_dir, &enh_dir] {
+        let out = Command::new("storescu")
+            .args(["-v", "-R", "-aet", "CT1", "-aec", "LUNGSENTRY", "+sd", "127.0.0.1", &d.port.to_string()])
+            .arg(dir)
+            .output()
+            .expect("storescu (DCMTK)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("Received Store Response (Success)"), "{text}");
     }
     let classic = d.wait_result(&classic_uid, 1, Duration::from_secs(600));
     let lce = d.wait_result(&lce_uid, 1, Duration::from_secs(600));

@@ -108,7 +108,11 @@ fn summary(
     ));
     let mut lesions = r["lesions"].as_array().cloned().unwrap_or_default();
     lesions.sort_by(|a, b| {
-        b["volume_ml"].as_f64().unwrap_or(0.0).partial_cmp(&a["volume_ml"].as_f64().unwrap_or(0.0)).unwrap_or(std::cmp::Ordering::Equal)
+        b["volume_ml"]
+            .as_f64()
+            .unwrap_or(0.0)
+            .partial_cmp(&a["volume_ml"].as_f64().unwrap_or(0.0))
+            .unwrap_or(std::cmp::Ordering::Equal)
     });
     let largest: Vec<String> = lesions
         .iter()

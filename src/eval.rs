@@ -552,9 +552,8 @@ pub fn eval_series(
             .with_context(|| format!("reading the truth.json of {}", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
-    let labels =
-        std::fs::read(crate::phantom::truth_file(dir, "labels.raw"))
-            .with_context(|| format!("reading the labels.raw of {}", dir.display()))?;
+    let labels = std::fs::read(crate::phantom::truth_file(dir, "labels.raw"))
+        .with_context(|| format!("reading the labels.raw of {}", dir.display()))?;
     let plane_native = truth.size * truth.size;
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
         bail!("{}: labels.raw / files do not match n_slices × size²", dir.display());

@@ -198,6 +198,7 @@ impl InstanceMeta {
 
     /// Whether the SOP class is a multi-frame CT (Enhanced or Legacy Converted Enhanced CT): every frame is a slice.
     pub fn is_multi_frame_ct_class(&self) -> bool {
-        self.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE || self.sop_class_uid == LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE
+        self.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+            || self.sop_class_uid == LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE
     }
 }

@@ -99,7 +99,9 @@ pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdo
         for row in due {
             let body = if cfg.include_patient_identifiers {
                 let (store, payload) = (store.clone(), row.payload_json.clone());
-                blocking(move || Ok(with_patient_identifiers(&store, &payload))).await.unwrap_or(row.payload_json.clone())
+                blocking(move || Ok(with_patient_identifiers(&store, &payload)))
+                    .await
+                    .unwrap_or(row.payload_json.clone())
             } else {
                 row.payload_json.clone()
             };

@@ -123,7 +123,8 @@ fn positive_series_is_flagged_on_the_dashboard() {
     common::phantom_follow_up(&fu, 62, &src);
     let (ok, out) = common::storescu(d.dicom_port, "CT1", &[&fu], true);
     assert!(ok, "{out}");
-    let fu_truth: serde_json::Value = serde_json::from_slice(&std::fs::read(fu.join("truth/truth.json")).unwrap()).unwrap();
+    let fu_truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fu.join("truth/truth.json")).unwrap()).unwrap();
     let fu_series = fu_truth["series_instance_uid"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(180);
     let fu_detail = loop {

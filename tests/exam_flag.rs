@@ -101,8 +101,10 @@ fn a_study_with_two_reconstructions_alerts_once_even_after_a_restart() {
     assert!(alerts[0].0.starts_with(&format!("{thin_uid}/v")), "{alerts:?}");
     // By default (alerts.include_patient_identifiers off) neither the webhook body nor the log names the patient.
     let first = dicom_object::open_file(&common::dcm_files(&thin)[0]).unwrap();
-    let accession = first.element(dicom_dictionary_std::tags::ACCESSION_NUMBER).unwrap().to_str().unwrap().trim().to_string();
-    let identifiers = [thin_truth["patient_name"].as_str().unwrap(), thin_truth["patient_id"].as_str().unwrap(), &accession];
+    let accession =
+        first.element(dicom_dictionary_std::tags::ACCESSION_NUMBER).unwrap().to_str().unwrap().trim().to_string();
+    let identifiers =
+        [thin_truth["patient_name"].as_str().unwrap(), thin_truth["patient_id"].as_str().unwrap(), &accession];
     for id in identifiers {
         assert!(id.len() >= 6, "{id:?}");
         assert!(!alerts[0].2.contains(id), "{id} in the webhook body: {}", alerts[0].2);

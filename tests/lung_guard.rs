@@ -120,7 +120,8 @@ fn the_guard_removes_no_phantom_lesion_voxel_the_model_found() {
         .status()
         .unwrap();
     assert!(st.success());
-    let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("truth/truth.json")).unwrap()).unwrap();
+    let truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("truth/truth.json")).unwrap()).unwrap();
     let files = dcm_files(&dir);
     let lesions = truth["lesions"].as_array().unwrap();
     assert!(lesions.iter().any(|l| l["class"] == "consolidation"), "a severe phantom has a consolidation");

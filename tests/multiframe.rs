@@ -45,7 +45,9 @@ fn approx_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
             (x - y).abs() <= 1e-6 * x.abs().max(y.abs()).max(1.0)
         }
         (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| approx_eq(p, q)),
-        (Object(x), Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| approx_eq(v, w))),
+        (Object(x), Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| approx_eq(v, w)))
+        }
         _ => a == b,
     }
 }

@@ -114,7 +114,8 @@ fn truth_matches_written_labels_and_pixels() {
         .collect();
     assert_eq!(labels.len(), t.n_slices * plane);
     assert_eq!(ids.len(), labels.len());
-    let lj: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("truth/labels.json")).unwrap()).unwrap();
+    let lj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("truth/labels.json")).unwrap()).unwrap();
     assert_eq!(lj["dims"], serde_json::json!([t.n_slices, t.size, t.size]));
     assert_eq!(lj["files"].as_array().unwrap().len(), t.n_slices);
     let voxel_ml = t.spacing[0] * t.spacing[1] * t.spacing[2] / 1000.0;

@@ -335,6 +335,7 @@ fn follow_up_groups(ctx: &BuildContext, f: &Value) -> Result<Vec<Obj>, OutputErr
     for (key, name) in [
         ("small_new", code("LS-N-SMALL-NEW", LOCAL_SCHEME, "Number of new components below minimum volume")),
         ("small_resolved", code("LS-N-SMALL-RES", LOCAL_SCHEME, "Number of resolved components below minimum volume")),
+        ("small_matched", code("LS-N-SMALL-MAT", LOCAL_SCHEME, "Number of matched components below minimum volume")),
     ] {
         if let Some(n) = f[key].as_f64().filter(|n| *n > 0.0) {
             content.push(num(&name, n, &LESIONS_UNIT, vec![]));

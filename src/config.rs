@@ -193,6 +193,9 @@ pub struct AlertsConfig {
     pub webhook_secret: Option<String>,
     /// Salt of the `patient_key` hash; a random one is generated into the data dir when unset.
     pub patient_key_salt: Option<String>,
+    /// Webhook bodies also carry `patient_name`, `patient_id` and `accession_number` (for RIS bridges that need
+    /// them). Off by default: bodies and logs carry only the pseudonymous `patient_key`.
+    pub include_patient_identifiers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

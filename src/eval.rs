@@ -1,8 +1,9 @@
 //! eval — the paper's metrics over labelled 2D image folders or labelled phantom series (issue 3).
 //!
 //! Owns: `lungsentry eval`. Two modes:
-//! - `--images DIR --masks DIR [--lungs DIR]`: 2D PNG folders (any size, already the normalised 8-bit image; masks
-//!   matched by file stem, any nonzero pixel = lesion). Reports lesion Dice (global and mean per image), mean
+//! - `--images DIR --masks DIR [--lungs DIR]`: 2D image folders, PNG or JPEG (`.png`, `.jpg`, `.jpeg`; any size,
+//!   already the normalised image, 8-bit, or 16-bit scaled to 8 bits — PNG by its high byte, JPEG by its sample
+//!   precision; colour images by their first channel; masks matched by file stem, any nonzero pixel = lesion). Reports lesion Dice (global and mean per image), mean
 //!   per-image IoU with the paper's convention (1 for a normal image with no prediction, 0 for a false positive),
 //!   slice-level accuracy / sensitivity / specificity, AUC of the per-slice maximum lesion probability (softmax of
 //!   the scores), lung Dice when lung masks are given, and ms/slice — per engine.
@@ -38,7 +39,7 @@ pub struct EvalArgs {
     /// Print one JSON object (otherwise a short human summary).
     #[arg(long)]
     pub json: bool,
-    /// Folder of 8-bit PNG images (2D mode).
+    /// Folder of PNG or JPEG images, 8- or 16-bit (2D mode).
     #[arg(long, requires = "masks")]
     pub images: Option<PathBuf>,
     /// Folder of lesion masks matched to `--images` by file stem (nonzero = lesion).
@@ -288,12 +289,68 @@ pub fn read_png_gray(path: &Path) -> Result<GrayImage> {
     Ok(GrayImage { rows, cols, px })
 }
 
-/// Files of a folder by stem, only the given extension (lower case compare).
-fn files_by_stem(dir: &Path, ext: &str) -> Result<BTreeMap<String, PathBuf>> {
+/// Image file extensions `--images`, `--masks` and `--lungs` read (case-insensitive).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+/// Reads a PNG or JPEG (by extension) as 8-bit grayscale: [`read_png_gray`] or [`read_jpeg_gray`].
+pub fn read_gray_image(path: &Path) -> Result<GrayImage> {
+    match path.extension().and_then(|x| x.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("jpg" | "jpeg") => read_jpeg_gray(path),
+        _ => read_png_gray(path),
+    }
+}
+
+/// The sample precision (bits) of a JPEG stream's first frame header (SOF0–SOF15 but DHT/JPG/DAC).
+fn jpeg_precision(bytes: &[u8]) -> Option<u8> {
+    let mut i = 2;
+    while i + 4 < bytes.len() {
+        if bytes[i] != 0xFF {
+            return None;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        if (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker) {
+            return bytes.get(i + 4).copied();
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        i += 2 + len;
+    }
+    None
+}
+
+/// Reads a JPEG (baseline, progressive or lossless; jpeg-decoder) as 8-bit grayscale: 8-bit samples as they are,
+/// 9–16-bit samples scaled down by their precision (a 12-bit sample loses its low 4 bits), colour by its first
+/// channel.
+pub fn read_jpeg_gray(path: &Path) -> Result<GrayImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut dec = jpeg_decoder::Decoder::new(std::io::Cursor::new(&bytes));
+    let data = dec.decode().with_context(|| format!("decoding JPEG {}", path.display()))?;
+    let info = dec.info().with_context(|| format!("{}: no JPEG frame", path.display()))?;
+    let (rows, cols) = (info.height as usize, info.width as usize);
+    let px: Vec<u8> = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 => data,
+        jpeg_decoder::PixelFormat::L16 => {
+            let shift = jpeg_precision(&bytes).unwrap_or(16).clamp(9, 16) - 8;
+            data.chunks_exact(2).map(|b| (u16::from_ne_bytes([b[0], b[1]]) >> shift).min(255) as u8).collect()
+        }
+        jpeg_decoder::PixelFormat::RGB24 => data.chunks_exact(3).map(|c| c[0]).collect(),
+        jpeg_decoder::PixelFormat::CMYK32 => data.chunks_exact(4).map(|c| c[0]).collect(),
+    };
+    if px.len() != rows * cols {
+        bail!("{}: decoded {} pixels for {rows}×{cols}", path.display(), px.len());
+    }
+    Ok(GrayImage { rows, cols, px })
+}
+
+/// Image files of a folder by stem, only the given extensions (lower case compare).
+fn files_by_stem(dir: &Path, exts: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let p = e?.path();
-        let ok = p.extension().and_then(|x| x.to_str()).is_some_and(|x| x.eq_ignore_ascii_case(ext));
+        let ok = p.extension().and_then(|x| x.to_str()).is_some_and(|x| exts.iter().any(|e| x.eq_ignore_ascii_case(e)));
         if ok {
             if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
                 out.insert(stem.to_string(), p);
@@ -351,7 +408,7 @@ pub fn eval_images(
     for chunk in items.chunks(batch.max(1)) {
         let mut x = vec![0f32; chunk.len() * plane];
         for (i, (_, img, _, _)) in chunk.iter().enumerate() {
-            let g = read_png_gray(img)?;
+            let g = read_gray_image(img)?;
             let r = preprocess::resize_bilinear_u8(&g.px, g.rows, g.cols, h, w);
             preprocess::u8_to_input(&r, &mut x[i * plane..(i + 1) * plane]);
         }
@@ -359,7 +416,7 @@ pub fn eval_images(
         let scores = engine.infer(&x, chunk.len())?;
         infer_s += t.elapsed().as_secs_f64();
         for (i, (stem, _, mask, lung)) in chunk.iter().enumerate() {
-            let m = read_png_gray(mask)?;
+            let m = read_gray_image(mask)?;
             let s = &scores[i * classes * plane..(i + 1) * classes * plane];
             let dummy = HuSlice::from_hu(m.rows, m.cols, vec![0.0; m.rows * m.cols]);
             let seg = analysis::segment_slice(s, classes, h, w, &dummy);
@@ -367,7 +424,7 @@ pub fn eval_images(
             let o = Overlap::count(seg.lesion.to_bools().into_iter(), truth.iter().copied());
             slices.add(o, seg.lesion.count() > 0, seg.max_lesion_probability as f64);
             if let Some(lp) = lung {
-                let l = read_png_gray(lp)?;
+                let l = read_gray_image(lp)?;
                 if (l.rows, l.cols) != (m.rows, m.cols) {
                     bail!("{stem}: lung mask is {}×{}, lesion mask {}×{}", l.rows, l.cols, m.rows, m.cols);
                 }
@@ -397,9 +454,9 @@ pub fn eval_images(
 }
 
 fn run_images(args: &EvalArgs, model: &Model, images: &Path, masks: &Path) -> Result<Value> {
-    let imgs = files_by_stem(images, "png")?;
-    let msks = files_by_stem(masks, "png")?;
-    let lungs = args.lungs.as_deref().map(|d| files_by_stem(d, "png")).transpose()?;
+    let imgs = files_by_stem(images, IMAGE_EXTENSIONS)?;
+    let msks = files_by_stem(masks, IMAGE_EXTENSIONS)?;
+    let lungs = args.lungs.as_deref().map(|d| files_by_stem(d, IMAGE_EXTENSIONS)).transpose()?;
     let mut items = Vec::new();
     for (stem, img) in &imgs {
         let Some(mask) = msks.get(stem) else { bail!("no mask for image {stem} in {}", masks.display()) };
@@ -413,7 +470,7 @@ fn run_images(args: &EvalArgs, model: &Model, images: &Path, masks: &Path) -> Re
         items.truncate(n);
     }
     if items.is_empty() {
-        bail!("no PNG images in {}", images.display());
+        bail!("no PNG or JPEG images in {}", images.display());
     }
     let mut out = Vec::new();
     for engine in load_engines(args, model)? {
@@ -491,11 +548,12 @@ pub fn eval_series(
     batch: usize,
 ) -> Result<SeriesEval> {
     let truth: PhantomTruthView = serde_json::from_slice(
-        &std::fs::read(dir.join("truth.json")).with_context(|| format!("reading {}/truth.json", dir.display()))?,
+        &std::fs::read(crate::phantom::truth_file(dir, "truth.json"))
+            .with_context(|| format!("reading the truth.json of {}", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
-    let labels =
-        std::fs::read(dir.join("labels.raw")).with_context(|| format!("reading {}/labels.raw", dir.display()))?;
+    let labels = std::fs::read(crate::phantom::truth_file(dir, "labels.raw"))
+        .with_context(|| format!("reading the labels.raw of {}", dir.display()))?;
     let plane_native = truth.size * truth.size;
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
         bail!("{}: labels.raw / files do not match n_slices × size²", dir.display());

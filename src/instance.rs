@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 /// CT Image Storage.
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
-/// Enhanced CT Image Storage.
+/// Enhanced CT Image Storage (multi-frame; geometry in the functional groups).
 pub const ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2.1";
+/// Legacy Converted Enhanced CT Image Storage (a classic CT series converted to one multi-frame instance).
+pub const LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2.2";
 
 /// Why an instance cannot be accepted at all (becomes a C000-range failure status).
 #[derive(Debug, thiserror::Error)]
@@ -93,10 +95,6 @@ pub struct InstanceMeta {
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-}
-
-fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
-    obj.element(tag).ok().and_then(|e| e.to_multi_float64().ok())
 }
 
 /// A UID under the 2.25 root from a hash of the attributes that identify a study or series.
@@ -179,6 +177,9 @@ impl InstanceMeta {
         check_uid("SOPInstanceUID", &sop_instance_uid)?;
         check_uid("StudyInstanceUID", &study_instance_uid)?;
         check_uid("SeriesInstanceUID", &series_instance_uid)?;
+        // Geometry: the attribute itself (classic CT), else the first frame's per-frame or the shared functional
+        // group (Enhanced / Legacy Converted Enhanced CT; each frame's own is read when its pixels are decoded).
+        let geometry = |seq: Tag, tag: Tag| crate::preprocess::functional_floats(obj, 0, seq, tag);
         let arr3 = |v: Vec<f64>| (v.len() >= 3).then(|| [v[0], v[1], v[2]]);
         let arr6 = |v: Vec<f64>| (v.len() >= 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]]);
         let arr2 = |v: Vec<f64>| (v.len() >= 2).then(|| [v[0], v[1]]);
@@ -194,10 +195,12 @@ impl InstanceMeta {
             image_type: text(obj, tags::IMAGE_TYPE)
                 .map(|s| s.split('\\').map(|p| p.trim().to_ascii_uppercase()).collect())
                 .unwrap_or_default(),
-            image_position: floats(obj, tags::IMAGE_POSITION_PATIENT).and_then(arr3),
-            image_orientation: floats(obj, tags::IMAGE_ORIENTATION_PATIENT).and_then(arr6),
-            slice_thickness: floats(obj, tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
-            pixel_spacing: floats(obj, tags::PIXEL_SPACING).and_then(arr2),
+            image_position: geometry(tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT).and_then(arr3),
+            image_orientation: geometry(tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
+                .and_then(arr6),
+            slice_thickness: geometry(tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS)
+                .and_then(|v| v.first().copied()),
+            pixel_spacing: geometry(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING).and_then(arr2),
             instance_number: text(obj, tags::INSTANCE_NUMBER).and_then(|s| s.parse::<f64>().ok()).map(|f| f as i64),
             rows: obj.element(tags::ROWS).ok().and_then(|e| e.to_int::<u32>().ok()),
             columns: obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()),
@@ -215,8 +218,14 @@ impl InstanceMeta {
         (len > 1e-6).then(|| [n[0] / len, n[1] / len, n[2] / len])
     }
 
-    /// Whether the SOP class is one we analyse (CT or Enhanced CT images).
+    /// Whether the SOP class is one we analyse (CT, Enhanced CT or Legacy Converted Enhanced CT images).
     pub fn is_ct_image_class(&self) -> bool {
-        self.sop_class_uid == CT_IMAGE_STORAGE || self.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+        self.sop_class_uid == CT_IMAGE_STORAGE || self.is_multi_frame_ct_class()
+    }
+
+    /// Whether the SOP class is a multi-frame CT (Enhanced or Legacy Converted Enhanced CT): every frame is a slice.
+    pub fn is_multi_frame_ct_class(&self) -> bool {
+        self.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+            || self.sop_class_uid == LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE
     }
 }

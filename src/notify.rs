@@ -6,8 +6,9 @@
 //! PRIORITY=4, negatives at INFO).
 //! Hands on: nothing; it is the end of the pipeline.
 //! Never: decides what deserves an alert (the caller of [`crate::store::Store::record_result`] does, through its
-//! `alert` flag), rewrites payloads, or logs PatientName/PatientID (only the pseudonymous `patient_key` and a
-//! hash of the Series Instance UID).
+//! `alert` flag), rewrites payloads (except, where a site sets `alerts.include_patient_identifiers`, adding the
+//! patient's name, ID and accession number to the body as it is sent), or logs PatientName/PatientID/accession
+//! (only the pseudonymous `patient_key` and a hash of the Series Instance UID).
 //!
 //! Receivers see at-least-once delivery: a crash between the receiver's 2xx and our `mark_delivered` repeats the
 //! POST. Every request carries `X-Lungsentry-Dedup-Key` (also `dedup_key` in the body) to deduplicate on.
@@ -96,8 +97,16 @@ pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdo
         };
         let full_batch = due.len() == BATCH;
         for row in due {
+            let body = if cfg.include_patient_identifiers {
+                let (store, payload) = (store.clone(), row.payload_json.clone());
+                blocking(move || Ok(with_patient_identifiers(&store, &payload)))
+                    .await
+                    .unwrap_or(row.payload_json.clone())
+            } else {
+                row.payload_json.clone()
+            };
             let outcome = tokio::select! {
-                r = deliver(&client, &url, secret.as_deref(), &row) => r,
+                r = deliver(&client, &url, secret.as_deref(), &row, body) => r,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             let store = store.clone();
@@ -149,16 +158,49 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| anyhow::anyhow!("store task failed: {e}"))?
 }
 
-/// One POST. Ok(status) on 2xx; Err(description) otherwise (kept in `outbox.last_error`).
-async fn deliver(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, row: &OutboxRow) -> Result<u16, String> {
+/// The webhook body with the patient's identifiers added (`alerts.include_patient_identifiers`):
+/// `patient_name`, `patient_id` and `accession_number` of the body's `series_instance_uid`, from the local store.
+/// The outbox row itself never holds them. A body that does not parse, or names an unknown series, is sent as it
+/// is (with a warning that names no identifier).
+pub fn with_patient_identifiers(store: &Store, payload_json: &str) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(payload_json) else { return payload_json.to_string() };
+    let series = v["series_instance_uid"].as_str().unwrap_or("").to_string();
+    match store.patient_display(&series) {
+        Ok(Some(p)) if v.is_object() => {
+            v["patient_name"] = serde_json::json!(p.patient_name);
+            v["patient_id"] = serde_json::json!(p.patient_id);
+            v["accession_number"] = serde_json::json!(p.accession_number);
+            v.to_string()
+        }
+        other => {
+            let error = match other {
+                Err(e) => format!("{e:#}"),
+                _ => "unknown series".to_string(),
+            };
+            tracing::warn!(series = %series_log_key(&series), error = %error,
+                "notify: patient identifiers not added to the webhook body");
+            payload_json.to_string()
+        }
+    }
+}
+
+/// One POST of `body` (the row's payload, or it with identifiers added). Ok(status) on 2xx; Err(description)
+/// otherwise (kept in `outbox.last_error`).
+async fn deliver(
+    client: &reqwest::Client,
+    url: &str,
+    secret: Option<&[u8]>,
+    row: &OutboxRow,
+    body: String,
+) -> Result<u16, String> {
     let mut req = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(DEDUP_HEADER, row.dedup_key.as_str());
     if let Some(secret) = secret {
-        req = req.header(SIGNATURE_HEADER, signature(secret, row.payload_json.as_bytes()));
+        req = req.header(SIGNATURE_HEADER, signature(secret, body.as_bytes()));
     }
-    let mut resp = req.body(row.payload_json.clone()).send().await.map_err(|e| format!("request failed: {e}"))?;
+    let mut resp = req.body(body).send().await.map_err(|e| format!("request failed: {e}"))?;
     let status = resp.status();
     if status.is_success() {
         Ok(status.as_u16())

@@ -100,7 +100,7 @@ fn group_item(group: &InMemDicomObject, seq: Tag) -> Option<&InMemDicomObject> {
 
 /// Looks `tag` up inside `seq` of the per-frame functional group of `frame`, then the shared group, then at the top
 /// level — the precedence of the Enhanced CT functional groups.
-fn functional_floats(obj: &InMemDicomObject, frame: u32, seq: Tag, tag: Tag) -> Option<Vec<f64>> {
+pub fn functional_floats(obj: &InMemDicomObject, frame: u32, seq: Tag, tag: Tag) -> Option<Vec<f64>> {
     let per_frame = obj
         .element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .ok()

@@ -1,7 +1,7 @@
 //! series — which instances form a series, whether the series is analysable, the order of its slices, and
 //! when it is complete.
 //!
-//! Owns: eligibility rules (axial CT, not a localizer or derived/secondary/reformatted image, slice
+//! Owns: eligibility rules (axial CT, not a localizer, secondary or reformatted/projection image, slice
 //! thickness ≤ `max_slice_thickness_mm`, at least `min_slices` slices), slice ordering along the slice normal
 //! with gap and duplicate detection, and the completion rule: the sending association released *and*
 //! `quiet_period_s` without a new instance, or `stable_timeout_s` without a new instance at all.
@@ -18,7 +18,13 @@ use crate::config::SeriesConfig;
 use crate::instance::InstanceMeta;
 use crate::receive::AssociationId;
 
+/// Image Type values (any position) that mark a reformat or a projection, never an axial reconstruction.
+const REFORMAT_VALUES: &[&str] = &["REFORMATTED", "MPR", "MIP", "MINIP", "PROJECTION IMAGE", "CURVED"];
+
 /// Reasons an instance can never be analysed, whatever the rest of its series looks like.
+///
+/// Image Type: value 2 `SECONDARY`, `LOCALIZER`, or a reformat/projection value (see `REFORMAT_VALUES`) skip the
+/// instance; value 1 `DERIVED` alone does not (`DERIVED\PRIMARY\AXIAL` reconstructions are analysed).
 pub fn instance_skip_reasons(meta: &InstanceMeta) -> Vec<String> {
     let mut reasons = Vec::new();
     if !meta.is_ct_image_class() {
@@ -31,9 +37,6 @@ pub fn instance_skip_reasons(meta: &InstanceMeta) -> Vec<String> {
             meta.derived_uids.iter().filter(|u| *u != "SOPInstanceUID").cloned().collect::<Vec<_>>().join(", ")
         ));
     }
-    if meta.sop_class_uid == crate::instance::ENHANCED_CT_IMAGE_STORAGE {
-        reasons.push("Enhanced CT (multi-frame) is stored but not analysed by this version".into());
-    }
     if !meta.modality.is_empty() && meta.modality != "CT" {
         reasons.push(format!("modality {} is not CT", meta.modality));
     }
@@ -44,11 +47,13 @@ pub fn instance_skip_reasons(meta: &InstanceMeta) -> Vec<String> {
     if it.iter().any(|v| v == "LOCALIZER") {
         reasons.push("localizer (scout) image".into());
     }
-    if it.first().map(|v| v == "DERIVED").unwrap_or(false) || it.get(1).map(|v| v == "SECONDARY").unwrap_or(false) {
+    // Value 2 SECONDARY: reformats, MIPs, screen captures. `DERIVED\PRIMARY\AXIAL` (an axial reconstruction
+    // some scanners, e.g. PET/CT, type as derived) is a primary image and is analysed.
+    if it.get(1).map(|v| v == "SECONDARY").unwrap_or(false) {
         reasons.push(format!("derived/secondary image (ImageType {})", it.join("\\")));
     }
-    if it.iter().any(|v| v == "REFORMATTED" || v == "MPR" || v == "PROJECTION IMAGE") {
-        reasons.push(format!("reformatted image (ImageType {})", it.join("\\")));
+    if it.iter().any(|v| REFORMAT_VALUES.contains(&v.as_str())) {
+        reasons.push(format!("reformatted or projection image (ImageType {})", it.join("\\")));
     }
     match meta.normal() {
         Some(n) if n[2].abs() < 0.9 => {
@@ -291,6 +296,18 @@ mod tests {
         let mut derived = meta("e", 1.0);
         derived.image_type = vec!["DERIVED".into(), "SECONDARY".into(), "REFORMATTED".into()];
         assert!(!instance_skip_reasons(&derived).is_empty());
+        let mut secondary_axial = meta("f", 1.0);
+        secondary_axial.image_type = vec!["DERIVED".into(), "SECONDARY".into(), "AXIAL".into()];
+        let r = instance_skip_reasons(&secondary_axial);
+        assert!(r.iter().any(|s| s.contains("derived/secondary")), "{r:?}");
+        let mut mip = meta("g", 1.0);
+        mip.image_type = vec!["DERIVED".into(), "PRIMARY".into(), "MIP".into()];
+        let r = instance_skip_reasons(&mip);
+        assert!(r.iter().any(|s| s.contains("projection")), "{r:?}");
+        // A derived primary axial reconstruction (e.g. the CT of a PET/CT) is analysed.
+        let mut derived_primary = meta("h", 1.0);
+        derived_primary.image_type = vec!["DERIVED".into(), "PRIMARY".into(), "AXIAL".into()];
+        assert!(instance_skip_reasons(&derived_primary).is_empty());
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! | `outbox` | `id`, `dedup_key` UNIQUE | alerts to deliver (kind `webhook`), attempts and back-off |
 //! | `dicom_outbox` | `id`, (`destination`, `sop_instance_uid`) UNIQUE | DICOM outputs to C-STORE; delivered or parked |
 //! | `follow_up_links` | `id` | a result version's newer comparison, when its prior study arrived after it |
+//! | `study_alerts` | `study_instance_uid` | the series that raised the study's one alert (`store/study_alerts.rs`) |
+//! | `series_labels` | `series_instance_uid` | accession, study time, series number/description for the dashboard |
 //!
 //! `results.outputs_due` is set in the transaction that records a result whose DICOM outputs some destination
 //! wants, and cleared in the transaction that queues its `dicom_outbox` rows: a crash in between leaves it set,
@@ -56,6 +58,11 @@ use sha2::{Digest, Sha256};
 
 use crate::instance::InstanceMeta;
 use crate::spool::SpooledInstance;
+
+mod series_labels;
+mod study_alerts;
+
+pub use series_labels::{PatientDisplay, SeriesLabels};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` = how many have been applied. Append only: never
 /// edit a shipped entry.
@@ -179,6 +186,25 @@ pub const MIGRATIONS: &[&str] = &[
     // start.
     r#"
     ALTER TABLE follow_up_links ADD COLUMN outputs_due INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 7: one flag per exam: the series that holds its study's alert (`store/study_alerts.rs`).
+    r#"
+    CREATE TABLE study_alerts (
+        study_instance_uid  TEXT PRIMARY KEY,
+        series_instance_uid TEXT NOT NULL,     -- the series whose result raised the study's alert
+        created_at          INTEGER NOT NULL
+    ) STRICT;
+    "#,
+    // 8: what the dashboard shows to name a series (`store/series_labels.rs`); the accession number is an
+    // identifier, kept locally like `patients`.
+    r#"
+    CREATE TABLE series_labels (
+        series_instance_uid TEXT PRIMARY KEY REFERENCES series(series_instance_uid),
+        accession_number    TEXT NOT NULL,
+        study_time          TEXT NOT NULL,
+        series_number       TEXT NOT NULL,
+        series_description  TEXT NOT NULL
+    ) STRICT;
     "#,
 ];
 

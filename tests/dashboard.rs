@@ -84,7 +84,20 @@ fn positive_series_is_flagged_on_the_dashboard() {
     assert_eq!(row["n_slices"], 40);
     let latency = row["last_slice_to_flag_s"].as_f64().unwrap();
     assert!(latency <= LATENCY_GOAL_S, "last slice → flag {latency} s exceeds {LATENCY_GOAL_S} s");
-    assert!(!row.to_string().contains(truth["patient_id"].as_str().unwrap()), "no raw patient ID in the list");
+    // The row names the patient (the page is local and behind the token): name, ID, accession, series labels.
+    let first = dicom_object::open_file(&common::dcm_files(&src)[0]).unwrap();
+    let attr = |t| first.element(t).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
+    let accession = attr(dicom_dictionary_std::tags::ACCESSION_NUMBER);
+    assert!(!accession.is_empty());
+    let p = &row["patient"];
+    assert_eq!(p["patient_name"], truth["patient_name"], "{row}");
+    assert_eq!(p["patient_id"], truth["patient_id"], "{row}");
+    assert_eq!(p["accession_number"], accession.as_str(), "{row}");
+    assert_eq!(p["study_date"], truth["study_date"], "{row}");
+    assert_eq!(p["series_number"], attr(dicom_dictionary_std::tags::SERIES_NUMBER).as_str(), "{row}");
+    assert_eq!(p["study_time"], attr(dicom_dictionary_std::tags::STUDY_TIME).as_str(), "{row}");
+    // DICOM PN FAMILY^GIVEN as the page writes it.
+    let name = truth["patient_name"].as_str().unwrap().replacen('^', ", ", 1);
 
     // Key image PNG and the result detail.
     // The PNG is rendered just after the result is recorded: allow it a moment.
@@ -110,7 +123,8 @@ fn positive_series_is_flagged_on_the_dashboard() {
     common::phantom_follow_up(&fu, 62, &src);
     let (ok, out) = common::storescu(d.dicom_port, "CT1", &[&fu], true);
     assert!(ok, "{out}");
-    let fu_truth: serde_json::Value = serde_json::from_slice(&std::fs::read(fu.join("truth.json")).unwrap()).unwrap();
+    let fu_truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fu.join("truth/truth.json")).unwrap()).unwrap();
     let fu_series = fu_truth["series_instance_uid"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(180);
     let fu_detail = loop {
@@ -166,6 +180,9 @@ fn positive_series_is_flagged_on_the_dashboard() {
         "DICOM outputs".to_string(),
         format!("{n_parked} parked"),
         "DICOM outputs parked".to_string(),
+        // The positive series' row names its patient and accession.
+        name.clone(),
+        format!("Acc {accession}"),
     ];
     let mut dom = String::new();
     for _ in 0..3 {

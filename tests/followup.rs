@@ -35,8 +35,8 @@ fn analyze_links_a_phantom_follow_up_to_its_baseline_and_aligns_by_the_lungs() {
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41001, 40, "moderate");
     common::phantom_follow_up(&b, 41002, &a);
-    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
-    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
+    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth/truth.json")).unwrap()).unwrap();
+    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth/truth.json")).unwrap()).unwrap();
     // Given in reverse order: analyze orders by study date.
     let r = analyze(&[&b, &a]);
     assert_eq!(r.len(), 2);
@@ -59,12 +59,24 @@ fn analyze_links_a_phantom_follow_up_to_its_baseline_and_aligns_by_the_lungs() {
     let t: Vec<f64> =
         f["alignment"]["translation_mm"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert!(t.iter().map(|x| x * x).sum::<f64>().sqrt() < 40.0, "translation {t:?}");
-    // Every lesion of both results is accounted for exactly once.
+    // Every lesion of both results is accounted for exactly once: listed, or counted apart as noise-sized.
     let n_cur = r[1]["lesions"].as_array().unwrap().len();
     let n_pri = r[0]["lesions"].as_array().unwrap().len();
     let changes = f["lesions"].as_array().unwrap();
-    assert_eq!(changes.iter().filter(|c| !c["id"].is_null()).count(), n_cur);
-    assert_eq!(changes.iter().filter(|c| !c["prior_id"].is_null()).count(), n_pri);
+    let count = |k: &str| f[k].as_u64().unwrap() as usize;
+    assert_eq!(
+        changes.iter().filter(|c| !c["id"].is_null()).count() + count("small_new") + count("small_matched"),
+        n_cur
+    );
+    assert_eq!(
+        changes.iter().filter(|c| !c["prior_id"].is_null()).count() + count("small_resolved") + count("small_matched"),
+        n_pri
+    );
+    let min = f["min_change_volume_ml"].as_f64().unwrap();
+    for c in changes.iter().filter(|c| c["change"] == "new" || c["change"] == "resolved") {
+        let v = c["volume_after_ml"].as_f64().unwrap().max(c["volume_before_ml"].as_f64().unwrap());
+        assert!(v >= min, "a noise-sized component listed: {c}");
+    }
     let d = f["involvement_change_points"].as_f64().unwrap();
     let expect = r[1]["involvement_percent"].as_f64().unwrap() - r[0]["involvement_percent"].as_f64().unwrap();
     assert!((d - expect).abs() < 1e-9);
@@ -131,7 +143,7 @@ fn daemon_links_a_follow_up_to_the_same_patient_only() {
     phantom(&other, 42003, 24, "mild");
     let d = Daemon::start(&dir.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
     let uid = |p: &Path| -> String {
-        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth.json")).unwrap()).unwrap();
+        let t: Value = serde_json::from_slice(&std::fs::read(p.join("truth/truth.json")).unwrap()).unwrap();
         t["series_instance_uid"].as_str().unwrap().to_string()
     };
     for p in [&a, &other, &b] {
@@ -299,8 +311,8 @@ fn follow_up_changes_match_phantom_truth() {
     let (a, b) = (dir.path().join("baseline"), dir.path().join("follow-up"));
     phantom(&a, 41101, 80, "moderate");
     common::phantom_follow_up(&b, 41102, &a);
-    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth.json")).unwrap()).unwrap();
-    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth.json")).unwrap()).unwrap();
+    let ta: Value = serde_json::from_slice(&std::fs::read(a.join("truth/truth.json")).unwrap()).unwrap();
+    let tb: Value = serde_json::from_slice(&std::fs::read(b.join("truth/truth.json")).unwrap()).unwrap();
     let r = analyze(&[&a, &b]);
     let f = &r[1]["follow_up"];
     let centroid = |l: &Value| -> [f64; 3] {

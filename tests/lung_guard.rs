@@ -120,13 +120,14 @@ fn the_guard_removes_no_phantom_lesion_voxel_the_model_found() {
         .status()
         .unwrap();
     assert!(st.success());
-    let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("truth.json")).unwrap()).unwrap();
+    let truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("truth/truth.json")).unwrap()).unwrap();
     let files = dcm_files(&dir);
     let lesions = truth["lesions"].as_array().unwrap();
     assert!(lesions.iter().any(|l| l["class"] == "consolidation"), "a severe phantom has a consolidation");
     let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().to_string()).collect();
     assert_eq!(serde_json::json!(names), truth["files"], "labels.raw is in file-name order");
-    let labels = std::fs::read(dir.join("labels.raw")).unwrap();
+    let labels = std::fs::read(dir.join("truth/labels.raw")).unwrap();
 
     // The product's per-slice segmentation (what `SeriesWork` does for each arriving instance) ...
     let input = &ctx.model.manifest.input;

@@ -82,7 +82,7 @@ fn instance(series: &str) -> SpooledInstance {
 }
 
 fn alerts(url: &str) -> AlertsConfig {
-    AlertsConfig { webhook_url: Some(url.into()), webhook_secret: Some(SECRET.into()), patient_key_salt: None }
+    AlertsConfig { webhook_url: Some(url.into()), webhook_secret: Some(SECRET.into()), ..Default::default() }
 }
 
 fn expected_signature(body: &[u8]) -> String {
@@ -150,6 +150,57 @@ async fn alert_is_retried_signed_and_delivered_once() {
 
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), worker).await.expect("worker stops on shutdown").unwrap();
+}
+
+/// `alerts.include_patient_identifiers`: off (the default), the body carries none of the patient's name, ID or
+/// accession number; on, it carries all three (read from the local store as the body is sent, signed as sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_identifiers_only_with_the_switch() {
+    for include in [false, true] {
+        let (url, rx) = start_receiver(0).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&tmp.path().join("db.sqlite")).unwrap());
+        let series = "1.2.826.0.9.3";
+        store.record_instance(&instance(series), 1, "0123456789abcdef0123456789abcdef").unwrap();
+        let labels = lungsentry::store::SeriesLabels {
+            accession_number: "ACC4711".into(),
+            study_time: "091400".into(),
+            series_number: "3".into(),
+            series_description: "Lung 1.25".into(),
+        };
+        store.remember_series_labels(series, &labels).unwrap();
+        let result = serde_json::json!({
+            "series_instance_uid": series, "patient_key": "0123456789abcdef0123456789abcdef",
+            "positive": true, "involvement_percent": 3.5
+        });
+        store.record_result(series, true, 3.5, &result, true).unwrap();
+        let cfg = AlertsConfig { include_patient_identifiers: include, ..alerts(&url) };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let worker = tokio::spawn(run_webhook_outbox(store.clone(), cfg, stop_rx));
+        wait_for("a delivery", Duration::from_secs(15), || !rx.seen.lock().unwrap().is_empty()).await;
+        let seen = rx.seen.lock().unwrap()[0].clone();
+        let text = String::from_utf8_lossy(&seen.body).to_string();
+        assert_eq!(seen.headers[SIGNATURE_HEADER].to_str().unwrap(), expected_signature(&seen.body));
+        let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+        assert_eq!(body["involvement_percent"], 3.5);
+        if include {
+            assert_eq!(body["patient_name"], "ROE^RICHARD", "{text}");
+            assert_eq!(body["patient_id"], "PID9", "{text}");
+            assert_eq!(body["accession_number"], "ACC4711", "{text}");
+        } else {
+            for id in ["ROE^RICHARD", "PID9", "ACC4711"] {
+                assert!(!text.contains(id), "{id} in a default webhook body: {text}");
+            }
+        }
+        // The outbox row never holds them either way.
+        let row: String = rusqlite::Connection::open(tmp.path().join("db.sqlite"))
+            .unwrap()
+            .query_row("SELECT payload_json FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert!(!row.contains("PID9") && !row.contains("ACC4711"), "{row}");
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

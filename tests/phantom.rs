@@ -1,6 +1,8 @@
 //! Phantom generator: determinism, DICOM validity against DCMTK and dicom3tools, and truth that matches the
 //! written labels and pixels (including follow-up change records).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,11 +25,19 @@ fn make(seed: u64, sev: Severity) -> (tempfile::TempDir, PhantomTruth) {
     (dir, t)
 }
 
+/// Every file of a phantom folder by its relative path (the truth files are in `truth/`).
 fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        m.insert(p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap());
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if p.is_dir() {
+            for (k, v) in files_of(&p) {
+                m.insert(format!("{name}/{k}"), v);
+            }
+        } else {
+            m.insert(name, std::fs::read(&p).unwrap());
+        }
     }
     m
 }
@@ -65,7 +75,8 @@ fn same_seed_gives_identical_files_and_different_seeds_differ() {
     assert_eq!(ta, tb);
     let fc = files_of(c.path());
     assert_ne!(fa["IM00020.dcm"], fc["IM00020.dcm"]);
-    assert_ne!(fa["labels.raw"], fc["labels.raw"]);
+    assert_ne!(fa["truth/labels.raw"], fc["truth/labels.raw"]);
+    assert!(fa.keys().filter(|k| !k.ends_with(".dcm")).all(|k| k.starts_with("truth/")), "{:?}", fa.keys());
 }
 
 #[test]
@@ -95,15 +106,16 @@ fn dcmdump_and_dciodvfy_accept_a_slice() {
 fn truth_matches_written_labels_and_pixels() {
     let (d, t) = make(21, Severity::Moderate);
     let plane = t.size * t.size;
-    let labels = std::fs::read(d.path().join("labels.raw")).unwrap();
-    let ids: Vec<u16> = std::fs::read(d.path().join("lesion_ids.raw"))
+    let labels = std::fs::read(d.path().join("truth/labels.raw")).unwrap();
+    let ids: Vec<u16> = std::fs::read(d.path().join("truth/lesion_ids.raw"))
         .unwrap()
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect();
     assert_eq!(labels.len(), t.n_slices * plane);
     assert_eq!(ids.len(), labels.len());
-    let lj: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("labels.json")).unwrap()).unwrap();
+    let lj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("truth/labels.json")).unwrap()).unwrap();
     assert_eq!(lj["dims"], serde_json::json!([t.n_slices, t.size, t.size]));
     assert_eq!(lj["files"].as_array().unwrap().len(), t.n_slices);
     let voxel_ml = t.spacing[0] * t.spacing[1] * t.spacing[2] / 1000.0;
@@ -163,7 +175,7 @@ fn truth_matches_written_labels_and_pixels() {
 fn severity_orders_involvement_and_none_has_no_lesions() {
     for seed in [31u64, 32] {
         let (d, none) = make(seed, Severity::None);
-        let labels = std::fs::read(d.path().join("labels.raw")).unwrap();
+        let labels = std::fs::read(d.path().join("truth/labels.raw")).unwrap();
         assert!(labels.iter().all(|&v| v <= 1));
         assert!(labels.iter().any(|&v| v == 1));
         assert_eq!(none.involvement_percent, 0.0);
@@ -240,7 +252,7 @@ fn cli_writes_series_and_prints_summary() {
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.contains("slices=12") && line.contains("involvement="), "{line}");
     assert!(dir.path().join("IM00012.dcm").exists());
-    let t: PhantomTruth = serde_json::from_slice(&std::fs::read(dir.path().join("truth.json")).unwrap()).unwrap();
+    let t: PhantomTruth = serde_json::from_slice(&std::fs::read(dir.path().join("truth/truth.json")).unwrap()).unwrap();
     assert_eq!(t.n_slices, 12);
     let bad = Command::new(env!("CARGO_BIN_EXE_lungsentry"))
         .args(["phantom", "--severity", "extreme", "--out"])
@@ -248,4 +260,27 @@ fn cli_writes_series_and_prints_summary() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+}
+
+/// `storescu +sd DIR` (DCMTK's scan of a folder, not recursive by default) on a phantom folder sends every slice
+/// and nothing else: the truth files are in `truth/`, which it does not enter.
+#[test]
+fn storescu_scan_directories_sends_a_phantom_folder_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let series = dir.path().join("series");
+    let mut o = opts(&series, 9, Severity::Mild);
+    o.slices = 6;
+    o.size = 64;
+    let t = generate(&o).unwrap();
+    let (_scp, port) = common::storescp(&dir.path().join("pacs"), false);
+    let out = Command::new("storescu")
+        .args(["-aec", "PACS", "+sd", "127.0.0.1", &port.to_string()])
+        .arg(&series)
+        .output()
+        .expect("storescu (DCMTK)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("E: "), "storescu +sd failed:\n{text}");
+    let received = std::fs::read_dir(dir.path().join("pacs")).unwrap().count();
+    assert_eq!(received, t.n_slices, "every slice and nothing else received");
+    assert!(series.join("truth/truth.json").exists() && series.join("truth/labels.raw").exists());
 }

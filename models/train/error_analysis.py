@@ -35,7 +35,7 @@ import data_real  # noqa: E402
 import split as split_mod  # noqa: E402
 from export import session  # noqa: E402
 from normalise import hu_to_u8  # noqa: E402
-from phantoms import read_series  # noqa: E402
+from phantoms import read_series, truth_file  # noqa: E402
 from train import dice  # noqa: E402
 
 
@@ -88,8 +88,8 @@ def phantom_part(sess, dirs: list[Path], every: int, overlays: Path | None) -> d
     series = {}
     for d in dirs:
         hu, lab = read_series(d)
-        ids = np.fromfile(d / "lesion_ids.raw", dtype="<u2").reshape(lab.shape)
-        cls = {l["id"]: l["class"] for l in json.loads((d / "truth.json").read_text())["lesions"]}
+        ids = np.fromfile(truth_file(d, "lesion_ids.raw"), dtype="<u2").reshape(lab.shape)
+        cls = {l["id"]: l["class"] for l in json.loads(truth_file(d, "truth.json").read_text())["lesions"]}
         sl = list(range(0, len(hu), every))
         hu, lab, ids = hu[sl], lab[sl], ids[sl]
         h, w = lab.shape[1:]
@@ -155,7 +155,7 @@ def main() -> None:
     dirs = args.phantoms
     if dirs is None:
         dirs = sorted(d for d in Path("/tmp/lungsentry-eval-phantoms").glob("seed*")
-                      if "-none-" not in d.name and (d / "truth.json").exists())
+                      if "-none-" not in d.name and truth_file(d, "truth.json").exists())
     if args.overlays:
         args.overlays.mkdir(parents=True, exist_ok=True)
     rep = dict(onnx=str(args.onnx), real_validation=real_part(sess, args.overlays),

@@ -30,20 +30,26 @@ def hu_of(ds) -> np.ndarray:
     return hu
 
 
+def truth_file(d: Path, name: str) -> Path:
+    """A phantom folder's truth file: in its truth/ subfolder, or beside the DICOM files (older folders)."""
+    sub = d / "truth" / name
+    return sub if sub.exists() or not (d / name).exists() else d / name
+
+
 def read_series(d: Path) -> tuple[np.ndarray, np.ndarray]:
     """(HU slices z x y x x in file order, labels z x y x x). Files IM00001.dcm... are in label z order."""
-    meta = json.loads((d / "labels.json").read_text())
+    meta = json.loads(truth_file(d, "labels.json").read_text())
     # labels.json lists the DICOM files in labels.raw z order; fall back to name order
     files = [d / f for f in meta["files"]] if "files" in meta else sorted(d.glob("*.dcm"))
     z, y, x = meta["dims"]
-    labels = np.fromfile(d / "labels.raw", dtype=np.uint8).reshape(z, y, x)
+    labels = np.fromfile(truth_file(d, "labels.raw"), dtype=np.uint8).reshape(z, y, x)
     hu = np.stack([read_hu(f) for f in files])
     assert hu.shape == labels.shape, (hu.shape, labels.shape)
     return hu, labels
 
 
 def generate(binary: str, out: Path, seed: int, slices: int, size: int, severity: str) -> None:
-    if (out / "labels.json").exists():
+    if truth_file(out, "labels.json").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run([binary, "phantom", "--out", str(out), "--seed", str(seed), "--slices", str(slices),

@@ -9,10 +9,24 @@
 //! equivalent-sphere radii); a match is grown (volume ≥ ×1.2), shrunk (≤ ×0.8) or stable; an unmatched current
 //! lesion is new, an unmatched prior one resolved. Mean HU change shows the GGO → consolidation shift.
 //! Progression: involvement rose by more than `relative_percent` of the prior and by more than
-//! `absolute_points`. Never: reads the store or pixels itself.
+//! `absolute_points`. Change tables without noise: an unmatched lesion smaller than [`MIN_CHANGE_VOLUME_ML`] is not
+//! listed as new or resolved (nor counted in `new`/`resolved`, nor given an SR group); it is counted apart in
+//! `small_new` / `small_resolved`, and a matched pair smaller than it in both studies in `small_matched`.
+//! Never: reads the store or pixels itself.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Smallest volume, mL, of an unmatched lesion listed as new or resolved in a comparison (0.2 mL: a sphere of
+/// 7 mm diameter, about three voxels across at 5 mm slices). Smaller unmatched components are at the edge of what
+/// the segmentation resolves: one study finds them and the other not by chance ("new 0.0 → 0.0 mL"). They are
+/// counted apart (`small_new`, `small_resolved`); so is a matched pair below it in both studies (`small_matched`:
+/// "grown 0.0 → 0.0 mL" is noise too). A match with either side at or above the minimum is listed.
+pub const MIN_CHANGE_VOLUME_ML: f64 = 0.2;
+
+fn min_change_volume_ml() -> f64 {
+    MIN_CHANGE_VOLUME_ML
+}
 
 /// Progression rule (from `[analysis]` in the config).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,6 +100,18 @@ pub struct FollowUp {
     pub shrunk: usize,
     pub stable: usize,
     pub resolved: usize,
+    /// Unmatched current lesions smaller than `min_change_volume_ml`: not listed as new, counted here.
+    #[serde(default)]
+    pub small_new: usize,
+    /// Unmatched prior lesions smaller than `min_change_volume_ml`: not listed as resolved, counted here.
+    #[serde(default)]
+    pub small_resolved: usize,
+    /// Matched pairs smaller than `min_change_volume_ml` in both studies: not listed, counted here.
+    #[serde(default)]
+    pub small_matched: usize,
+    /// The minimum volume of a listed new or resolved lesion, mL ([`MIN_CHANGE_VOLUME_ML`]).
+    #[serde(default = "min_change_volume_ml")]
+    pub min_change_volume_ml: f64,
     /// Set when this comparison was made after the series' own analysis, because its prior study arrived (or
     /// was re-analysed) later ([`relinks`]); stored beside the result version, which stays as recorded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -253,6 +279,7 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
     let mut prior_used = vec![false; pri.lesions.len()];
     let mut cur_used = vec![false; cur.lesions.len()];
     let mut lesions = Vec::new();
+    let mut small_matched = 0;
     for (d, i, j) in pairs {
         if prior_used[i] || cur_used[j] {
             continue;
@@ -260,6 +287,10 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
         prior_used[i] = true;
         cur_used[j] = true;
         let (p, c) = (&pri.lesions[i], &cur.lesions[j]);
+        if p.volume_ml < MIN_CHANGE_VOLUME_ML && c.volume_ml < MIN_CHANGE_VOLUME_ML {
+            small_matched += 1;
+            continue;
+        }
         let ratio = if p.volume_ml > 0.0 { c.volume_ml / p.volume_ml } else { f64::INFINITY };
         let change = if ratio >= 1.2 {
             "grown"
@@ -281,8 +312,12 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
             distance_mm: Some(d),
         });
     }
-    for (j, c) in cur.lesions.iter().enumerate().filter(|(j, _)| !cur_used[*j]) {
-        let _ = j;
+    let (mut small_new, mut small_resolved) = (0, 0);
+    for (_, c) in cur.lesions.iter().enumerate().filter(|(j, _)| !cur_used[*j]) {
+        if c.volume_ml < MIN_CHANGE_VOLUME_ML {
+            small_new += 1;
+            continue;
+        }
         lesions.push(LesionChange {
             change: "new".into(),
             prior_id: None,
@@ -297,6 +332,10 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
         });
     }
     for (_, p) in pri.lesions.iter().enumerate().filter(|(i, _)| !prior_used[*i]) {
+        if p.volume_ml < MIN_CHANGE_VOLUME_ML {
+            small_resolved += 1;
+            continue;
+        }
         lesions.push(LesionChange {
             change: "resolved".into(),
             prior_id: Some(p.id),
@@ -329,6 +368,10 @@ pub fn compare(current: &Value, prior: &Value, rule: ProgressionRule) -> FollowU
         shrunk: count("shrunk"),
         stable: count("stable"),
         resolved: count("resolved"),
+        small_new,
+        small_resolved,
+        small_matched,
+        min_change_volume_ml: MIN_CHANGE_VOLUME_ML,
         lesions,
         relinked: false,
     }
@@ -529,5 +572,60 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert!((r[0].follow_up.prior_involvement_percent - 1.0).abs() < 1e-12);
         assert!(r[0].follow_up.progression && r[0].newly_progressed); // 1 → 2.5 %: +1.5 points, +150 %
+    }
+
+    #[test]
+    fn noise_sized_unmatched_lesions_are_counted_apart_not_listed() {
+        let lungs = ([-80.0, 0.0, 0.0], [80.0, 0.0, 0.0]);
+        let prior = result(
+            "1.2.3",
+            "20200101",
+            4.0,
+            lungs,
+            &[
+                (1, 10.0, -600.0, [-90.0, 40.0, 10.0]),
+                (2, 0.12, -650.0, [60.0, 50.0, 30.0]),
+                (3, 0.5, -600.0, [60.0, -50.0, -60.0]),
+                (4, 0.05, -650.0, [0.0, -90.0, 50.0]),
+                (5, 0.1, -650.0, [-20.0, 90.0, -20.0]),
+            ],
+        );
+        let current = result(
+            "1.2.4",
+            "20200110",
+            4.1,
+            lungs,
+            &[
+                (1, 10.5, -590.0, [-90.0, 40.0, 10.0]),
+                (2, 0.04, -700.0, [-40.0, -70.0, 70.0]),
+                (3, 0.3, -600.0, [30.0, 80.0, -90.0]),
+                (4, 0.08, -640.0, [0.0, -90.0, 51.0]),
+                (5, 0.6, -600.0, [-20.0, 90.0, -21.0]),
+            ],
+        );
+        let f = compare(&current, &prior, RULE);
+        let classes: Vec<(&str, Option<u32>, Option<u32>)> =
+            f.lesions.iter().map(|l| (l.change.as_str(), l.prior_id, l.id)).collect();
+        assert_eq!(
+            classes,
+            vec![
+                ("stable", Some(1), Some(1)),
+                ("grown", Some(5), Some(5)),
+                ("new", None, Some(3)),
+                ("resolved", Some(3), None)
+            ],
+            "0.04 mL new, 0.12 mL resolved and a 0.05 → 0.08 mL match are noise; 0.1 → 0.6 mL is listed"
+        );
+        assert_eq!((f.new, f.resolved, f.grown, f.small_new, f.small_resolved, f.small_matched), (1, 1, 1, 1, 1, 1));
+        assert_eq!(f.min_change_volume_ml, MIN_CHANGE_VOLUME_ML);
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["small_new"], 1);
+        // A comparison stored before these fields existed reads back with the documented minimum.
+        let mut old = v.clone();
+        for k in ["small_new", "small_resolved", "small_matched", "min_change_volume_ml"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let back: FollowUp = serde_json::from_value(old).unwrap();
+        assert_eq!((back.small_new, back.min_change_volume_ml), (0, MIN_CHANGE_VOLUME_ML));
     }
 }

@@ -12,7 +12,10 @@
 //! files (`data_dir/keyimages/`, written by the pipeline through [`write_key_png`]), and the token
 //! (`[http] token`, else a random one kept in `data_dir/http-token`, mode 0600).
 //! Every route reads through the read-only connections of [`ReadPool`] on the blocking pool, never the writer's.
-//! Never: shows PatientName/PatientID (rows carry the pseudonymous `patient_key`), or accepts writes.
+//! Rows and the detail name the patient (`patient`: name, ID, accession number, study date and time, series number
+//! and description, from the local store; the page is behind the token) and link a reconstruction whose study
+//! alerted through another series to it (`study_alert_series_instance_uid`).
+//! Never: accepts writes, or logs the patient's identifiers.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -154,13 +157,15 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
             "last_slice_to_flag_s": flag_s,
             "parked_outputs": parked.get(&s.series_instance_uid).copied().unwrap_or(0),
             "updated_at": s.updated_at,
+            "patient": store.patient_display(&s.series_instance_uid)?,
+            "study_alert_series_instance_uid": r["study_alert"]["series_instance_uid"],
         }));
     }
     Ok(out)
 }
 
 /// Unix ms of an RFC 3339 UTC timestamp as the pipeline writes them (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
-fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() < 19 {
         return None;
@@ -243,6 +248,7 @@ fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
     let Some(r) = store.latest_result(uid)? else { return Ok(None) };
     let mut v = r.result;
     v["version"] = json!(r.version);
+    v["patient"] = json!(store.patient_display(uid)?);
     // Amended SRs (a prior study linked after this series was analysed) by their derived SOP Instance UID.
     let amended: std::collections::HashMap<String, String> = store
         .follow_up_links(uid)?
@@ -277,7 +283,8 @@ fn outputs_summary(store: &Store) -> anyhow::Result<Value> {
     Ok(json!({ "counts": counts, "parked": parked.iter().map(output_json).collect::<Vec<_>>() }))
 }
 
-/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus
+/// `GET /api/series/{uid}`: the latest result JSON (it holds `patient_key`, never raw identifiers), plus `patient`
+/// (the patient's name, ID, accession number and the series' labels, from the local store) and
 /// `dicom_outputs`: the series' outbox rows with their state (delivered, pending, failing, parked).
 pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath<String>) -> Response {
     let readers = st.readers.clone();
@@ -328,7 +335,8 @@ pub fn write_key_png(data_dir: &Path, result: &Value, slices: &[SourceSlice]) ->
         .unwrap_or_else(|| (0..slices.len()).max_by_key(|&i| slices[i].lung.count()).unwrap_or(0));
     let s = &slices[i];
     let obj = crate::spool::read_instance(&s.path)?;
-    let hu = crate::preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?;
+    let frame = s.frame.map(|f| f as usize - 1).unwrap_or(0);
+    let hu = crate::preprocess::decode_hu_frames(&obj)?.into_iter().nth(frame).context("no such frame")?;
     let ps = s.meta.pixel_spacing.unwrap_or([1.0, 1.0]);
     let caption =
         crate::outputs::keyimage::caption(result, i, slices.len(), s.lesion.count() as f64 * ps[0] * ps[1] / 100.0);

@@ -187,18 +187,22 @@ pub(crate) fn build(
         let hu = crate::preprocess::decode_hu_frames(&src)
             .map_err(|e| OutputError::Source { path: s.path.clone(), reason: e.to_string() })?
             .into_iter()
-            .next()
-            .ok_or_else(|| OutputError::Source { path: s.path.clone(), reason: "no frame".to_string() })?;
+            .nth(s.frame.map(|f| f as usize - 1).unwrap_or(0))
+            .ok_or_else(|| OutputError::Source { path: s.path.clone(), reason: "no such frame".to_string() })?;
         let ps = s.meta.pixel_spacing.unwrap_or([1.0, 1.0]);
         let area_cm2 = s.lesion.count() as f64 * ps[0] * ps[1] / 100.0;
         let text = caption(result, i, slices.len(), area_cm2);
         let img = render(&hu, &s.lesion, &banner, &text);
         let sop_instance_uid = derived_uid(&ctx.seed, &format!("key-image|{i}"));
         let orientation = orientation_letters(s.meta.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]));
-        let source: Obj = obj(vec![
+        let mut source_elems = vec![
             el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, s.meta.sop_class_uid.as_str()),
             el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, s.meta.sop_instance_uid.as_str()),
-        ]);
+        ];
+        if let Some(f) = s.frame {
+            source_elems.push(el(tags::REFERENCED_FRAME_NUMBER, VR::IS, f.to_string()));
+        }
+        let source: Obj = obj(source_elems);
         let mut elems = h.patient_study();
         elems.extend(ctx.producer.equipment());
         elems.extend([
@@ -300,7 +304,7 @@ mod tests {
             for i in 0..k {
                 m.set(i / 4, i % 4, true);
             }
-            SourceSlice { meta: meta.clone(), path: "x".into(), lung: BitMask::new(4, 4), lesion: m }
+            SourceSlice { meta: meta.clone(), frame: None, path: "x".into(), lung: BitMask::new(4, 4), lesion: m }
         };
         let slices: Vec<SourceSlice> = [0, 3, 9, 1, 9, 0].iter().map(|&k| slice(k)).collect();
         assert_eq!(most_involved(&slices, 2), vec![2, 4]);

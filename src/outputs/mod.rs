@@ -112,8 +112,11 @@ impl std::str::FromStr for ObjectKind {
 /// One analysed source slice, in the series' position order: where its file is and its final masks.
 #[derive(Debug, Clone)]
 pub struct SourceSlice {
-    /// Routing and geometry attributes of the source instance.
+    /// Routing and geometry attributes of the source instance (of its frame, for a multi-frame instance).
     pub meta: InstanceMeta,
+    /// 1-based frame number of this slice within a multi-frame source instance (Enhanced or Legacy Converted
+    /// Enhanced CT): outputs reference it as Referenced Frame Number. None for a single-frame instance.
+    pub frame: Option<u32>,
     /// The source instance's Part-10 file (spool or input folder).
     pub path: PathBuf,
     /// Lung mask, lesion included.

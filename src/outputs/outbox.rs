@@ -116,7 +116,7 @@ pub fn enqueue_link_outputs(
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let mut by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> =
+    let by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> =
         store.series_instances(series_uid)?.into_iter().map(|(m, p)| (m.sop_instance_uid.clone(), (m, p))).collect();
     if order.iter().any(|uid| !by_uid.contains_key(*uid)) {
         // Retention purged the series' pixels before its prior study arrived (it holds them only while a link's SR
@@ -128,11 +128,16 @@ pub fn enqueue_link_outputs(
              the result and dashboard show the comparison, PACS keeps the first SR");
         return store.enqueue_link_outputs(link_id, &[]);
     }
+    // Frames of a multi-frame instance repeat its UID (with `slice_frame_numbers` beside).
+    let frames: Option<Vec<u32>> = latest.result["slice_frame_numbers"]
+        .as_array()
+        .map(|a| a.iter().map(|f| f.as_u64().unwrap_or(1) as u32).collect());
     let mut slices = Vec::with_capacity(order.len());
-    for uid in &order {
-        let (meta, path) = by_uid.remove(*uid).context("checked above")?;
+    for (k, uid) in order.iter().enumerate() {
+        let (meta, path) = by_uid.get(*uid).cloned().context("checked above")?;
         let empty = crate::analysis::BitMask::new(0, 0);
-        slices.push(SourceSlice { meta, path, lung: empty.clone(), lesion: empty });
+        let frame = frames.as_ref().and_then(|f| f.get(k).copied()).filter(|_| meta.is_multi_frame_ct_class());
+        slices.push(SourceSlice { meta, frame, path, lung: empty.clone(), lesion: empty });
     }
     let amendment = super::Amendment {
         tag: amendment_tag(&link.prior_series_instance_uid),

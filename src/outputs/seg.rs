@@ -120,12 +120,18 @@ pub fn build(ctx: &BuildContext, slices: &[SourceSlice]) -> Result<OutputObject,
         let s = &slices[i];
         let mask = if seg == LUNG_SEGMENT { &s.lung } else { &s.lesion };
         push_bits(&mut bits, &mut nbits, Some(mask), npx);
-        let source = obj(vec![
+        let mut source = vec![
             el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, s.meta.sop_class_uid.as_str()),
             el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, s.meta.sop_instance_uid.as_str()),
+        ];
+        if let Some(f) = s.frame {
+            source.push(el(tags::REFERENCED_FRAME_NUMBER, VR::IS, f.to_string()));
+        }
+        source.extend([
             el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
             code_seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, &SOURCE_IMAGE_PURPOSE),
         ]);
+        let source = obj(source);
         per_frame.push(obj(vec![
             seq(
                 tags::DERIVATION_IMAGE_SEQUENCE,
@@ -178,8 +184,11 @@ pub fn build(ctx: &BuildContext, slices: &[SourceSlice]) -> Result<OutputObject,
         seq(tags::PIXEL_MEASURES_SEQUENCE, vec![obj(measures)]),
     ]);
 
+    // One item per source instance (a multi-frame instance is referenced once; its frames per frame above).
+    let mut seen = std::collections::HashSet::new();
     let referenced: Vec<Obj> = slices
         .iter()
+        .filter(|s| seen.insert(s.meta.sop_instance_uid.as_str()))
         .map(|s| {
             obj(vec![
                 el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, s.meta.sop_class_uid.as_str()),

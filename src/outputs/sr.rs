@@ -331,6 +331,16 @@ fn follow_up_groups(ctx: &BuildContext, f: &Value) -> Result<Vec<Obj>, OutputErr
     ] {
         content.push(num(&name, f64_field(f, key)?, &LESIONS_UNIT, vec![]));
     }
+    // Unmatched components below the change table's minimum volume: counted apart, not listed (followup.rs).
+    for (key, name) in [
+        ("small_new", code("LS-N-SMALL-NEW", LOCAL_SCHEME, "Number of new components below minimum volume")),
+        ("small_resolved", code("LS-N-SMALL-RES", LOCAL_SCHEME, "Number of resolved components below minimum volume")),
+        ("small_matched", code("LS-N-SMALL-MAT", LOCAL_SCHEME, "Number of matched components below minimum volume")),
+    ] {
+        if let Some(n) = f[key].as_f64().filter(|n| *n > 0.0) {
+            content.push(num(&name, n, &LESIONS_UNIT, vec![]));
+        }
+    }
     let progression = f["progression"].as_bool().unwrap_or(false);
     content.push(coded(Rel::Contains, &PROGRESSION, if progression { &PRESENT } else { &ABSENT }, vec![]));
     let lung = || coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![]);
@@ -501,7 +511,15 @@ pub fn build(
     let mut series_items = vec![obj(vec![
         seq(
             tags::REFERENCED_SOP_SEQUENCE,
-            refs(slices.iter().map(|s| (s.meta.sop_class_uid.clone(), s.meta.sop_instance_uid.clone())).collect()),
+            refs({
+                // One reference per source instance (the frames of a multi-frame instance share it).
+                let mut seen = std::collections::HashSet::new();
+                slices
+                    .iter()
+                    .filter(|s| seen.insert(s.meta.sop_instance_uid.as_str()))
+                    .map(|s| (s.meta.sop_class_uid.clone(), s.meta.sop_instance_uid.clone()))
+                    .collect()
+            }),
         ),
         el(tags::SERIES_INSTANCE_UID, VR::UI, h.series_instance_uid.as_str()),
     ])];

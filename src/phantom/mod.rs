@@ -3,9 +3,11 @@
 //! Owns: `lungsentry phantom` and [`generate`]: a seeded procedural patient (`anatomy`), COVID-19 lesions at a
 //! chosen severity (`lesions`), a scanner model (`render`: pose, kernel blur, noise, quantisation) and the
 //! Part-10 writer (`dicom`). Output folder: `IM00001.dcm`… (one CT Image Storage instance per slice, head to
-//! feet), `labels.raw` (u8: 0 background, 1 lung, 2 lesion), `lesion_ids.raw` (u16 lesion id), `labels.json`,
-//! and `truth.json` (volumes and involvement counted from the written labels, plus the generation parameters
-//! so `--follow-up-of` can regenerate the same patient). Same options → byte-identical files.
+//! feet) and, in its subfolder `truth/` (where `storescu +sd DIR`, which does not recurse by default, does not
+//! trip on them), `labels.raw` (u8: 0 background, 1 lung, 2 lesion), `lesion_ids.raw` (u16 lesion id),
+//! `labels.json`, and `truth.json` (volumes and involvement counted from the written labels, plus the generation
+//! parameters so `--follow-up-of` can regenerate the same patient). Same options → byte-identical files.
+//! [`truth_file`] finds a truth file in a phantom folder, also in one written before the subfolder existed.
 //! Hands on: files only. Never: reads the clock or OS randomness, or anything but an earlier phantom's truth.
 
 pub mod anatomy;
@@ -32,7 +34,7 @@ use rng::Rng;
 /// `lungsentry phantom` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PhantomArgs {
-    /// Output folder (created); gets the DICOM files, labels and truth.json.
+    /// Output folder (created); gets the DICOM files, and labels and truth.json in its `truth/` subfolder.
     #[arg(long)]
     pub out: PathBuf,
     /// Random seed; the same seed gives the same series byte for byte.
@@ -53,6 +55,21 @@ pub struct PhantomArgs {
     /// Make a follow-up study of the patient in this earlier phantom folder, with known lesion changes.
     #[arg(long)]
     pub follow_up_of: Option<PathBuf>,
+}
+
+/// Subfolder of a phantom folder holding its truth files (labels, lesion ids, truth.json).
+pub const TRUTH_DIR: &str = "truth";
+
+/// Path of the truth file `name` (`truth.json`, `labels.raw`, `lesion_ids.raw`, `labels.json`) of the phantom
+/// folder `dir`: `dir/truth/name`, or `dir/name` where only that exists (folders written by older versions).
+pub fn truth_file(dir: &Path, name: &str) -> PathBuf {
+    let sub = dir.join(TRUTH_DIR).join(name);
+    let flat = dir.join(name);
+    if !sub.exists() && flat.exists() {
+        flat
+    } else {
+        sub
+    }
 }
 
 /// Lesion burden: the fraction of lung volume involved.
@@ -312,7 +329,7 @@ pub fn generate(opts: &PhantomOptions) -> Result<PhantomTruth> {
     let (gen, prior) = match &opts.follow_up_of {
         None => (first_study(opts)?, None),
         Some(dir) => {
-            let path = dir.join("truth.json");
+            let path = truth_file(dir, "truth.json");
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             let prior: PhantomTruth =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -447,8 +464,10 @@ fn write_study(
     };
     let files: Vec<String> = (0..n).map(|i| format!("IM{:05}.dcm", i + 1)).collect();
     let max_id = gen.lesions.iter().map(|l| l.id as usize).max().unwrap_or(0);
-    let labels_f = File::create(out.join("labels.raw")).context("creating labels.raw")?;
-    let ids_f = File::create(out.join("lesion_ids.raw")).context("creating lesion_ids.raw")?;
+    let truth_dir = out.join(TRUTH_DIR);
+    std::fs::create_dir_all(&truth_dir).with_context(|| format!("creating {}", truth_dir.display()))?;
+    let labels_f = File::create(truth_dir.join("labels.raw")).context("creating labels.raw")?;
+    let ids_f = File::create(truth_dir.join("lesion_ids.raw")).context("creating lesion_ids.raw")?;
     labels_f.set_len((n * size * size) as u64)?;
     ids_f.set_len((n * size * size * 2) as u64)?;
     let threads = if opts.threads > 0 {
@@ -572,8 +591,8 @@ fn write_study(
         "values": {"0": "background", "1": "lung", "2": "lesion"},
         "lesion_ids": {"file": "lesion_ids.raw", "dtype": "u16le"},
     });
-    write_json(&out.join("labels.json"), &labels_json)?;
-    write_json(&out.join("truth.json"), &truth)?;
+    write_json(&truth_dir.join("labels.json"), &labels_json)?;
+    write_json(&truth_dir.join("truth.json"), &truth)?;
     Ok(truth)
 }
 

@@ -16,6 +16,8 @@
 //! Never: parses PDUs, writes spool files or SQL itself — each stage module does its own part.
 
 mod backlog;
+pub mod exam_flag;
+mod labels;
 mod liveness;
 mod recovery;
 mod segpool;
@@ -512,7 +514,12 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
         let uid = series_uid.clone();
         tokio::task::spawn_blocking(move || store.series_instances(&uid)).await
     };
+    // The dashboard's labels of the series (name, accession, series number…), once per worker.
+    let mut labelled = false;
     if let Ok(Ok(prior)) = prior {
+        if let Some((_, path)) = prior.first() {
+            labelled = remember_labels(&shared, &series_uid, path).await;
+        }
         for (meta, path) in prior {
             work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
         }
@@ -534,6 +541,9 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                 if completed {
                     received_at = chrono_now();
                     completed = false;
+                }
+                if !labelled {
+                    labelled = remember_labels(&shared, &series_uid, &path).await;
                 }
                 work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
                 shared.backlog.segmented();
@@ -580,6 +590,12 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
     if workers.get(&series_uid).map(|tx| tx.is_closed()).unwrap_or(false) {
         workers.remove(&series_uid);
     }
+}
+
+/// [`labels::remember`] on the blocking pool.
+async fn remember_labels(shared: &Arc<Shared>, series_uid: &str, path: &std::path::Path) -> bool {
+    let (store, uid, path) = (shared.store.clone(), series_uid.to_string(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || labels::remember(&store, &uid, &path)).await.unwrap_or(false)
 }
 
 async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
@@ -681,6 +697,9 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     if progression && !previously_progression {
         reasons.push("progression");
     }
+    // One flag per exam: another reconstruction of the study that already alerted keeps this one quiet.
+    let study_uid = row.as_ref().map(|r| r.study_instance_uid.as_str()).unwrap_or("");
+    exam_flag::one_flag_per_exam(&shared.store, study_uid, series_uid, &mut reasons, &mut result)?;
     let alert = !reasons.is_empty() && shared.config.alerts.webhook_url.is_some();
     result["alert"] = serde_json::json!(!reasons.is_empty());
     result["alert_reasons"] = serde_json::json!(reasons);

@@ -3,7 +3,10 @@
 //! run the 3D analysis into the result JSON.
 //!
 //! Owns: the accumulated per-slice segmentations of one series (masks as runs, not pixels) and the
-//! stage timings. Never: decides completion (that is `series`) or stores anything (that is `store`).
+//! stage timings. A multi-frame CT instance (Enhanced or Legacy Converted Enhanced CT) is one slice per frame,
+//! each with its frame's geometry from the functional groups (plane position and orientation, pixel measures,
+//! pixel value transformation), so N frames give the result of N classic slices.
+//! Never: decides completion (that is `series`) or stores anything (that is `store`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -67,10 +70,12 @@ impl PackedSegmentation {
     }
 }
 
-/// One instance with its segmentation.
+/// One slice (an instance, or one frame of a multi-frame instance) with its segmentation.
 struct SegmentedInstance {
-    /// Routing and geometry attributes.
+    /// Routing and geometry attributes (a frame's: its own position, orientation, spacing and thickness).
     meta: InstanceMeta,
+    /// 1-based frame number within a multi-frame instance; None for a single-frame instance.
+    frame: Option<u32>,
     /// Native-resolution masks (as runs) and lesion HU.
     segmentation: PackedSegmentation,
     /// The instance's file (DICOM outputs re-read it for attributes and key-image pixels).
@@ -80,10 +85,13 @@ struct SegmentedInstance {
 /// Everything accumulated for one series so far.
 #[derive(Default)]
 pub struct SeriesWork {
-    /// Segmented analysable instances by SOP Instance UID (a repeat replaces the earlier one).
-    segmented: BTreeMap<String, SegmentedInstance>,
+    /// Segmented analysable slices by SOP Instance UID and frame number (0 for a single-frame instance; a repeat
+    /// of the SOP Instance UID replaces all its slices).
+    segmented: BTreeMap<(String, u32), SegmentedInstance>,
     /// Every instance seen, analysable or not, by SOP Instance UID (for eligibility and counts).
     metas: BTreeMap<String, InstanceMeta>,
+    /// The per-frame attributes of each decoded multi-frame instance (its slices for eligibility and counts).
+    frame_metas: BTreeMap<String, Vec<InstanceMeta>>,
     /// The identity of each instance's spool file as it was before it was read (see [`FileIdentity`]).
     files: BTreeMap<String, Option<FileIdentity>>,
     /// Instances whose pixels could not be used, with the reason.
@@ -120,17 +128,30 @@ impl SeriesWork {
         // (at worst once too often), never leaves the older content looking current.
         self.files.insert(uid.clone(), FileIdentity::of(path));
         self.metas.insert(uid.clone(), meta.clone());
-        self.segmented.remove(&uid);
+        self.segmented.retain(|(u, _), _| u != &uid);
+        self.frame_metas.remove(&uid);
         self.errors.remove(&uid);
         if !series::instance_skip_reasons(&meta).is_empty() {
             return;
         }
         match self.segment(ctx, &meta, path) {
-            Ok(seg) => {
-                self.segmented.insert(
-                    uid,
-                    SegmentedInstance { meta, segmentation: PackedSegmentation::pack(seg), path: path.to_path_buf() },
-                );
+            Ok(slices) => {
+                let multi = meta.is_multi_frame_ct_class();
+                if multi {
+                    self.frame_metas.insert(uid.clone(), slices.iter().map(|(m, _)| m.clone()).collect());
+                }
+                for (i, (m, seg)) in slices.into_iter().enumerate() {
+                    let frame = multi.then_some(i as u32 + 1);
+                    self.segmented.insert(
+                        (uid.clone(), frame.unwrap_or(0)),
+                        SegmentedInstance {
+                            meta: m,
+                            frame,
+                            segmentation: PackedSegmentation::pack(seg),
+                            path: path.to_path_buf(),
+                        },
+                    );
+                }
             }
             Err(e) => {
                 tracing::warn!(series = %crate::store::series_log_key(&meta.series_instance_uid),
@@ -141,25 +162,66 @@ impl SeriesWork {
         }
     }
 
-    fn segment(&mut self, ctx: &InferenceContext, meta: &InstanceMeta, path: &Path) -> Result<SliceSegmentation> {
+    /// Segments the slices of one instance: its one frame, or every frame of a multi-frame CT (each with the
+    /// attributes of `meta` and its own geometry, instance number = frame number).
+    fn segment(
+        &mut self,
+        ctx: &InferenceContext,
+        meta: &InstanceMeta,
+        path: &Path,
+    ) -> Result<Vec<(InstanceMeta, SliceSegmentation)>> {
         let t0 = Instant::now();
         let obj = crate::spool::read_instance(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut frames = preprocess::decode_hu_frames(&obj).context("decoding pixel data")?;
-        let hu = frames.drain(..).next().context("no frame")?;
+        let mut frames = preprocess::decode_stored_frames(&obj).context("decoding pixel data")?;
+        drop(obj);
+        if frames.is_empty() {
+            anyhow::bail!("no frame");
+        }
+        if !meta.is_multi_frame_ct_class() {
+            frames.truncate(1);
+        }
+        self.decode_ms += ms(t0.elapsed());
         let input = &ctx.model.manifest.input;
-        let mut x = vec![0f32; input.channels * input.height * input.width];
-        preprocess::prepare(&hu, input, &mut x).context("normalising")?;
-        let t1 = Instant::now();
-        let scores = ctx.engine.infer(&x, 1).context("inference")?;
-        let t2 = Instant::now();
         let classes = ctx.model.manifest.output.classes.len();
-        let seg = analysis::segment_slice(&scores, classes, input.height, input.width, &hu);
-        let t3 = Instant::now();
-        let _ = meta;
-        self.decode_ms += ms(t1 - t0);
-        self.infer_ms += ms(t2 - t1);
-        self.segment_ms += ms(t3 - t2);
-        Ok(seg)
+        let mut out = Vec::with_capacity(frames.len());
+        for stored in frames {
+            let t0 = Instant::now();
+            let hu = stored.into_hu();
+            let mut frame_meta = meta.clone();
+            if meta.is_multi_frame_ct_class() {
+                frame_meta.image_position = hu.image_position.or(meta.image_position);
+                frame_meta.image_orientation = hu.image_orientation.or(meta.image_orientation);
+                if hu.pixel_spacing_known {
+                    frame_meta.pixel_spacing = Some(hu.pixel_spacing);
+                }
+                frame_meta.slice_thickness = hu.slice_thickness.or(meta.slice_thickness);
+                frame_meta.instance_number = Some(hu.frame as i64 + 1);
+                frame_meta.number_of_frames = 1;
+            }
+            let mut x = vec![0f32; input.channels * input.height * input.width];
+            preprocess::prepare(&hu, input, &mut x).context("normalising")?;
+            let t1 = Instant::now();
+            let scores = ctx.engine.infer(&x, 1).context("inference")?;
+            let t2 = Instant::now();
+            let seg = analysis::segment_slice(&scores, classes, input.height, input.width, &hu);
+            let t3 = Instant::now();
+            self.decode_ms += ms(t1 - t0);
+            self.infer_ms += ms(t2 - t1);
+            self.segment_ms += ms(t3 - t2);
+            out.push((frame_meta, seg));
+        }
+        Ok(out)
+    }
+
+    /// Every slice's attributes: each instance's, or the frames' of a decoded multi-frame instance.
+    fn slice_metas(&self) -> Vec<&InstanceMeta> {
+        self.metas
+            .iter()
+            .flat_map(|(uid, m)| match self.frame_metas.get(uid) {
+                Some(frames) => frames.iter().collect::<Vec<_>>(),
+                None => vec![m],
+            })
+            .collect()
     }
 
     /// The 3D analysis and the result JSON (without store-assigned fields such as `version`), plus the analysed
@@ -176,7 +238,7 @@ impl SeriesWork {
         enforce_eligibility: bool,
     ) -> (Value, Vec<crate::outputs::SourceSlice>) {
         let t0 = Instant::now();
-        let all: Vec<&InstanceMeta> = self.metas.values().collect();
+        let all: Vec<&InstanceMeta> = self.slice_metas();
         let would_skip = series::series_skip_reasons(&all, &ctx.config.series);
         let first = all.first();
         let study = first.map(|m| m.study_instance_uid.clone()).unwrap_or_default();
@@ -206,6 +268,11 @@ impl SeriesWork {
         let result = if analysed { Some(analysis::analyse_series(&placed, &params)) } else { None };
         let analysis_ms = ms(t0.elapsed()) + self.segment_ms;
         let sop_order: Vec<&str> = order.order.iter().map(|&i| segs[i].meta.sop_instance_uid.as_str()).collect();
+        // Frame numbers of the slices in that order, only when some slice is a frame of a multi-frame instance.
+        let frame_order: Option<Vec<u32>> = segs
+            .iter()
+            .any(|s| s.frame.is_some())
+            .then(|| order.order.iter().map(|&i| segs[i].frame.unwrap_or(1)).collect());
 
         let mut v = json!({
             "study_instance_uid": study,
@@ -214,7 +281,7 @@ impl SeriesWork {
             "study_date": first.map(|m| m.study_date.clone()).unwrap_or_default(),
             "status": if analysed { "analysed" } else { "skipped" },
             "skip_reasons": would_skip,
-            "n_slices": self.metas.len(),
+            "n_slices": all.len(),
             "analysed_slices": placed.len(),
             "slice_errors": self.errors.iter().map(|(k, v)| json!({"sop_instance_uid": k, "error": v})).collect::<Vec<_>>(),
             "slice_spacing_mm": order.spacing_mm,
@@ -232,6 +299,9 @@ impl SeriesWork {
             "received_at": received_at,
             "completed_at": completed_at,
         });
+        if let Some(frames) = frame_order {
+            v["slice_frame_numbers"] = json!(frames);
+        }
         let a = result.as_ref().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).unwrap_or(Value::Null);
         if let (Value::Object(dst), Value::Object(src)) = (&mut v, a) {
             for (k, val) in src {
@@ -251,6 +321,7 @@ impl SeriesWork {
                 .map(|(&j, masks)| (order.order[j], masks))
                 .map(|(i, (lesion, lung))| crate::outputs::SourceSlice {
                     meta: segs[i].meta.clone(),
+                    frame: segs[i].frame,
                     path: segs[i].path.clone(),
                     lung: lung.clone(),
                     lesion: lesion.clone(),

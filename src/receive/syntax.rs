@@ -17,6 +17,7 @@ pub const ABSTRACT_SYNTAXES: &[&str] = &[
     uids::VERIFICATION,
     uids::CT_IMAGE_STORAGE,
     uids::ENHANCED_CT_IMAGE_STORAGE,
+    uids::LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
     uids::SECONDARY_CAPTURE_IMAGE_STORAGE,
     uids::MULTI_FRAME_SINGLE_BIT_SECONDARY_CAPTURE_IMAGE_STORAGE,
     uids::MULTI_FRAME_GRAYSCALE_BYTE_SECONDARY_CAPTURE_IMAGE_STORAGE,
@@ -31,7 +32,8 @@ pub const ABSTRACT_SYNTAXES: &[&str] = &[
 ];
 
 /// Transfer syntaxes we accept for storage: the uncompressed and deflated ones, RLE, lossless JPEG
-/// (process 14 and its selection value 1), JPEG 2000 (lossless and lossy) and baseline JPEG.
+/// (process 14 and its selection value 1), JPEG-LS (lossless and near-lossless, decoded by CharLS), JPEG 2000
+/// (lossless and lossy) and baseline JPEG.
 /// Datasets are kept as received (a deflated one is stored inflated, see `spool`); decoding happens in
 /// `preprocess`.
 pub const TRANSFER_SYNTAXES: &[&str] = &[
@@ -41,6 +43,8 @@ pub const TRANSFER_SYNTAXES: &[&str] = &[
     uids::RLE_LOSSLESS,
     uids::JPEG_LOSSLESS_SV1,
     uids::JPEG_LOSSLESS,
+    uids::JPEGLS_LOSSLESS,
+    uids::JPEGLS_NEAR_LOSSLESS,
     uids::JPEG2000_LOSSLESS,
     uids::JPEG2000,
     uids::JPEG_BASELINE8_BIT,

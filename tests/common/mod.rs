@@ -47,7 +47,7 @@ pub fn phantom(out: &Path, seed: u64, slices: usize, severity: &str) -> serde_js
         .status()
         .expect("run lungsentry phantom");
     assert!(st.success(), "phantom generation failed");
-    serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(out.join("truth/truth.json")).unwrap()).unwrap()
 }
 
 /// Runs `lungsentry phantom --follow-up-of prior` into `out` and returns its truth.json.
@@ -61,7 +61,7 @@ pub fn phantom_follow_up(out: &Path, seed: u64, prior: &Path) -> serde_json::Val
         .status()
         .expect("run lungsentry phantom --follow-up-of");
     assert!(st.success(), "follow-up phantom generation failed");
-    serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(out.join("truth/truth.json")).unwrap()).unwrap()
 }
 
 pub fn free_port() -> u16 {

@@ -529,12 +529,13 @@ mod tests {
         let mut t = CompletionTracker::default();
         t.association_opened(1, "CT1@10.0.0.1");
         // Shuffled order: the stack is judged on positions, not arrival order.
-        for (i, z) in [3.0, 1.0, 4.0, 2.0, 5.0].into_iter().enumerate() {
+        for (i, z) in [3.0, 1.0, 4.0, 2.0].into_iter().enumerate() {
             t.instance("s", Some(1), Some(&at(&format!("i{i}"), z)), t0);
         }
         // The sender still holds the association (a trickle pausing mid-series): nothing, even after 20 s.
         assert!(t.take_complete(t0 + Duration::from_secs(20), &cfg).is_empty());
         let t1 = t0 + Duration::from_secs(20);
+        t.instance("s", Some(1), Some(&at("i4", 5.0)), t1);
         t.association_ended(1, t1);
         assert!(t.take_complete(t1 + 100 * MS, &cfg).is_empty(), "completed before the settle");
         assert_eq!(names(t.take_complete(t1 + 150 * MS, &cfg)), vec![("s".to_string(), CompletionRule::Stack)]);

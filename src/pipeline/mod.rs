@@ -256,6 +256,7 @@ impl Daemon {
                     store: store.clone(),
                     data_dir: data_dir.clone(),
                     token: crate::dashboard::load_or_create_token(config.http.token.as_deref(), &data_dir)?,
+                    backlog: Some(shared.backlog.clone()),
                 })),
             };
             let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;

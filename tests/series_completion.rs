@@ -29,13 +29,21 @@ fn send(port: u16, plan: &Plan, between_s: f64, dir: &Path) {
     });
     let plan_path = dir.join(format!("plan-{}.json", std::process::id() as u128 + Instant::now().elapsed().as_nanos()));
     std::fs::write(&plan_path, plan_json.to_string()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/send_plan.py");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // pynetdicom lives off PATH in target/pynetdicom (scripts/test installs it there: its console scripts would
+    // shadow DCMTK's storescu/storescp/echoscu).
+    let lib = root.join("target/pynetdicom");
+    assert!(
+        lib.join("pynetdicom").is_dir(),
+        "pynetdicom missing: python3 -m pip install --no-deps --target target/pynetdicom pynetdicom==3.0.4"
+    );
     let out = std::process::Command::new("python3")
-        .arg(script)
+        .arg(root.join("tests/py/send_plan.py"))
+        .env("PYTHONPATH", &lib)
         .arg(port.to_string())
         .arg(&plan_path)
         .output()
-        .expect("python3 tests/py/send_plan.py (pip install pynetdicom)");
+        .expect("python3 tests/py/send_plan.py");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "sender failed:\n{text}");
 }

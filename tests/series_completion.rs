@@ -21,8 +21,10 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// Sends `plan` with pynetdicom; panics unless every C-STORE got success.
-fn send(port: u16, plan: &Plan, between_s: f64, dir: &Path) {
+/// Sends `plan` with pynetdicom to `daemon`; panics (with the daemon's association log lines) unless every C-STORE
+/// got success.
+fn send(daemon: &Daemon, plan: &Plan, between_s: f64, dir: &Path) {
+    let port = daemon.port;
     let plan_json = json!({
         "associations": plan.iter().map(|a| a.iter().map(|(f, p)| json!({"file": f, "pause_s": p})).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "between_s": between_s,
@@ -45,7 +47,16 @@ fn send(port: u16, plan: &Plan, between_s: f64, dir: &Path) {
         .output()
         .expect("python3 tests/py/send_plan.py");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "sender failed:\n{text}");
+    if !out.status.success() {
+        let log: Vec<String> = daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains("association") || l.contains("WARN") || l.contains("ERROR"))
+            .map(strip_ansi)
+            .collect();
+        let tail = log[log.len().saturating_sub(40)..].join("\n");
+        panic!("sender failed:\n{text}\ndaemon log (associations, warnings):\n{tail}");
+    }
 }
 
 /// A running scenario: a positive phantom, the daemon, the webhook receiver.
@@ -160,7 +171,7 @@ fn a_series_split_over_three_associations_gives_one_result_and_one_alert() {
     let s = Scenario::new(SEED);
     let plan: Plan = s.files.chunks(14).map(|c| c.iter().map(|f| (f.clone(), 0.0)).collect()).collect();
     assert_eq!(plan.len(), 3);
-    send(s.daemon.port, &plan, 0.0, &s.dir);
+    send(&s.daemon, &plan, 0.0, &s.dir);
     s.assert_one_result_one_alert(40);
 }
 
@@ -168,7 +179,7 @@ fn a_series_split_over_three_associations_gives_one_result_and_one_alert() {
 fn one_image_per_association_gives_one_result_and_one_alert() {
     let s = Scenario::new(SEED);
     let plan: Plan = s.files.iter().map(|f| vec![(f.clone(), 0.0)]).collect();
-    send(s.daemon.port, &plan, 0.0, &s.dir);
+    send(&s.daemon, &plan, 0.0, &s.dir);
     s.assert_one_result_one_alert(40);
 }
 
@@ -177,7 +188,7 @@ fn a_shuffled_order_completes_early_with_one_result_and_one_alert() {
     let s = Scenario::new(SEED);
     // A fixed shuffle (stride 17 over 40 is a permutation): the stack is judged on positions, not arrival order.
     let files: Vec<PathBuf> = (0..40).map(|i| s.files[(i * 17) % 40].clone()).collect();
-    send(s.daemon.port, &one_association(&files), 0.0, &s.dir);
+    send(&s.daemon, &one_association(&files), 0.0, &s.dir);
     s.assert_one_result_one_alert(40);
     assert_eq!(s.rules(), vec!["stack"], "a whole, evenly spaced stack completes without the quiet period");
 }
@@ -187,7 +198,7 @@ fn a_trickle_pausing_5_s_mid_association_gives_one_result_and_one_alert() {
     let s = Scenario::new(SEED);
     let mut plan = one_association(&s.files);
     plan[0][20].1 = 5.0;
-    send(s.daemon.port, &plan, 0.0, &s.dir);
+    send(&s.daemon, &plan, 0.0, &s.dir);
     s.assert_one_result_one_alert(40);
 }
 
@@ -196,7 +207,7 @@ fn a_missing_slice_in_the_middle_waits_for_the_quiet_period_and_gives_one_result
     let s = Scenario::new(SEED);
     let mut files = s.files.clone();
     files.remove(20);
-    send(s.daemon.port, &one_association(&files), 0.0, &s.dir);
+    send(&s.daemon, &one_association(&files), 0.0, &s.dir);
     s.assert_one_result_one_alert(39);
     assert_eq!(s.rules(), vec!["quiet"], "a stack with a gap is not provably whole");
     let r = s.daemon.store().latest_result(&s.series).unwrap().unwrap();
@@ -207,12 +218,12 @@ fn a_missing_slice_in_the_middle_waits_for_the_quiet_period_and_gives_one_result
 fn early_completion_then_a_late_instance_gives_a_second_version_and_no_second_alert() {
     let s = Scenario::new(SEED);
     // All but the last slice: an even stack, complete at its release.
-    send(s.daemon.port, &one_association(&s.files[..39]), 0.0, &s.dir);
+    send(&s.daemon, &one_association(&s.files[..39]), 0.0, &s.dir);
     let (first, alerts) = s.settle(39);
     assert_eq!((first.version, alerts), (1, first.positive as usize), "{}", first.result);
     assert_eq!(s.rules(), vec!["stack"]);
     // The late slice re-opens the series: a new version covering all 40, no second alert for the same flag.
-    send(s.daemon.port, &one_association(&s.files[39..]), 0.0, &s.dir);
+    send(&s.daemon, &one_association(&s.files[39..]), 0.0, &s.dir);
     let (second, alerts) = s.settle(40);
     assert_eq!(second.version, 2, "{}", second.result);
     assert_eq!(second.result["analysed_slices"].as_u64(), Some(40));

@@ -335,11 +335,8 @@ impl CompletionTracker {
     /// instance re-opens them).
     pub fn take_complete(&mut self, now: Instant, cfg: &SeriesConfig) -> Vec<(String, CompletionRule)> {
         let live: HashSet<&String> = self.live_senders.values().collect();
-        let done: Vec<(String, CompletionRule)> = self
-            .open
-            .iter()
-            .filter_map(|(k, a)| a.complete(now, cfg, &live).map(|r| (k.clone(), r)))
-            .collect();
+        let done: Vec<(String, CompletionRule)> =
+            self.open.iter().filter_map(|(k, a)| a.complete(now, cfg, &live).map(|r| (k.clone(), r))).collect();
         for (s, rule) in &done {
             self.completed[*rule as usize] += 1;
             self.open.remove(s);
@@ -500,7 +497,10 @@ mod tests {
         assert_eq!(t.take_complete(t0 + Duration::from_secs(3), &cfg), vec![("s1".to_string(), CompletionRule::Quiet)]);
         // s2 never released: the stable timeout completes it.
         assert!(t.take_complete(t0 + Duration::from_secs(29), &cfg).is_empty());
-        assert_eq!(t.take_complete(t0 + Duration::from_secs(30), &cfg), vec![("s2".to_string(), CompletionRule::Stable)]);
+        assert_eq!(
+            t.take_complete(t0 + Duration::from_secs(30), &cfg),
+            vec![("s2".to_string(), CompletionRule::Stable)]
+        );
         assert_eq!(t.open_count(), 0);
         // A late instance re-opens.
         t.instance("s1", Some(3), None, t0 + Duration::from_secs(40));
@@ -578,7 +578,10 @@ mod tests {
         t.association_opened(2, "CT1@10.0.0.1");
         // Another scanner's association does not hold it; this sender's does.
         t.association_opened(9, "CT2@10.0.0.2");
-        assert!(t.take_complete(t0 + Duration::from_secs(1), &cfg).is_empty(), "completed with the sender's next association open");
+        assert!(
+            t.take_complete(t0 + Duration::from_secs(1), &cfg).is_empty(),
+            "completed with the sender's next association open"
+        );
         for z in 5..=8 {
             t.instance("s", Some(2), Some(&at(&format!("a{z}"), z as f64)), t0 + Duration::from_secs(1));
         }

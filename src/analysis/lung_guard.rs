@@ -833,7 +833,8 @@ mod tests {
             let blob = |m: &mut Vec<bool>, (cr, cc, ar, ac): (usize, usize, usize, usize), hole: bool| {
                 for r in 0..M {
                     for c in 0..M {
-                        let d = ((r as f64 - cr as f64) / ar as f64).powi(2) + ((c as f64 - cc as f64) / ac as f64).powi(2);
+                        let d =
+                            ((r as f64 - cr as f64) / ar as f64).powi(2) + ((c as f64 - cc as f64) / ac as f64).powi(2);
                         if d < 1.0 && !(hole && d < 0.2) {
                             m[r * M + c] = true;
                         }

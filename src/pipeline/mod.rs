@@ -360,19 +360,31 @@ fn scrape_gauges(shared: Arc<Shared>) -> Arc<dyn Fn() -> String + Send + Sync> {
 fn backlog_and_completion_gauges(shared: &Shared, out: &mut String) {
     use crate::metrics::gauge;
     let b = &shared.backlog;
-    gauge(out, "lungsentry_response_hold_longest_seconds",
+    gauge(
+        out,
+        "lungsentry_response_hold_longest_seconds",
         "Longest a C-STORE response was held by the backlog pacing (at most engine.max_response_hold_s).",
-        &[(String::new(), b.longest_hold_s())]);
-    gauge(out, "lungsentry_response_holds_capped",
+        &[(String::new(), b.longest_hold_s())],
+    );
+    gauge(
+        out,
+        "lungsentry_response_holds_capped",
         "C-STORE responses answered at the hold cap with the backlog still over engine.max_backlog_s.",
-        &[(String::new(), b.holds_capped() as f64)]);
-    gauge(out, "lungsentry_instances_left_to_spool",
+        &[(String::new(), b.holds_capped() as f64)],
+    );
+    gauge(
+        out,
+        "lungsentry_instances_left_to_spool",
         "Instances not queued to their worker (queue at its cap), segmented from the spool at completion.",
-        &[(String::new(), b.left_to_spool() as f64)]);
+        &[(String::new(), b.left_to_spool() as f64)],
+    );
     let by_rule = shared.tracker.lock().unwrap_or_else(|p| p.into_inner()).completed_by_rule();
-    gauge(out, "lungsentry_series_completed",
+    gauge(
+        out,
+        "lungsentry_series_completed",
         "Series completions by rule (count, stack, quiet, stable: see series::CompletionTracker).",
-        &by_rule.iter().map(|(r, n)| (format!("rule=\"{}\"", r.name()), *n as f64)).collect::<Vec<_>>());
+        &by_rule.iter().map(|(r, n)| (format!("rule=\"{}\"", r.name()), *n as f64)).collect::<Vec<_>>(),
+    );
 }
 
 fn set_private(dir: &std::path::Path) {

@@ -270,9 +270,8 @@ impl SeriesWork {
 #[cfg(feature = "test-hooks")]
 fn slow_engine_for_tests() {
     static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *MS.get_or_init(|| {
-        std::env::var("LUNGSENTRY_TEST_SLOW_ENGINE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
-    });
+    let ms = *MS
+        .get_or_init(|| std::env::var("LUNGSENTRY_TEST_SLOW_ENGINE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
     if ms > 0 {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }

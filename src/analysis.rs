@@ -577,20 +577,27 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
     let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
     let model_lungs: Vec<&BitMask> = sorted.iter().map(|s| &s.segmentation.lung).collect();
     // The lung guard (HU anatomy) first; the same analysis on the model's own masks gives the unguarded figures.
-    let mut r = match lung_guard::guard(&sorted, voxel_ml, spacing) {
-        Some(g) => {
-            let guarded: Vec<&BitMask> = g.lung.iter().collect();
-            let mut r = analyse_sorted(&sorted, &guarded, params, spacing);
-            let u = analyse_sorted(&sorted, &model_lungs, params, spacing);
+    // The two are independent, so the unguarded one runs on its own thread meanwhile (the alert waits for both:
+    // they are in the result it carries).
+    let (guarded, unguarded) = std::thread::scope(|scope| {
+        let unguarded = scope.spawn(|| analyse_sorted(&sorted, &model_lungs, params, spacing));
+        let guarded = lung_guard::guard(&sorted, voxel_ml, spacing).map(|g| {
+            let lungs: Vec<&BitMask> = g.lung.iter().collect();
+            (analyse_sorted(&sorted, &lungs, params, spacing), g.report)
+        });
+        (guarded, unguarded.join().expect("unguarded analysis panicked"))
+    });
+    let mut r = match guarded {
+        Some((mut r, report)) => {
             r.lung_guard = lung_guard::LungGuardReport {
-                unguarded_lung_volume_ml: u.lung_volume_ml,
-                unguarded_lesion_volume_ml: u.lesion_volume_ml,
-                unguarded_involvement_percent: u.involvement_percent,
-                ..g.report
+                unguarded_lung_volume_ml: unguarded.lung_volume_ml,
+                unguarded_lesion_volume_ml: unguarded.lesion_volume_ml,
+                unguarded_involvement_percent: unguarded.involvement_percent,
+                ..report
             };
             r
         }
-        None => analyse_sorted(&sorted, &model_lungs, params, spacing),
+        None => unguarded,
     };
     r.slice_order = order;
     r

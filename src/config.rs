@@ -103,6 +103,11 @@ pub struct SeriesConfig {
     pub quiet_period_s: f64,
     /// Seconds without a new instance before a series is complete even without a release.
     pub stable_timeout_s: f64,
+    /// Seconds after the senders released (and after the last instance) before a series whose slices form one
+    /// gap-free, evenly spaced stack is complete: the time a sender that splits a series over associations takes to
+    /// open its next one (see `series::CompletionTracker`). Well under `quiet_period_s`, which still applies to
+    /// series that are not such a stack.
+    pub release_settle_s: f64,
     /// Fewer slices than this: the daemon skips the series (stated reason).
     pub min_slices: usize,
     /// Thicker slices than this: the daemon skips the series (stated reason).
@@ -162,6 +167,11 @@ pub struct EngineConfig {
     /// engine's speed); below it instances are answered as soon as they are on disk. Bounds the last-slice-to-alert
     /// latency of an unpaced sender to about this plus the 3D analysis.
     pub max_backlog_s: f64,
+    /// Longest a C-STORE response is held by that pacing, seconds: well under any scanner's DIMSE timeout (often
+    /// 30–60 s; DCMTK's own default is none). Past it the instance is answered at disk speed anyway and the backlog
+    /// grows on disk (the spool holds the pixels); the latency it costs shows in `/metrics`
+    /// (`lungsentry_backlog_seconds`, `lungsentry_response_hold_*`).
+    pub max_response_hold_s: f64,
     /// Nice levels below the daemon at which slice segmentation (and the engine's worker threads) run, so that
     /// receiving, which the scanner waits on, goes first on a busy CPU (0 = same priority; at most 19).
     pub segment_nice: i32,
@@ -227,7 +237,13 @@ impl Default for DicomConfig {
 
 impl Default for SeriesConfig {
     fn default() -> Self {
-        SeriesConfig { quiet_period_s: 2.0, stable_timeout_s: 30.0, min_slices: 20, max_slice_thickness_mm: 5.0 }
+        SeriesConfig {
+            quiet_period_s: 2.0,
+            stable_timeout_s: 30.0,
+            release_settle_s: 0.15,
+            min_slices: 20,
+            max_slice_thickness_mm: 5.0,
+        }
     }
 }
 
@@ -248,7 +264,8 @@ impl Default for EngineConfig {
             kind: EngineKind::Auto,
             manifest: default_manifest_path(),
             tensorrt_engines: PathBuf::from("/var/lib/lungsentry/engines"),
-            max_backlog_s: 7.0,
+            max_backlog_s: 2.0,
+            max_response_hold_s: 1.5,
             segment_nice: 10,
         }
     }
@@ -353,6 +370,9 @@ impl Config {
         if !(self.engine.max_backlog_s > 0.0 && self.engine.max_backlog_s.is_finite()) {
             bail!("engine.max_backlog_s must be > 0");
         }
+        if !(self.engine.max_response_hold_s >= 0.0 && self.engine.max_response_hold_s <= 10.0) {
+            bail!("engine.max_response_hold_s must be within 0..=10 (seconds; scanners time out at 30-60 s)");
+        }
         if !(0..=19).contains(&self.engine.segment_nice) {
             bail!("engine.segment_nice must be 0..=19");
         }
@@ -361,6 +381,9 @@ impl Config {
         }
         if !(s.stable_timeout_s > 0.0 && s.stable_timeout_s.is_finite()) {
             bail!("series.stable_timeout_s must be > 0");
+        }
+        if !(s.release_settle_s >= 0.0 && s.release_settle_s.is_finite()) {
+            bail!("series.release_settle_s must be >= 0");
         }
         if s.min_slices == 0 {
             bail!("series.min_slices must be at least 1");

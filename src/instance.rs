@@ -86,6 +86,10 @@ pub struct InstanceMeta {
     pub number_of_frames: u32,
     /// Whether Pixel Data is present at all.
     pub has_pixel_data: bool,
+    /// Images in Acquisition (0020,1002): how many images the sender says the acquisition holds (the completion
+    /// tracker's count rule; absent in many series).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_in_acquisition: Option<u32>,
     /// Identifiers the dataset lacked (e.g. an anonymiser blanked them) and that were derived instead:
     /// SOP Instance UID from the command/file meta, Study/Series UIDs from a hash of the other study/series
     /// attributes. Such instances are stored; the daemon does not analyse a series grouped by a derived UID.
@@ -206,6 +210,7 @@ impl InstanceMeta {
             columns: obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()),
             number_of_frames: text(obj, tags::NUMBER_OF_FRAMES).and_then(|s| s.parse().ok()).unwrap_or(1),
             has_pixel_data: obj.element(tags::PIXEL_DATA).is_ok(),
+            images_in_acquisition: text(obj, tags::IMAGES_IN_ACQUISITION).and_then(|s| s.trim().parse().ok()),
             derived_uids,
         })
     }

@@ -72,6 +72,7 @@ fn instance(series: &str) -> SpooledInstance {
             columns: Some(512),
             number_of_frames: 1,
             has_pixel_data: true,
+            images_in_acquisition: None,
             derived_uids: Vec::new(),
         },
         path: PathBuf::from("/nonexistent.dcm"),

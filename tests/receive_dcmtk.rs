@@ -99,6 +99,7 @@ async fn start_scp(cfg: DicomConfig, tuning: Tuning) -> Scp {
                     ReceiveEvent::Released { association, aborted } => {
                         released.lock().unwrap().push((association, aborted))
                     }
+                    ReceiveEvent::Opened { .. } => {}
                 }
             }
         });

@@ -287,6 +287,7 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
                 columns: Some(512),
                 number_of_frames: 1,
                 has_pixel_data: true,
+                images_in_acquisition: None,
                 derived_uids: Vec::new(),
             },
             path,

@@ -421,6 +421,7 @@ fn fake_instance(series: &str, sop: &str, patient: (&str, &str), n: i64) -> Spoo
             columns: Some(512),
             number_of_frames: 1,
             has_pixel_data: true,
+            images_in_acquisition: None,
             derived_uids: Vec::new(),
         },
         path: PathBuf::from(format!("/spool/{sop}.dcm")),

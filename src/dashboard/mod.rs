@@ -50,6 +50,8 @@ pub struct DashboardState {
     pub data_dir: PathBuf,
     /// The access token.
     pub token: String,
+    /// The segmentation backlog (None outside the daemon): its seconds are what the next alert waits behind.
+    pub backlog: Option<Arc<crate::pipeline::Backlog>>,
 }
 
 /// The token: `configured`, else the one in `data_dir/http-token`, created (random, 0600) on first use.
@@ -301,7 +303,12 @@ pub async fn series(State(st): State<Arc<DashboardState>>, UrlPath(uid): UrlPath
 pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
     let readers = st.readers.clone();
     match tokio::task::spawn_blocking(move || outputs_summary(&readers.get())).await {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Ok(mut v)) => {
+            // Issue 24: the latency a slow engine adds to the next alert (responses are never held past
+            // engine.max_response_hold_s, so the backlog grows instead).
+            v["backlog_seconds"] = json!(st.backlog.as_ref().map(|b| b.seconds()));
+            axum::Json(v).into_response()
+        }
         Ok(Err(e)) => internal(format!("{e:#}")),
         Err(e) => internal(e),
     }

@@ -8,6 +8,16 @@
 //! scanner is answered at disk speed. The budget is what bounds last-slice-to-alert latency after an unpaced send:
 //! about `max_backlog_s` of segmentation plus the 3D analysis.
 //!
+//! **The scanner is never made to wait long:** a response is held at most `[engine] max_response_hold_s`
+//! (default 1.5 s, well under any scanner's DIMSE timeout: often 30–60 s). A slow engine (a Jetson fallen back to
+//! tract on its CPU cores, an emulated build) would otherwise hold every response for as long as a slice takes, and
+//! the scanner aborts the association. Past the hold the instance is answered at disk speed: it is already spooled
+//! and recorded, so the backlog simply grows (in seconds of work; the latency it adds to the alert is
+//! `lungsentry_backlog_seconds` in `/metrics` and on the dashboard), and the longest hold and the count of holds
+//! cut short are exported. Memory stays bounded: past [`MAX_QUEUED_SLICES`] an instance is not queued to its worker
+//! at all ([`Backlog::enqueue`] returns None); it stays on disk and the worker segments it from the spool when the
+//! series completes (its top-up of instances it never got).
+//!
 //! Drain time = queued slices × the measured time between segmentations finishing while work was queued (an
 //! exponentially weighted mean over the whole daemon, so several series segmenting at once share one rate).
 //! A hard cap on queued slices bounds memory when the estimate has no history yet.
@@ -20,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-/// Queued slices beyond which responses wait whatever the time estimate says.
+/// Queued slices beyond which responses wait (up to the hold cap) whatever the time estimate says, and beyond
+/// which new instances are left to the spool instead of being queued (bounds the queue's memory).
 pub const MAX_QUEUED_SLICES: usize = 4096;
 /// Rate assumed before the first measurement (a 2-core x86-64 machine runs the shipped model at ~25–50 ms/slice).
 const INITIAL_SLICE_S: f64 = 0.05;
@@ -36,6 +47,12 @@ pub struct Backlog {
     last_done: Mutex<Option<Instant>>,
     budget_s: f64,
     changed: Notify,
+    /// Longest a response was held so far, µs.
+    longest_hold_us: AtomicU64,
+    /// Responses whose hold reached the cap (answered with the backlog still over budget).
+    holds_capped: AtomicU64,
+    /// Instances left to the spool because the queue was at [`MAX_QUEUED_SLICES`].
+    left_to_spool: AtomicU64,
 }
 
 /// One queued slice; dropping it (segmented, or its worker gone) takes it off the count.
@@ -57,13 +74,21 @@ impl Backlog {
             last_done: Mutex::new(None),
             budget_s,
             changed: Notify::new(),
+            longest_hold_us: AtomicU64::new(0),
+            holds_capped: AtomicU64::new(0),
+            left_to_spool: AtomicU64::new(0),
         })
     }
 
-    /// Counts one slice in; the returned token travels with it to the worker.
-    pub fn enqueue(self: &Arc<Self>) -> Queued {
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        Queued(self.clone())
+    /// Counts one slice in; the returned token travels with it to the worker. None when the queue is at
+    /// [`MAX_QUEUED_SLICES`]: the slice is not queued (it stays on disk until its series completes).
+    pub fn enqueue(self: &Arc<Self>) -> Option<Queued> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_SLICES {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.left_to_spool.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Queued(self.clone()))
     }
 
     /// A segmentation finished (call before dropping its token).
@@ -90,19 +115,50 @@ impl Backlog {
     }
 
     fn over(&self) -> bool {
-        self.queued() > MAX_QUEUED_SLICES || self.seconds() > self.budget_s
+        self.queued() >= MAX_QUEUED_SLICES || self.seconds() > self.budget_s
     }
 
-    /// Waits until the queued work is within budget (returns at once when it is).
-    pub async fn admit(&self) {
+    /// Waits until the queued work is within budget, or `max_hold` has passed (returns at once when it is within
+    /// budget). Returns how long it held.
+    pub async fn admit(&self, max_hold: Duration) -> Duration {
+        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::now() + max_hold;
+        let mut capped = false;
         while self.over() {
             let changed = self.changed.notified();
             if !self.over() {
                 break;
             }
-            // The timeout only guards against a missed wake-up; every drop of a token notifies.
-            let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                capped = true;
+                break;
+            }
+            // The 100 ms only guards against a missed wake-up; every drop of a token notifies.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let _ = tokio::time::timeout(wait, changed).await;
         }
+        let held = t0.elapsed();
+        if capped {
+            self.holds_capped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.longest_hold_us.fetch_max(held.as_micros() as u64, Ordering::Relaxed);
+        held
+    }
+
+    /// Longest a response was held so far, seconds.
+    pub fn longest_hold_s(&self) -> f64 {
+        self.longest_hold_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Responses answered when their hold reached the cap, the backlog still over budget.
+    pub fn holds_capped(&self) -> u64 {
+        self.holds_capped.load(Ordering::Relaxed)
+    }
+
+    /// Instances left to the spool (not queued) because the queue was at its cap.
+    pub fn left_to_spool(&self) -> u64 {
+        self.left_to_spool.load(Ordering::Relaxed)
     }
 }
 
@@ -114,12 +170,12 @@ mod tests {
     async fn admits_within_budget_and_waits_above_it() {
         let b = Backlog::new(0.2);
         // No history: 50 ms a slice, so 4 slices (0.2 s) are within budget and the fifth is over.
-        let tokens: Vec<_> = (0..5).map(|_| b.enqueue()).collect();
+        let tokens: Vec<_> = (0..5).map(|_| b.enqueue().unwrap()).collect();
         assert_eq!(b.queued(), 5);
         assert!(b.over());
         let waiter = {
             let b = b.clone();
-            tokio::spawn(async move { b.admit().await })
+            tokio::spawn(async move { b.admit(Duration::from_secs(60)).await })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!waiter.is_finished(), "admitted while over budget");
@@ -133,10 +189,31 @@ mod tests {
         assert_eq!(b.queued(), 4);
     }
 
+    #[tokio::test]
+    async fn a_response_is_held_at_most_the_cap_and_the_queue_stops_at_its_memory_cap() {
+        let b = Backlog::new(0.2);
+        let tokens: Vec<_> = (0..MAX_QUEUED_SLICES).map(|_| b.enqueue().expect("below the cap")).collect();
+        // At the cap: the next instance is left to the spool, counted, and the queue does not grow.
+        assert!(b.enqueue().is_none());
+        assert_eq!((b.queued(), b.left_to_spool()), (MAX_QUEUED_SLICES, 1));
+        // Nothing drains (a stalled engine): the hold ends at the cap, not when the work is done.
+        let held = tokio::time::timeout(Duration::from_secs(30), b.admit(Duration::from_millis(300)))
+            .await
+            .expect("the hold did not end at its cap");
+        assert!(held >= Duration::from_millis(300), "held {held:?}");
+        assert_eq!(b.holds_capped(), 1);
+        assert!(b.longest_hold_s() >= 0.3);
+        drop(tokens);
+        assert_eq!(b.queued(), 0);
+        // Within budget: no hold at all, nothing capped.
+        assert!(b.admit(Duration::from_secs(30)).await < Duration::from_secs(30));
+        assert_eq!(b.holds_capped(), 1);
+    }
+
     #[test]
     fn rate_follows_the_intervals_between_segmentations() {
         let b = Backlog::new(10.0);
-        let _t: Vec<_> = (0..20).map(|_| b.enqueue()).collect();
+        let _t: Vec<_> = (0..20).map(|_| b.enqueue().unwrap()).collect();
         b.segmented();
         for _ in 0..60 {
             std::thread::sleep(Duration::from_millis(2));

@@ -226,7 +226,7 @@ impl Daemon {
         for series_uid in store.series_pending_analysis()? {
             tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "recovery", "resuming series interrupted before analysis");
             ensure_worker(&shared, &series_uid);
-            recovery::tracker(&shared).instance(&series_uid, None, Instant::now());
+            recovery::tracker(&shared).instance(&series_uid, None, None, Instant::now());
         }
 
         let addr: SocketAddr = format!("{}:{}", config.dicom.bind, config.dicom.port).parse()?;
@@ -271,6 +271,7 @@ impl Daemon {
                     live,
                     data_dir: data_dir.clone(),
                     token: crate::dashboard::load_or_create_token(config.http.token.as_deref(), &data_dir)?,
+                    backlog: Some(shared.backlog.clone()),
                 })),
             };
             let (addr, task) = crate::http::start(&config.http.bind, readiness, shutdown_rx.clone()).await?;
@@ -343,6 +344,7 @@ fn scrape_gauges(
             "Estimated seconds of segmentation queued (C-STORE responses wait above engine.max_backlog_s).",
             &[(String::new(), shared.backlog.seconds())],
         );
+        backlog_and_completion_gauges(&shared, &mut out);
         if let Ok(c) = readers.get().outbox_counts() {
             gauge(
                 &mut out,
@@ -372,6 +374,37 @@ fn scrape_gauges(
     })
 }
 
+/// The response-hold and completion-rule gauges (issue 24): what pacing cost the senders, how series completed.
+fn backlog_and_completion_gauges(shared: &Shared, out: &mut String) {
+    use crate::metrics::gauge;
+    let b = &shared.backlog;
+    gauge(
+        out,
+        "lungsentry_response_hold_longest_seconds",
+        "Longest a C-STORE response was held by the backlog pacing (at most engine.max_response_hold_s).",
+        &[(String::new(), b.longest_hold_s())],
+    );
+    gauge(
+        out,
+        "lungsentry_response_holds_capped",
+        "C-STORE responses answered at the hold cap with the backlog still over engine.max_backlog_s.",
+        &[(String::new(), b.holds_capped() as f64)],
+    );
+    gauge(
+        out,
+        "lungsentry_instances_left_to_spool",
+        "Instances not queued to their worker (queue at its cap), segmented from the spool at completion.",
+        &[(String::new(), b.left_to_spool() as f64)],
+    );
+    let by_rule = shared.tracker.lock().unwrap_or_else(|p| p.into_inner()).completed_by_rule();
+    gauge(
+        out,
+        "lungsentry_series_completed",
+        "Series completions by rule (count, stack, quiet, stable: see series::CompletionTracker).",
+        &by_rule.iter().map(|(r, n)| (format!("rule=\"{}\"", r.name()), *n as f64)).collect::<Vec<_>>(),
+    );
+}
+
 async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<ReceiveEvent>) {
     while let Some(ev) = events.recv().await {
         match ev {
@@ -379,8 +412,11 @@ async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<Receive
                 let shared = shared.clone();
                 tokio::spawn(async move { handle_instance(shared, inc, reply).await });
             }
+            ReceiveEvent::Opened { association, sender } => {
+                recovery::tracker(&shared).association_opened(association, &sender);
+            }
             ReceiveEvent::Released { association, .. } => {
-                recovery::tracker(&shared).association_ended(association);
+                recovery::tracker(&shared).association_ended(association, Instant::now());
             }
         }
     }
@@ -442,11 +478,21 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         tracing::debug!(association, series = %crate::store::series_log_key(&series_uid), stage = "store",
             "instance already stored with these bytes: acknowledged, nothing changed");
     } else {
-        recovery::tracker(&shared).instance(&series_uid, Some(association), Instant::now());
-        let queued = shared.backlog.enqueue();
-        enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path, queued }).await;
-        // Stored and queued: the answer only waits while more segmentation is queued than the budget allows.
-        shared.backlog.admit().await;
+        let arrived = crate::series::Arrived::of(&spooled.meta);
+        recovery::tracker(&shared).instance(&series_uid, Some(association), Some(&arrived), Instant::now());
+        match shared.backlog.enqueue() {
+            Some(queued) => {
+                enqueue(&shared, &series_uid, WorkerMsg::Instance { meta: spooled.meta, path: spooled.path, queued })
+                    .await
+            }
+            // The queue is at its memory cap: the instance stays on disk only; the worker segments it from the
+            // spool when the series completes (`finish_series`' top-up), as it does any instance it never got.
+            None => tracing::debug!(association, series = %crate::store::series_log_key(&series_uid),
+                stage = "backlog", "queue at its cap: instance left to the spool until completion"),
+        }
+        // Stored and queued: the answer only waits while more segmentation is queued than the budget allows, and
+        // never longer than engine.max_response_hold_s (backlog.rs).
+        shared.backlog.admit(Duration::from_secs_f64(shared.config.engine.max_response_hold_s)).await;
     }
     crate::metrics::metrics().instance(true);
     let _ = reply.send(status::SUCCESS);
@@ -571,7 +617,7 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
                             tracing::error!(series = %crate::store::series_log_key(&series_uid), stage = "analysis", error = %format!("{e:#}"), "analysis failed; retried after series.stable_timeout_s");
                             // A failed write (disk full, I/O error) must not leave the series unanalysed until
                             // the next instance or restart: the ticker completes it again later.
-                            recovery::tracker(&shared).instance(&series_uid, None, Instant::now());
+                            recovery::tracker(&shared).instance(&series_uid, None, None, Instant::now());
                         }
                     }
                     Err(e) => {
@@ -620,6 +666,7 @@ async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceM
 
 /// 3D analysis, versioned result, outbox row for a first positive, log line.
 fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, received_at: &str) -> Result<()> {
+    let t_start = Instant::now();
     if work.instance_count() == 0 {
         return Ok(());
     }
@@ -670,6 +717,7 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     // instance metadata back without them).
     let row = shared.store.series(series_uid)?;
     let patient_key = row.as_ref().map(|s| s.patient_key.clone()).unwrap_or_default();
+    let t_analysis = Instant::now();
     let (mut result, slices) = work.finish_with_slices(&shared.ctx, &patient_key, received_at, &chrono_now(), true);
     // Follow-up: compare with the same patient's latest earlier study (other series of this patient only), and
     // the later studies analysed before this one arrived that now compare with it (stored with this result, in
@@ -704,6 +752,7 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     result["alert"] = serde_json::json!(!reasons.is_empty());
     result["alert_reasons"] = serde_json::json!(reasons);
     let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
+    let t_record = Instant::now();
     let version = shared.store.record_result_with_outputs(
         series_uid,
         revision,
@@ -723,6 +772,14 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
         tokio::runtime::Handle::current().spawn(queue_amended_srs(shared.clone()));
     }
     crate::outputs::outbox::crash_point("after_result");
+    // The path to the alert, by stage (the webhook outbox was woken by the commit; what follows is after it).
+    // `scripts/bench-e2e` reads this line for its per-stage breakdown.
+    tracing::info!(series = %crate::store::series_log_key(series_uid), stage = "analysis", version,
+        top_up_ms = (t_analysis - t_start).as_secs_f64() * 1e3,
+        analysis_ms = (t_record - t_analysis).as_secs_f64() * 1e3,
+        commit_ms = t_record.elapsed().as_secs_f64() * 1e3,
+        committed_at_ms = crate::store::now_ms(),
+        "result timings");
     result["version"] = serde_json::json!(version);
     if result["status"] == "skipped" {
         let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
@@ -892,7 +949,8 @@ async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::
 }
 
 async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Every 20 ms: a series proven whole (series::CompletionTracker) is analysed within a tick, not a quiet period.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
             _ = tick.tick() => {},
@@ -908,8 +966,9 @@ async fn completion_ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bo
             }
             done
         };
-        for series_uid in done {
-            tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "completion", "series complete");
+        for (series_uid, rule) in done {
+            tracing::info!(series = %crate::store::series_log_key(&series_uid), stage = "completion", rule = rule.name(),
+                at_ms = crate::store::now_ms(), "series complete");
             enqueue(&shared, &series_uid, WorkerMsg::Complete).await;
         }
     }

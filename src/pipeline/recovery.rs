@@ -48,7 +48,7 @@ pub(super) fn tracker(shared: &Shared) -> MutexGuard<'_, CompletionTracker> {
                     let now = Instant::now();
                     *g = CompletionTracker::default();
                     for uid in &pending {
-                        g.instance(uid, None, now);
+                        g.instance(uid, None, None, now);
                     }
                     tracing::error!(
                         stage = "completion",

@@ -202,6 +202,8 @@ impl SeriesWork {
             preprocess::prepare(&hu, input, &mut x).context("normalising")?;
             let t1 = Instant::now();
             let scores = ctx.engine.infer(&x, 1).context("inference")?;
+            #[cfg(feature = "test-hooks")]
+            slow_engine_for_tests();
             let t2 = Instant::now();
             let seg = analysis::segment_slice(&scores, classes, input.height, input.width, &hu);
             let t3 = Instant::now();
@@ -330,6 +332,19 @@ impl SeriesWork {
             None => Vec::new(),
         };
         (v, source_slices)
+    }
+}
+
+/// Test hook (built only with the `test-hooks` feature): `LUNGSENTRY_TEST_SLOW_ENGINE_MS` adds that many
+/// milliseconds to every slice's inference, to stand for a slow box (tract on a Jetson's CPU cores, an emulated
+/// build) in the test that the scanner is never made to wait long (`tests/slow_engine.rs`).
+#[cfg(feature = "test-hooks")]
+fn slow_engine_for_tests() {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *MS
+        .get_or_init(|| std::env::var("LUNGSENTRY_TEST_SLOW_ENGINE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -225,6 +225,8 @@ impl AssociationHandler {
             "association established"
         );
 
+        let sender = format!("{}@{}", assoc.peer_ae_title().trim(), self.peer.ip());
+        let _ = self.events.send(ReceiveEvent::Opened { association: self.id, sender }).await;
         let mut stats = Stats::default();
         let end = self.serve(&mut assoc, &contexts, &mut stats).await;
         let aborted = !matches!(end, End::Released);

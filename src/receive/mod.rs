@@ -79,6 +79,9 @@ pub struct IncomingInstance {
 pub enum ReceiveEvent {
     /// A dataset to make durable; send the DIMSE status for the C-STORE-RSP on `reply`.
     Instance(IncomingInstance, oneshot::Sender<u16>),
+    /// An association was established; `sender` is its calling AE title and the peer's IP address (a sender that
+    /// splits a series over associations opens the next one from the same place: the completion rules wait for it).
+    Opened { association: AssociationId, sender: String },
     /// The association ended (released or aborted); series it fed may now start their quiet period.
     Released { association: AssociationId, aborted: bool },
 }

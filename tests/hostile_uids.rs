@@ -319,6 +319,7 @@ fn purges_of_a_store_with_malformed_uids_stay_inside_the_data_dir() {
             rows: Some(512),
             columns: Some(512),
             number_of_frames: 1,
+            images_in_acquisition: None,
             has_pixel_data: true,
             derived_uids: Vec::new(),
         },

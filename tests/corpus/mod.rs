@@ -1092,7 +1092,7 @@ fn pdu_cases(b: &Bases, idle_ms: u64, max_pdu: u32) -> Vec<Case> {
     ));
     for (name, a, ts) in [
         ("abstract-syntax-not-offered", uids::MR_IMAGE_STORAGE, EXPLICIT),
-        ("transfer-syntax-jpeg-ls-only", CT, "1.2.840.10008.1.2.4.80"),
+        ("transfer-syntax-mpeg2-only", CT, "1.2.840.10008.1.2.4.100"),
         ("transfer-syntax-bogus-uid", CT, "1.2.3.4.5.6.7.8"),
         ("transfer-syntax-big-endian-retired", CT, "1.2.840.10008.1.2.2"),
         ("transfer-syntax-not-a-uid", CT, "explicit please"),

@@ -193,21 +193,7 @@ fn alive(d: &mut Daemon) {
 
 /// The daemon log without ANSI colour codes (so `key=value` fields can be matched).
 fn log(d: &Daemon) -> String {
-    let raw = d.log();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    common::strip_ansi(&d.log())
 }
 
 fn count(log: &str, needle: &str) -> usize {

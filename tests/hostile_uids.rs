@@ -85,19 +85,6 @@ fn send_each(port: u16, files: &[PathBuf]) -> (BTreeMap<PathBuf, String>, String
     (by_file, text)
 }
 
-/// The bad values the issue names (and an empty component).
-fn bad_values() -> Vec<(&'static str, String)> {
-    vec![
-        ("dotdot", "..".into()),
-        ("dot", ".".into()),
-        ("parent-x", "../x".into()),
-        ("slash", "a/b".into()),
-        ("empty-component", "1.2..3".into()),
-        ("65-chars", format!("1.{}", "2".repeat(63))),
-        ("non-digits", "1.2.abc".into()),
-    ]
-}
-
 /// Copies of `slice` into `dir`, one per (attribute, bad value), each with its own SOP Instance UID unless the
 /// SOP Instance UID is the bad one; returns (file, attribute, SOP Instance UID sent).
 fn hostile_copies(slice: &Path, dir: &Path) -> Vec<(PathBuf, &'static str, String)> {
@@ -109,7 +96,7 @@ fn hostile_copies(slice: &Path, dir: &Path) -> Vec<(PathBuf, &'static str, Strin
         ("SeriesInstanceUID", tags::SERIES_INSTANCE_UID),
         ("SOPInstanceUID", tags::SOP_INSTANCE_UID),
     ] {
-        for (label, value) in bad_values() {
+        for (label, value) in common::bad_uids() {
             n += 1;
             let mut o = dicom_object::open_file(slice).unwrap();
             let sop = if attr == "SOPInstanceUID" {
@@ -197,7 +184,7 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     }
     let log = d.log();
     for attr in ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"] {
-        for (_, v) in bad_values() {
+        for (_, v) in common::bad_uids() {
             let shown = format!("{attr} {v:?}");
             assert!(log.contains(&shown), "the refusal of {shown} is not logged:\n{log}");
         }

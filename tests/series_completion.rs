@@ -52,7 +52,7 @@ fn send(daemon: &Daemon, plan: &Plan, between_s: f64, dir: &Path) {
             .log()
             .lines()
             .filter(|l| l.contains("association") || l.contains("WARN") || l.contains("ERROR"))
-            .map(strip_ansi)
+            .map(common::strip_ansi)
             .collect();
         let tail = log[log.len().saturating_sub(40)..].join("\n");
         panic!("sender failed:\n{text}\ndaemon log (associations, warnings):\n{tail}");
@@ -119,7 +119,7 @@ impl Scenario {
             .log()
             .lines()
             .filter(|l| l.contains("series complete"))
-            .map(|l| strip_ansi(l))
+            .map(common::strip_ansi)
             .filter_map(|l| l.split(" rule=").nth(1).map(str::to_string))
             .map(|r| r.trim_start_matches('"').to_string())
             .map(|r| r.chars().take_while(|c| c.is_ascii_alphabetic()).collect())
@@ -139,24 +139,6 @@ impl Scenario {
         assert_eq!(alerts, r.positive as usize, "exactly one alert for a positive series, none otherwise");
         eprintln!("completion rules: {rules:?}");
     }
-}
-
-/// `line` without terminal colour codes.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The phantom every scenario sends (a severe 40-slice phantom the shipped model flags).

@@ -478,3 +478,36 @@ pub fn fill(dir: &Path, leave: u64, chunk: usize) -> PathBuf {
     }
     filler
 }
+
+/// A log line or text without ANSI colour codes (so tracing's `key=value` fields can be matched).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Study/Series/SOP Instance UIDs that break the UI value representation, each with a label: the values a
+/// hostile peer would use to steer a path (`..`, `.`, `../x`, `a/b`), an empty component, 65 characters,
+/// non-digits (issue 21). Each must be refused with a failure status.
+pub fn bad_uids() -> Vec<(&'static str, String)> {
+    vec![
+        ("dotdot", "..".into()),
+        ("dot", ".".into()),
+        ("parent-x", "../x".into()),
+        ("slash", "a/b".into()),
+        ("empty-component", "1.2..3".into()),
+        ("65-chars", format!("1.{}", "2".repeat(63))),
+        ("non-digits", "1.2.abc".into()),
+    ]
+}

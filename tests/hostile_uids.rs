@@ -269,7 +269,6 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
 /// What an older version could have stored (it did not check UIDs): the purges must still stay inside.
 #[test]
 fn purges_of_a_store_with_malformed_uids_stay_inside_the_data_dir() {
-    use lungsentry::instance::InstanceMeta;
     use lungsentry::retention::Retention;
     use lungsentry::spool::SpooledInstance;
     use lungsentry::store::Store;
@@ -288,28 +287,7 @@ fn purges_of_a_store_with_malformed_uids_stay_inside_the_data_dir() {
     std::fs::write(data.join("keyimages/..png"), b"an old key image").unwrap();
     let bad_series = ["..", ".", "../x", "a/b", "1.2..3", ""];
     let inst = |series: &str, n: usize, path: PathBuf| SpooledInstance {
-        meta: InstanceMeta {
-            sop_instance_uid: format!("1.9.{n}"),
-            sop_class_uid: lungsentry::instance::CT_IMAGE_STORAGE.into(),
-            study_instance_uid: "..".into(),
-            series_instance_uid: series.into(),
-            patient_id: "PID".into(),
-            patient_name: "DOE^J".into(),
-            study_date: "20200401".into(),
-            modality: "CT".into(),
-            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
-            image_position: Some([0.0, 0.0, n as f64]),
-            image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-            slice_thickness: Some(1.0),
-            pixel_spacing: Some([0.7, 0.7]),
-            instance_number: Some(n as i64),
-            rows: Some(512),
-            columns: Some(512),
-            number_of_frames: 1,
-            images_in_acquisition: None,
-            has_pixel_data: true,
-            derived_uids: Vec::new(),
-        },
+        meta: common::ct_meta(format!("1.9.{n}"), "..".into(), series, n as i64),
         path,
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
         bytes: 1000,

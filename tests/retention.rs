@@ -253,7 +253,6 @@ fn disk_pressure_purges_oldest_analysed_series_first_to_accept_a_new_one() {
 /// The purge rules on a real store and real files, without a daemon: what may and may not be purged.
 #[test]
 fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_the_mark() {
-    use lungsentry::instance::InstanceMeta;
     use lungsentry::retention::Retention;
     use lungsentry::spool::SpooledInstance;
     use lungsentry::store::{NewDicomOutput, Store};
@@ -268,28 +267,7 @@ fn only_finished_series_without_pending_outputs_are_purged_and_a_resend_clears_t
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, vec![7u8; 1000]).unwrap();
         SpooledInstance {
-            meta: InstanceMeta {
-                sop_instance_uid: sop,
-                sop_class_uid: lungsentry::instance::CT_IMAGE_STORAGE.into(),
-                study_instance_uid: format!("{series}.0"),
-                series_instance_uid: series.into(),
-                patient_id: "PID".into(),
-                patient_name: "DOE^J".into(),
-                study_date: "20200401".into(),
-                modality: "CT".into(),
-                image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
-                image_position: Some([0.0, 0.0, n as f64]),
-                image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-                slice_thickness: Some(1.0),
-                pixel_spacing: Some([0.7, 0.7]),
-                instance_number: Some(n),
-                rows: Some(512),
-                columns: Some(512),
-                number_of_frames: 1,
-                has_pixel_data: true,
-                images_in_acquisition: None,
-                derived_uids: Vec::new(),
-            },
+            meta: common::ct_meta(sop, format!("{series}.0"), series, n),
             path,
             transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
             bytes: 1000,

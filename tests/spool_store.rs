@@ -1,5 +1,7 @@
 //! Spool and store against real DICOM files, DCMTK's `dcmdump` as the independent reader, and real SQLite.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -403,26 +405,9 @@ fn unwritable_spool_is_out_of_resources_even_as_root() {
 fn fake_instance(series: &str, sop: &str, patient: (&str, &str), n: i64) -> SpooledInstance {
     SpooledInstance {
         meta: InstanceMeta {
-            sop_instance_uid: sop.into(),
-            sop_class_uid: lungsentry::instance::CT_IMAGE_STORAGE.into(),
-            study_instance_uid: format!("{series}.0"),
-            series_instance_uid: series.into(),
             patient_id: patient.0.into(),
             patient_name: patient.1.into(),
-            study_date: "20200401".into(),
-            modality: "CT".into(),
-            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
-            image_position: Some([0.0, 0.0, n as f64]),
-            image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-            slice_thickness: Some(1.0),
-            pixel_spacing: Some([0.7, 0.7]),
-            instance_number: Some(n),
-            rows: Some(512),
-            columns: Some(512),
-            number_of_frames: 1,
-            has_pixel_data: true,
-            images_in_acquisition: None,
-            derived_uids: Vec::new(),
+            ..common::ct_meta(sop.into(), format!("{series}.0"), series, n)
         },
         path: PathBuf::from(format!("/spool/{sop}.dcm")),
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),

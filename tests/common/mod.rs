@@ -511,3 +511,30 @@ pub fn bad_uids() -> Vec<(&'static str, String)> {
         ("non-digits", "1.2.abc".into()),
     ]
 }
+
+/// An axial 512² CT slice's attributes as the receive path records them (ORIGINAL\PRIMARY\AXIAL, 0.7 mm pixels,
+/// 1 mm slices, position z = `n` mm, instance number `n`), for tests that build store rows without DICOM files.
+pub fn ct_meta(sop: String, study: String, series: &str, n: i64) -> lungsentry::instance::InstanceMeta {
+    lungsentry::instance::InstanceMeta {
+        sop_instance_uid: sop,
+        sop_class_uid: lungsentry::instance::CT_IMAGE_STORAGE.into(),
+        study_instance_uid: study,
+        series_instance_uid: series.into(),
+        patient_id: "PID".into(),
+        patient_name: "DOE^J".into(),
+        study_date: "20200401".into(),
+        modality: "CT".into(),
+        image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+        image_position: Some([0.0, 0.0, n as f64]),
+        image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+        slice_thickness: Some(1.0),
+        pixel_spacing: Some([0.7, 0.7]),
+        instance_number: Some(n),
+        rows: Some(512),
+        columns: Some(512),
+        number_of_frames: 1,
+        has_pixel_data: true,
+        images_in_acquisition: None,
+        derived_uids: Vec::new(),
+    }
+}

@@ -351,12 +351,6 @@ fn seed_in(
     // within NEAR_MM of the kept air.
     let whole: Vec<bool> =
         (0..msizes.len()).map(|l| l != 0 && overlap[l] as f64 >= WHOLE_OVERLAP_FRACTION * msizes[l] as f64).collect();
-    // Every component kept whole (the usual chest slice): the kept lung is the model's lung, and neither the
-    // near-air pixels nor the hole filling below could add a model pixel, so both are skipped (same result; this
-    // step runs at completion, where the alert waits for it).
-    if whole.iter().enumerate().all(|(l, &w)| l == 0 || w || msizes[l] == 0) {
-        return (uncrop_into(seg.rows, seg.cols, w, cols, &model), uncrop_into(seg.rows, seg.cols, w, cols, &f));
-    }
     let near = dilate(&air, rows, cols, radius_px(s, NEAR_MM));
     let mut kept_px: Vec<bool> =
         mlabels.iter().zip(&near).map(|(&l, &near)| l != 0 && (whole[l as usize] || near)).collect();
@@ -366,28 +360,26 @@ fn seed_in(
     for ((k, inside), &l) in kept_px.iter_mut().zip(fill_holes(&with_field, rows, cols)).zip(&mlabels) {
         *k |= l != 0 && inside;
     }
-    (uncrop_into(seg.rows, seg.cols, w, cols, &kept_px), uncrop_into(seg.rows, seg.cols, w, cols, &f))
-}
-
-/// A window's pixels (`cols` wide, at `w`) placed into a full `rows`×`full_cols` mask.
-fn uncrop_into(rows: usize, full_cols: usize, w: Window, cols: usize, px: &[bool]) -> BitMask {
-    let mut m = BitMask::new(rows, full_cols);
-    for (r, line) in px.chunks_exact(cols).enumerate() {
-        let at = (r + w.r0) * full_cols + w.c0;
-        let mut c = 0;
-        while c < cols {
-            if !line[c] {
-                c += 1;
-                continue;
+    let uncrop = |px: &[bool]| -> BitMask {
+        let mut m = BitMask::new(seg.rows, seg.cols);
+        for (r, line) in px.chunks_exact(cols).enumerate() {
+            let at = (r + w.r0) * seg.cols + w.c0;
+            let mut c = 0;
+            while c < cols {
+                if !line[c] {
+                    c += 1;
+                    continue;
+                }
+                let start = c;
+                while c < cols && line[c] {
+                    c += 1;
+                }
+                m.set_range(at + start, at + c);
             }
-            let start = c;
-            while c < cols && line[c] {
-                c += 1;
-            }
-            m.set_range(at + start, at + c);
         }
-    }
-    m
+        m
+    };
+    (uncrop(&kept_px), uncrop(&f))
 }
 
 /// The air of one slice that is not gas: pure-gas cores (the gas mask opened by [`GAS_CORE_MM`]: noise speckles in

@@ -76,9 +76,19 @@ fn start_storescp(extra: &[&str]) -> StoreScp {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Ready when a real C-ECHO association succeeds: a bare TCP probe that connects and hangs up leaves storescp
+    // (one association at a time) tearing down an aborted association, and a connection made then can be reset.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "storescp did not start listening");
+    let echo_ok = || {
+        Command::new("/usr/bin/echoscu")
+            .args(["-aec", "STORESCP", "127.0.0.1", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    while !echo_ok() {
+        assert!(Instant::now() < deadline, "storescp did not answer C-ECHO");
         assert!(child.try_wait().unwrap().is_none(), "storescp exited");
         std::thread::sleep(Duration::from_millis(50));
     }

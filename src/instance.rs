@@ -97,7 +97,8 @@ pub struct InstanceMeta {
     pub derived_uids: Vec<String>,
 }
 
-fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+/// An attribute's text value without DICOM padding (NUL or space), `None` when absent or not text.
+pub(crate) fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
 }
 

@@ -17,11 +17,7 @@ use dicom_object::InMemDicomObject;
 use crate::store::{SeriesLabels, Store};
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.element(tag)
-        .ok()
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-        .unwrap_or_default()
+    crate::instance::text(obj, tag).unwrap_or_default()
 }
 
 /// The labels of the instance in `path` (a Part-10 spool file), read up to its pixel data.

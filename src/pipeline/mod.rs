@@ -396,7 +396,7 @@ fn backlog_and_completion_gauges(shared: &Shared, out: &mut String) {
         "Instances not queued to their worker (queue at its cap), segmented from the spool at completion.",
         &[(String::new(), b.left_to_spool() as f64)],
     );
-    let by_rule = shared.tracker.lock().unwrap_or_else(|p| p.into_inner()).completed_by_rule();
+    let by_rule = recovery::tracker(shared).completed_by_rule();
     gauge(
         out,
         "lungsentry_series_completed",

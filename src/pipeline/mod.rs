@@ -148,6 +148,7 @@ impl Daemon {
         // it runs outside systemd (whose unit sets UMask=0077 too).
         // SAFETY: umask only changes this process's file-creation mask.
         unsafe { libc::umask(0o077) };
+        receive::budget::return_freed_buffers_to_the_system();
         let data_dir = config.storage.data_dir.clone();
         let layout = crate::datadir::DataDir::open(&data_dir).context("opening storage.data_dir")?;
         let store = Arc::new(Store::open(&layout.store_file())?);

@@ -307,6 +307,13 @@ enum State {
     Data { pc: u8, command: CommandSet, buf: Vec<u8>, received: u64, dropping: Dropping, charge: Option<Charge> },
 }
 
+/// Budget bytes charged per received dataset byte: the byte itself and, reserved while it arrives, its share of
+/// the spool's working copy (the parse). A message that completes so has its copy's room already, which is what
+/// keeps peers that all send big from starving each other: a message is only ever refused while growing, and the
+/// one that completes never has to give way (with the copy taken only at completion, 16 × 40 MiB into 96 MiB once
+/// ended with all 16 refused).
+pub const WORKING_COPIES: u64 = 2;
+
 /// Turns P-DATA value fragments into complete messages.
 ///
 /// The cap (`max_message_bytes`) counts command + dataset bytes. Past it, the dataset buffer is freed and
@@ -369,7 +376,7 @@ impl MessageAssembler {
                 if dropping == Dropping::No {
                     if received > self.max_message_bytes {
                         dropping = Dropping::Oversize;
-                    } else if !charge.as_mut().map_or(true, |c| c.grow(pdv.data.len() as u64)) {
+                    } else if !charge.as_mut().map_or(true, |c| c.grow(WORKING_COPIES * pdv.data.len() as u64)) {
                         dropping = Dropping::OverBudget;
                     } else if buf.is_empty() {
                         buf = pdv.data;
@@ -500,24 +507,27 @@ mod tests {
     #[test]
     fn a_message_the_budget_has_no_room_for_is_dropped_and_frees_its_bytes() {
         let cmd = CommandSet::store_rq(1, "1.2", "1.2.3").encode().unwrap();
-        let budget = BufferBudget::new(10);
+        let budget = BufferBudget::new(20);
         let mut a = MessageAssembler::with_budget(1 << 20, budget.clone());
         let mut b = MessageAssembler::with_budget(1 << 20, budget.clone());
         a.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
         b.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
         a.push(frag(1, PDataValueType::Data, false, &[1; 6])).unwrap();
-        assert_eq!(budget.used(), 6);
-        // b's second fragment does not fit beside a's six bytes: b drops everything it held.
+        assert_eq!(budget.used(), 12, "six bytes and the room for their working copy");
+        b.push(frag(1, PDataValueType::Data, false, &[2; 2])).unwrap();
+        assert_eq!(budget.used(), 16);
+        // b's second fragment does not fit beside a's twelve bytes: b drops everything it held.
         b.push(frag(1, PDataValueType::Data, false, &[2; 4])).unwrap();
+        assert_eq!(budget.used(), 12, "b's four bytes were given back");
         b.push(frag(1, PDataValueType::Data, false, &[2; 4])).unwrap();
-        assert_eq!(budget.used(), 6, "b's four bytes were given back");
+        assert_eq!(budget.used(), 12, "the rest of b is only counted");
         let m = b.push(frag(1, PDataValueType::Data, true, &[2; 4])).unwrap().unwrap();
-        assert!(matches!(m.payload, Payload::OverBudget { received } if received == cmd.len() as u64 + 12));
+        assert!(matches!(m.payload, Payload::OverBudget { received } if received == cmd.len() as u64 + 14));
         assert!(m.charge.is_none());
-        // a completes into the room b left, and holds its bytes until its message is dropped.
+        // a completes into the room b left, and holds its bytes (and their copy's) until its message is dropped.
         let m = a.push(frag(1, PDataValueType::Data, true, &[1; 4])).unwrap().unwrap();
         assert!(matches!(m.payload, Payload::Complete(ref d) if d.len() == 10));
-        assert_eq!(budget.used(), 10);
+        assert_eq!(budget.used(), 20);
         drop(m);
         assert_eq!(budget.used(), 0);
     }

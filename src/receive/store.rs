@@ -5,9 +5,9 @@
 //! - `0xA700` (Refused: out of resources) when the message was larger than `dicom.max_message_mb` — the bytes
 //!   were read and dropped, it is this receiver's resource limit that refused it — and when the next stage is
 //!   gone or dropped the reply (the instance is then not durable; never answered with success);
-//! - `0xA700` too when the shared memory budget (`dicom.max_buffered_mb`) had no room for the message as it
-//!   arrived, or has none for the spool's working copy of it once complete (see `budget`); the message's charge
-//!   is held until its status is known, so a dataset in the spool stays counted;
+//! - `0xA700` too when the shared memory budget (`dicom.max_buffered_mb`) had no room for the message and its
+//!   working copy as it arrived, or, deflated, none for its inflated form once complete (see `budget`); the
+//!   message's charge is held until its status is known, so a dataset in the spool stays counted;
 //! - `0x0118` (no such SOP class) when AffectedSOPClassUID differs from the presentation context's abstract
 //!   syntax; `0xC000` (cannot understand) when the request lacks its SOP instance UID or its dataset.
 //! Hands on: [`ReceiveEvent::Instance`] with a oneshot for the status.
@@ -84,21 +84,17 @@ async fn decide(
             return (status::OUT_OF_RESOURCES, Some("receiver's memory budget is full; retry later".into()));
         }
     };
-    // The spool parses the dataset (a copy of its size) and inflates a deflated one (at most the message cap,
-    // then parsed too): room for that is taken now, while the received bytes are still held. A deflated message
-    // takes at most what is left of the whole budget, so one alone always fits.
+    // The spool parses the dataset (a copy of its size): the assembler reserved room for that copy with every
+    // fragment. A deflated one is inflated too (at most the message cap, then parsed): room for that is taken now,
+    // while the received bytes are still held, at most what is left of the whole budget, so one alone always fits.
     let deflated = super::syntax::trim_uid(ctx.transfer_syntax) == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN;
-    if let Some(c) = charge.as_mut() {
-        let working = if deflated {
-            (dataset.len() as u64 + 2 * ctx.max_message_bytes).min(c.limit().saturating_sub(c.bytes()))
-        } else {
-            dataset.len() as u64
-        };
+    if let (true, Some(c)) = (deflated, charge.as_mut()) {
+        let working = (2 * ctx.max_message_bytes).min(c.limit().saturating_sub(c.bytes()));
         if !c.grow(working) {
             warn!(
                 sop_instance,
                 size = dataset.len(),
-                "C-STORE refused: no room in dicom.max_buffered_mb to store it now"
+                "C-STORE refused: no room in dicom.max_buffered_mb to inflate it now"
             );
             return (status::OUT_OF_RESOURCES, Some("receiver's memory budget is full; retry later".into()));
         }

@@ -209,6 +209,10 @@ pub struct SliceSegmentation {
     /// without HU (hand-built fixtures): the series is then analysed without the guard.
     #[serde(default)]
     pub air: Option<BitMask>,
+    /// The lung guard's seeding of this slice done ahead, while the series streams in (see
+    /// [`lung_guard::PreSeed`]); `None` when not made (then the guard seeds the slice at completion).
+    #[serde(skip)]
+    pub pre_seed: Option<lung_guard::PreSeed>,
 }
 
 /// Bilinear upsampling table (half-pixel centres, clamped): two source indices and the weight of the second.
@@ -330,6 +334,7 @@ pub fn segment_slice(scores: &[f32], classes: usize, h: usize, w: usize, hu: &Hu
         lesion_hu,
         max_lesion_probability: max_class_probability(scores, classes, h, w, LESION_CLASS),
         air: Some(lung_guard::air_mask(hu).candidate),
+        pre_seed: None,
     }
 }
 
@@ -472,24 +477,31 @@ fn plausible_lungs(
         slice_runs.push(idx);
     }
     let mut dsu = components_3d(&sorted, &runs, &slice_runs);
-    let mut volume: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    // Per component, indexed by its root (a run index): volume, then whether it is kept.
     let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
+    let mut volume = vec![0f64; runs.len()];
     for (run, &root) in runs.iter().zip(&roots) {
-        *volume.entry(root).or_default() += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
+        volume[root as usize] += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
     }
-    let mut by_size: Vec<(u32, f64)> = volume.into_iter().collect();
+    let mut by_size: Vec<(u32, f64)> =
+        (0..runs.len()).filter(|&i| roots[i] == i as u32).map(|i| (i as u32, volume[i])).collect();
     by_size.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let largest = by_size.first().map_or(0.0, |x| x.1);
-    let keep: std::collections::HashSet<u32> =
-        by_size.iter().enumerate().filter(|(i, (_, v))| *i < 2 || *v >= 0.05 * largest).map(|(_, (r, _))| *r).collect();
-    let dropped: f64 = by_size.iter().filter(|(r, _)| !keep.contains(r)).map(|x| x.1).sum();
+    let mut keep = vec![false; runs.len()];
+    let mut dropped = 0.0;
+    for (i, &(root, v)) in by_size.iter().enumerate() {
+        if i < 2 || v >= 0.05 * largest {
+            keep[root as usize] = true;
+        } else {
+            dropped += v;
+        }
+    }
     let mut masks: Vec<BitMask> =
         sorted.iter().map(|s| BitMask::new(s.segmentation.rows, s.segmentation.cols)).collect();
-    for (run, root) in runs.iter().zip(&roots) {
-        if keep.contains(root) {
-            for c in run.start..=run.end {
-                masks[run.slice].set(run.row, c, true);
-            }
+    for (run, &root) in runs.iter().zip(&roots) {
+        if keep[root as usize] {
+            let at = run.row * masks[run.slice].cols;
+            masks[run.slice].set_range(at + run.start, at + run.end + 1);
         }
     }
     (masks, dropped)
@@ -579,13 +591,24 @@ pub fn analyse_series(slices: &[PlacedSlice], params: &AnalysisParams) -> Series
     // The lung guard (HU anatomy) first; the same analysis on the model's own masks gives the unguarded figures.
     // The two are independent, so the unguarded one runs on its own thread meanwhile (the alert waits for both:
     // they are in the result it carries).
+    let t0 = std::time::Instant::now();
+    let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
     let (guarded, unguarded) = std::thread::scope(|scope| {
-        let unguarded = scope.spawn(|| analyse_sorted(&sorted, &model_lungs, params, spacing));
-        let guarded = lung_guard::guard(&sorted, voxel_ml, spacing).map(|g| {
-            let lungs: Vec<&BitMask> = g.lung.iter().collect();
-            (analyse_sorted(&sorted, &lungs, params, spacing), g.report)
+        let unguarded = scope.spawn(|| {
+            let t = std::time::Instant::now();
+            (analyse_sorted(&sorted, &model_lungs, params, spacing), ms(t))
         });
-        (guarded, unguarded.join().expect("unguarded analysis panicked"))
+        let guarded = lung_guard::guard(&sorted, voxel_ml, spacing).map(|g| {
+            let guard_ms = ms(t0);
+            let t = std::time::Instant::now();
+            let lungs: Vec<&BitMask> = g.lung.iter().collect();
+            let r = analyse_sorted(&sorted, &lungs, params, spacing);
+            tracing::debug!(guard_ms, guarded_ms = ms(t), "analysis: lung guard, guarded 3D analysis");
+            (r, g.report)
+        });
+        let (unguarded, unguarded_ms) = unguarded.join().expect("unguarded analysis panicked");
+        tracing::debug!(unguarded_ms, total_ms = ms(t0), slices = sorted.len(), "analysis: unguarded 3D analysis");
+        (guarded, unguarded)
     });
     let mut r = match guarded {
         Some((mut r, report)) => {

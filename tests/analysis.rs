@@ -20,6 +20,7 @@ fn placed(z: f64, lung: &[bool], lesion: &[bool], lesion_hu: f32) -> PlacedSlice
             lesion_hu: vec![lesion_hu; count],
             max_lesion_probability: if count > 0 { 0.9 } else { 0.1 },
             air: None,
+            pre_seed: None,
         },
         position_mm: z,
         image_position: [-16.0, -16.0, z],

@@ -42,6 +42,8 @@ struct PackedSegmentation {
     max_lesion_probability: f32,
     /// Air inside the body less its gas pieces (the lung guard's input at completion), as runs like the masks.
     air: Option<RunMask>,
+    /// The lung guard's seeding of the slice, made as it arrived (its masks are runs too).
+    pre_seed: Option<analysis::lung_guard::PreSeed>,
 }
 
 impl PackedSegmentation {
@@ -53,6 +55,7 @@ impl PackedSegmentation {
             lesion_hu: s.lesion_hu,
             max_lesion_probability: s.max_lesion_probability,
             air: s.air.as_ref().map(RunMask::from_bitmask),
+            pre_seed: s.pre_seed,
         }
     }
 
@@ -66,6 +69,7 @@ impl PackedSegmentation {
             lesion_hu: self.lesion_hu.clone(),
             max_lesion_probability: self.max_lesion_probability,
             air: self.air.as_ref().map(RunMask::to_bitmask),
+            pre_seed: self.pre_seed.clone(),
         }
     }
 }
@@ -206,6 +210,10 @@ impl SeriesWork {
             slow_engine_for_tests();
             let t2 = Instant::now();
             let seg = analysis::segment_slice(&scores, classes, input.height, input.width, &hu);
+            // The lung guard's per-slice seeding now, while the scanner is still sending, not at completion.
+            let mut placed = placed_slice(&frame_meta, seg, 0.0);
+            placed.segmentation.pre_seed = analysis::lung_guard::pre_seed(&placed);
+            let seg = placed.segmentation;
             let t3 = Instant::now();
             self.decode_ms += ms(t1 - t0);
             self.infer_ms += ms(t2 - t1);
@@ -253,21 +261,14 @@ impl SeriesWork {
             .order
             .iter()
             .zip(order.positions_mm.iter())
-            .map(|(&i, &z)| {
-                let m = &segs[i].meta;
-                PlacedSlice {
-                    segmentation: segs[i].segmentation.unpack(),
-                    position_mm: z,
-                    image_position: m.image_position.unwrap_or([0.0; 3]),
-                    image_orientation: m.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-                    pixel_spacing: m.pixel_spacing.unwrap_or([1.0, 1.0]),
-                    slice_thickness: m.slice_thickness,
-                }
-            })
+            .map(|(&i, &z)| placed_slice(&segs[i].meta, segs[i].segmentation.unpack(), z))
             .collect();
+        let place_ms = ms(t0.elapsed());
         let params = AnalysisParams::from(&ctx.config.analysis);
         let analysed = !placed.is_empty() && !(enforce_eligibility && !would_skip.is_empty());
+        let t3d = Instant::now();
         let result = if analysed { Some(analysis::analyse_series(&placed, &params)) } else { None };
+        let a3d_ms = ms(t3d.elapsed());
         let analysis_ms = ms(t0.elapsed()) + self.segment_ms;
         let sop_order: Vec<&str> = order.order.iter().map(|&i| segs[i].meta.sop_instance_uid.as_str()).collect();
         // Frame numbers of the slices in that order, only when some slice is a frame of a multi-frame instance.
@@ -331,7 +332,22 @@ impl SeriesWork {
                 .collect(),
             None => Vec::new(),
         };
+        tracing::debug!(place_ms, a3d_ms, total_ms = ms(t0.elapsed()), "finish: placed slices, 3D analysis, all");
         (v, source_slices)
+    }
+}
+
+/// A slice's masks placed with its attributes' geometry (the defaults stand in for missing attributes), at
+/// `position_mm` along the series' normal: one function, so the lung guard's pre-seed while streaming and its
+/// check at completion see the same geometry.
+fn placed_slice(m: &InstanceMeta, segmentation: SliceSegmentation, position_mm: f64) -> PlacedSlice {
+    PlacedSlice {
+        segmentation,
+        position_mm,
+        image_position: m.image_position.unwrap_or([0.0; 3]),
+        image_orientation: m.image_orientation.unwrap_or([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+        pixel_spacing: m.pixel_spacing.unwrap_or([1.0, 1.0]),
+        slice_thickness: m.slice_thickness,
     }
 }
 

@@ -325,14 +325,9 @@ fn validate(inc: &IncomingInstance, dataset: &[u8], ts_uid: &str) -> Result<Inst
 /// every element length against the bytes that follow, parseable, routing attributes present
 /// ([`InstanceMeta::from_received`]: Study, Series and SOP Instance UIDs absent or blank in the dataset are
 /// refused, never taken from the command or derived; only a blank SOP Class UID takes the command's), and for CT
-/// images the Pixel Data checks. Only a dataset that passes is
-/// ever spooled, so the instance files the series workers decode have all passed it (the `dataset_to_hu` fuzz
-/// target runs it before decoding for the same reason).
-pub fn check_dataset(
-    dataset: &[u8],
-    ts_uid: &str,
-    sop_class_hint: Option<&str>,
-) -> Result<InstanceMeta, SpoolError> {
+/// images the Pixel Data checks. Only a dataset that passes is ever spooled, so the instance files the series
+/// workers decode have all passed it (the `dataset_to_hu` fuzz target runs it before decoding for the same reason).
+pub fn check_dataset(dataset: &[u8], ts_uid: &str, sop_class_hint: Option<&str>) -> Result<InstanceMeta, SpoolError> {
     let cu = SpoolError::CannotUnderstand;
     let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
     if matches!(ts.codec(), Codec::Dataset(_)) {

@@ -176,7 +176,9 @@ impl Manifest {
                 }
                 (None, Some(_)) => {
                     if e.expect.is_none() {
-                        return Err(at("a real entry needs `expect` (positive, negative, analysed, skipped or refused)"));
+                        return Err(at(
+                            "a real entry needs `expect` (positive, negative, analysed, skipped or refused)",
+                        ));
                     }
                     if e.involvement_tolerance.is_some() {
                         return Err(at("`involvement_tolerance` needs a truth: phantom entries only"));

@@ -4,9 +4,13 @@
 //! Hands to `spool` (which stores them beside the file) and `series` (which groups and orders by them).
 //! Refuses: an instance whose Study, Series or SOP Instance UID is not a UID ([`crate::uid`]: digits and dots,
 //! no empty component, at most 64 characters) — `..`, `a/b` or a 65-character value is never grouped, stored or
-//! named after ([`InstanceError::InvalidUid`], a C000 status at receive). A UID that is *absent or blank* is not
-//! malformed: the SOP Instance UID then comes from the command or file meta and Study/Series UIDs are derived
-//! (below), as anonymisers leave them.
+//! named after ([`InstanceError::InvalidUid`], a C000 status at receive). At receive
+//! ([`InstanceMeta::from_received`]) a Study, Series or SOP Instance UID that is *absent or blank* in the dataset
+//! is refused too ([`InstanceError::Missing`], [`InstanceError::Empty`]): they are Type 1 attributes, and a UID
+//! invented for them would only hide a broken sender. Local files (`lungsentry analyze`, `eval`) are read more
+//! leniently ([`InstanceMeta::from_file`]): a blank SOP Instance UID comes from the file meta and blank
+//! Study/Series UIDs are derived from the other study/series attributes (recorded in `derived_uids`; `series`
+//! skips such a series with the reason), as anonymisers leave them.
 //! Never: decodes pixel data (that is `preprocess`).
 
 use dicom_core::Tag;
@@ -24,8 +28,12 @@ pub const LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.
 /// Why an instance cannot be accepted at all (becomes a C000-range failure status).
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
-    #[error("missing required attribute {0}")]
+    /// A required attribute is absent (and no command/file-meta value stands in for it).
+    #[error("{0} is missing (Type 1 attribute)")]
     Missing(&'static str),
+    /// A Study/Series/SOP Instance UID is present but empty or only padding, in a dataset received from a peer.
+    #[error("{0} is empty (Type 1 attribute)")]
+    Empty(&'static str),
     /// A Study/Series/SOP Instance UID that breaks the UI value representation.
     #[error("{attribute} {value} {reason}: not a valid UID")]
     InvalidUid {
@@ -90,9 +98,11 @@ pub struct InstanceMeta {
     /// tracker's count rule; absent in many series).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_in_acquisition: Option<u32>,
-    /// Identifiers the dataset lacked (e.g. an anonymiser blanked them) and that were derived instead:
-    /// SOP Instance UID from the command/file meta, Study/Series UIDs from a hash of the other study/series
-    /// attributes. Such instances are stored; the daemon does not analyse a series grouped by a derived UID.
+    /// Identifiers a local file lacked (e.g. an anonymiser blanked them) and that were derived instead: SOP
+    /// Instance UID from the file meta, Study/Series UIDs from a hash of the other study/series attributes. Always
+    /// empty for an instance received from a peer (the receive path refuses blank UIDs); `series` does not analyse
+    /// a series grouped by a derived UID (only `analyze`/`eval` on files, or a store written by a version that
+    /// accepted them, can hold one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub derived_uids: Vec<String>,
 }
@@ -111,7 +121,30 @@ fn derived_uid(kind: &str, basis: &str) -> String {
     format!("2.25.{}", u128::from_be_bytes(b))
 }
 
+/// The identifying UIDs a received dataset must carry itself (Type 1: present and not blank).
+const RECEIVED_TYPE1_UIDS: [(&str, Tag); 3] = [
+    ("StudyInstanceUID", tags::STUDY_INSTANCE_UID),
+    ("SeriesInstanceUID", tags::SERIES_INSTANCE_UID),
+    ("SOPInstanceUID", tags::SOP_INSTANCE_UID),
+];
+
 impl InstanceMeta {
+    /// The receive path's reading of a dataset a peer sent: Study, Series and SOP Instance UIDs absent or blank
+    /// (empty or only padding) in the dataset are refused ([`InstanceError::Missing`], [`InstanceError::Empty`])
+    /// instead of derived; then as [`InstanceMeta::from_object`] (a blank SOP Class UID still comes from the
+    /// command). The returned `derived_uids` is always empty.
+    pub fn from_received(obj: &InMemDicomObject, sop_class_hint: Option<&str>) -> Result<InstanceMeta, InstanceError> {
+        for (attribute, tag) in RECEIVED_TYPE1_UIDS {
+            if obj.element(tag).is_err() {
+                return Err(InstanceError::Missing(attribute));
+            }
+            if text(obj, tag).is_none_or(|s| s.is_empty()) {
+                return Err(InstanceError::Empty(attribute));
+            }
+        }
+        Self::from_object_with(obj, sop_class_hint, None)
+    }
+
     /// Extracts the routing attributes. SOP Class/Instance UIDs missing from the dataset are taken from the
     /// hints (the C-STORE command, or the file meta); without them they are required.
     pub fn from_object(obj: &InMemDicomObject, sop_class_hint: Option<&str>) -> Result<InstanceMeta, InstanceError> {

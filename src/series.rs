@@ -32,9 +32,11 @@ pub fn instance_skip_reasons(meta: &InstanceMeta) -> Vec<String> {
         reasons.push(format!("SOP class {} is not a CT image (stored, not analysed)", meta.sop_class_uid));
         return reasons;
     }
+    // Only local files (`analyze`, `eval`) or a store written by a version that accepted blank UIDs can get
+    // here: the receive path refuses them (Type 1, issue 21).
     if meta.derived_uids.iter().any(|u| u != "SOPInstanceUID") {
         reasons.push(format!(
-            "{} missing in the dataset: grouped under a derived UID (stored, not analysed by the daemon)",
+            "{} missing in the dataset: grouped under a derived UID (not analysed; the daemon refuses it at receive)",
             meta.derived_uids.iter().filter(|u| *u != "SOPInstanceUID").cloned().collect::<Vec<_>>().join(", ")
         ));
     }

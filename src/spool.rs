@@ -303,12 +303,7 @@ fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, SpoolError> {
 /// Every check before anything is written; returns the routing attributes. `dataset` is `inc.dataset`, or
 /// its inflated form (then `ts_uid` is Explicit VR LE).
 fn validate(inc: &IncomingInstance, dataset: &[u8], ts_uid: &str) -> Result<InstanceMeta, SpoolError> {
-    let meta = check_dataset(
-        dataset,
-        ts_uid,
-        Some(&inc.sop_class_uid),
-        Some(inc.sop_instance_uid.trim_end_matches(['\0', ' '])),
-    )?;
+    let meta = check_dataset(dataset, ts_uid, Some(&inc.sop_class_uid))?;
     let cmd_sop = inc.sop_instance_uid.trim_end_matches(['\0', ' ']);
     if meta.sop_instance_uid != cmd_sop {
         return Err(SpoolError::DatasetMismatch(format!(
@@ -327,16 +322,12 @@ fn validate(inc: &IncomingInstance, dataset: &[u8], ts_uid: &str) -> Result<Inst
 }
 
 /// The checks on a dataset alone, in transfer syntax `ts_uid` (not deflated): known, not dataset-compressed,
-/// every element length against the bytes that follow, parseable, routing attributes present (the command's UIDs
-/// stand in where the dataset lacks them), and for CT images the Pixel Data checks. Only a dataset that passes is
-/// ever spooled, so the instance files the series workers decode have all passed it (the `dataset_to_hu` fuzz
-/// target runs it before decoding for the same reason).
-pub fn check_dataset(
-    dataset: &[u8],
-    ts_uid: &str,
-    sop_class_hint: Option<&str>,
-    sop_instance_hint: Option<&str>,
-) -> Result<InstanceMeta, SpoolError> {
+/// every element length against the bytes that follow, parseable, routing attributes present
+/// ([`InstanceMeta::from_received`]: Study, Series and SOP Instance UIDs absent or blank in the dataset are
+/// refused, never taken from the command or derived; only a blank SOP Class UID takes the command's), and for CT
+/// images the Pixel Data checks. Only a dataset that passes is ever spooled, so the instance files the series
+/// workers decode have all passed it (the `dataset_to_hu` fuzz target runs it before decoding for the same reason).
+pub fn check_dataset(dataset: &[u8], ts_uid: &str, sop_class_hint: Option<&str>) -> Result<InstanceMeta, SpoolError> {
     let cu = SpoolError::CannotUnderstand;
     let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| cu(format!("unknown transfer syntax {ts_uid:?}")))?;
     if matches!(ts.codec(), Codec::Dataset(_)) {
@@ -349,8 +340,7 @@ pub fn check_dataset(
     check_lengths(dataset, ts_uid != IMPLICIT_VR_LE, big_endian).map_err(cu)?;
     let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts)
         .map_err(|e| cu(format!("unparseable dataset in {}: {e}", ts.name())))?;
-    let meta =
-        InstanceMeta::from_object_with(&obj, sop_class_hint, sop_instance_hint).map_err(|e| cu(e.to_string()))?;
+    let meta = InstanceMeta::from_received(&obj, sop_class_hint).map_err(|e| cu(e.to_string()))?;
     if meta.is_ct_image_class() {
         check_pixel_data(&obj, &meta, ts.is_encapsulated_pixel_data())?;
     }

@@ -270,10 +270,13 @@ fn allow_list_and_bad_datasets() {
     assert_eq!(out.matches("Received Store Response (Success)").count(), 4, "{out}");
 }
 
-/// Every real file under $LUNGSENTRY_DATA/real-dicom is accepted by storescu with success, and every series
-/// gets a result: analysed, or skipped with a stated reason.
+/// Every real file under $LUNGSENTRY_DATA/real-dicom but the Siemens JPEG 2000 series is accepted by storescu
+/// with success and every series of them gets a result: analysed, or skipped with a stated reason. The Siemens
+/// slices carry blank Study/Series/SOP Instance UIDs in the dataset (Type 1 attributes): each is refused with
+/// C000, `lungsentry send` reports every one failed and exits non-zero, the daemon logs the attribute, and
+/// nothing of the series is stored or has a result (issue 21).
 #[test]
-fn every_real_dicom_file_is_accepted_and_analysed_or_skipped() {
+fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused() {
     if skip_without_model() {
         return;
     }
@@ -291,7 +294,9 @@ fn every_real_dicom_file_is_accepted_and_analysed_or_skipped() {
     let other_refs: Vec<&Path> = others.iter().map(|p| p.as_path()).collect();
     let (ok, out) = storescu(d.port, "CT1", &other_refs, true);
     assert!(ok, "{out}");
-    let n_j2k = std::fs::read_dir(&j2k).unwrap().count();
+    let j2k_files = lungsentry::analyze::collect_files(&[j2k.clone()]).unwrap();
+    let n_j2k = j2k_files.len();
+    assert_eq!(n_j2k, 20);
     assert_eq!(out.matches("Received Store Response (Success)").count(), files.len() - n_j2k, "{out}");
     let out = std::process::Command::new(bin())
         .args(["send", "--host", "127.0.0.1", "--port", &d.port.to_string(), "--calling-ae", "CT1"])
@@ -299,13 +304,41 @@ fn every_real_dicom_file_is_accepted_and_analysed_or_skipped() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains(&format!("sent {n_j2k} of {n_j2k}")), "{text}");
-    for uid in groups.keys() {
+    assert!(!out.status.success(), "send must exit non-zero when files are refused: {text}");
+    assert!(text.contains(&format!("sent 0 of {n_j2k} file(s)")), "{text}");
+    assert!(text.contains(&format!("{n_j2k} failed")), "{text}");
+    assert!(text.contains(&format!("{n_j2k} file(s) were not stored")), "{text}");
+    assert_eq!(text.matches("peer answered status 0xC000").count(), n_j2k, "{text}");
+    let log = d.log();
+    assert!(log.contains("StudyInstanceUID is empty (Type 1 attribute)"), "the reason is not logged:\n{log}");
+    // Nothing of the Siemens series is stored: neither its instances (by the file meta's SOP Instance UID, the
+    // one the command carried) nor a result under the UID `analyze` derives for it.
+    let store = d.store();
+    let j2k_series = lungsentry::analyze::group_by_series(&j2k_files);
+    assert_eq!(j2k_series.len(), 1);
+    for (uid, instances) in &j2k_series {
+        assert!(store.latest_result(uid).unwrap().is_none(), "a result for the refused series {uid}");
+        let db = rusqlite::Connection::open(d.dir.join("data/lungsentry.sqlite")).unwrap();
+        for (_, path) in instances {
+            let sop = dicom_object::open_file(path).unwrap().meta().media_storage_sop_instance_uid().to_string();
+            let sop = sop.trim_end_matches(['\0', ' ']);
+            let n: i64 = db
+                .query_row("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?1", [sop], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 0, "refused instance {sop} is in the store");
+        }
+    }
+    let stored: i64 = rusqlite::Connection::open(d.dir.join("data/lungsentry.sqlite"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored as usize, files.len() - n_j2k, "only the accepted files are stored");
+    for uid in groups.keys().filter(|u| !j2k_series.contains_key(*u)) {
         let r = d.wait_result(uid, 1, Duration::from_secs(300));
         let status = r.result["status"].as_str().unwrap();
         let reasons = r.result["skip_reasons"].as_array().unwrap();
         eprintln!("{}: {status} {:?}", &uid[..uid.len().min(24)], reasons);
         assert!(status == "analysed" || (status == "skipped" && !reasons.is_empty()), "{}", r.result);
     }
+    assert!(store.latest_result(j2k_series.keys().next().unwrap()).unwrap().is_none());
 }

@@ -1,7 +1,7 @@
 //! The HIL harness (`lungsentry hil`, issue 5) run like a tester runs it — the binary, a manifest, a target —
 //! against a local `lungsentry serve` (a separate process, HTTP API on, webhook pointed at the harness):
-//! the shipped manifest (tests/hil/manifest.toml: phantoms with truth and the real DICOM) must produce both
-//! reports with every series correct and exit 0; a manifest with an impossible latency threshold must exit
+//! the shipped manifest (tests/hil/manifest.toml: phantoms with truth and the real DICOM, the Siemens series
+//! expected refused for its blank UIDs) must produce both reports with every series correct and exit 0; a manifest with an impossible latency threshold must exit
 //! non-zero with the missed threshold in its report.
 
 mod common;
@@ -81,9 +81,18 @@ fn shipped_manifest_against_a_local_daemon_all_series_correct() {
         assert!(md.contains(name), "report.md lacks {name}");
     }
     let mut positives = 0;
+    let mut refused = 0;
     for s in series {
         assert_eq!(s["correct"], true, "{s}");
         assert!(s["failures"].as_array().unwrap().is_empty(), "{s}");
+        if s["expected"]["expect"] == "refused" {
+            // Every instance answered with a failure status; nothing to show in the API.
+            refused += 1;
+            assert!(s["result"].is_null(), "{s}");
+            assert_eq!(s["refused"], s["instances"], "{s}");
+            assert_eq!(s["alerts"], 0, "{s}");
+            continue;
+        }
         assert!(s["result"].is_object(), "{s}");
         if s["result"]["positive"] == true {
             positives += 1;
@@ -98,7 +107,9 @@ fn shipped_manifest_against_a_local_daemon_all_series_correct() {
     assert_eq!(summary["correct"], summary["series"]);
     assert_eq!(summary["alert_latency_s"]["n"], positives);
     assert!(summary["alert_latency_s"]["p95"].as_f64().is_some());
-    assert_eq!(summary["result_latency_s"]["n"].as_u64().unwrap() as usize, series.len());
+    let refused_entries = entries.iter().filter(|e| e.get("expect").is_some_and(|x| x.as_str() == Some("refused")));
+    assert!(refused >= refused_entries.count() && refused > 0, "{refused} refused series");
+    assert_eq!(summary["result_latency_s"]["n"].as_u64().unwrap() as usize, series.len() - refused);
     assert!(r["thresholds"].as_array().unwrap().iter().all(|c| c["met"] == true), "{}", r["thresholds"]);
     // The report names the appliance's model and engine, and the prepared copies are gone.
     assert!(r["target"]["readyz"]["model"].as_str().is_some_and(|m| !m.is_empty()));

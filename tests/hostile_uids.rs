@@ -2,13 +2,16 @@
 //!
 //! - A real `lungsentry serve` gets, through DCMTK `storescu` in one association, a phantom series interleaved
 //!   with copies of one of its slices whose Study, Series or SOP Instance UID is `..`, `.`, `../x`, `a/b`, has
-//!   an empty component, 65 characters or non-digits: each is refused with C000 (and the reason is logged), each
-//!   good slice after it is stored. Slices whose Study/Series UIDs are blank are stored under derived `2.25.`
-//!   UIDs (the anonymiser case). The series is analysed, its DICOM outputs delivered to DCMTK `storescp`; then a
-//!   retention pass (age) purges it; after a restart with disk-pressure purging, a second series is analysed and
-//!   delivered and the next instance's disk-pressure purge removes it. Afterwards the data dir, its SQLite file
-//!   (integrity_check), salt and token are intact, and nothing outside the data dir was created or removed.
-//!   (The empty SOP Instance UID, which storescu will not send, is a raw-wire case of `tests/malformed_corpus.rs`.)
+//!   an empty component, 65 characters or non-digits, or whose Study or Series UID is blank: each is refused with
+//!   C000 (and the reason is logged), each good slice after it is stored. A copy whose SOP Instance UID is blank
+//!   in the dataset only (the file meta keeps a good one), which storescu will not send, goes through
+//!   `lungsentry send` (the command takes the file meta's UID): refused with C000 too. Blank UIDs are Type 1
+//!   violations; none is stored under a derived UID. The series is analysed, its DICOM outputs delivered to DCMTK
+//!   `storescp`; then a retention pass (age) purges it; after a restart with disk-pressure purging, a second
+//!   series is analysed and delivered and the next instance's disk-pressure purge removes it. Afterwards the data
+//!   dir, its SQLite file (integrity_check), salt and token are intact, and nothing outside the data dir was
+//!   created or removed. (An empty SOP Instance UID in the command too is a raw-wire case of
+//!   `tests/malformed_corpus.rs`.)
 //! - A store written before UIDs were checked (rows with Series UIDs `..`, `.`, `../x`, `a/b`, spool paths that
 //!   point at the store file or outside the data dir, output directories named as the old code named them):
 //!   retention's age pass and disk-pressure purge delete only what is strictly inside the data dir.
@@ -115,16 +118,35 @@ fn hostile_copies(slice: &Path, dir: &Path) -> Vec<(PathBuf, &'static str, Strin
     out
 }
 
-/// A copy of `slice` with blank Study and Series UIDs and its own SOP Instance UID.
-fn blank_study_series_copy(slice: &Path, dir: &Path) -> (PathBuf, String) {
-    let mut o = dicom_object::open_file(slice).unwrap();
-    let sop = format!("{}.991", o.meta().media_storage_sop_instance_uid().trim_end_matches('\0'));
-    o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop.as_str())));
-    o.update_meta(|m| m.media_storage_sop_instance_uid = sop.clone());
-    for t in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID] {
-        o.put(DataElement::new(t, VR::UI, PrimitiveValue::from("")));
+/// Copies of `slice` with a blank Study or a blank Series UID, each with its own SOP Instance UID; returns (file,
+/// attribute, SOP Instance UID sent).
+fn blank_study_series_copies(slice: &Path, dir: &Path) -> Vec<(PathBuf, &'static str, String)> {
+    let mut out = Vec::new();
+    for (i, (attr, tag)) in
+        [("StudyInstanceUID", tags::STUDY_INSTANCE_UID), ("SeriesInstanceUID", tags::SERIES_INSTANCE_UID)]
+            .into_iter()
+            .enumerate()
+    {
+        let mut o = dicom_object::open_file(slice).unwrap();
+        let sop = format!("{}.99{i}", o.meta().media_storage_sop_instance_uid().trim_end_matches('\0'));
+        o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop.as_str())));
+        o.update_meta(|m| m.media_storage_sop_instance_uid = sop.clone());
+        o.put(DataElement::new(tag, VR::UI, PrimitiveValue::from("")));
+        let p = dir.join(format!("blank-{attr}.dcm"));
+        o.write_to_file(&p).unwrap();
+        out.push((p, attr, sop));
     }
-    let p = dir.join("blank-study-series.dcm");
+    out
+}
+
+/// A copy of `slice` whose dataset SOP Instance UID is blank while its file meta (which `lungsentry send` puts in
+/// the command) keeps a good one; returns (file, that UID).
+fn blank_sop_in_dataset_copy(slice: &Path, dir: &Path) -> (PathBuf, String) {
+    let mut o = dicom_object::open_file(slice).unwrap();
+    let sop = format!("{}.999", o.meta().media_storage_sop_instance_uid().trim_end_matches('\0'));
+    o.update_meta(|m| m.media_storage_sop_instance_uid = sop.clone());
+    o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("")));
+    let p = dir.join("blank-SOPInstanceUID-dataset-only.dcm");
     o.write_to_file(&p).unwrap();
     (p, sop)
 }
@@ -143,7 +165,8 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     phantom(&c_dir, 21_003, 2, "none");
     let a_files = dcm_files(&a_dir);
     let hostile = hostile_copies(&a_files[0], &root.join("hostile"));
-    let (blank, blank_sop) = blank_study_series_copy(&a_files[0], &root.join("hostile"));
+    let blank = blank_study_series_copies(&a_files[0], &root.join("hostile"));
+    let (blank_sop_file, blank_sop) = blank_sop_in_dataset_copy(&a_files[0], &root.join("hostile"));
     // Bait the old failure modes: files beside the data dir and next to where `../x` would land.
     for bait in ["outside.txt", "x", "d/x", "d/outside.txt"] {
         let p = root.join(bait);
@@ -162,36 +185,49 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     let before = snapshot(root, &skip);
     let salt = std::fs::read(data.join("patient-key.salt")).unwrap();
 
-    // One association: hostile copy, good slice, hostile copy, good slice, …, then the blank-UID copy.
+    // One association: hostile copy, good slice, hostile copy, good slice, … (the blank Study/Series copies among
+    // them).
+    let refused: Vec<&(PathBuf, &str, String)> = hostile.iter().chain(&blank).collect();
     let mut order = Vec::new();
     let mut good = a_files.iter();
-    for (p, _, _) in &hostile {
+    for (p, _, _) in refused.iter().copied() {
         order.push(p.clone());
         if let Some(g) = good.next() {
             order.push(g.clone());
         }
     }
     order.extend(good.cloned());
-    order.push(blank.clone());
     let (responses, text) = send_each(d.port, &order);
-    for (p, _, _) in &hostile {
+    for (p, _, _) in refused.iter().copied() {
         let r = responses.get(p).unwrap_or_else(|| panic!("no response for {}:\n{text}", p.display()));
         assert!(r.contains("Error: CannotUnderstand"), "{}: {r}\n{text}", p.display());
     }
-    for g in a_files.iter().chain([&blank]) {
+    for g in &a_files {
         let r = responses.get(g).unwrap_or_else(|| panic!("no response for {}:\n{text}", g.display()));
         assert!(r.contains("(Success)"), "{}: {r}", g.display());
     }
+    // The blank SOP Instance UID in the dataset, with a good one in the command: through `lungsentry send`.
+    let sent = Command::new(bin())
+        .args(["send", "--host", "127.0.0.1", "--port", &d.port.to_string(), "--calling-ae", "CT1"])
+        .arg(&blank_sop_file)
+        .output()
+        .unwrap();
+    let sent_text = format!("{}{}", String::from_utf8_lossy(&sent.stdout), String::from_utf8_lossy(&sent.stderr));
+    assert!(!sent.status.success(), "send must fail when the peer refuses: {sent_text}");
+    assert!(sent_text.contains("peer answered status 0xC000"), "{sent_text}");
+    assert!(sent_text.contains("sent 0 of 1 file(s)"), "{sent_text}");
     let log = d.log();
     for attr in ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"] {
         for (_, v) in common::bad_uids() {
             let shown = format!("{attr} {v:?}");
             assert!(log.contains(&shown), "the refusal of {shown} is not logged:\n{log}");
         }
+        let shown = format!("{attr} is empty (Type 1 attribute)");
+        assert!(log.contains(&shown), "the refusal of a blank {attr} is not logged:\n{log}");
     }
-    // Nothing of the refused instances is stored; the blank-UID copy is, under derived UIDs.
+    // Nothing of the refused instances is stored (no derived UID either): A is the only series.
     let conn = db(&data);
-    for (_, _, sop) in &hostile {
+    for sop in refused.iter().map(|h| &h.2).chain([&blank_sop]) {
         let n: i64 =
             conn.query_row("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?1", [sop], |r| r.get(0)).unwrap();
         assert_eq!(n, 0, "refused instance {sop:?} is in the store");
@@ -206,10 +242,14 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
         )
         .unwrap();
     assert_eq!(bad_rows, 0, "an instance with a malformed UID was stored");
-    let derived: String = conn
-        .query_row("SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?1", [&blank_sop], |r| r.get(0))
-        .unwrap();
-    assert!(derived.starts_with("2.25."), "blank Series UID stored as {derived}");
+    let series: Vec<String> = conn
+        .prepare("SELECT DISTINCT series_instance_uid FROM instances")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(series, vec![a.clone()], "only A's good slices are stored");
     drop(conn);
 
     // The series is analysed, its outputs written and delivered; then the age pass purges pixels and outputs.
@@ -231,9 +271,9 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     let cfg = cfg.replace("retention_hours = 0.002", "retention_hours = 0");
     std::fs::write(&d.config, cfg).unwrap();
     d = d.restart();
-    let (responses, text) = send_each(d.port, &hostile.iter().map(|h| h.0.clone()).collect::<Vec<_>>());
+    let (responses, text) = send_each(d.port, &refused.iter().map(|h| h.0.clone()).collect::<Vec<_>>());
     assert!(responses.values().all(|r| r.contains("Error: CannotUnderstand")), "{text}");
-    assert_eq!(responses.len(), hostile.len(), "{text}");
+    assert_eq!(responses.len(), refused.len(), "{text}");
     let (ok, out) = storescu(d.port, "CT1", &[&b_dir], true);
     assert!(ok, "{out}");
     d.wait_result(&b, 1, Duration::from_secs(300));

@@ -138,25 +138,66 @@ fn j2k_files() -> Vec<PathBuf> {
     j2k
 }
 
+/// Every file under the spool (temporary files included).
+fn spool_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// The Siemens series was anonymised down to *empty* SOP/Study/Series UIDs in the dataset (only the file meta
-/// keeps the SOP Instance UID). Nothing acknowledged may be lost and nothing readable refused: the spool stores
-/// it under the command's SOP Instance UID and derived Study/Series UIDs, recorded in `derived_uids` (the
-/// series stage then skips analysis with that reason). The derivation is stable: all 20 slices share a series.
+/// keeps the SOP Instance UID). These are Type 1 attributes: at receive each slice is refused with C000 naming
+/// the first blank one (StudyInstanceUID), nothing is spooled, and no UID is invented for it (issue 21).
 #[test]
-fn real_dataset_with_empty_uids_is_stored_under_derived_uids() {
+fn real_dataset_with_empty_uids_is_refused_naming_the_attribute() {
     let tmp = tempfile::tempdir().unwrap();
     let spool = Spool::open(tmp.path()).unwrap();
-    let mut series = std::collections::HashSet::new();
     for f in j2k_files() {
         let inc = incoming_from_file(&f);
-        let s = spool.store(&inc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert_eq!(s.meta.sop_instance_uid, inc.sop_instance_uid.trim_end_matches(['\0', ' ']));
-        assert_eq!(s.meta.derived_uids, vec!["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]);
-        assert!(s.meta.series_instance_uid.starts_with("2.25."));
-        series.insert(s.meta.series_instance_uid.clone());
-        assert!(s.path.exists());
+        assert!(!inc.sop_instance_uid.is_empty(), "the command carries the file meta's SOP Instance UID");
+        expect_err(&spool, &inc, status::CANNOT_UNDERSTAND, "StudyInstanceUID is empty (Type 1 attribute)");
     }
-    assert_eq!(series.len(), 1, "the 20 slices must group into one derived series");
+    assert!(spool_files(spool.root()).is_empty(), "spooled: {:?}", spool_files(spool.root()));
+}
+
+/// Study, Series or SOP Instance UID blank (empty, spaces, NUL padding) or absent in the dataset, each on its
+/// own, is refused with C000 naming the attribute — the SOP Instance UID too when the command carries a good one
+/// — and nothing is spooled.
+#[test]
+fn blank_or_absent_type1_uids_are_refused_naming_the_attribute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = Spool::open(tmp.path()).unwrap();
+    let good = incoming_from_file(&real("lidc-idri-2-slices/0.dcm"));
+    assert!(!good.sop_instance_uid.is_empty());
+    for (attr, tag) in [
+        ("StudyInstanceUID", tags::STUDY_INSTANCE_UID),
+        ("SeriesInstanceUID", tags::SERIES_INSTANCE_UID),
+        ("SOPInstanceUID", tags::SOP_INSTANCE_UID),
+    ] {
+        for blank in ["", "  ", "\0"] {
+            let mut obj = parse(&good);
+            obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(blank)));
+            let want = format!("{attr} is empty (Type 1 attribute)");
+            expect_err(&spool, &incoming_from_object(&good, &obj), status::CANNOT_UNDERSTAND, &want);
+        }
+        let mut obj = parse(&good);
+        obj.remove_element(tag);
+        let want = format!("{attr} is missing (Type 1 attribute)");
+        expect_err(&spool, &incoming_from_object(&good, &obj), status::CANNOT_UNDERSTAND, &want);
+    }
+    assert!(spool_files(spool.root()).is_empty(), "spooled: {:?}", spool_files(spool.root()));
+    // The unmodified dataset is stored.
+    spool.store(&good).unwrap();
 }
 
 /// JPEG 2000 (encapsulated Pixel Data) once the UIDs are filled in: stored verbatim, DCMTK reads it.

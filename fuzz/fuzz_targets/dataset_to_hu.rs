@@ -32,7 +32,7 @@ const TRANSFER_SYNTAXES: [&str; 9] = [
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, dataset)) = data.split_first() else { return };
     let ts = TRANSFER_SYNTAXES[pick as usize % TRANSFER_SYNTAXES.len()];
-    let Ok(meta) = lungsentry::spool::check_dataset(dataset, ts, None, None) else { return };
+    let Ok(meta) = lungsentry::spool::check_dataset(dataset, ts, None) else { return };
     let Ok(mut file) = lungsentry::spool::part10_header(&meta, ts) else { return };
     file.extend_from_slice(dataset);
     let Ok(obj) = dicom_object::OpenFileOptions::new().from_reader(&file[..]) else { return };

@@ -111,6 +111,9 @@ pub enum Expect {
     Analysed,
     /// Stored but skipped with a stated reason (no alert).
     Skipped,
+    /// Every instance refused by the appliance with a failure status (e.g. blank Study/Series/SOP Instance UIDs,
+    /// which are Type 1): nothing stored, no result, no alert.
+    Refused,
 }
 
 impl Manifest {
@@ -173,7 +176,9 @@ impl Manifest {
                 }
                 (None, Some(_)) => {
                     if e.expect.is_none() {
-                        return Err(at("a real entry needs `expect` (positive, negative, analysed or skipped)"));
+                        return Err(at(
+                            "a real entry needs `expect` (positive, negative, analysed, skipped or refused)",
+                        ));
                     }
                     if e.involvement_tolerance.is_some() {
                         return Err(at("`involvement_tolerance` needs a truth: phantom entries only"));

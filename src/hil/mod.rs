@@ -7,7 +7,9 @@
 //! ([`prepare`]), then per entry: send it with [`crate::scu::send_files`] at the entry's rate, wait (up to its
 //! timeout from the last acknowledged slice) for each of its series' complete result in the API
 //! (`GET /api/series/{uid}` with the token) and, when positive, its alert at the harness's own webhook listener
-//! ([`listener`]); judge ([`report`]) and write the reports.
+//! ([`listener`]); judge ([`report`]) and write the reports. A series whose every instance the appliance refused
+//! (failure status per instance, e.g. blank Type 1 UIDs) has nothing to wait for: the API is asked once, so a
+//! result that exists anyway is reported.
 //! The appliance's webhook only carries positives, so the API is how the harness knows a negative or skipped
 //! series was analysed; both work the same against a local `serve` and a remote appliance.
 //! Never: configures the appliance (its `alerts.webhook_url` must point at `--listen`) or sends the source files
@@ -265,11 +267,13 @@ async fn replay(
     let sent = crate::scu::send_files(&SendOptions { peer: peer.clone(), rate }, &p.files).await;
     // The last acknowledged slice: send_files returns after the last C-STORE response (and the release).
     let last_ack = Instant::now();
-    let (failed, first_error) = match &sent {
-        Ok(r) => {
-            (r.failed.iter().map(|f| f.path.clone()).collect::<Vec<_>>(), r.failed.first().map(|f| f.reason.clone()))
-        }
-        Err(e) => (p.files.clone(), Some(format!("{e:#}"))),
+    // Each file not stored, and whether the appliance answered it (with a failure status).
+    let (failed, first_error): (Vec<(PathBuf, bool)>, _) = match &sent {
+        Ok(r) => (
+            r.failed.iter().map(|f| (f.path.clone(), f.status.is_some())).collect(),
+            r.failed.first().map(|f| f.reason.clone()),
+        ),
+        Err(e) => (p.files.iter().map(|f| (f.clone(), false)).collect(), Some(format!("{e:#}"))),
     };
     let expected = match (&p.truth, entry.expect) {
         (Some(t), _) => Expected::Phantom {
@@ -288,6 +292,7 @@ async fn replay(
             series_instance_uid: uid.clone(),
             instances: *n,
             send_failures: 0,
+            refused: 0,
             send_error: first_error.clone(),
             send_s: (last_ack - t0).as_secs_f64(),
             rate,
@@ -305,9 +310,13 @@ async fn replay(
     // Which series the failed files belonged to (a file that never got stored cannot be attributed by reading
     // the appliance, so by reading the copy).
     if !failed.is_empty() {
-        let groups = crate::analyze::group_by_series(&failed);
+        let paths: Vec<PathBuf> = failed.iter().map(|(p, _)| p.clone()).collect();
+        let answered: std::collections::HashSet<&PathBuf> = failed.iter().filter(|f| f.1).map(|(p, _)| p).collect();
+        let groups = crate::analyze::group_by_series(&paths);
         for r in rows.iter_mut() {
-            r.send_failures = groups.get(&r.series_instance_uid).map(Vec::len).unwrap_or(0);
+            let group = groups.get(&r.series_instance_uid);
+            r.send_failures = group.map(Vec::len).unwrap_or(0);
+            r.refused = group.map(|g| g.iter().filter(|(_, p)| answered.contains(p)).count()).unwrap_or(0);
         }
         if groups.is_empty() {
             for r in rows.iter_mut() {
@@ -316,8 +325,16 @@ async fn replay(
         }
     }
 
-    // Nothing stored: nothing to wait for.
+    // Nothing stored: nothing to wait for; one look each, so that a result there is anyway is reported.
     if rows.iter().all(|r| r.send_failures >= r.instances) {
+        for r in rows.iter_mut() {
+            match api.result(&r.series_instance_uid).await {
+                Ok(v) => r.result = v,
+                Err(e) => {
+                    tracing::warn!(series = %r.series_instance_uid, error = %format!("{e:#}"), "hil: API poll failed")
+                }
+            }
+        }
         return rows;
     }
     let deadline = last_ack + timeout;

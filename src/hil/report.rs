@@ -4,7 +4,8 @@
 //! Owns: the correctness rules (a phantom must be analysed with the flag its truth.json states — involvement
 //! above 0.4 % — and, with a tolerance, an involvement within it; a real series must match its `expect`; in
 //! both cases a webhook alert arrives exactly when the result is positive, correctly signed when a secret is
-//! given, without the PatientID/PatientName that was sent), nearest-rank percentiles, and the threshold checks.
+//! given, without the PatientID/PatientName that was sent; a series expected `refused` must have every instance
+//! answered with a failure status, no result and no alert), nearest-rank percentiles, and the threshold checks.
 //! Never: talks to the appliance.
 
 use serde::Serialize;
@@ -43,6 +44,9 @@ pub struct Row {
     pub instances: usize,
     /// Instances the appliance did not store (count) and the first reason.
     pub send_failures: usize,
+    /// Of those, instances the appliance answered with a failure status (the rest were never sent or never
+    /// answered): what an `expect = "refused"` series is judged by.
+    pub refused: usize,
     /// First send failure, in words.
     pub send_error: Option<String>,
     /// Seconds the entry took to send (all its series).
@@ -77,6 +81,10 @@ impl Row {
 
     /// Fills `failures` from what was observed.
     pub fn judge(&mut self) {
+        if matches!(self.expected, Expected::Real { expect: Expect::Refused }) {
+            self.failures = self.refusal_failures();
+            return;
+        }
         let mut f = Vec::new();
         if self.send_failures > 0 {
             f.push(format!(
@@ -129,6 +137,7 @@ impl Row {
             Expected::Real { expect } => {
                 let ok = match expect {
                     Expect::Skipped => status == "skipped",
+                    Expect::Refused => unreachable!("judged by refusal_failures"),
                     Expect::Analysed => status == "analysed",
                     Expect::Positive => status == "analysed" && positive,
                     Expect::Negative => status == "analysed" && !positive,
@@ -152,6 +161,33 @@ impl Row {
             f.push(format!("{} alert(s) carry the PatientID/PatientName that was sent", self.identifier_leaks));
         }
         self.failures = f;
+    }
+}
+
+impl Row {
+    /// The failures of a series expected refused: an instance stored, or not refused by the appliance (never
+    /// sent, never answered), a result, an alert.
+    fn refusal_failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        let stored = self.instances.saturating_sub(self.send_failures);
+        if stored > 0 {
+            f.push(format!("{stored} of {} instances stored, expected every one refused", self.instances));
+        }
+        let unanswered = self.send_failures.saturating_sub(self.refused);
+        if unanswered > 0 {
+            f.push(format!(
+                "{unanswered} of {} instances got no failure status from the appliance (not sent or not answered: {})",
+                self.instances,
+                self.send_error.as_deref().unwrap_or("?")
+            ));
+        }
+        if let Some(r) = &self.result {
+            f.push(format!("a result (status {}) although every instance was to be refused", r["status"]));
+        }
+        if self.alerts > 0 {
+            f.push(format!("{} webhook alert(s) for a series whose instances were to be refused", self.alerts));
+        }
+        f
     }
 }
 
@@ -180,6 +216,7 @@ fn expect_word(e: Expect) -> &'static str {
         Expect::Negative => "negative",
         Expect::Analysed => "analysed",
         Expect::Skipped => "skipped",
+        Expect::Refused => "refused",
     }
 }
 
@@ -324,7 +361,11 @@ pub fn to_markdown(header: &Value, rows: &[Row], summary: &Summary, checks: &[Ch
             Expected::Real { expect } => (expect_word(*expect).to_string(), None),
         };
         let res = r.result.as_ref();
-        let status = res.and_then(|v| v["status"].as_str()).unwrap_or("–");
+        let status = match res.and_then(|v| v["status"].as_str()) {
+            Some(s) => s.to_string(),
+            None if r.refused > 0 => format!("refused {}/{}", r.refused, r.instances),
+            None => "–".into(),
+        };
         let flag =
             res.filter(|v| v["status"] == "analysed").and_then(|v| v["positive"].as_bool()).map(word).unwrap_or("–");
         let inv = res
@@ -391,6 +432,7 @@ mod tests {
             series_instance_uid: "2.25.1".into(),
             instances: 40,
             send_failures: 0,
+            refused: 0,
             send_error: None,
             send_s: 2.0,
             rate: Some(20.0),
@@ -441,6 +483,31 @@ mod tests {
         let mut partial = row(Expected::Real { expect: Expect::Analysed }, result("analysed", false, 0.0), 0);
         partial.instances = 50;
         assert!(judged(partial)[0].contains("covers 40 of 50"));
+    }
+
+    #[test]
+    fn a_refused_series_needs_every_instance_refused_and_no_result_or_alert() {
+        let judged = |mut r: Row| {
+            r.judge();
+            r.failures
+        };
+        let refused = |answered: usize, not_stored: usize, result: Option<Value>, alerts: usize| {
+            let mut r = row(Expected::Real { expect: Expect::Refused }, result, alerts);
+            (r.refused, r.send_failures) = (answered, not_stored);
+            r.send_error = Some("peer answered status 0xC000".into());
+            r.result_latency_s = None;
+            r
+        };
+        assert!(judged(refused(40, 40, None, 0)).is_empty());
+        let f = judged(refused(0, 0, result("skipped", false, 0.0), 0));
+        assert!(f[0].contains("40 of 40 instances stored"), "{f:?}");
+        assert!(f[1].contains("a result (status \"skipped\")"), "{f:?}");
+        let f = judged(refused(30, 40, None, 0));
+        assert!(f[0].contains("10 of 40 instances got no failure status"), "{f:?}");
+        let f = judged(refused(40, 40, None, 1));
+        assert!(f[0].contains("1 webhook alert(s)"), "{f:?}");
+        let md = to_markdown(&json!({}), &[refused(40, 40, None, 0)], &summarise(&[], 0), &[]);
+        assert!(md.contains("| refused | refused 40/40 |"), "{md}");
     }
 
     #[test]

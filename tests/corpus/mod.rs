@@ -415,8 +415,10 @@ fn store_case(name: &str, ts: &str, sop: &str, dataset: Vec<u8>, expect: u16) ->
 
 /// Study/Series/SOP Instance UIDs that break the UI VR, each on its own: the values a hostile peer would use to
 /// steer a path (`..`, `.`, `../x`, `a/b`), an empty component, 65 characters, non-digits. Each is refused with
-/// C000 and nothing is stored. An empty SOP Instance UID in both the command and the dataset leaves nothing to
-/// identify the instance: refused too. (Blank Study/Series UIDs are derived, not refused: `instance`.)
+/// C000 and nothing is stored. Blank Study, Series or SOP Instance UIDs in the dataset (Type 1 attributes) are
+/// refused with C000 too, nothing stored and no UID derived for them (`instance::InstanceMeta::from_received`):
+/// `uid-study-empty`, `uid-series-empty`, and `uid-sop-empty-dataset-only` (the command carries a good SOP
+/// Instance UID); an empty SOP Instance UID in both the command and the dataset is `uid-sop-empty`.
 pub fn uid_bad_values() -> Vec<(&'static str, String)> {
     crate::common::bad_uids()
 }
@@ -436,7 +438,17 @@ fn uid_cases(b: &Bases) -> Vec<Case> {
             cases.push(store_case(&format!("uid-{attr}-{label}"), EXPLICIT, &sop, d, CANNOT_UNDERSTAND));
         }
     }
+    for (attr, tag) in [("study", tags::STUDY_INSTANCE_UID), ("series", tags::SERIES_INSTANCE_UID)] {
+        n += 1;
+        let sop = b.sop(n);
+        let mut o = with_uid(&b.object, &sop);
+        o.put(DataElement::new(tag, VR::UI, PrimitiveValue::from("")));
+        let d = encode(&o, EXPLICIT);
+        cases.push(store_case(&format!("uid-{attr}-empty"), EXPLICIT, &sop, d, CANNOT_UNDERSTAND));
+    }
+    n += 1;
     let d = encode(&with_uid(&b.object, ""), EXPLICIT);
+    cases.push(store_case("uid-sop-empty-dataset-only", EXPLICIT, &b.sop(n), d.clone(), CANNOT_UNDERSTAND));
     cases.push(store_case("uid-sop-empty", EXPLICIT, "", d, CANNOT_UNDERSTAND));
     cases
 }

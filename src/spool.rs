@@ -64,6 +64,15 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// What the sender is told (the C-STORE-RSP's Error Comment): the reason for a dataset it sent wrong, never a
+    /// local path or I/O detail for a failure of ours.
+    pub fn reason_for_peer(&self) -> String {
+        match self {
+            SpoolError::CannotUnderstand(why) | SpoolError::DatasetMismatch(why) => why.clone(),
+            SpoolError::OutOfResources(..) => "receiver could not store it now; retry later".into(),
+        }
+    }
+
     /// The DIMSE status for the C-STORE-RSP (constants of [`crate::receive::status`]).
     pub fn status(&self) -> u16 {
         match self {

@@ -308,7 +308,12 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
     assert!(text.contains(&format!("sent 0 of {n_j2k} file(s)")), "{text}");
     assert!(text.contains(&format!("{n_j2k} failed")), "{text}");
     assert!(text.contains(&format!("{n_j2k} file(s) were not stored")), "{text}");
-    assert_eq!(text.matches("peer answered status 0xC000").count(), n_j2k, "{text}");
+    // The sender is told why, in each C-STORE-RSP's Error Comment.
+    assert_eq!(
+        text.matches("peer answered status 0xC000 (StudyInstanceUID is empty (Type 1 attribute))").count(),
+        n_j2k,
+        "{text}"
+    );
     let log = d.log();
     assert!(log.contains("StudyInstanceUID is empty (Type 1 attribute)"), "the reason is not logged:\n{log}");
     // Nothing of the Siemens series is stored: neither its instances (by the file meta's SOP Instance UID, the

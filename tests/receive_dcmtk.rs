@@ -92,7 +92,7 @@ async fn start_scp(cfg: DicomConfig, tuning: Tuning) -> Scp {
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
                             if code != DROP_REPLY {
-                                let _ = reply_tx.send(code);
+                                let _ = reply_tx.send(code.into());
                             }
                         });
                     }

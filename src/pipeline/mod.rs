@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Config;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
-use crate::receive::{self, status, AssociationId, IncomingInstance, ReceiveEvent};
+use crate::receive::{self, status, AssociationId, IncomingInstance, ReceiveEvent, StoreAnswer};
 use crate::series::CompletionTracker;
 use crate::spool::Spool;
 use crate::store::Store;
@@ -424,10 +424,10 @@ async fn dispatch_events(shared: Arc<Shared>, mut events: mpsc::Receiver<Receive
 }
 
 /// spool → store → worker queue, then the status. Never success for something not durably stored.
-async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: oneshot::Sender<u16>) {
+async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: oneshot::Sender<StoreAnswer>) {
     let association: AssociationId = inc.association;
     let s = shared.clone();
-    let stored = tokio::task::spawn_blocking(move || -> Result<_, u16> {
+    let stored = tokio::task::spawn_blocking(move || -> Result<_, StoreAnswer> {
         // Above the purge high-water mark: make room (oldest finished series first) before writing.
         if s.retention.above_high_water() {
             if let Err(e) = s.retention.relieve_pressure() {
@@ -443,31 +443,31 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
             match attempt {
                 Ok(v) => return Ok(v),
                 // Refused with A700 only when purging cannot free space.
-                Err((code, true)) if purges < MAX_PURGES_PER_INSTANCE => {
+                Err((answer, true)) if purges < MAX_PURGES_PER_INSTANCE => {
                     match s.retention.purge_oldest_on_full_disk("a new instance did not fit on the disk") {
                         Ok(r) if r.series > 0 => purges += 1,
-                        Ok(_) => return Err(code),
+                        Ok(_) => return Err(answer),
                         Err(e) => {
                             tracing::error!(stage = "retention", error = %format!("{e:#}"), "purge for a new instance failed");
-                            return Err(code);
+                            return Err(answer);
                         }
                     }
                 }
-                Err((code, _)) => return Err(code),
+                Err((answer, _)) => return Err(answer),
             }
         }
     })
     .await;
     let (spooled, rec) = match stored {
         Ok(Ok(v)) => v,
-        Ok(Err(code)) => {
+        Ok(Err(answer)) => {
             crate::metrics::metrics().instance(false);
-            let _ = reply.send(code);
+            let _ = reply.send(answer);
             return;
         }
         Err(_) => {
             crate::metrics::metrics().instance(false);
-            let _ = reply.send(status::PROCESSING_FAILURE);
+            let _ = reply.send(StoreAnswer::refused(status::PROCESSING_FAILURE, "receiver failed while storing it"));
             return;
         }
     };
@@ -496,28 +496,28 @@ async fn handle_instance(shared: Arc<Shared>, inc: IncomingInstance, reply: ones
         shared.backlog.admit(Duration::from_secs_f64(shared.config.engine.max_response_hold_s)).await;
     }
     crate::metrics::metrics().instance(true);
-    let _ = reply.send(status::SUCCESS);
+    let _ = reply.send(StoreAnswer::success());
 }
 
 /// Series whose pixel data one instance may purge to make room for itself before it is refused with A700.
 const MAX_PURGES_PER_INSTANCE: usize = 16;
 
-/// Spools and records one instance (caller holds the spool guard's read side). `Err((status, disk_full))`.
+/// Spools and records one instance (caller holds the spool guard's read side). `Err((answer, disk_full))`.
 fn spool_and_record(
     s: &Shared,
     inc: &IncomingInstance,
     association: AssociationId,
-) -> Result<(crate::spool::SpooledInstance, crate::store::InstanceRecorded), (u16, bool)> {
+) -> Result<(crate::spool::SpooledInstance, crate::store::InstanceRecorded), (StoreAnswer, bool)> {
     let spooled = s.spool.store(inc).map_err(|e| {
         let full = matches!(&e, crate::spool::SpoolError::OutOfResources(_, io) if crate::retention::is_disk_full(io));
         tracing::warn!(association, stage = "spool", error = %e, disk_full = full, "instance refused");
-        (e.status(), full)
+        (StoreAnswer::refused(e.status(), &e.reason_for_peer()), full)
     })?;
     let key = crate::store::patient_key(&s.salt, &spooled.meta.patient_id, &spooled.meta.patient_name);
     let rec = s.store.record_instance(&spooled, association, &key).map_err(|e| {
         let full = crate::retention::error_is_disk_full(&e);
         tracing::error!(association, stage = "store", error = %format!("{e:#}"), disk_full = full, "could not record instance");
-        (status::OUT_OF_RESOURCES, full)
+        (StoreAnswer::refused(status::OUT_OF_RESOURCES, "receiver could not record it now; retry later"), full)
     })?;
     Ok((spooled, rec))
 }

@@ -74,14 +74,68 @@ pub struct IncomingInstance {
     pub dataset: Vec<u8>,
 }
 
+/// The next stage's answer to one C-STORE: its DIMSE status and, for a failure, the reason the sender is told
+/// (the C-STORE-RSP's Error Comment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreAnswer {
+    /// DIMSE status ([`status`]).
+    pub status: u16,
+    /// Error Comment (0000,0902), already fit for it: see [`StoreAnswer::refused`].
+    pub comment: Option<String>,
+}
+
+impl StoreAnswer {
+    /// Stored: success, no comment.
+    pub fn success() -> StoreAnswer {
+        StoreAnswer { status: status::SUCCESS, comment: None }
+    }
+
+    /// A failure `status` with `reason` as its Error Comment: an LO value, so at most 64 characters of the
+    /// default repertoire, without backslash (the value delimiter); longer reasons are cut with "...". The reason
+    /// must not carry local paths or other site details: the sender is a peer.
+    pub fn refused(status: u16, reason: &str) -> StoreAnswer {
+        const LO_MAX: usize = 64;
+        let clean: String =
+            reason.chars().map(|c| if c.is_ascii_graphic() && c != '\\' || c == ' ' { c } else { '?' }).collect();
+        let clean = clean.trim();
+        let comment = if clean.len() > LO_MAX { format!("{}...", &clean[..LO_MAX - 3]) } else { clean.to_string() };
+        StoreAnswer { status, comment: (!comment.is_empty()).then_some(comment) }
+    }
+}
+
+impl From<u16> for StoreAnswer {
+    /// A status without a comment.
+    fn from(status: u16) -> StoreAnswer {
+        StoreAnswer { status, comment: None }
+    }
+}
+
 /// What the receive stage hands on.
 #[derive(Debug)]
 pub enum ReceiveEvent {
-    /// A dataset to make durable; send the DIMSE status for the C-STORE-RSP on `reply`.
-    Instance(IncomingInstance, oneshot::Sender<u16>),
+    /// A dataset to make durable; send the DIMSE status (and a failure's reason) for the C-STORE-RSP on `reply`.
+    Instance(IncomingInstance, oneshot::Sender<StoreAnswer>),
     /// An association was established; `sender` is its calling AE title and the peer's IP address (a sender that
     /// splits a series over associations opens the next one from the same place: the completion rules wait for it).
     Opened { association: AssociationId, sender: String },
     /// The association ended (released or aborted); series it fed may now start their quiet period.
     Released { association: AssociationId, aborted: bool },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reason_is_a_valid_error_comment() {
+        let a = StoreAnswer::refused(status::CANNOT_UNDERSTAND, "StudyInstanceUID is empty (Type 1 attribute)");
+        assert_eq!(a.comment.as_deref(), Some("StudyInstanceUID is empty (Type 1 attribute)"));
+        // LO: at most 64 characters, no backslash or control characters.
+        let a = StoreAnswer::refused(0xC000, &format!("a\\b\tc\u{e9}{}", "x".repeat(100)));
+        let c = a.comment.unwrap();
+        assert_eq!(c.len(), 64);
+        assert!(c.starts_with("a?b?c?x") && c.ends_with("..."), "{c}");
+        assert_eq!(StoreAnswer::refused(0xA700, "   ").comment, None);
+        assert_eq!(StoreAnswer::from(0u16), StoreAnswer::success());
+    }
 }

@@ -115,9 +115,9 @@ async fn decide(
         return (status::OUT_OF_RESOURCES, Some("receiver is shutting down".into()));
     }
     match reply_rx.await {
-        Ok(code) => {
-            debug!(sop_instance, size, status = format_args!("{code:#06X}"), "C-STORE answered");
-            (code, None)
+        Ok(answer) => {
+            debug!(sop_instance, size, status = format_args!("{:#06X}", answer.status), "C-STORE answered");
+            (answer.status, answer.comment)
         }
         Err(_) => {
             warn!(sop_instance, "next stage dropped the reply; refusing instance");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lungsentry::scu::{echo_peer, send_files, Peer, SendOptions};
 
-use common::data_dir;
+use common::{data_dir, files_under};
 
 fn meta_uid(path: &Path) -> String {
     let obj = dicom_object::OpenFileOptions::new()
@@ -17,22 +17,6 @@ fn meta_uid(path: &Path) -> String {
         .open_file(path)
         .unwrap();
     obj.meta().media_storage_sop_instance_uid().to_string()
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// A DCMTK storescp in a temp dir on a free port, killed on drop.

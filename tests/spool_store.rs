@@ -140,19 +140,7 @@ fn j2k_files() -> Vec<PathBuf> {
 
 /// Every file under the spool (temporary files included).
 fn spool_files(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    common::files_under(root)
 }
 
 /// The Siemens series was anonymised down to *empty* SOP/Study/Series UIDs in the dataset (only the file meta

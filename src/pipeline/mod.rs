@@ -648,11 +648,13 @@ async fn remember_labels(shared: &Arc<Shared>, series_uid: &str, path: &std::pat
 async fn segment_one(shared: &Arc<Shared>, mut work: SeriesWork, meta: InstanceMeta, path: PathBuf) -> SeriesWork {
     let ctx = shared.ctx.clone();
     let live = shared.live.clone();
+    // Seeding ahead only while nothing waits behind this slice (it counts itself until `segmented`).
+    let seed_ahead = shared.backlog.queued() <= 1;
     match shared
         .segment_pool
         .run(move || {
             let _busy = live.busy("slice segmentation");
-            work.add(&ctx, meta, &path);
+            work.add_seeding_ahead(&ctx, meta, &path, seed_ahead);
             work
         })
         .await
@@ -693,7 +695,8 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     for (meta, path) in shared.store.series_instances(series_uid)? {
         if work.changed_since_added(&meta.sop_instance_uid, &path) {
             let _busy = shared.live.busy("slice segmentation");
-            work.add(&shared.ctx, meta, &path);
+            // At completion already: seeding ahead would only move the same work.
+            work.add_seeding_ahead(&shared.ctx, meta, &path, false);
             topped_up += 1;
         }
     }
@@ -919,7 +922,7 @@ async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::
             let mut work = SeriesWork::default();
             for (meta, path) in s.store.series_instances(&r.series_instance_uid)? {
                 let _busy = s.live.busy("slice segmentation");
-                work.add(&s.ctx, meta, &path);
+                work.add_seeding_ahead(&s.ctx, meta, &path, false);
             }
             let _busy = s.live.busy("rebuilding DICOM outputs");
             let patient_key = r.result["patient_key"].as_str().unwrap_or("");

@@ -100,16 +100,18 @@ impl Drop for Charge {
     }
 }
 
-/// Above this size a buffer gets its own mapping from the allocator (see
-/// [`return_freed_buffers_to_the_system`]): a CT slice (512² × 2 bytes) and every larger message are above it.
-pub const OWN_MAPPING_BYTES: usize = 256 * 1024;
+/// Above this size a buffer gets its own mapping from the allocator (see [`return_freed_buffers_to_the_system`]):
+/// a message growing past it, and every larger one. Not lower: at 256 KiB the per-slice buffers of the lung guard
+/// and of tract's inference (a few MiB each) were mapped and unmapped per slice, which doubled the guard's seeding
+/// time on the RICORD series (359 → 682 ms) and slowed tract's inference by about a quarter.
+pub const OWN_MAPPING_BYTES: usize = 16 * 1024 * 1024;
 
 /// Makes the budget hold for resident memory, not only for what is charged: glibc's allocator raises its mmap
 /// threshold each time a large mapped buffer is freed (up to 32 MiB), after which buffers that size come from
 /// per-thread arenas, whose freed space stays resident and fragments — with 16 peers all sending 40 MiB at once
 /// that left the peak 123–168 MiB above idle for a 96 MiB budget (margin 64 MiB, exceeded once in CI). A fixed
 /// threshold turns the dynamic one off: every buffer of [`OWN_MAPPING_BYTES`] or more is its own mapping, returned
-/// to the system when freed and grown by `mremap` without a copy (the same run: +102–104 MiB, six runs).
+/// to the system when freed and grown by `mremap` without a copy (the same run: +86 to +102 MiB over six runs).
 /// Process-wide and idempotent; nothing on other C libraries, whose allocators have no such setting.
 pub fn return_freed_buffers_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

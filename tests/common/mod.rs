@@ -538,3 +538,20 @@ pub fn ct_meta(sop: String, study: String, series: &str, n: i64) -> lungsentry::
         derived_uids: Vec::new(),
     }
 }
+
+/// Every file under `dir`, at any depth (directories themselves left out), in no particular order.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

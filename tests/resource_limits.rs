@@ -164,7 +164,11 @@ fn sixteen_maximum_size_messages_at_once_stay_within_the_memory_budget() {
     );
     assert_eq!(stored + refused, PEERS, "every peer gets success or A700, nothing else: {statuses:?}\n{}", d.log());
     assert!(refused >= 1, "{PEERS} × {MAX_MESSAGE_MB} MiB cannot fit in {BUDGET_MB} MiB: some must be refused");
-    assert!(stored >= 1, "the budget holds a maximum-size message: at least one must be stored: {statuses:?}\n{}", d.log().lines().filter(|l| l.contains("C-STORE")).collect::<Vec<_>>().join("\n"));
+    assert!(
+        stored >= 1,
+        "the budget holds a maximum-size message: at least one must be stored: {statuses:?}\n{}",
+        d.log().lines().filter(|l| l.contains("C-STORE")).collect::<Vec<_>>().join("\n")
+    );
     assert!(
         peak <= idle_peak + BUDGET_MB + MARGIN_MB,
         "peak RSS {peak} MiB exceeds idle peak {idle_peak} + budget {BUDGET_MB} + margin {MARGIN_MB} MiB"

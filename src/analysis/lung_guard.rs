@@ -259,11 +259,17 @@ pub fn guard(sorted: &[&PlacedSlice], voxel_ml: impl Fn(&PlacedSlice) -> f64, sp
             }
         }
     });
-    tracing::debug!(components_ms = (t_seed - t0).as_secs_f64() * 1e3, seed_ms = t_seed.elapsed().as_secs_f64() * 1e3,
-        air_runs = runs.len(), pre_seeded = per_slice.iter().filter(|p| p.2).count(), slices = sorted.len(),
+    tracing::debug!(
+        components_ms = (t_seed - t0).as_secs_f64() * 1e3,
+        seed_ms = t_seed.elapsed().as_secs_f64() * 1e3,
+        air_runs = runs.len(),
+        pre_seeded = per_slice.iter().filter(|p| p.2).count(),
+        slices = sorted.len(),
         air_not_all_kept = all_kept.iter().filter(|a| !**a).count(),
-        airway_verdict_changed = sorted.iter().filter(|s| s.segmentation.pre_seed.as_ref().is_some_and(|p| !p.holds_for(midline_x))).count(),
-        "lung guard: 3D air components, per-slice seeding");
+        airway_verdict_changed =
+            sorted.iter().filter(|s| s.segmentation.pre_seed.as_ref().is_some_and(|p| !p.holds_for(midline_x))).count(),
+        "lung guard: 3D air components, per-slice seeding"
+    );
     let mut lung = Vec::with_capacity(sorted.len());
     let mut field = Vec::with_capacity(sorted.len());
     for (s, (kept_lung, f, _)) in sorted.iter().zip(per_slice) {

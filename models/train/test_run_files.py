@@ -114,14 +114,6 @@ def resolved(argv: list[str]) -> dict:
     return d
 
 
-def parse_error(argv: list[str]) -> str:
-    """What argparse says when these arguments are refused (the test fails if they are accepted)."""
-    err = io.StringIO()
-    with redirect_stderr(err), unittest.TestCase().assertRaises(SystemExit):
-        parse_args(argv)
-    return err.getvalue()
-
-
 class RunFiles(unittest.TestCase):
     def test_every_recorded_run_has_its_run_file(self):
         files = {p.stem for p in RUNS.glob("*.toml")}
@@ -150,6 +142,13 @@ class RunFiles(unittest.TestCase):
 
 
 class ConfigRules(unittest.TestCase):
+    def parse_error(self, argv: list[str]) -> str:
+        """What argparse says when these arguments are refused (the test fails if they are accepted)."""
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit):
+            parse_args(argv)
+        return err.getvalue()
+
     def write(self, text: str) -> str:
         f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         f.write(text)
@@ -174,13 +173,13 @@ class ConfigRules(unittest.TestCase):
 
     def test_unknown_key_is_refused_by_name(self):
         path = self.write("phantom-series = 40\n")
-        self.assertIn("`phantom-series` is not an option", parse_error(["--config", path]))
+        self.assertIn("`phantom-series` is not an option", self.parse_error(["--config", path]))
 
     def test_dest_spelling_and_run_options_are_not_keys(self):
         for text in ("phantom_train_series = 40\n", 'config = "x.toml"\n', "print-args = true\n",
                      "no-phantoms = true\n"):
             with self.subTest(text=text):
-                self.assertIn("is not an option", parse_error(["--config", self.write(text)]))
+                self.assertIn("is not an option", self.parse_error(["--config", self.write(text)]))
 
     def test_wrong_types_are_refused(self):
         for text, says in (("epochs = 2.5\n", "`epochs` = 2.5 is not a valid int"),
@@ -189,11 +188,11 @@ class ConfigRules(unittest.TestCase):
                            ("refine-kernel = 2\n", "`refine-kernel` = 2 is not one of [1, 3]"),
                            ("minutes = [1, 2]\n", "`minutes` is a number or a string")):
             with self.subTest(text=text):
-                self.assertIn(says, parse_error(["--config", self.write(text)]))
+                self.assertIn(says, self.parse_error(["--config", self.write(text)]))
 
     def test_missing_or_broken_file_is_refused(self):
-        self.assertIn("--config", parse_error(["--config", str(RUNS / "no-such-run.toml")]))
-        self.assertIn("--config", parse_error(["--config", self.write("lr = \n")]))
+        self.assertIn("--config", self.parse_error(["--config", str(RUNS / "no-such-run.toml")]))
+        self.assertIn("--config", self.parse_error(["--config", self.write("lr = \n")]))
 
 
 @unittest.skipIf(importlib.util.find_spec("torch") is None, "train.py needs PyTorch")

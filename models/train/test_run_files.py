@@ -191,8 +191,10 @@ class ConfigRules(unittest.TestCase):
                 self.assertIn(says, self.parse_error(["--config", self.write(text)]))
 
     def test_missing_or_broken_file_is_refused(self):
-        self.assertIn("--config", self.parse_error(["--config", str(RUNS / "no-such-run.toml")]))
-        self.assertIn("--config", self.parse_error(["--config", self.write("lr = \n")]))
+        missing = str(RUNS / "no-such-run.toml")
+        self.assertIn(f"error: --config {missing}: ", self.parse_error(["--config", missing]))
+        broken = self.write("lr = \n")
+        self.assertIn(f"error: --config {broken}: Invalid value", self.parse_error(["--config", broken]))
 
 
 @unittest.skipIf(importlib.util.find_spec("torch") is None, "train.py needs PyTorch")

@@ -141,8 +141,8 @@ def read_run_file(ap: argparse.ArgumentParser, path: Path) -> dict[str, object]:
         if action is None:
             ap.error(f"--config {path}: `{key}` is not an option of train.py (keys are the long options without "
                      f"their dashes, e.g. phantom-train-series)")
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
+        if action.nargs == 0:  # a flag: --phantoms / --no-phantoms (or a plain store_true option)
+            if not isinstance(value, bool) or action.const not in (None, True):
                 ap.error(f"--config {path}: `{key}` is true or false, not {value!r}")
             values[action.dest] = value
             continue

@@ -20,7 +20,7 @@ import unittest
 from contextlib import redirect_stderr
 from pathlib import Path
 
-from models.train.options import HERE, as_json, parse_args
+from models.train.options import HERE, as_json, build_parser, parse_args, read_run_file
 
 ROOT = HERE.parents[1]
 RUNS = HERE / "runs"
@@ -170,6 +170,12 @@ class ConfigRules(unittest.TestCase):
         self.assertEqual(resolved(["--config", path]),
                          resolved(["--lr", "1e-3", "--fp-pixel-weight", "5", "--chans", "8,16,48,96",
                                    "--init", "a/b.pt", "--phantoms"]))
+
+    def test_a_plain_store_true_option_is_a_boolean_key(self):
+        ap = build_parser()
+        ap.add_argument("--some-flag", action="store_true")
+        self.assertEqual(read_run_file(ap, Path(self.write("some-flag = true\nphantoms = false\n"))),
+                         {"some_flag": True, "phantoms": False})
 
     def test_unknown_key_is_refused_by_name(self):
         path = self.write("phantom-series = 40\n")

@@ -1,7 +1,12 @@
 """CPU latency of candidate widths/depths: onnxruntime, intra_op_num_threads=2, batch 1 and 8."""
-import argparse, io, json, time
+import argparse, io, json, sys, time
+from pathlib import Path
+
 import numpy as np, torch, onnxruntime as ort
-from model import UNet, count_params
+
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train.model import UNet, count_params  # noqa: E402
 
 def export_bytes(m):
     m.eval(); f = io.BytesIO()

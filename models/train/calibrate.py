@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import data_real
-import split as split_mod
-from model import UNet, from_summary
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train import data_real  # noqa: E402
+from models.train import split as split_mod  # noqa: E402
+from models.train.model import UNet, from_summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

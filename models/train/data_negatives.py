@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -41,8 +42,10 @@ import numpy as np
 import pydicom
 from scipy import ndimage as ndi
 
-from normalise import hu_to_u8
-from phantoms import hu_of
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train.normalise import hu_to_u8  # noqa: E402
+from models.train.phantoms import hu_of  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"

@@ -29,14 +29,16 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train import data_real  # noqa: E402
+from models.train import split as split_mod  # noqa: E402
+from models.train.export import session  # noqa: E402
+from models.train.normalise import hu_to_u8  # noqa: E402
+from models.train.phantoms import read_series, truth_file  # noqa: E402
+from models.train.train import dice  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import data_real  # noqa: E402
-import split as split_mod  # noqa: E402
-from export import session  # noqa: E402
-from normalise import hu_to_u8  # noqa: E402
-from phantoms import read_series, truth_file  # noqa: E402
-from train import dice  # noqa: E402
 
 
 def probs(sess, x: np.ndarray, bs: int = 16) -> np.ndarray:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +24,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-import data_real
-import split as split_mod
-from model import UNet, from_summary, count_params
-from train import export_onnx, seg_metrics, dice
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train import data_real  # noqa: E402
+from models.train import split as split_mod  # noqa: E402
+from models.train.model import UNet, from_summary, count_params  # noqa: E402
+from models.train.train import export_onnx, seg_metrics, dice  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent

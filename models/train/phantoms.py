@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from normalise import hu_to_u8, resize_labels
+from models.train.normalise import hu_to_u8, resize_labels
 
 SEVERITIES = ["none", "mild", "moderate", "severe"]
 

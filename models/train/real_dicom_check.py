@@ -15,15 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from normalise import hu_to_input
-from phantoms import read_hu
 import pydicom
+
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train.normalise import hu_to_input  # noqa: E402
+from models.train.phantoms import read_hu  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SETS = ["lidc-idri-2-slices", "covid19-ny-sbu-axial"]

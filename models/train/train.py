@@ -1,16 +1,19 @@
 """Train the lungsentry U-Net (one command; see README.md) and export models/lungsentry-unet.onnx.
 
-    python models/train/train.py --epochs 40 [--phantoms] [--width 8 --levels 4]
+    python models/train/train.py --config models/train/runs/<run>.toml [--option value ...]
+    python -m models.train.train --epochs 40 [--phantoms] [--width 8 --levels 4]
+
+A run file holds one run's options (options.py says how); options on the command line override it.
 
 Real data: covid19-ct-seg-256 (LUNGSENTRY_DATA), patient-level split from split.json.
 Phantoms (--phantoms): `lungsentry phantom` series, generated outside the repo (--phantom-cache).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data_negatives
-import data_real
-import split as split_mod
-from model import UNet, count_params, widen_from
+if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from models.train import data_negatives  # noqa: E402
+from models.train import data_real  # noqa: E402
+from models.train import split as split_mod  # noqa: E402
+from models.train.model import UNet, count_params, widen_from  # noqa: E402
+from models.train.options import as_json, parse_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODELS = HERE.parent
 
 
 # ---------------------------------------------------------------- augmentation
@@ -204,84 +209,12 @@ def export_onnx(model: UNet, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--width", type=int, default=8)
-    ap.add_argument("--levels", type=int, default=4)
-    ap.add_argument("--chans", default=None, help="per-level widths, e.g. 8,16,48,96 (default: width x 2^level)")
-    ap.add_argument("--bottom", type=int, default=None, help="bottleneck width (default: twice the last level)")
-    ap.add_argument("--refine-kernel", type=int, default=3, choices=[1, 3])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", type=Path, default=None, help="LUNGSENTRY_DATA root (default: env or ../shared/data)")
-    ap.add_argument("--phantoms", action="store_true", help="also train on / validate with lungsentry phantoms")
-    ap.add_argument("--phantom-bin", default=str(MODELS.parent / "target" / "release" / "lungsentry"))
-    ap.add_argument("--phantom-cache", type=Path, default=Path("/work/phantom-cache"))
-    ap.add_argument("--phantom-train-series", type=int, default=40)
-    ap.add_argument("--phantom-val-series", type=int, default=12)
-    ap.add_argument("--phantom-slices", type=int, default=40)
-    ap.add_argument("--phantom-size", type=int, default=512)
-    ap.add_argument("--phantom-long-series", type=int, default=0,
-                    help="extra 120-slice phantom series (seeds 2000..) whose lower slices are lung-free abdomen")
-    ap.add_argument("--phantom-fraction", type=float, default=0.4, help="share of each batch drawn from phantoms")
-    ap.add_argument("--phantom-none-every", type=int, default=4,
-                    help="every n-th phantom series is lesion-free (severity none); 4 = v0.1.0 pattern")
-    ap.add_argument("--phantom-lesion-free-share", type=float, default=None,
-                    help="class-balanced phantom sampling: this share of phantom draws is a slice without lesion "
-                         "(from none series or outside lesions), the rest a slice with lesion (default: uniform)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="time budget: cosine LR over wall-clock time, stop after this many minutes "
-                         "(--epochs then only caps the number of epochs)")
-    ap.add_argument("--full-after", type=float, default=1.0,
-                    help="fraction of training (steps, or time with --minutes) after which inputs are full 256^2")
-    ap.add_argument("--samples-per-epoch", type=int, default=800)
-    ap.add_argument("--crop", type=int, default=160, help="train on random crops of this size (0: full 256)")
-    ap.add_argument("--run", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
-    ap.add_argument("--out", type=Path, default=MODELS / "lungsentry-unet.onnx")
-    ap.add_argument("--fp-penalty", type=float, default=0.1,
-                    help="checkpoint score penalty per false-positive lesion-free validation phantom series")
-    ap.add_argument("--iou-weight", type=float, default=0.0,
-                    help="checkpoint score weight of the validation phantoms' mean per-slice lesion IoU (paper convention)")
-    ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint (.pt)")
-    ap.add_argument("--hard-negatives", type=float, default=0.0,
-                    help="share of the lesion-free phantom draws taken from the lesion-free training slices the "
-                         "model currently marks lesion on most (re-mined every 5 epochs on 800 of them; 0: off)")
-    ap.add_argument("--hard-positives", type=float, default=0.0,
-                    help="share of the lesion phantom draws taken from the lesion training slices where the model "
-                         "currently misses the most lesion pixels (re-mined every 5 epochs on 800 of them; 0: off)")
-    ap.add_argument("--real-source-balance", action="store_true",
-                    help="draw real training slices half from each source group of split.json (Coronacases-like, "
-                         "Radiopaedia-like) instead of uniformly over slices")
-    ap.add_argument("--elastic", type=float, default=0.0,
-                    help="probability of a smooth elastic deformation per training sample (0: off)")
-    ap.add_argument("--negatives", type=float, default=0.0,
-                    help="share of each batch drawn from real lesion-free CT (data_negatives: LUNA16, ACRIN, LIDC "
-                         "training series; labels lung / background); its validation series are scored every epoch")
-    ap.add_argument("--hard-real-negatives", type=float, default=0.0,
-                    help="share of the real-negative draws taken from the real lesion-free training slices the model "
-                         "currently marks most lesion on (re-mined every 3 epochs over all of them; 0: off)")
-    ap.add_argument("--hard-real-positives", type=float, default=0.0,
-                    help="share of the covid19-ct-seg-256 training draws taken from its training slices where the "
-                         "model currently misses the most lesion pixels (re-mined every 3 epochs over all of them; "
-                         "diffuse ground glass read as lung; 0: off)")
-    ap.add_argument("--neg-weight", type=float, default=1.0,
-                    help="checkpoint score weight of the real lesion-free validation series: + weight x mean slice "
-                         "specificity - weight x mean involvement (percent) over them")
-    ap.add_argument("--fp-pixel-weight", type=float, default=1.0,
-                    help="extra cross-entropy term whose pixels called lesion that are not weigh this much "
-                         "(error_weighted_ce; 1 with --fn-pixel-weight 1: off)")
-    ap.add_argument("--fn-pixel-weight", type=float, default=1.0,
-                    help="the same term's weight of lesion pixels not called lesion")
-    ap.add_argument("--freeze-bn", action="store_true",
-                    help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
-                         "are kept and batches are normalised with them, so a new mix of data in the batch does not "
-                         "shift what the layers do on the old data")
-    ap.add_argument("--ema", type=float, default=0.0,
-                    help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
-                         "step; the average is what is validated, kept as best and exported (0: off)")
-    args = ap.parse_args()
+    args = parse_args(description=__doc__)
+    if args.print_args:
+        print(as_json(args))
+        return
+    if args.run is None:
+        args.run = HERE / "runs" / time.strftime("%Y%m%d-%H%M%S")
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -320,7 +253,7 @@ def main() -> None:
             if f.exists():
                 z = np.load(f, allow_pickle=True)
                 return {k: (z[k].tolist() if k in ("severity", "seeds", "gt_involvement") else z[k]) for k in z.files}
-            import phantoms
+            from models.train import phantoms
             d = phantoms.build_set(args.phantom_bin, args.phantom_cache, seeds, args.phantom_slices, args.phantom_size,
                                   args.phantom_none_every)
             np.savez(f, **d)

@@ -11,37 +11,37 @@ use std::path::PathBuf;
 /// What every store method returns.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A store operation that failed.
+/// A store operation that failed. Its message is whole (what was done, then what went wrong beneath, as
+/// `anyhow`'s context chains print it); it exposes no `source()`, so a chain printed with `{:#}` names each cause
+/// once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file system (or the user's quota) is full: SQLite answered `SQLITE_FULL`, or a file the store writes
     /// failed with `ENOSPC` / `EDQUOT`. Nothing was committed.
     #[error("disk full: {0}")]
-    DiskFull(#[source] Box<dyn std::error::Error + Send + Sync>),
+    DiskFull(Box<dyn std::error::Error + Send + Sync>),
     /// Any other SQLite error (locked past the busy timeout, a constraint, a read-only connection, ...).
     #[error(transparent)]
     Sqlite(rusqlite::Error),
     /// The database could not be opened or migrated at all (the path says which).
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Database {
         /// "opening database", "migrating database", ...
         what: &'static str,
         /// The database file.
         path: PathBuf,
         /// What SQLite said (or the migration error).
-        #[source]
-        source: Box<StoreError>,
+        error: Box<StoreError>,
     },
     /// A file or directory next to the database (its directory, the patient-key salt) could not be used.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Io {
         /// "creating", "reading", ...
         what: &'static str,
         /// The file or directory.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The database refused WAL journal mode.
     #[error("database {} refused WAL journal mode (got {mode})", path.display())]
@@ -60,13 +60,12 @@ pub enum StoreError {
         known: usize,
     },
     /// One migration failed (its transaction rolled back).
-    #[error("applying migration {version}: {source}")]
+    #[error("applying migration {version}: {error}")]
     Migration {
         /// 1-based migration number.
         version: usize,
         /// What SQLite said.
-        #[source]
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     /// The salt file exists with too few bytes; a new salt would silently re-key every patient.
     #[error("{} holds {len} bytes, expected 32; refusing to guess a salt", path.display())]
@@ -100,13 +99,12 @@ pub enum StoreError {
     #[error("spool path is not UTF-8: {}", .0.display())]
     NonUtf8Path(PathBuf),
     /// JSON that could not be written, or a stored JSON column that does not read back.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Json {
         /// Which value.
         what: &'static str,
         /// What serde_json said.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -115,26 +113,26 @@ impl StoreError {
     pub fn is_disk_full(&self) -> bool {
         match self {
             StoreError::DiskFull(_) => true,
-            StoreError::Database { source, .. } => source.is_disk_full(),
-            StoreError::Migration { source, .. } => sqlite_disk_full(source),
+            StoreError::Database { error, .. } => error.is_disk_full(),
+            StoreError::Migration { error, .. } => sqlite_disk_full(error),
             _ => false,
         }
     }
 
     /// An I/O error with what was being done and to which path; `ENOSPC` / `EDQUOT` becomes
     /// [`StoreError::DiskFull`].
-    pub(super) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> StoreError {
+    pub(super) fn io(what: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> StoreError {
         let path = path.into();
-        if is_disk_full(&source) {
-            return StoreError::DiskFull(Box::new(StoreError::Io { what, path, source }));
+        if is_disk_full(&error) {
+            return StoreError::DiskFull(Box::new(StoreError::Io { what, path, error }));
         }
-        StoreError::Io { what, path, source }
+        StoreError::Io { what, path, error }
     }
 
     /// The error in the context of the database file (`what`: "opening database", ...).
     pub(super) fn database(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(StoreError) -> StoreError {
         let path = path.into();
-        move |source| StoreError::Database { what, path, source: Box::new(source) }
+        move |error| StoreError::Database { what, path, error: Box::new(error) }
     }
 }
 
@@ -174,5 +172,7 @@ mod tests {
         assert!(matches!(StoreError::io("writing", "/x", denied), StoreError::Io { .. }));
         let wrapped = StoreError::database("migrating database", "/db")(StoreError::DiskFull("full".into()));
         assert!(wrapped.is_disk_full(), "behind the database context too");
+        let chain = format!("{:#}", anyhow::Error::from(wrapped));
+        assert_eq!(chain, "migrating database /db: disk full: full", "each cause once");
     }
 }

@@ -136,7 +136,7 @@ impl Store {
         }
         meta_no_ids.slice_thickness = meta_no_ids.slice_thickness.filter(|x| x.is_finite());
         let meta_json = serde_json::to_string(&meta_no_ids)
-            .map_err(|source| StoreError::Json { what: "instance routing attributes", source })?;
+            .map_err(|error| StoreError::Json { what: "instance routing attributes", error })?;
         let path = inst.path.to_str().ok_or_else(|| StoreError::NonUtf8Path(inst.path.clone()))?;
         let mut c = self.lock();
         let tx = c.transaction()?;
@@ -249,7 +249,7 @@ impl Store {
         for row in rows {
             let (json, path) = row?;
             let meta: InstanceMeta = serde_json::from_str(&json)
-                .map_err(|source| StoreError::Json { what: "corrupt meta_json in instances", source })?;
+                .map_err(|error| StoreError::Json { what: "corrupt meta_json in instances", error })?;
             out.push(StoredInstance { meta, path: PathBuf::from(path) });
         }
         Ok(out)

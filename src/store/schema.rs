@@ -161,7 +161,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).map_err(|source| StoreError::Migration { version: i + 1, source })?;
+        tx.execute_batch(sql).map_err(|error| StoreError::Migration { version: i + 1, error })?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "store: applied schema migration");

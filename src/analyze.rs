@@ -206,16 +206,16 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false, None)?;
         let positive = result["positive"].as_bool().unwrap_or(false);
         let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
-        let version = store.record_result_with_outputs(
-            &series_uid,
-            None,
+        let version = store.record_result_with_outputs(crate::store::NewResult {
+            series_uid: &series_uid,
+            revision: None,
             positive,
-            involvement,
-            &result,
-            false,
-            false,
-            &links,
-        )?;
+            involvement_percent: involvement,
+            result_json: &result,
+            alert: false,
+            outputs_due: false,
+            links: &links,
+        })?;
         for l in &links {
             eprintln!(
                 "{}: version {} now compares with the earlier study {series_uid} (given after it)",

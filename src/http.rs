@@ -13,7 +13,7 @@ use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::store_read::ReadPool;
+use crate::store::ReadPool;
 
 /// What `/readyz` reports.
 pub struct Readiness {

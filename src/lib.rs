@@ -41,6 +41,5 @@ pub mod scu;
 pub mod series;
 pub mod spool;
 pub mod store;
-pub mod store_read;
 pub mod test_hooks;
 pub mod uid;

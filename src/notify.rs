@@ -154,8 +154,10 @@ pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdo
 }
 
 /// Runs a store call on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| anyhow::anyhow!("store task failed: {e}"))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::store::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await.map_err(|e| anyhow::anyhow!("store task failed: {e}"))??)
 }
 
 /// The webhook body with the patient's identifiers added (`alerts.include_patient_identifiers`):

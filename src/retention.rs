@@ -15,8 +15,9 @@
 //! The disk reserve: a purge writes to the store (it marks the instances purged before deleting their files, so
 //! a crash in between never leaves rows pointing at files that are gone), and on a completely full disk SQLite
 //! cannot grow its log for that write — the purge that would make room fails for want of room. So the data dir
-//! keeps a small reserve file ([`RESERVE_FILE`], [`RESERVE_BYTES`]); a purge that fails with "disk full" deletes
-//! it and tries once more, and the periodic pass puts it back once there is room again.
+//! keeps a small reserve file ([`RESERVE_FILE`], [`RESERVE_BYTES`]); a purge that fails with
+//! [`StoreError::DiskFull`] deletes it and tries once more, and the periodic pass puts it back once there is room
+//! again.
 //!
 //! Deletes: every file and directory goes through [`DataDir::remove_inside`] (or `remove_dir_if_empty`), which
 //! refuses anything that is not strictly inside the data dir or is a fixed part of its layout — a spool path
@@ -33,12 +34,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use anyhow::Result;
 use tokio::sync::watch;
 
 use crate::config::StorageConfig;
 use crate::datadir::{DataDir, Removed};
-use crate::store::{now_ms, series_log_key, Store};
+use crate::store::{now_ms, series_log_key, Result, Store, StoreError};
 
 /// Longest pause between two periodic checks.
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
@@ -216,7 +216,7 @@ impl Retention {
     /// the disk is full (the store could not record it), the disk reserve is released and the purge tried again.
     pub fn purge_oldest_on_full_disk(&self, why: &str) -> Result<PurgeReport> {
         match self.purge_oldest(why) {
-            Err(e) if error_is_disk_full(&e) && self.release_reserve() => {
+            Err(e @ StoreError::DiskFull(_)) if self.release_reserve() => {
                 tracing::warn!(stage = "retention", error = %format!("{e:#}"),
                     "the disk is too full to record a purge: released the disk reserve and trying again");
                 self.purge_oldest(why)
@@ -291,23 +291,8 @@ pub async fn run(retention: Arc<Retention>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Whether an I/O error means the file system (or quota) is full.
-pub fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) || e.kind() == std::io::ErrorKind::StorageFull
-}
-
-/// Whether an error chain holds a "disk full" from SQLite or the file system.
-pub fn error_is_disk_full(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return is_disk_full(io);
-        }
-        if let Some(sq) = c.downcast_ref::<rusqlite::Error>() {
-            return sq.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
-        }
-        false
-    })
-}
+/// Whether an I/O error means the file system (or quota) is full (the store's own test, for the spool's errors).
+pub use crate::store::is_disk_full;
 
 #[cfg(test)]
 mod tests {

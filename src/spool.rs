@@ -83,22 +83,9 @@ impl SpoolError {
     }
 }
 
-/// One instance made durable: what `store` records and `series` groups by.
-#[derive(Debug, Clone)]
-pub struct SpooledInstance {
-    /// Routing/grouping/ordering attributes extracted once from the dataset.
-    pub meta: InstanceMeta,
-    /// Absolute path of the Part-10 file in the spool.
-    pub path: PathBuf,
-    /// Transfer syntax of the dataset as received (also in the file meta group).
-    pub transfer_syntax_uid: String,
-    /// Size of the whole file on disk (meta group + dataset), bytes.
-    pub bytes: u64,
-    /// `Some(ms)`: the spool already held exactly these bytes at this path (a sender's retry of an instance it had
-    /// sent before), written at this time (file mtime, ms since the Unix epoch); nothing was written, the file
-    /// and its directory were synced again. `None`: the file was written now (new, or new content).
-    pub unchanged_since_ms: Option<i64>,
-}
+/// One instance made durable: what `store` records and `series` groups by (defined in the store, which needs
+/// nothing from the spool).
+pub use crate::store::SpooledInstance;
 
 /// The spool directory. Cheap to share (`Arc<Spool>`); [`Spool::store`] is safe to call concurrently.
 #[derive(Debug)]

@@ -33,7 +33,7 @@ fn received_uids(dir: &Path) -> Vec<String> {
     out
 }
 
-type Row = (lungsentry::store::DicomOutboxRow, bool, bool, Option<u16>, Option<String>);
+type Row = lungsentry::store::DicomOutboxEntry;
 
 /// Waits until every outbox row of the series is delivered or parked.
 fn wait_settled(d: &common::Daemon, series: &str, expected_rows: usize, timeout: Duration) -> Vec<Row> {
@@ -41,13 +41,15 @@ fn wait_settled(d: &common::Daemon, series: &str, expected_rows: usize, timeout:
     let deadline = Instant::now() + timeout;
     loop {
         let rows = store.dicom_outbox_of_series(series).unwrap();
-        if rows.len() >= expected_rows && rows.iter().all(|r| r.1 || r.2) {
+        if rows.len() >= expected_rows && rows.iter().all(|r| r.delivered || r.parked) {
             return rows;
         }
         assert!(
             Instant::now() < deadline,
             "outbox not settled: {:#?}\nlog:\n{}",
-            rows.iter().map(|r| (&r.0.destination, &r.0.kind, r.0.attempts, r.1, r.2, &r.4)).collect::<Vec<_>>(),
+            rows.iter()
+                .map(|r| (&r.row.destination, &r.row.kind, r.row.attempts, r.delivered, r.parked, &r.last_error))
+                .collect::<Vec<_>>(),
             d.log()
         );
         std::thread::sleep(Duration::from_millis(250));
@@ -84,27 +86,30 @@ fn outputs_reach_storescp_refusals_park_and_restart_sends_nothing_twice() {
     // PACS: seg + sr + 2 key images; refuser: the same 4; DOWN: sr only.
     let rows = wait_settled(&d, &series, 9, Duration::from_secs(60));
     assert_eq!(rows.len(), 9, "{rows:#?}");
-    let of = |dest: &str| rows.iter().filter(|r| r.0.destination.starts_with(dest)).collect::<Vec<_>>();
+    let of = |dest: &str| rows.iter().filter(|r| r.row.destination.starts_with(dest)).collect::<Vec<_>>();
 
     let pacs = of("PACS@");
     assert_eq!(pacs.len(), 4);
-    assert!(pacs.iter().all(|r| r.1 && r.3 == Some(0)), "storescp stores everything: {pacs:#?}");
-    let sent: BTreeSet<String> = pacs.iter().map(|r| r.0.sop_instance_uid.clone()).collect();
+    assert!(pacs.iter().all(|r| r.delivered && r.last_status == Some(0)), "storescp stores everything: {pacs:#?}");
+    let sent: BTreeSet<String> = pacs.iter().map(|r| r.row.sop_instance_uid.clone()).collect();
     let got: BTreeSet<String> = received_uids(&pacs_dir).into_iter().collect();
     assert_eq!(sent, got, "storescp received exactly the queued objects");
 
     let refused = of("LUNGSENTRY@");
     for r in &refused {
-        if r.0.kind == "key_images" {
-            assert!(r.1, "Secondary Capture is accepted by lungsentry's SCP: {r:#?}");
+        if r.row.kind == "key_images" {
+            assert!(r.delivered, "Secondary Capture is accepted by lungsentry's SCP: {r:#?}");
         } else {
-            assert!(r.2 && r.0.attempts == 1, "SEG/SR have no presentation context there: parked at once: {r:#?}");
-            assert!(r.4.as_deref().unwrap_or("").contains("presentation context"), "{r:#?}");
+            assert!(
+                r.parked && r.row.attempts == 1,
+                "SEG/SR have no presentation context there: parked at once: {r:#?}"
+            );
+            assert!(r.last_error.as_deref().unwrap_or("").contains("presentation context"), "{r:#?}");
         }
     }
     let down = of("DOWN@");
     assert_eq!(down.len(), 1);
-    assert!(down[0].2 && down[0].0.attempts == 2, "nothing listens: retried once, then parked: {down:#?}");
+    assert!(down[0].parked && down[0].row.attempts == 2, "nothing listens: retried once, then parked: {down:#?}");
 
     let counts = d.store().dicom_outbox_counts().unwrap();
     assert_eq!((counts.pending, counts.delivered, counts.parked), (0, 6, 3), "{counts:?}");
@@ -203,14 +208,14 @@ fn outputs_reach_orthanc_in_the_original_study() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let rows = loop {
         let rows = store.dicom_outbox_of_series(series).unwrap();
-        if !rows.is_empty() && rows.iter().all(|r| r.1 || r.2) {
+        if !rows.is_empty() && rows.iter().all(|r| r.delivered || r.parked) {
             break rows;
         }
         assert!(Instant::now() < deadline, "outbox not settled: {rows:#?}\n{}", d.log());
         std::thread::sleep(Duration::from_millis(250));
     };
-    assert!(rows.iter().all(|r| r.1), "Orthanc stores every object: {rows:#?}");
-    let sent: BTreeSet<String> = rows.iter().map(|r| r.0.sop_instance_uid.clone()).collect();
+    assert!(rows.iter().all(|r| r.delivered), "Orthanc stores every object: {rows:#?}");
+    let sent: BTreeSet<String> = rows.iter().map(|r| r.row.sop_instance_uid.clone()).collect();
 
     // Orthanc's own view: exactly those instances, one study (the CT's), one series per object kind.
     let ids = http_get(o.http_port, "/instances").unwrap();
@@ -364,12 +369,12 @@ fn a_crash_between_result_and_outputs_is_repaired_at_restart() {
         // Restart without the hook: the objects are made and sent, once.
         d = d.restart();
         let rows = wait_settled(&d, &series, 3, Duration::from_secs(180));
-        assert!(rows.iter().all(|r| r.1 && r.0.result_version == 1), "{point}: {rows:#?}");
-        let kinds: BTreeSet<&str> = rows.iter().map(|r| r.0.kind.as_str()).collect();
+        assert!(rows.iter().all(|r| r.delivered && r.row.result_version == 1), "{point}: {rows:#?}");
+        let kinds: BTreeSet<&str> = rows.iter().map(|r| r.row.kind.as_str()).collect();
         assert!(kinds.contains("seg") && kinds.contains("sr") && kinds.contains("key_images"), "{point}: {kinds:?}");
         assert_eq!(d.store().latest_result(&series).unwrap().unwrap().version, 1, "{point}: not re-analysed");
         assert!(d.store().results_awaiting_outputs().unwrap().is_empty());
-        delivered.extend(rows.iter().map(|r| r.0.sop_instance_uid.clone()));
+        delivered.extend(rows.iter().map(|r| r.row.sop_instance_uid.clone()));
         assert_eq!(assert_no_duplicates(&pacs_dir), delivered, "{point}: the PACS has exactly the queued objects");
     }
     // One more restart: nothing is rebuilt, queued or sent again.

@@ -198,7 +198,7 @@ fn kill9_mid_series_loses_nothing_acknowledged() {
     let present = store.series_instances(&series_uid).unwrap();
     eprintln!("acknowledged before the kill (per sender): {acked}; present after: {}", present.len());
     assert!(present.len() >= acked, "acknowledged {acked} but only {} present", present.len());
-    for (_, path) in &present {
+    for lungsentry::store::StoredInstance { path, .. } in &present {
         assert!(path.exists(), "spooled file {} missing", path.display());
     }
     drop(store);

@@ -193,7 +193,7 @@ fn daemon_relinks_a_follow_up_when_its_prior_study_arrives_later() {
     assert!(d.log().contains("follow-up re-linked"), "{}", d.log());
     let awaiting = d.store().links_awaiting_outputs().unwrap();
     assert_eq!(awaiting.len(), 1, "the link's amended SR is marked as due: {awaiting:#?}");
-    assert_eq!(awaiting[0].2.series_instance_uid, uid_b);
+    assert_eq!(awaiting[0].link.series_instance_uid, uid_b);
     let d = d.restart();
     d.wait_result(&uid_a, 1, Duration::from_secs(300));
     let store = d.store();
@@ -225,14 +225,14 @@ fn check_amended_sr(d: &Daemon, uid: &str, src: &Path, pacs_dir: &Path, result: 
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let rows = loop {
         let rows = store.dicom_outbox_of_series(uid).unwrap();
-        let srs = rows.iter().filter(|r| r.0.kind == "sr").count();
-        if srs >= 2 && rows.iter().all(|r| r.1) {
+        let srs = rows.iter().filter(|r| r.row.kind == "sr").count();
+        if srs >= 2 && rows.iter().all(|r| r.delivered) {
             break rows;
         }
         assert!(std::time::Instant::now() < deadline, "outputs not delivered: {rows:#?}\nlog:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(250));
     };
-    let srs: Vec<_> = rows.iter().filter(|r| r.0.kind == "sr").map(|r| &r.0).collect();
+    let srs: Vec<_> = rows.iter().filter(|r| r.row.kind == "sr").map(|r| &r.row).collect();
     assert_eq!(srs.len(), 2, "one first SR and one amended SR: {srs:#?}");
     assert!(srs.iter().all(|r| r.result_version == 1));
     let (first, amended) = (&srs[0].sop_instance_uid, &srs[1].sop_instance_uid);
@@ -271,7 +271,7 @@ fn check_amended_sr(d: &Daemon, uid: &str, src: &Path, pacs_dir: &Path, result: 
     let check = |sr: &Path, name: &str| -> (bool, String) {
         let out = tmp.join(name);
         std::fs::create_dir_all(&out).unwrap();
-        for r in rows.iter().map(|r| &r.0).filter(|r| r.kind != "sr") {
+        for r in rows.iter().map(|r| &r.row).filter(|r| r.kind != "sr") {
             let f = received(&r.sop_instance_uid);
             let to = if r.kind == "seg" { "seg.dcm".to_string() } else { format!("key-{}.dcm", r.id) };
             std::fs::copy(f, out.join(to)).unwrap();

@@ -257,7 +257,7 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     let a_outputs = data.join("outputs").join(&a);
     wait_until("A's outputs delivered", Duration::from_secs(120), &d, || {
         let rows = d.store().dicom_outbox_of_series(&a).unwrap();
-        !rows.is_empty() && rows.iter().all(|r| r.1)
+        !rows.is_empty() && rows.iter().all(|r| r.delivered)
     });
     assert!(a_outputs.is_dir(), "A's outputs were written");
     wait_until("the age pass to purge A", Duration::from_secs(120), &d, || {
@@ -280,7 +280,7 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     let b_outputs = data.join("outputs").join(&b);
     wait_until("B's outputs delivered", Duration::from_secs(120), &d, || {
         let rows = d.store().dicom_outbox_of_series(&b).unwrap();
-        !rows.is_empty() && rows.iter().all(|r| r.1)
+        !rows.is_empty() && rows.iter().all(|r| r.delivered)
     });
     assert!(b_outputs.is_dir(), "B's outputs were written");
     // The next instance finds the disk above the purge mark: B (finished, delivered) is purged for it.

@@ -79,8 +79,8 @@ fn a_jpegls_series_over_storescu_gives_the_uncompressed_result() {
     let store = d.store();
     let spooled = store.series_instances(&series).unwrap();
     assert_eq!(spooled.len(), 24);
-    for (_, path) in &spooled {
-        let obj = dicom_object::open_file(path).unwrap();
+    for i in &spooled {
+        let obj = dicom_object::open_file(&i.path).unwrap();
         assert_eq!(obj.meta().transfer_syntax().trim_end_matches('\0'), "1.2.840.10008.1.2.4.80", "kept as received");
     }
     assert_eq!(native.result["status"], "analysed", "{}", native.result);

@@ -14,7 +14,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use lungsentry::instance::InstanceMeta;
 use lungsentry::receive::{status, IncomingInstance};
 use lungsentry::spool::{read_instance, Spool, SpoolError, SpooledInstance, IMPLEMENTATION_CLASS_UID};
-use lungsentry::store::{load_or_create_salt, patient_key, Store, MIGRATIONS};
+use lungsentry::store::{load_or_create_salt, patient_key, NewResult, Store, MIGRATIONS};
 
 fn data_dir() -> PathBuf {
     let p = std::env::var("LUNGSENTRY_DATA")
@@ -497,8 +497,11 @@ fn instances_results_pending_and_outbox() {
     assert_eq!(rep.n_instances, 2);
 
     let list = store.series_instances(s).unwrap();
-    assert_eq!(list.iter().map(|(m, _)| m.instance_number.unwrap()).collect::<Vec<_>>(), vec![1, 2]);
-    assert!(list.iter().all(|(m, _)| m.patient_id.is_empty() && m.patient_name.is_empty()), "raw IDs outside patients");
+    assert_eq!(list.iter().map(|i| i.meta.instance_number.unwrap()).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(
+        list.iter().all(|i| i.meta.patient_id.is_empty() && i.meta.patient_name.is_empty()),
+        "raw IDs outside patients"
+    );
     assert_eq!(store.series_pending_analysis().unwrap(), vec![s.to_string()]);
 
     // Raw identifiers are refused in results.
@@ -599,7 +602,7 @@ fn spooled_real_instance_is_recorded() {
     assert_eq!(series.len(), 1);
     let list = store.series_instances(&series[0]).unwrap();
     assert_eq!(list.len(), 2);
-    for (m, p) in list {
+    for lungsentry::store::StoredInstance { meta: m, path: p } in list {
         assert!(p.exists());
         let back = read_instance(&p).unwrap();
         assert_eq!(InstanceMeta::from_object(&back, None).unwrap().sop_instance_uid, m.sop_instance_uid);
@@ -617,8 +620,30 @@ fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
     }
     let result = |s: &str| serde_json::json!({"series_instance_uid": s, "patient_key": pk, "status": "analysed"});
     // a: outputs due; b: none wanted (e.g. a negative series and only_positive destinations).
-    let va = store.record_result_with_outputs(a, None, true, 5.0, &result(a), false, true, &[]).unwrap();
-    store.record_result_with_outputs(b, None, false, 0.0, &result(b), false, false, &[]).unwrap();
+    let va = store
+        .record_result_with_outputs(NewResult {
+            series_uid: a,
+            revision: None,
+            positive: true,
+            involvement_percent: 5.0,
+            result_json: &result(a),
+            alert: false,
+            outputs_due: true,
+            links: &[],
+        })
+        .unwrap();
+    store
+        .record_result_with_outputs(NewResult {
+            series_uid: b,
+            revision: None,
+            positive: false,
+            involvement_percent: 0.0,
+            result_json: &result(b),
+            alert: false,
+            outputs_due: false,
+            links: &[],
+        })
+        .unwrap();
     let awaiting = |store: &Store| -> Vec<(String, u32)> {
         store.results_awaiting_outputs().unwrap().into_iter().map(|r| (r.series_instance_uid, r.version)).collect()
     };
@@ -626,7 +651,18 @@ fn results_with_outputs_due_are_listed_until_their_rows_are_queued() {
     // A series changed since its result is re-analysed (its new version makes the outputs): not listed.
     store.record_instance(&fake_instance(a, "1.2.826.0.9.1.2", ("PID9", "DOE^JOHN"), 2), 2, &pk).unwrap();
     assert!(awaiting(&store).is_empty());
-    let va2 = store.record_result_with_outputs(a, None, true, 6.0, &result(a), false, true, &[]).unwrap();
+    let va2 = store
+        .record_result_with_outputs(NewResult {
+            series_uid: a,
+            revision: None,
+            positive: true,
+            involvement_percent: 6.0,
+            result_json: &result(a),
+            alert: false,
+            outputs_due: true,
+            links: &[],
+        })
+        .unwrap();
     assert_eq!(awaiting(&store), vec![(a.to_string(), va2)]);
     // Queueing the rows clears the mark in the same transaction (an empty set of rows only clears it).
     let row = lungsentry::store::NewDicomOutput {
@@ -679,7 +715,18 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     assert_eq!(links.len(), 1);
     assert_eq!((links[0].series_instance_uid.as_str(), links[0].result_version), (late, v_late));
     assert!(links[0].alert_payload.is_some());
-    store.record_result_with_outputs(early, None, false, 3.0, &r_early, false, false, &links).unwrap();
+    store
+        .record_result_with_outputs(NewResult {
+            series_uid: early,
+            revision: None,
+            positive: false,
+            involvement_percent: 3.0,
+            result_json: &r_early,
+            alert: false,
+            outputs_due: false,
+            links: &links,
+        })
+        .unwrap();
     let shown = store.latest_result(late).unwrap().unwrap();
     assert_eq!(shown.version, v_late, "no new version of the later series");
     assert_eq!(store.result_history(late).unwrap().len(), 1);
@@ -704,7 +751,18 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     let mut stale = links[0].clone();
     stale.follow_up["involvement_change_points"] = serde_json::json!(1.0);
     store.record_result(late, true, 9.0, &r_late, false).unwrap();
-    store.record_result_with_outputs(early, None, false, 3.0, &r_early, false, false, &[stale]).unwrap();
+    store
+        .record_result_with_outputs(NewResult {
+            series_uid: early,
+            revision: None,
+            positive: false,
+            involvement_percent: 3.0,
+            result_json: &r_early,
+            alert: false,
+            outputs_due: false,
+            links: &[stale],
+        })
+        .unwrap();
     assert_eq!(store.follow_up_links(late).unwrap().len(), 1);
     assert!(store.latest_result(late).unwrap().unwrap().result.get("follow_up").is_none(), "v2 shows its own");
     assert_eq!(store.due_outbox(i64::MAX, 10).unwrap().len(), 1);
@@ -724,7 +782,18 @@ fn record_prior_linking(store: &Store, early: &str, late: &str, v: u32, follow_u
         outputs_due: true,
     };
     let result = serde_json::json!({"status": "analysed"});
-    store.record_result_with_outputs(early, None, false, 3.0, &result, false, false, &[link]).unwrap();
+    store
+        .record_result_with_outputs(NewResult {
+            series_uid: early,
+            revision: None,
+            positive: false,
+            involvement_percent: 3.0,
+            result_json: &result,
+            alert: false,
+            outputs_due: false,
+            links: &[link],
+        })
+        .unwrap();
 }
 
 #[test]
@@ -751,7 +820,7 @@ fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
     assert_eq!(candidates(&store), vec![early.to_string()], "the later series' pixels are held for its SR");
     let awaiting = store.links_awaiting_outputs().unwrap();
     assert_eq!(awaiting.len(), 1);
-    let (id, _, l) = &awaiting[0];
+    let lungsentry::store::LinkAwaitingOutputs { id, link: l, .. } = &awaiting[0];
     assert!(l.outputs_due && l.series_instance_uid == late);
     assert_eq!(store.latest_queued_sr(late, v as i64).unwrap(), None);
     let row = lungsentry::store::NewDicomOutput {
@@ -768,7 +837,7 @@ fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
     // Still held while the SR is undelivered; free once it is delivered.
     assert_eq!(candidates(&store), vec![early.to_string()]);
     let out = store.dicom_outbox_of_series(late).unwrap();
-    store.mark_dicom_delivered(out[0].0.id, 0).unwrap();
+    store.mark_dicom_delivered(out[0].row.id, 0).unwrap();
     let mut c = candidates(&store);
     c.sort();
     assert_eq!(c, vec![early.to_string(), late.to_string()]);
@@ -792,7 +861,7 @@ fn an_amended_sr_whose_series_pixels_were_purged_first_is_given_up_with_the_mark
     record_prior_linking(&store, early, late, v, serde_json::Value::Null);
     let awaiting = store.links_awaiting_outputs().unwrap();
     assert_eq!(awaiting.len(), 1);
-    let (id, created_at, link) = &awaiting[0];
+    let lungsentry::store::LinkAwaitingOutputs { id, created_at, link } = &awaiting[0];
     let cfg = lungsentry::outputs::OutputsConfig {
         dicom: vec![lungsentry::outputs::DicomDestination {
             ae_title: "PACS".into(),

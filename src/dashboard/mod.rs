@@ -30,8 +30,8 @@ use axum::response::{Html, IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::outputs::SourceSlice;
-use crate::store::{DicomOutboxRow, Store};
-use crate::store_read::ReadPool;
+use crate::store::ReadPool;
+use crate::store::{DicomOutboxEntry, Store};
 
 pub mod live;
 
@@ -42,7 +42,7 @@ const LIST_LIMIT: usize = 50;
 
 /// What the dashboard routes read.
 pub struct DashboardState {
-    /// Read-only connections to the results and series (never the writer's, see `store_read`).
+    /// Read-only connections to the results and series (never the writer's, see `store::read`).
     pub readers: Arc<ReadPool>,
     /// The shared live view behind `/api/events`.
     pub live: Arc<live::LiveView>,
@@ -224,8 +224,8 @@ pub async fn events(State(st): State<Arc<DashboardState>>) -> Response {
 }
 
 /// One DICOM outbox row as the dashboard shows it.
-fn output_json(row: &(DicomOutboxRow, bool, bool, Option<u16>, Option<String>)) -> Value {
-    let (r, delivered, parked, status, error) = row;
+fn output_json(entry: &DicomOutboxEntry) -> Value {
+    let DicomOutboxEntry { row: r, delivered, parked, last_status: status, last_error: error } = entry;
     let state = match (delivered, parked) {
         (true, _) => "delivered",
         (_, true) => "parked",
@@ -268,7 +268,7 @@ fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
             .iter()
             .map(|row| {
                 let mut o = output_json(row);
-                if let Some(prior) = amended.get(&row.0.sop_instance_uid) {
+                if let Some(prior) = amended.get(&row.row.sop_instance_uid) {
                     o["amends_for_prior_series_instance_uid"] = json!(prior);
                 }
                 o

@@ -103,21 +103,24 @@ pub fn enqueue_link_outputs(
 ) -> Result<usize> {
     let series_uid = &link.series_instance_uid;
     let version = link.result_version as i64;
-    let Some(latest) = store.latest_result(series_uid)? else { return store.enqueue_link_outputs(link_id, &[]) };
+    let Some(latest) = store.latest_result(series_uid)? else { return Ok(store.enqueue_link_outputs(link_id, &[])?) };
     let shown = latest.version == link.result_version && latest.result["follow_up"] == link.follow_up;
     let wanting = destinations_for(cfg, &latest.result);
     let with_seg = wanting.iter().any(|d| d.objects.contains(&ObjectKind::Seg));
     let destinations: Vec<_> = wanting.into_iter().filter(|d| d.objects.contains(&ObjectKind::Sr)).collect();
     if !shown || destinations.is_empty() {
-        return store.enqueue_link_outputs(link_id, &[]);
+        return Ok(store.enqueue_link_outputs(link_id, &[])?);
     }
     // The analysed slices, in the result's order (the SR's evidence); only their UIDs and one header are read.
     let order: Vec<&str> = latest.result["slice_sop_instance_uids"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> =
-        store.series_instances(series_uid)?.into_iter().map(|(m, p)| (m.sop_instance_uid.clone(), (m, p))).collect();
+    let by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> = store
+        .series_instances(series_uid)?
+        .into_iter()
+        .map(|i| (i.meta.sop_instance_uid.clone(), (i.meta, i.path)))
+        .collect();
     if order.iter().any(|uid| !by_uid.contains_key(*uid)) {
         // Retention purged the series' pixels before its prior study arrived (it holds them only while a link's SR
         // is due): the SR cannot be made again, now or later. The result, dashboard and webhook carry the new
@@ -126,7 +129,7 @@ pub fn enqueue_link_outputs(
             prior = %crate::store::series_log_key(&link.prior_series_instance_uid),
             "no amended SR: the series' pixel data was purged by retention before its prior study arrived; \
              the result and dashboard show the comparison, PACS keeps the first SR");
-        return store.enqueue_link_outputs(link_id, &[]);
+        return Ok(store.enqueue_link_outputs(link_id, &[])?);
     }
     // Frames of a multi-frame instance repeat its UID (with `slice_frame_numbers` beside).
     let frames: Option<Vec<u32>> = latest.result["slice_frame_numbers"]
@@ -159,7 +162,7 @@ pub fn enqueue_link_outputs(
     let objects = build(&latest.result, &slices, &opts)?;
     let rows = write_objects(data_dir, series_uid, version, &objects, &destinations)?;
     crash_point("after_amended_sr_file");
-    store.enqueue_link_outputs(link_id, &rows)
+    Ok(store.enqueue_link_outputs(link_id, &rows)?)
 }
 
 /// Makes, stores and queues the objects of one recorded result (version `version`) for every destination that
@@ -418,8 +421,8 @@ async fn record_failure(
     blocking(move || s.mark_dicom_failed(id, status, &reason, next)).await
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("store task panicked")?
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::store::Result<T> + Send + 'static) -> Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await.context("store task panicked")??)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub fn read(path: &Path) -> Result<SeriesLabels> {
 /// Reads the labels from `path` and stores them for `series_uid`; false (with a warning that names no value) when
 /// either step fails.
 pub fn remember(store: &Store, series_uid: &str, path: &Path) -> bool {
-    match read(path).and_then(|l| store.remember_series_labels(series_uid, &l)) {
+    match read(path).and_then(|l| Ok(store.remember_series_labels(series_uid, &l)?)) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(series = %crate::store::series_log_key(series_uid), stage = "labels",

@@ -252,7 +252,7 @@ impl Daemon {
             // The dashboard, metrics and API read through their own read-only connections (WAL), never the
             // writer's that answers C-STOREs; the live view computes one snapshot per change for all its clients.
             let db = data_dir.join("lungsentry.sqlite");
-            let readers = Arc::new(crate::store_read::ReadPool::open(&db, crate::store_read::DEFAULT_READERS)?);
+            let readers = Arc::new(crate::store::ReadPool::open(&db, crate::store::DEFAULT_READERS)?);
             let (live, live_task) = crate::dashboard::live::LiveView::start(
                 &db,
                 config.http.max_sse_clients,
@@ -318,10 +318,7 @@ impl Daemon {
 }
 
 /// The gauges `/metrics` reads at scrape time: live series workers, slices queued to them, outbox depths.
-fn scrape_gauges(
-    shared: Arc<Shared>,
-    readers: Arc<crate::store_read::ReadPool>,
-) -> Arc<dyn Fn() -> String + Send + Sync> {
+fn scrape_gauges(shared: Arc<Shared>, readers: Arc<crate::store::ReadPool>) -> Arc<dyn Fn() -> String + Send + Sync> {
     Arc::new(move || {
         use crate::metrics::gauge;
         let mut out = String::new();
@@ -515,7 +512,7 @@ fn spool_and_record(
     })?;
     let key = crate::store::patient_key(&s.salt, &spooled.meta.patient_id, &spooled.meta.patient_name);
     let rec = s.store.record_instance(&spooled, association, &key).map_err(|e| {
-        let full = crate::retention::error_is_disk_full(&e);
+        let full = e.is_disk_full();
         tracing::error!(association, stage = "store", error = %format!("{e:#}"), disk_full = full, "could not record instance");
         (StoreAnswer::refused(status::OUT_OF_RESOURCES, "receiver could not record it now; retry later"), full)
     })?;
@@ -564,10 +561,10 @@ async fn series_worker(shared: Arc<Shared>, series_uid: String, mut rx: mpsc::Un
     // The dashboard's labels of the series (name, accession, series number…), once per worker.
     let mut labelled = false;
     if let Ok(Ok(prior)) = prior {
-        if let Some((_, path)) = prior.first() {
-            labelled = remember_labels(&shared, &series_uid, path).await;
+        if let Some(first) = prior.first() {
+            labelled = remember_labels(&shared, &series_uid, &first.path).await;
         }
-        for (meta, path) in prior {
+        for crate::store::StoredInstance { meta, path } in prior {
             work = Some(segment_one(&shared, work.take().unwrap(), meta, path).await);
         }
     }
@@ -692,7 +689,7 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     // SOP Instance UID). Without this, a result tagged with that revision could miss them or analyse the older
     // content, and every later completion would find the revision "already analysed": acknowledged data never analysed.
     let mut topped_up = 0;
-    for (meta, path) in shared.store.series_instances(series_uid)? {
+    for crate::store::StoredInstance { meta, path } in shared.store.series_instances(series_uid)? {
         if work.changed_since_added(&meta.sop_instance_uid, &path) {
             let _busy = shared.live.busy("slice segmentation");
             // At completion already: seeding ahead would only move the same work.
@@ -757,16 +754,16 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     result["alert_reasons"] = serde_json::json!(reasons);
     let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
     let t_record = Instant::now();
-    let version = shared.store.record_result_with_outputs(
+    let version = shared.store.record_result_with_outputs(crate::store::NewResult {
         series_uid,
         revision,
         positive,
-        involvement,
-        &result,
+        involvement_percent: involvement,
+        result_json: &result,
         alert,
         outputs_due,
-        &links,
-    )?;
+        links: &links,
+    })?;
     for l in &links {
         tracing::info!(series = %crate::store::series_log_key(&l.series_instance_uid), version = l.result_version,
             prior = %crate::store::series_log_key(series_uid), alert = l.alert_payload.is_some(),
@@ -880,7 +877,7 @@ async fn queue_amended_srs(shared: Arc<Shared>) {
     let done = tokio::task::spawn_blocking(move || -> Result<usize> {
         let _one = SWEEP.lock().unwrap_or_else(|p| p.into_inner());
         let mut queued = 0;
-        for (id, created_at, link) in s.store.links_awaiting_outputs()? {
+        for crate::store::LinkAwaitingOutputs { id, created_at, link } in s.store.links_awaiting_outputs()? {
             let key = crate::store::series_log_key(&link.series_instance_uid);
             match crate::outputs::outbox::enqueue_link_outputs(
                 &s.store,
@@ -920,7 +917,7 @@ async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::
         let done = tokio::task::spawn_blocking(move || -> Result<usize> {
             // One busy mark per slice, as the series workers do, so a long series never looks stuck to the watchdog.
             let mut work = SeriesWork::default();
-            for (meta, path) in s.store.series_instances(&r.series_instance_uid)? {
+            for crate::store::StoredInstance { meta, path } in s.store.series_instances(&r.series_instance_uid)? {
                 let _busy = s.live.busy("slice segmentation");
                 work.add_seeding_ahead(&s.ctx, meta, &path, false);
             }

@@ -7,11 +7,10 @@
 //! Hands on: [`PatientDisplay`] to `dashboard` and `notify`.
 //! Never: logs any of these values, or puts them into results, the alert outbox or follow-up links.
 
-use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::Store;
+use super::{Result, Store};
 
 /// The labels of a series as its instances carry them (all text as received, trimmed; empty when absent).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

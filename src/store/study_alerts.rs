@@ -8,10 +8,9 @@
 //! Hands on: the holder's Series Instance UID to `pipeline` (which writes the link into the result).
 //! Never: decides positivity or whether a series would alert (the pipeline does), or queues webhooks.
 
-use anyhow::Result;
 use rusqlite::{params, OptionalExtension};
 
-use super::{now_ms, Store};
+use super::{now_ms, Result, Store};
 
 impl Store {
     /// Claims the alert of study `study_uid` for `series_uid`, in one statement pair under the store's lock:

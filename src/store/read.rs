@@ -1,4 +1,4 @@
-//! store_read — the read side of the store: a small pool of read-only SQLite connections for the dashboard,
+//! read — the read side of the store: a small pool of read-only SQLite connections for the dashboard,
 //! `/metrics`, `/readyz` and the API.
 //!
 //! Owns: the pool (a fixed number of [`Store::open_read_only`] connections, checked out one caller at a time and
@@ -12,9 +12,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
-use anyhow::Result;
-
-use crate::store::Store;
+use super::{Result, Store};
 
 /// Read-only connections, checked out one caller at a time.
 #[derive(Debug)]

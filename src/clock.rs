@@ -2,7 +2,8 @@
 //!
 //! Owns: the current time as unix milliseconds ([`now_ms`], the store's one time unit), formatting unix
 //! milliseconds as RFC 3339 ([`rfc3339`], [`now_rfc3339`]) and reading such a timestamp back ([`parse_rfc3339_ms`]),
-//! all through `jiff` (UTC only: no time zone database is read).
+//! and a day number as a DICOM date ([`dicom_date`]), all through `jiff` (UTC only: no time zone database is
+//! read).
 //! Hands on: `i64` milliseconds and `String`s; results, the dashboard, the outbox's DICOM dates and the reports
 //! store and compare these.
 //! Never: imports anything else of the crate, reads local time zones, or changes the text form (stored results
@@ -23,10 +24,22 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Unix milliseconds → RFC 3339 UTC, `YYYY-MM-DDTHH:MM:SS.mmmZ` (exactly 3 fraction digits). Instants outside
-/// years -9999..=9999 (jiff's range; no clock reads them) are clamped to its ends.
+/// jiff's range (-009999-01-02T01:59:59Z ..= 9999-12-30T22:00:00.999999999Z; no clock reads them) are clamped to
+/// its ends — the only text that differs from the hand-written formatter this replaced.
 pub fn rfc3339(ms: i64) -> String {
     let ts = Timestamp::from_millisecond(ms).unwrap_or(if ms < 0 { Timestamp::MIN } else { Timestamp::MAX });
     format!("{ts:.3}")
+}
+
+/// Days since 1970-01-01 → DICOM DA (`YYYYMMDD`, proleptic Gregorian, UTC). Days outside jiff's range are
+/// clamped to its ends, as in [`rfc3339`].
+pub fn dicom_date(days: i64) -> String {
+    let ts = Timestamp::from_second(days.saturating_mul(86_400)).unwrap_or(if days < 0 {
+        Timestamp::MIN
+    } else {
+        Timestamp::MAX
+    });
+    ts.strftime("%Y%m%d").to_string()
 }
 
 /// Unix ms of an RFC 3339 timestamp as [`rfc3339`] writes them (any offset or fraction precision is honoured;
@@ -51,8 +64,11 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_000_000_456), "2026-11-18T11:06:40.456Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        // jiff's last instant (it keeps room for any offset up to ±25:59:59); later ones are clamped to it.
+        assert_eq!(rfc3339(253_402_207_200_999), "9999-12-30T22:00:00.999Z");
+        assert_eq!(rfc3339(253_402_300_799_999), "9999-12-30T22:00:00.999Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-30T22:00:00.999Z");
+        assert_eq!(dicom_date(i64::MAX), "99991230");
     }
 
     /// The output of the hand-written civil-from-days formatter this module replaced, for every day boundary
@@ -92,6 +108,29 @@ mod tests {
             ms += 7_777_777_777;
         }
         assert!(checked > 190_000);
+    }
+
+    /// The phantom's hand-written days → YYYYMMDD formatter this replaced: byte-identical over 1900..2200.
+    #[test]
+    fn dicom_dates_as_before() {
+        fn hinnant(days: i64) -> String {
+            let z = days + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let d = doy - (153 * mp + 2) / 5 + 1;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 };
+            let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+            format!("{y:04}{m:02}{d:02}")
+        }
+        assert_eq!(dicom_date(0), "19700101");
+        assert_eq!(dicom_date(11_016), "20000229");
+        assert_eq!(dicom_date(-1), "19691231");
+        for days in -25_567..84_000 {
+            assert_eq!(dicom_date(days), hinnant(days), "days = {days}");
+        }
     }
 
     #[test]

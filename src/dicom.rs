@@ -22,7 +22,7 @@ pub const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
 /// Deepest sequence nesting the bounds check walks before refusing the dataset.
 const MAX_NESTING: usize = 32;
 
-/// DIMSE status codes we send.
+/// DIMSE status codes: the ones we send, and how to read the ones a peer sends back ([`status::is_stored`]).
 pub mod status {
     /// Success.
     pub const SUCCESS: u16 = 0x0000;
@@ -324,6 +324,19 @@ pub fn check_meta_group(head: &[u8], file_len: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_header_vrs_and_stored_statuses() {
+        for vr in [b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV", b"SV", b"UV"] {
+            assert!(has_long_length(*vr), "{}", String::from_utf8_lossy(vr));
+        }
+        for vr in [b"US", b"UL", b"LO", b"UI", b"FD", b"AT", b"DS", b"PN"] {
+            assert!(!has_long_length(*vr), "{}", String::from_utf8_lossy(vr));
+        }
+        assert!(status::is_stored(status::SUCCESS) && status::is_stored(status::WARNING_COERCION));
+        assert!(status::is_stored(0x0107) && status::is_stored(0xBFFF));
+        assert!(!status::is_stored(status::OUT_OF_RESOURCES) && !status::is_stored(status::CANNOT_UNDERSTAND));
+    }
 
     #[test]
     fn meta_elements_must_lie_inside_the_file() {

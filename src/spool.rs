@@ -7,6 +7,7 @@
 //! `Ok` may the SCP answer 0000: nothing acknowledged is ever lost. A Deflated Explicit VR LE dataset is
 //! inflated (size-capped) and stored as the Explicit VR LE dataset it wraps.
 //! Hands on: a [`SpooledInstance`] (routing attributes + file path) that `store` records and `series` groups.
+//! The length walk and the meta group check are [`crate::dicom`]'s (shared with `receive` and `scu`).
 //! Never: re-encodes or decodes pixel data, touches the database, or knows when a series is complete.
 //!
 //! On-disk layout (all directories mode 0700, files 0600):
@@ -35,12 +36,9 @@ use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntaxIndex};
 use dicom_object::{FileDicomObject, FileMetaTableBuilder, InMemDicomObject};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use crate::dicom::{check_lengths, status, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
+use crate::dicom::{check_lengths, check_meta_group, status, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 use crate::instance::InstanceMeta;
 use crate::receive::IncomingInstance;
-
-/// The file meta group check lives in [`crate::dicom`]; callers that read files through the spool use it here.
-pub use crate::dicom::check_meta_group;
 
 /// Our Implementation Class UID: `2.25.` + the decimal form of a fixed random 128-bit value (ISO/IEC 9834-8
 /// UUID-derived root, so no registration is needed). Never change it: files written by earlier versions carry it.

@@ -16,6 +16,7 @@
 //! that version carries the new comparison and names the SR it replaces. Hands on: Part-10 file objects
 //! ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
 //! DICOM outbox. Never: decides which results get outputs, sends anything, or touches the store.
+//! Its `[outputs]` settings ([`OutputsConfig`], [`DicomDestination`], [`ObjectKind`]) are `config`'s, re-exported.
 
 mod common;
 mod font;

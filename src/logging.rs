@@ -22,11 +22,10 @@
 //! have no journald) cannot be served. Measured with a probe program (tracing-journald 0.3.2, a datagram socket
 //! bound in a temporary folder, nothing at the default path, `LUNGSENTRY_JOURNAL_SOCKET` set to it):
 //! `tracing_journald::layer()` returned `No such file or directory (os error 2)` and the bound socket received
-//! nothing. Smaller differences it would
-//! also bring: the `log` bridge's `log.target`/`log.module_path`/`log.file`/`log.line` fields become extra
-//! `LOG_*` journal fields (we drop them), a field name starting with a digit is passed on (journald drops such
-//! fields; we prefix `F`), `f64` fields are written with `Debug` (`1e-7`) rather than `Display`, and an entry
-//! whose write fails is dropped silently (we write it to stderr). Field prefix (`with_field_prefix(None)`),
+//! nothing. Smaller differences it would also bring: the `log` bridge's `log.target`/`log.module_path`/
+//! `log.file`/`log.line` fields become extra `LOG_*` journal fields (we drop them), a field name starting with a
+//! digit is passed on (journald drops such fields; we prefix `F`), `f64` fields are written with `Debug` (`1e-7`)
+//! rather than `Display`, and an entry whose write fails is dropped silently (we write it to stderr). Field prefix (`with_field_prefix(None)`),
 //! priority mapping (`with_priority_mappings`) and `with_syslog_identifier` would have served.
 //! `systemd-journal-logger` is not used either: it only maps `log` key-values and cannot be pointed at another
 //! socket; its one helper we used (`connected_to_journal`) is [`stderr_is_journal`] here.

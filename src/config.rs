@@ -3,6 +3,9 @@
 //! Owns: every tunable the daemon reads, their defaults (the "embedded defaults" used when `serve` gets no
 //! `--config`), and validation with messages that name the offending key. Unknown keys are rejected by serde
 //! (`deny_unknown_fields`) so a typo never silently falls back to a default.
+//! Hands on: the typed sections to the stages that read them — `[outputs]` included ([`OutputsConfig`],
+//! [`DicomDestination`], [`ObjectKind`]; `outputs` re-exports them), so this module imports nothing else of the
+//! crate and sits below every module that is configured.
 //! Never: reads the environment or touches the disk beyond reading the one file it is given.
 
 use std::net::SocketAddr;
@@ -30,7 +33,7 @@ pub struct Config {
     /// Dashboard, metrics and health endpoints.
     pub http: HttpConfig,
     /// DICOM outputs (SEG, SR, key images) and their C-STORE destinations.
-    pub outputs: crate::outputs::OutputsConfig,
+    pub outputs: OutputsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -432,6 +435,115 @@ impl Config {
     }
 }
 
+/// `[outputs]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputsConfig {
+    /// Most key images per series (the slices with the largest lesion area).
+    pub key_images: usize,
+    /// Failed attempts after which an object is parked (kept, visible in metrics, not retried).
+    pub max_attempts: u32,
+    /// C-STORE destinations (`[[outputs.dicom]]`); none = no DICOM outputs are made by the daemon.
+    pub dicom: Vec<DicomDestination>,
+}
+
+impl Default for OutputsConfig {
+    fn default() -> Self {
+        OutputsConfig { key_images: 3, max_attempts: 20, dicom: Vec::new() }
+    }
+}
+
+/// One `[[outputs.dicom]]` destination.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DicomDestination {
+    /// Called AE title of the receiver (PACS).
+    pub ae_title: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Which objects it gets: any of "seg", "sr", "key_images" (default all three).
+    #[serde(default = "all_objects")]
+    pub objects: Vec<ObjectKind>,
+    /// Only results flagged positive are sent (default false: every analysed series).
+    #[serde(default)]
+    pub only_positive: bool,
+}
+
+fn all_objects() -> Vec<ObjectKind> {
+    ObjectKind::ALL.to_vec()
+}
+
+impl DicomDestination {
+    /// The name rows and logs use: `AE@host:port`.
+    pub fn key(&self) -> String {
+        format!("{}@{}:{}", self.ae_title, self.host, self.port)
+    }
+}
+
+impl OutputsConfig {
+    /// Range checks, each naming its key.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_attempts == 0 {
+            bail!("outputs.max_attempts must be at least 1");
+        }
+        for (i, d) in self.dicom.iter().enumerate() {
+            if d.ae_title.is_empty() || d.ae_title.len() > 16 || !d.ae_title.is_ascii() {
+                bail!("outputs.dicom[{i}].ae_title must be 1-16 ASCII characters, got {:?}", d.ae_title);
+            }
+            if d.host.is_empty() {
+                bail!("outputs.dicom[{i}].host must not be empty");
+            }
+            if d.port == 0 {
+                bail!("outputs.dicom[{i}].port must be 1-65535");
+            }
+            if d.objects.is_empty() {
+                bail!("outputs.dicom[{i}].objects must name at least one of seg, sr, key_images");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which kind of DICOM output object (`[[outputs.dicom]].objects`, the outbox rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    /// DICOM Segmentation.
+    Seg,
+    /// TID 1500 structured report.
+    Sr,
+    /// Secondary Capture key images.
+    KeyImages,
+}
+
+impl ObjectKind {
+    /// The config / database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Seg => "seg",
+            ObjectKind::Sr => "sr",
+            ObjectKind::KeyImages => "key_images",
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [ObjectKind; 3] = [ObjectKind::Seg, ObjectKind::Sr, ObjectKind::KeyImages];
+}
+
+impl std::str::FromStr for ObjectKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "seg" => Ok(ObjectKind::Seg),
+            "sr" => Ok(ObjectKind::Sr),
+            "key_images" => Ok(ObjectKind::KeyImages),
+            other => Err(format!("unknown DICOM output {other:?} (expected seg, sr or key_images)")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +620,29 @@ mod example_file {
         let c = super::Config::parse(text).unwrap();
         let d = super::Config::default();
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod outputs_section {
+    use super::{Config, ObjectKind};
+
+    #[test]
+    fn destinations_parse_and_bad_values_name_the_key() {
+        let c = Config::parse(
+            "[[outputs.dicom]]\nae_title = \"PACS\"\nhost = \"10.0.0.5\"\nport = 104\nobjects = [\"sr\", \"seg\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.outputs.dicom[0].objects, vec![ObjectKind::Sr, ObjectKind::Seg]);
+        assert_eq!(c.outputs.dicom[0].key(), "PACS@10.0.0.5:104");
+        let c = Config::parse("[[outputs.dicom]]\nae_title = \"P\"\nhost = \"h\"\nport = 1\n").unwrap();
+        assert_eq!(c.outputs.dicom[0].objects.len(), 3);
+        let e = Config::parse("[[outputs.dicom]]\nae_title = \"P\"\nhost = \"h\"\nport = 1\nobjects = [\"rt\"]\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("rt"), "{e:#}");
+        let e = Config::parse("[[outputs.dicom]]\nae_title = \"\"\nhost = \"h\"\nport = 1\n").unwrap_err();
+        assert!(format!("{e:#}").contains("outputs.dicom[0].ae_title"), "{e:#}");
+        let e = Config::parse("[outputs]\nmax_attempts = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("outputs.max_attempts"), "{e:#}");
     }
 }

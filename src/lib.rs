@@ -13,13 +13,23 @@
 //! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series; `datadir` owns every path under the data dir
 //! (and its checked delete), `uid` the validated UID every such name derived from a peer value is; `hil` is the
 //! hardware-in-the-loop harness that replays series to an appliance and reports correctness and latency.
+//!
+//! Leaves every module may use (they import nothing else of the crate): `config` (the typed configuration),
+//! `dicom` (encoding rules, bounds checks, DIMSE status codes) and `clock` (wall-clock time and its RFC 3339 form).
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment saying why it is sound; inside an `unsafe fn` each unsafe
+//! operation still needs its own block.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod analysis;
 pub mod analyze;
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod datadir;
 pub mod demo;
+pub mod dicom;
 pub mod engine;
 pub mod eval;
 #[cfg(feature = "cuda")]

@@ -1,5 +1,7 @@
 //! The `lungsentry` command line: one subcommand per user task.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 

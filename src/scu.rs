@@ -25,8 +25,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::dicom::status;
 use crate::receive::dimse::{command, command_pdv, CommandSet, MessageAssembler};
-use crate::receive::status;
 use crate::receive::syntax::{is_native, trim_uid};
 
 /// `lungsentry send` options.
@@ -476,7 +476,7 @@ fn scan(path: &Path) -> Result<Candidate> {
     // The meta group is small; 64 KiB covers any real one (private information included).
     let mut head = Vec::with_capacity(64 * 1024);
     file.take(64 * 1024).read_to_end(&mut head).with_context(|| format!("reading {}", path.display()))?;
-    crate::spool::check_meta_group(&head, file_len).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    crate::dicom::check_meta_group(&head, file_len).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (meta, _) = read_meta(&head).with_context(|| format!("{}", path.display()))?;
     let candidate = Candidate {
         path: path.to_path_buf(),
@@ -493,7 +493,7 @@ fn scan(path: &Path) -> Result<Candidate> {
 /// The dataset bytes to send: as stored when `target_ts` is the file's own, else re-encoded (native only).
 fn load_dataset(path: &Path, file_ts: &str, target_ts: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    crate::spool::check_meta_group(&bytes, bytes.len() as u64).map_err(|e| anyhow::anyhow!(e))?;
+    crate::dicom::check_meta_group(&bytes, bytes.len() as u64).map_err(|e| anyhow::anyhow!(e))?;
     let (_, offset) = read_meta(&bytes)?;
     if file_ts == target_ts {
         let mut bytes = bytes;

@@ -166,25 +166,8 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
-/// Unix ms of an RFC 3339 UTC timestamp as the pipeline writes them (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
-pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 19 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let ms = if b.len() >= 23 && b[19] == b'.' { num(20..23)? } else { 0 };
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms)
-}
+/// Unix ms of an RFC 3339 timestamp ([`crate::clock::parse_rfc3339_ms`]).
+pub use crate::clock::parse_rfc3339_ms;
 
 fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
@@ -355,14 +338,4 @@ pub fn write_key_png(data_dir: &Path, result: &Value, slices: &[SourceSlice]) ->
     std::fs::write(&tmp, png)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_round_trip() {
-        for ms in [0i64, 951_782_400_000, 1_798_761_600_123, 1_795_000_000_456] {
-            assert_eq!(super::parse_rfc3339_ms(&crate::pipeline::rfc3339(ms)), Some(ms));
-        }
-    }
 }

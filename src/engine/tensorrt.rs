@@ -267,9 +267,17 @@ impl TensorRtEngine {
         stream: &CudaStream,
     ) -> Result<()> {
         let st = self.state.lock().map_err(|_| anyhow!("TensorRT state poisoned"))?;
-        self.enqueue_locked(st.handle.0, input, output, n, stream)
+        // SAFETY: `st.handle` is the live handle and stays locked for the call; the buffers are the caller's
+        // contract above, passed on unchanged.
+        unsafe { self.enqueue_locked(st.handle.0, input, output, n, stream) }
     }
 
+    /// Sets the input shape and both tensor addresses on `h` and enqueues on `stream`.
+    ///
+    /// # Safety
+    /// `h` is this engine's live handle, held under its state lock for the whole call (TensorRT contexts are not
+    /// thread-safe); `input` and `output` hold `n` slices in the engine's I/O types and stay alive until `stream`
+    /// is synchronized.
     unsafe fn enqueue_locked(
         &self,
         h: *mut LsTrt,
@@ -287,15 +295,21 @@ impl TensorRtEngine {
             anyhow!("TensorRT: {}", msg.to_string_lossy())
         };
         let shape = [n as i64, self.chw[0], self.chw[1], self.chw[2]];
-        if ls_trt_set_input_shape(h, self.input_name.as_ptr(), shape.as_ptr(), 4) != 0 {
+        // SAFETY: `h` is live and exclusively ours (the contract above); the name is a NUL-terminated CString of
+        // this engine and `shape` holds the 4 dims passed, both alive for the call (the shim copies them).
+        if unsafe { ls_trt_set_input_shape(h, self.input_name.as_ptr(), shape.as_ptr(), 4) } != 0 {
             return Err(fail());
         }
-        if ls_trt_set_tensor_address(h, self.input_name.as_ptr(), input as *mut c_void) != 0
-            || ls_trt_set_tensor_address(h, self.output_name.as_ptr(), output as *mut c_void) != 0
+        // SAFETY: as above; the device addresses hold `n` slices and outlive the enqueued work (the contract).
+        if unsafe { ls_trt_set_tensor_address(h, self.input_name.as_ptr(), input as *mut c_void) } != 0
+            // SAFETY: the same for the output tensor.
+            || unsafe { ls_trt_set_tensor_address(h, self.output_name.as_ptr(), output as *mut c_void) } != 0
         {
             return Err(fail());
         }
-        if ls_trt_enqueue(h, stream.cu_stream() as *mut c_void) != 0 {
+        // SAFETY: `stream` is a live CUDA stream of the context the engine was opened in; both tensor addresses
+        // were set just above.
+        if unsafe { ls_trt_enqueue(h, stream.cu_stream() as *mut c_void) } != 0 {
             return Err(fail());
         }
         Ok(())

@@ -10,7 +10,7 @@ use dicom_object::{FileDicomObject, InMemDicomObject};
 use super::OutputError;
 
 /// Explicit VR Little Endian: every object we write uses it.
-pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub use crate::dicom::EXPLICIT_VR_LE;
 /// Our implementation class UID (same as the phantom writer's).
 pub const IMPLEMENTATION_UID: &str = "2.25.148361305921370813472683839447914736211";
 

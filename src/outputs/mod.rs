@@ -16,26 +16,25 @@
 //! that version carries the new comparison and names the SR it replaces. Hands on: Part-10 file objects
 //! ([`OutputObject`]) to `analyze --dicom-out` (a folder) and to the
 //! DICOM outbox. Never: decides which results get outputs, sends anything, or touches the store.
+//! Its `[outputs]` settings ([`OutputsConfig`], [`DicomDestination`], [`ObjectKind`]) are `config`'s, re-exported.
 
 mod common;
 mod font;
 pub mod keyimage;
 pub mod outbox;
 mod seg;
-mod settings;
 mod sr;
 
 use std::path::{Path, PathBuf};
 
 use dicom_object::{FileDicomObject, InMemDicomObject};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::analysis::BitMask;
 use crate::instance::InstanceMeta;
 
+pub use crate::config::{DicomDestination, ObjectKind, OutputsConfig};
 pub use common::{derived_uid, SourceHeader};
-pub use settings::{DicomDestination, OutputsConfig};
 
 /// Segmentation Storage.
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
@@ -69,44 +68,6 @@ pub enum OutputError {
     /// Writing a file failed.
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-}
-
-/// Which kind of object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ObjectKind {
-    /// DICOM Segmentation.
-    Seg,
-    /// TID 1500 structured report.
-    Sr,
-    /// Secondary Capture key images.
-    KeyImages,
-}
-
-impl ObjectKind {
-    /// The config / database spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Seg => "seg",
-            ObjectKind::Sr => "sr",
-            ObjectKind::KeyImages => "key_images",
-        }
-    }
-
-    /// Every kind.
-    pub const ALL: [ObjectKind; 3] = [ObjectKind::Seg, ObjectKind::Sr, ObjectKind::KeyImages];
-}
-
-impl std::str::FromStr for ObjectKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "seg" => Ok(ObjectKind::Seg),
-            "sr" => Ok(ObjectKind::Sr),
-            "key_images" => Ok(ObjectKind::KeyImages),
-            other => Err(format!("unknown DICOM output {other:?} (expected seg, sr or key_images)")),
-        }
-    }
 }
 
 /// One analysed source slice, in the series' position order: where its file is and its final masks.

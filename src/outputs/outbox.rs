@@ -151,7 +151,7 @@ pub fn enqueue_link_outputs(
             .count() as u32,
         predecessor: store.latest_queued_sr(series_uid, version)?,
         with_seg,
-        content_time: super::common::da_tm(&crate::pipeline::rfc3339(created_at)),
+        content_time: super::common::da_tm(&crate::clock::rfc3339(created_at)),
     };
     let opts = OutputOptions {
         kinds: vec![ObjectKind::Sr],

@@ -15,8 +15,8 @@ use dicom_object::InMemDicomObject;
 use super::render::Scanner;
 use crate::instance::CT_IMAGE_STORAGE;
 
-/// Explicit VR Little Endian.
-pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+/// Explicit VR Little Endian: every phantom slice uses it.
+pub use crate::dicom::EXPLICIT_VR_LE;
 /// Our implementation class UID (a fixed 2.25 UID).
 const IMPLEMENTATION_UID: &str = "2.25.148361305921370813472683839447914736211";
 

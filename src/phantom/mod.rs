@@ -310,20 +310,6 @@ fn uid(seed: u64, label: &str, index: u64) -> String {
     format!("2.25.{}", v >> 1)
 }
 
-/// Days since 1970-01-01 → YYYYMMDD.
-fn date_string(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}{m:02}{d:02}")
-}
-
 /// Writes the phantom described by `opts`; returns its truth (also written to truth.json).
 pub fn generate(opts: &PhantomOptions) -> Result<PhantomTruth> {
     let (gen, prior) = match &opts.follow_up_of {
@@ -452,7 +438,7 @@ fn write_study(
         series_uid: series_uid.clone(),
         frame_uid: frame_uid.clone(),
         instance_uid_root: uid(study_key, "instance", 0),
-        study_date: date_string(gen.study_day),
+        study_date: crate::clock::dicom_date(gen.study_day),
         study_time: format!("{:02}{:02}{:02}", 7 + tr.below(12), tr.below(60), tr.below(60)),
         study_id: format!("{}", 1000 + tr.below(9000)),
         accession: format!("ACC{:08}", tr.below(100_000_000)),
@@ -578,7 +564,7 @@ fn write_study(
         frame_of_reference_uid: frame_uid,
         patient_id: gen.patient.id.clone(),
         patient_name: gen.patient.name.clone(),
-        study_date: date_string(gen.study_day),
+        study_date: crate::clock::dicom_date(gen.study_day),
         files: files.clone(),
         generation: gen,
         follow_up,

@@ -86,6 +86,7 @@ fn set_thread_nice(nice: i32) {
     if nice <= 0 {
         return;
     }
+    // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() } as libc::id_t;
     // SAFETY: getpriority/setpriority with PRIO_PROCESS and a thread id read or change only that thread. getpriority
     // returns -1 both as a value and as an error; errno tells them apart (an error leaves the base at 0).
@@ -98,6 +99,7 @@ fn set_thread_nice(nice: i32) {
             p
         }
     };
+    // SAFETY: setpriority on this thread's own id changes only this thread's nice value.
     let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (base + nice).min(19)) };
     if r != 0 {
         tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the segmentation threads' priority");

@@ -232,7 +232,7 @@ fn check_command_lengths(bytes: &[u8]) -> Result<(), DimseError> {
             )));
         }
         let len = u32::from_le_bytes([bytes[p + 4], bytes[p + 5], bytes[p + 6], bytes[p + 7]]) as usize;
-        let unit = crate::spool::value_unit(crate::spool::implicit_vr((group, element)));
+        let unit = crate::dicom::value_unit(crate::dicom::implicit_vr((group, element)));
         if len % unit != 0 {
             return Err(DimseError::CommandParse(format!(
                 "element (0000,{element:04X}) at offset {p} has length {len}, not a multiple of {unit}"

@@ -28,32 +28,8 @@ pub use listener::{run, run_with, Tuning};
 /// Process-unique id of one association, for logs and for telling the series stage which sender finished.
 pub type AssociationId = u64;
 
-/// DIMSE status codes we send.
-pub mod status {
-    /// Success.
-    pub const SUCCESS: u16 = 0x0000;
-    /// Refused: out of resources (disk full, spool cannot write).
-    pub const OUT_OF_RESOURCES: u16 = 0xA700;
-    /// Error: data set does not match SOP class.
-    pub const DATASET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
-    /// Error: cannot understand (unparseable or unusable dataset). C000–CFFF range.
-    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
-    /// Failure: SOP class not supported.
-    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-    /// Failure: processing failure.
-    pub const PROCESSING_FAILURE: u16 = 0x0110;
-    /// Failure: unrecognized operation (a DIMSE command we do not serve).
-    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
-    /// Failure: no such SOP class (AffectedSOPClassUID is not the presentation context's abstract syntax).
-    pub const NO_SUCH_SOP_CLASS: u16 = 0x0118;
-    /// Warning: coercion of data elements (B000); the first of the warning range B000–BFFF.
-    pub const WARNING_COERCION: u16 = 0xB000;
-
-    /// Whether a C-STORE status means the instance was stored (success or any warning).
-    pub fn is_stored(status: u16) -> bool {
-        status == SUCCESS || status == 0x0107 || status == 0x0116 || (0xB000..=0xBFFF).contains(&status)
-    }
-}
+/// DIMSE status codes (they live in [`crate::dicom::status`]; re-exported for the handlers and callers here).
+pub use crate::dicom::status;
 
 /// One C-STORE's payload, as received.
 #[derive(Debug)]

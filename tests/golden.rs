@@ -6,7 +6,8 @@
 //!
 //! Time-dependent parts are fixed or blanked: the received and completion times are given (so the derived UIDs and
 //! the content date/time of the DICOM objects are fixed), the stage timings are blanked in the JSON, and the
-//! Device Serial Number (the host name) is blanked before the DICOM bytes are hashed. The engine is tract (pure
+//! Device Serial Number (the host name, and the SR's observer UID made from it) is blanked before the DICOM bytes
+//! are hashed. The engine is tract (pure
 //! Rust, the same on every box that runs the tests).
 //!
 //! `LUNGSENTRY_GOLDEN_UPDATE=1` rewrites the fixtures instead of comparing (only for a deliberate change of the
@@ -51,19 +52,44 @@ fn blank_timings(v: &mut Value) {
     }
 }
 
-/// A DICOM output's bytes with the Device Serial Number (this host's name) blanked, as SHA-256.
+/// A DICOM output's bytes as SHA-256, with what depends on the host blanked: the Device Serial Number (the host
+/// name) and the SR's Device Observer UID made from it (its sequences have undefined lengths, so nothing else moves).
 fn dicom_digest(path: &Path) -> String {
     use dicom_dictionary_std::tags;
     let mut obj = dicom_object::open_file(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    assert!(obj.element(tags::DEVICE_SERIAL_NUMBER).is_ok(), "{} names the device", path.display());
-    obj.put(dicom_core::DataElement::new(
-        tags::DEVICE_SERIAL_NUMBER,
-        dicom_core::VR::LO,
-        dicom_core::PrimitiveValue::from("HOST"),
-    ));
+    let serial = obj.element(tags::DEVICE_SERIAL_NUMBER).expect("names the device").to_str().unwrap().to_string();
+    let observer = lungsentry::outputs::derived_uid(serial.trim_end_matches([' ', '\0']), "device-observer");
+    assert!(blank_host(&mut obj, &observer));
     let mut bytes = Vec::new();
     obj.write_all(&mut bytes).expect("re-encode the output");
     sha256(&bytes)
+}
+
+/// Replaces the Device Serial Number and the UI values equal to `observer_uid`, at any depth; returns whether it
+/// changed anything (only the elements holding them are touched).
+fn blank_host(obj: &mut dicom_object::InMemDicomObject, observer_uid: &str) -> bool {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    let mut changed = false;
+    let tag_list: Vec<dicom_core::Tag> = obj.tags().collect();
+    for tag in tag_list {
+        let e = obj.element(tag).unwrap();
+        if e.items().is_some() {
+            let mut seq = obj.take_element(tag).unwrap();
+            let mut inner = false;
+            for item in seq.items_mut().unwrap().iter_mut() {
+                inner |= blank_host(item, observer_uid);
+            }
+            changed |= inner;
+            obj.put(seq);
+        } else if tag == dicom_dictionary_std::tags::DEVICE_SERIAL_NUMBER {
+            obj.put(DataElement::new(tag, VR::LO, PrimitiveValue::from("HOST")));
+            changed = true;
+        } else if e.vr() == VR::UI && e.to_str().is_ok_and(|v| v.trim_end_matches('\0') == observer_uid) {
+            obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from("1.2.3.4")));
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// One webhook body as queued: its text must be what serde_json writes for it (sorted keys, exact floats), so it

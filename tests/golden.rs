@@ -148,6 +148,9 @@ fn golden_of(paths: &[PathBuf], work_dir: &Path, enforce_eligibility: bool, late
         let mut analysed = value.clone();
         blank_timings(&mut analysed);
         let mut stored = store.latest_result(&series_uid).unwrap().expect("recorded").result;
+        // Read back typed (the dashboard, the relinks and the outputs sweep do), it writes the same JSON.
+        let typed = lungsentry::result::SeriesResult::from_json(stored.clone()).expect("stored result reads back");
+        assert_eq!(typed.to_json(), stored, "the stored result read back typed writes other JSON");
         blank_timings(&mut stored);
         let rows = store.due_outbox(i64::MAX, 100).unwrap();
         let webhooks: Vec<Value> = rows[webhooks_seen..]

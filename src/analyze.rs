@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
 use crate::pipeline::{InferenceContext, SeriesWork};
+use crate::result::SeriesResult;
 use crate::store::Store;
 
 /// `lungsentry analyze` options.
@@ -201,17 +202,15 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         }
         let (mut result, slices) =
             work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
-        let series_uid = result["series_instance_uid"].as_str().unwrap_or("unknown").to_string();
+        let series_uid = Some(result.series_instance_uid.clone()).filter(|s| !s.is_empty()).unwrap_or("unknown".into());
         // As the daemon links (later studies already in a kept store link back to this one; no alerts offline).
         let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false, None)?;
-        let positive = result["positive"].as_bool().unwrap_or(false);
-        let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
         let version = store.record_result_with_outputs(crate::store::NewResult {
             series_uid: &series_uid,
             revision: None,
-            positive,
-            involvement_percent: involvement,
-            result_json: &result,
+            positive: result.positive,
+            involvement_percent: result.involvement_percent(),
+            result_json: &result.to_json(),
             alert: false,
             outputs_due: false,
             links: &links,
@@ -223,7 +222,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             );
         }
         if args.store.is_some() {
-            result["version"] = serde_json::json!(version);
+            result.version = Some(version);
         }
         if let Some(dir) = &args.dicom_out {
             let opts = crate::outputs::OutputOptions {
@@ -235,7 +234,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             match crate::outputs::build(&result, &slices, &opts) {
                 Ok(objects) => {
                     let paths = crate::outputs::write_dir(&objects, &dir.join(&series_uid))?;
-                    result["dicom_outputs"] = serde_json::json!(paths);
+                    result.dicom_outputs = Some(paths);
                 }
                 Err(e) => eprintln!("{series_uid}: no DICOM outputs: {e}"),
             }
@@ -246,7 +245,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let mut out = stdout.lock();
     for result in &results {
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(result)?)?;
+            writeln!(out, "{}", serde_json::to_string(&result.to_json())?)?;
         } else {
             writeln!(out, "{}", summary_line(result))?;
         }
@@ -255,38 +254,37 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
 }
 
 /// One human line per series.
-pub fn summary_line(r: &serde_json::Value) -> String {
-    let series = r["series_instance_uid"].as_str().unwrap_or("?");
-    if r["status"] == "skipped" {
-        return format!("{series}: skipped — {}", r["skip_reasons"]);
-    }
+pub fn summary_line(r: &SeriesResult) -> String {
+    let series = Some(r.series_instance_uid.as_str()).filter(|s| !s.is_empty()).unwrap_or("?");
+    let skip_reasons = serde_json::json!(r.skip_reasons);
+    let Some(figures) = r.figures.as_ref().filter(|_| r.is_analysed()) else {
+        return format!("{series}: skipped — {skip_reasons}");
+    };
+    let lung = |i: usize| figures.regional.lungs.get(i).map_or(0.0, |l| l.involvement_percent);
     format!(
         "{series}: {} — involvement {:.2} % (R {:.2} / L {:.2}, severity score {}/25), {} lesion(s), lung {:.0} mL, \
          {} of {} slices analysed{}{}",
-        if r["positive"].as_bool().unwrap_or(false) { "POSITIVE" } else { "negative" },
-        r["involvement_percent"].as_f64().unwrap_or(0.0),
-        r["regional"]["lungs"][0]["involvement_percent"].as_f64().unwrap_or(0.0),
-        r["regional"]["lungs"][1]["involvement_percent"].as_f64().unwrap_or(0.0),
-        r["regional"]["severity_score"],
-        r["lesions"].as_array().map(|a| a.len()).unwrap_or(0),
-        r["lung_volume_ml"].as_f64().unwrap_or(0.0),
-        r["analysed_slices"],
-        r["n_slices"],
-        match r["skip_reasons"].as_array() {
-            Some(a) if !a.is_empty() => format!(" (the daemon would skip it: {})", r["skip_reasons"]),
-            _ => String::new(),
-        },
-        match r.get("follow_up") {
+        if r.positive { "POSITIVE" } else { "negative" },
+        figures.involvement_percent,
+        lung(0),
+        lung(1),
+        figures.regional.severity_score,
+        figures.lesions.len(),
+        figures.lung_volume_ml,
+        r.analysed_slices,
+        r.n_slices,
+        if r.skip_reasons.is_empty() { String::new() } else { format!(" (the daemon would skip it: {skip_reasons})") },
+        match &r.follow_up {
             Some(f) => format!(
                 "; vs {}: {:+.2} points{}, lesions new {} grown {} shrunk {} stable {} resolved {}",
-                f["prior_study_date"].as_str().unwrap_or("?"),
-                f["involvement_change_points"].as_f64().unwrap_or(0.0),
-                if f["progression"].as_bool().unwrap_or(false) { " PROGRESSION" } else { "" },
-                f["new"],
-                f["grown"],
-                f["shrunk"],
-                f["stable"],
-                f["resolved"]
+                f.prior_study_date,
+                f.involvement_change_points,
+                if f.progression { " PROGRESSION" } else { "" },
+                f.new,
+                f.grown,
+                f.shrunk,
+                f.stable,
+                f.resolved
             ),
             None => String::new(),
         }

@@ -46,6 +46,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod preprocess;
 pub mod receive;
+pub mod result;
 pub mod retention;
 pub mod scu;
 pub mod series;

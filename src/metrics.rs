@@ -99,25 +99,21 @@ impl Metrics {
         if sent { &self.dicom_sent } else { &self.dicom_failed }.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records what a result JSON says: outcome, stage timings, engine time.
-    pub fn result(&self, result: &serde_json::Value) {
-        let outcome = if result["status"] == "skipped" {
+    /// Records what a series' result says: outcome, stage timings, engine time.
+    pub fn result(&self, result: &crate::result::SeriesResult) {
+        let outcome = if !result.is_analysed() {
             "skipped"
-        } else if result["positive"].as_bool().unwrap_or(false) {
+        } else if result.positive {
             "positive"
         } else {
             "negative"
         };
         self.series(outcome);
-        let t = &result["timings_ms"];
-        for stage in ["decode", "infer", "analysis"] {
-            if let Some(ms) = t[stage].as_f64() {
-                self.stage(stage, ms / 1000.0);
-            }
+        let t = &result.timings_ms;
+        for (stage, ms) in [("decode", t.decode), ("infer", t.infer), ("analysis", t.analysis)] {
+            self.stage(stage, ms / 1000.0);
         }
-        if let Some(ms) = t["infer"].as_f64() {
-            self.engine(ms / 1000.0, result["analysed_slices"].as_u64().unwrap_or(0));
-        }
+        self.engine(t.infer / 1000.0, result.analysed_slices as u64);
     }
 
     /// The Prometheus text of the registry.

@@ -117,7 +117,7 @@ impl Model {
 }
 
 /// `model{name, version, sha256}` in the result JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelIdentity {
     pub name: String,
     pub version: String,

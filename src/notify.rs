@@ -21,6 +21,7 @@ use sha2::Sha256;
 use tokio::sync::watch;
 
 use crate::config::AlertsConfig;
+use crate::result::SeriesResult;
 use crate::store::{now_ms, series_log_key, OutboxRow, Store};
 
 /// Header carrying the row's dedup key.
@@ -242,23 +243,24 @@ fn series_key_of(dedup_key: &str) -> String {
     out
 }
 
-/// One log line per analysed series, with structured fields picked from the result JSON: hashed series key
-/// (`series`), `patient_key`, `stage = "result"`, `positive`, `involvement_percent`, `lesions`, `version`, and
-/// the timings in milliseconds (`decode_ms`, `infer_ms`, `analysis_ms`, `total_ms`) when present — each a
-/// journald field (`SERIES=`, `DECODE_MS=`, …). Positives at WARN (journald PRIORITY=4), negatives and skipped
-/// series at INFO. Only known fields are read, so raw identifiers in the JSON can never reach the log.
-pub fn log_result(result: &serde_json::Value) {
-    let get = |k: &str| result.get(k);
-    let series = get("series_instance_uid").and_then(|v| v.as_str()).map(series_log_key).unwrap_or_else(|| "-".into());
-    let patient = get("patient_key").and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let positive = get("positive").and_then(|v| v.as_bool()).unwrap_or(false);
-    let involvement = get("involvement_percent").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-    let version = get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    let status = get("status").and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let lesions = get("lesions").and_then(|v| v.as_array()).map(|l| l.len() as u64).unwrap_or(0);
-    let t = get("timings_ms").or_else(|| get("timings"));
-    let ms = |k: &str| t.and_then(|t| t.get(k)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-    let (decode_ms, infer_ms, analysis_ms, total_ms) = (ms("decode"), ms("infer"), ms("analysis"), ms("total"));
+/// One log line per analysed series, with structured fields picked from the result: hashed series key
+/// (`series`), `patient_key`, `stage = "result"`, `positive`, `involvement_percent` (NaN when not analysed),
+/// `lesions`, `version`, and the timings in milliseconds (`decode_ms`, `infer_ms`, `analysis_ms`, `total_ms`) —
+/// each a journald field (`SERIES=`, `DECODE_MS=`, …). Positives at WARN (journald PRIORITY=4), negatives and
+/// skipped series at INFO. A result has no field for raw identifiers, so none can reach the log.
+pub fn log_result(result: &SeriesResult) {
+    let series = Some(result.series_instance_uid.as_str())
+        .filter(|s| !s.is_empty())
+        .map(series_log_key)
+        .unwrap_or_else(|| "-".into());
+    let patient = Some(result.patient_key.as_str()).filter(|p| !p.is_empty()).unwrap_or("-").to_string();
+    let positive = result.positive;
+    let involvement = result.figures.as_ref().map_or(f64::NAN, |f| f.involvement_percent);
+    let version = result.version.unwrap_or(0);
+    let status = if result.is_analysed() { "analysed" } else { "skipped" };
+    let lesions = result.lesions().len() as u64;
+    let t = &result.timings_ms;
+    let (decode_ms, infer_ms, analysis_ms, total_ms) = (t.decode, t.infer, t.analysis, t.total);
     if positive {
         tracing::warn!(series = %series, patient_key = %patient, stage = "result", status = %status, positive,
             involvement_percent = involvement, lesions, version, decode_ms, infer_ms, analysis_ms, total_ms,

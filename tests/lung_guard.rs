@@ -41,7 +41,8 @@ fn product(ctx: &InferenceContext, files: &[PathBuf]) -> (serde_json::Value, Vec
         let meta = InstanceMeta::from_file(&lungsentry::spool::read_instance(f).unwrap()).unwrap();
         work.add(ctx, meta, f);
     }
-    work.finish_with_slices(ctx, "patient", "t0", "t1", false)
+    let (result, slices) = work.finish_with_slices(ctx, "patient", "t0", "t1", false);
+    (result.to_json(), slices)
 }
 
 /// Regions of air density (HU < −400, 4-connected) that do not touch the image border and whose centre lies above

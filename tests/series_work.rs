@@ -48,8 +48,8 @@ fn a_repeat_stored_over_a_segmented_instance_is_seen_as_changed_and_its_new_cont
     // what the analysis says of a work: lung and lesion volume
     let figures = |work: &SeriesWork| {
         let (r, _) = work.finish_with_slices(&ctx, "patient", "t0", "t1", false);
-        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
-        (f("lung_volume_ml"), f("lesion_volume_ml"))
+        let f = r.figures.unwrap_or_else(|| panic!("no figures in {:?}", r.status));
+        (f.lung_volume_ml, f.lesion_volume_ml)
     };
     // each content analysed on its own, in a work that never saw the other
     let only = |file: &Path| {

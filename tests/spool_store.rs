@@ -695,12 +695,35 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
         inst.meta.study_date = date.into();
         store.record_instance(&inst, 1, &pk).unwrap();
     }
-    let lungs = serde_json::json!({"lungs": [
-        {"lung": "right", "centroid_mm": [-80.0, 0.0, 0.0]}, {"lung": "left", "centroid_mm": [80.0, 0.0, 0.0]}]});
-    let result = |s: &str, date: &str, inv: f64, vol: f64| {
-        serde_json::json!({"series_instance_uid": s, "study_instance_uid": format!("{s}.0"), "study_date": date,
-            "patient_key": pk, "status": "analysed", "involvement_percent": inv, "regional": lungs,
-            "lesions": [{"id": 1, "volume_ml": vol, "mean_hu": -500.0, "centroid_mm": [-80.0, 10.0, 0.0]}]})
+    use lungsentry::analysis::regions::{RegionInvolvement, Regional};
+    use lungsentry::result::{Figures, SeriesResult, SeriesStatus};
+    let lung = |side: &str, x: f64| RegionInvolvement {
+        lung: side.into(),
+        zone: "whole".into(),
+        centroid_mm: Some([x, 0.0, 0.0]),
+        ..Default::default()
+    };
+    let result = |s: &str, date: &str, inv: f64, vol: f64| SeriesResult {
+        series_instance_uid: s.into(),
+        study_instance_uid: format!("{s}.0"),
+        study_date: date.into(),
+        patient_key: pk.clone(),
+        status: SeriesStatus::Analysed,
+        figures: Some(Figures {
+            involvement_percent: inv,
+            regional: Regional { lungs: vec![lung("right", -80.0), lung("left", 80.0)], ..Default::default() },
+            lesions: vec![lungsentry::analysis::Lesion {
+                id: 1,
+                volume_ml: vol,
+                mean_hu: -500.0,
+                first_slice: 0,
+                last_slice: 0,
+                centroid_mm: [-80.0, 10.0, 0.0],
+                side: "right".into(),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
     };
     let rule = ProgressionRule { relative_percent: 50.0, absolute_points: 1.0 };
     // The 20 April study first: nothing to compare with.
@@ -708,7 +731,7 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     assert!(lungsentry::pipeline::link_follow_ups(&store, &pk, late, &mut r_late, rule, true, None)
         .unwrap()
         .is_empty());
-    let v_late = store.record_result(late, true, 9.0, &r_late, false).unwrap();
+    let v_late = store.record_result(late, true, 9.0, &r_late.to_json(), false).unwrap();
     // The 1 April study arrives: 20 April now compares with it (9 vs 3 %: progression, alert queued).
     let mut r_early = result(early, "20200401", 3.0, 10.0);
     let links = lungsentry::pipeline::link_follow_ups(&store, &pk, early, &mut r_early, rule, true, None).unwrap();
@@ -721,7 +744,7 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
             revision: None,
             positive: false,
             involvement_percent: 3.0,
-            result_json: &r_early,
+            result_json: &r_early.to_json(),
             alert: false,
             outputs_due: false,
             links: &links,
@@ -750,14 +773,14 @@ fn a_prior_study_recorded_late_relinks_the_later_result_without_a_new_version() 
     // A stale link (the later series was re-analysed meanwhile) is not stored.
     let mut stale = links[0].clone();
     stale.follow_up["involvement_change_points"] = serde_json::json!(1.0);
-    store.record_result(late, true, 9.0, &r_late, false).unwrap();
+    store.record_result(late, true, 9.0, &r_late.to_json(), false).unwrap();
     store
         .record_result_with_outputs(NewResult {
             series_uid: early,
             revision: None,
             positive: false,
             involvement_percent: 3.0,
-            result_json: &r_early,
+            result_json: &r_early.to_json(),
             alert: false,
             outputs_due: false,
             links: &[stale],
@@ -872,7 +895,8 @@ fn an_amended_sr_whose_series_pixels_were_purged_first_is_given_up_with_the_mark
         }],
         ..Default::default()
     };
-    assert!(lungsentry::outputs::outbox::wants_sr(&cfg, &result));
+    let typed = lungsentry::result::SeriesResult::from_json(result.clone()).unwrap();
+    assert!(lungsentry::outputs::outbox::wants_sr(&cfg, &typed));
     let n = lungsentry::outputs::outbox::enqueue_link_outputs(&store, &cfg, tmp.path(), *id, *created_at, link)
         .expect("a purged series is not an error");
     assert_eq!(n, 0, "nothing queued");

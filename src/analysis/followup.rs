@@ -183,13 +183,18 @@ pub fn pick_prior<'a>(current: &Value, history: impl IntoIterator<Item = &'a Val
 /// Adds `follow_up` to `result` when the patient's `history` (their other series' results) holds a prior study
 /// ([`pick_prior`]); the rule the daemon and `analyze` share. Returns whether it linked.
 pub fn link(result: &mut Value, history: &[Value], rule: ProgressionRule) -> bool {
-    if !comparable(result) || result["patient_key"].as_str().unwrap_or("").is_empty() {
-        return false;
-    }
-    let Some(prior) = pick_prior(result, history) else { return false };
-    let f = compare(result, prior, rule);
+    let Some(f) = prior_comparison(result, history, rule) else { return false };
     result["follow_up"] = serde_json::to_value(&f).unwrap_or(Value::Null);
     true
+}
+
+/// The comparison [`link`] adds to `result` (None: not comparable, no patient key, or no prior study).
+pub fn prior_comparison(result: &Value, history: &[Value], rule: ProgressionRule) -> Option<FollowUp> {
+    if !comparable(result) || result["patient_key"].as_str().unwrap_or("").is_empty() {
+        return None;
+    }
+    let prior = pick_prior(result, history)?;
+    Some(compare(result, prior, rule))
 }
 
 /// A later study whose comparison changes because `new` arrived after it was analysed (a prior study sent late,

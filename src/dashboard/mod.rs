@@ -30,6 +30,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::outputs::SourceSlice;
+use crate::result::SeriesResult;
 use crate::store::ReadPool;
 use crate::store::{DicomOutboxEntry, Store};
 
@@ -138,13 +139,14 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     let parked = store.parked_dicom_outputs_by_series()?;
     for s in store.recent_series(LIST_LIMIT)? {
-        let latest = store.latest_result(&s.series_instance_uid)?;
-        let r = latest.as_ref().map(|r| r.result.clone()).unwrap_or(Value::Null);
-        let lesions = r["lesions"].as_array().map(|a| a.len());
-        let flag_s = r["completed_at"]
-            .as_str()
-            .and_then(parse_rfc3339_ms)
+        // The stored result read back typed (store boundary); a row shows without one it cannot read.
+        let r = store.latest_result(&s.series_instance_uid)?.and_then(|r| SeriesResult::from_json(r.result).ok());
+        let lesions = r.as_ref().and_then(|r| r.figures.as_ref()).map(|f| f.lesions.len());
+        let flag_s = r
+            .as_ref()
+            .and_then(|r| parse_rfc3339_ms(&r.completed_at))
             .map(|done| ((done - s.last_instance_at) as f64 / 1000.0).max(0.0));
+        let study_alert = r.as_ref().and_then(|r| r.study_alert.as_ref()).map(|a| a.series_instance_uid.as_str());
         out.push(json!({
             "series_instance_uid": s.series_instance_uid,
             "study_instance_uid": s.study_instance_uid,
@@ -160,7 +162,7 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
             "parked_outputs": parked.get(&s.series_instance_uid).copied().unwrap_or(0),
             "updated_at": s.updated_at,
             "patient": store.patient_display(&s.series_instance_uid)?,
-            "study_alert_series_instance_uid": r["study_alert"]["series_instance_uid"],
+            "study_alert_series_instance_uid": study_alert,
         }));
     }
     Ok(out)
@@ -231,7 +233,8 @@ fn output_json(entry: &DicomOutboxEntry) -> Value {
 /// The latest result JSON of a series with its `version` and `dicom_outputs` (None: no result yet).
 fn detail(store: &Store, uid: &str) -> anyhow::Result<Option<Value>> {
     let Some(r) = store.latest_result(uid)? else { return Ok(None) };
-    let mut v = r.result;
+    // The stored result read back typed (store boundary), served as its JSON.
+    let mut v = SeriesResult::from_json(r.result)?.to_json();
     v["version"] = json!(r.version);
     v["patient"] = json!(store.patient_display(uid)?);
     // Amended SRs (a prior study linked after this series was analysed) by their derived SOP Instance UID.
@@ -313,10 +316,10 @@ pub fn key_png_path(data_dir: &Path, series_uid: &str) -> PathBuf {
 
 /// Renders the key image of a result (its most involved slice; the slice with the most lung when there is no
 /// lesion) and writes it for the dashboard (temp file + rename). Nothing for an unanalysed series.
-pub fn write_key_png(data_dir: &Path, result: &Value, slices: &[SourceSlice]) -> anyhow::Result<()> {
+pub fn write_key_png(data_dir: &Path, result: &SeriesResult, slices: &[SourceSlice]) -> anyhow::Result<()> {
     use anyhow::Context;
-    let Some(series) = result["series_instance_uid"].as_str() else { return Ok(()) };
-    if result["status"] != "analysed" || slices.is_empty() {
+    let series = result.series_instance_uid.as_str();
+    if series.is_empty() || !result.is_analysed() || slices.is_empty() {
         return Ok(());
     }
     let i = crate::outputs::keyimage::most_involved(slices, 1)

@@ -349,11 +349,12 @@ fn eval_dicom_series(
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     let geometry = Geometry {
         pixel_spacing_mm: source.first().and_then(|s| s.meta.pixel_spacing).unwrap_or([1.0, 1.0]),
-        slice_spacing_mm: result["slice_spacing_mm"].as_f64().unwrap_or(0.0),
+        slice_spacing_mm: result.slice_spacing_mm.unwrap_or(0.0),
         source: "dicom".into(),
     };
     let slices = source.into_iter().map(|s| (SliceSource::Dicom(s.path), s.lung, s.lesion)).collect();
-    series_eval(entry, name, path, &result, slices, n, geometry, ms)
+    // The evaluation reads results as JSON (its image and NIfTI entries make theirs as JSON).
+    series_eval(entry, name, path, &result.to_json(), slices, n, geometry, ms)
 }
 
 /// Evaluates a `dicom` entry (one row per series in the folder) or a `dicom-slices` entry (one row per file).

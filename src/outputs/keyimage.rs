@@ -6,7 +6,6 @@
 use dicom_core::value::PrimitiveValue;
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use serde_json::Value;
 
 use super::common::{derived_uid, el, obj, part10, seq, strs, Obj};
 use super::font;
@@ -16,6 +15,7 @@ use super::{
 };
 use crate::analysis::BitMask;
 use crate::preprocess::HuSlice;
+use crate::result::SeriesResult;
 
 /// Lung window centre, HU.
 pub const WINDOW_CENTER: f32 = -600.0;
@@ -143,11 +143,11 @@ pub fn most_involved(slices: &[SourceSlice], n: usize) -> Vec<usize> {
 }
 
 /// The caption under a key image.
-pub fn caption(result: &Value, slice: usize, n_slices: usize, lesion_area_cm2: f64) -> String {
+pub fn caption(result: &SeriesResult, slice: usize, n_slices: usize, lesion_area_cm2: f64) -> String {
     format!(
         "{} involvement {:.2}% slice {}/{} lesion area {:.1} cm2",
-        if result["positive"].as_bool().unwrap_or(false) { "POSITIVE" } else { "negative" },
-        result["involvement_percent"].as_f64().unwrap_or(0.0),
+        if result.positive { "POSITIVE" } else { "negative" },
+        result.involvement_percent(),
         slice + 1,
         n_slices,
         lesion_area_cm2
@@ -171,7 +171,7 @@ fn orientation_letters(o: [f64; 6]) -> [String; 2] {
 /// Builds the key images (none when no slice has a lesion).
 pub(crate) fn build(
     ctx: &BuildContext,
-    result: &Value,
+    result: &SeriesResult,
     slices: &[SourceSlice],
     n: usize,
 ) -> Result<Vec<OutputObject>, OutputError> {

@@ -28,10 +28,10 @@ mod sr;
 use std::path::{Path, PathBuf};
 
 use dicom_object::{FileDicomObject, InMemDicomObject};
-use serde_json::Value;
 
 use crate::analysis::BitMask;
 use crate::instance::InstanceMeta;
+use crate::result::SeriesResult;
 
 pub use crate::config::{DicomDestination, ObjectKind, OutputsConfig};
 pub use common::{derived_uid, SourceHeader};
@@ -161,10 +161,15 @@ fn host_name() -> String {
 
 /// Builds the requested objects for one analysed result. `slices` are in position order (index i is slice i of
 /// the result's `positive_slices` and lesions' slice ranges).
-pub fn build(result: &Value, slices: &[SourceSlice], opts: &OutputOptions) -> Result<Vec<OutputObject>, OutputError> {
-    if result["status"] != "analysed" {
-        return Err(OutputError::NotAnalysed(format!("status is {}", result["status"])));
-    }
+pub fn build(
+    result: &SeriesResult,
+    slices: &[SourceSlice],
+    opts: &OutputOptions,
+) -> Result<Vec<OutputObject>, OutputError> {
+    let Some(figures) = result.figures.as_ref().filter(|_| result.is_analysed()) else {
+        let status = serde_json::to_value(result.status).unwrap_or_default();
+        return Err(OutputError::NotAnalysed(format!("status is {status}")));
+    };
     if slices.is_empty() {
         return Err(OutputError::NotAnalysed("no analysed slices".to_string()));
     }
@@ -172,23 +177,24 @@ pub fn build(result: &Value, slices: &[SourceSlice], opts: &OutputOptions) -> Re
     let src = crate::spool::read_instance(&first.path)
         .map_err(|e| OutputError::Source { path: first.path.clone(), reason: format!("{e:#}") })?;
     let header = SourceHeader::from_object(&src);
-    let model = &result["model"];
+    let model = &result.model;
     let producer = common::Producer {
         manufacturer: "lungsentry".to_string(),
         model_name: "lungsentry".to_string(),
         device_serial: host_name(),
         software_version: software_version().to_string(),
-        algorithm_name: model["name"].as_str().unwrap_or("unknown").to_string(),
-        algorithm_version: model["version"].as_str().unwrap_or("unknown").to_string(),
+        algorithm_name: model.name.clone(),
+        algorithm_version: model.version.clone(),
     };
     let seed = if opts.uid_seed.is_empty() {
-        format!("{}|{}", header.series_instance_uid, result["completed_at"])
+        // The completion time as a JSON string (quoted): the seed the untyped result gave.
+        format!("{}|{}", header.series_instance_uid, serde_json::Value::from(result.completed_at.as_str()))
     } else {
         opts.uid_seed.clone()
     };
     let content_time = match &opts.amendment {
         Some(a) => a.content_time.clone(),
-        None => common::da_tm(result["completed_at"].as_str().unwrap_or("")),
+        None => common::da_tm(&result.completed_at),
     };
     // An amendment references the SEG made with the first SR (same seed, so the same UID).
     let mut seg_ref = opts.amendment.as_ref().filter(|a| a.with_seg).map(|_| derived_uid(&seed, "seg"));
@@ -200,7 +206,7 @@ pub fn build(result: &Value, slices: &[SourceSlice], opts: &OutputOptions) -> Re
         out.push(o);
     }
     if opts.kinds.contains(&ObjectKind::Sr) {
-        out.push(sr::build(&ctx, result, slices, seg_ref.as_deref())?);
+        out.push(sr::build(&ctx, result, figures, slices, seg_ref.as_deref())?);
     }
     if opts.kinds.contains(&ObjectKind::KeyImages) {
         out.extend(keyimage::build(&ctx, result, slices, opts.key_images)?);

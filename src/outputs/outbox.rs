@@ -31,10 +31,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
 use super::{build, ObjectKind, OutputOptions, OutputsConfig, SourceSlice};
+use crate::result::SeriesResult;
 use crate::scu::{FileFailure, Peer, SendOptions};
 use crate::store::{now_ms, DicomOutboxRow, NewDicomOutput, Store};
 
@@ -52,21 +52,20 @@ const MIN_WAIT: Duration = Duration::from_millis(100);
 pub use crate::test_hooks::crash_point;
 
 /// The destinations that want this result's objects (none for a result that was not analysed).
-fn destinations_for<'a>(cfg: &'a OutputsConfig, result: &Value) -> Vec<&'a super::DicomDestination> {
-    let positive = result["positive"].as_bool().unwrap_or(false);
-    if result["status"] != "analysed" {
+fn destinations_for<'a>(cfg: &'a OutputsConfig, result: &SeriesResult) -> Vec<&'a super::DicomDestination> {
+    if !result.is_analysed() {
         return Vec::new();
     }
-    cfg.dicom.iter().filter(|d| positive || !d.only_positive).collect()
+    cfg.dicom.iter().filter(|d| result.positive || !d.only_positive).collect()
 }
 
 /// Whether some destination wants this result's objects (recorded with the result as `outputs_due`).
-pub fn wants_outputs(cfg: &OutputsConfig, result: &Value) -> bool {
+pub fn wants_outputs(cfg: &OutputsConfig, result: &SeriesResult) -> bool {
     !destinations_for(cfg, result).is_empty()
 }
 
 /// Whether some destination wants an SR of this result (an amended SR when its comparison changes).
-pub fn wants_sr(cfg: &OutputsConfig, result: &Value) -> bool {
+pub fn wants_sr(cfg: &OutputsConfig, result: &SeriesResult) -> bool {
     destinations_for(cfg, result).iter().any(|d| d.objects.contains(&ObjectKind::Sr))
 }
 
@@ -105,17 +104,16 @@ pub fn enqueue_link_outputs(
     let version = link.result_version as i64;
     let Some(latest) = store.latest_result(series_uid)? else { return Ok(store.enqueue_link_outputs(link_id, &[])?) };
     let shown = latest.version == link.result_version && latest.result["follow_up"] == link.follow_up;
-    let wanting = destinations_for(cfg, &latest.result);
+    // The stored result read back typed (store boundary).
+    let result = SeriesResult::from_json(latest.result)?;
+    let wanting = destinations_for(cfg, &result);
     let with_seg = wanting.iter().any(|d| d.objects.contains(&ObjectKind::Seg));
     let destinations: Vec<_> = wanting.into_iter().filter(|d| d.objects.contains(&ObjectKind::Sr)).collect();
     if !shown || destinations.is_empty() {
         return Ok(store.enqueue_link_outputs(link_id, &[])?);
     }
     // The analysed slices, in the result's order (the SR's evidence); only their UIDs and one header are read.
-    let order: Vec<&str> = latest.result["slice_sop_instance_uids"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let order: Vec<&str> = result.slice_sop_instance_uids.iter().map(String::as_str).collect();
     let by_uid: std::collections::HashMap<String, (crate::instance::InstanceMeta, PathBuf)> = store
         .series_instances(series_uid)?
         .into_iter()
@@ -132,9 +130,7 @@ pub fn enqueue_link_outputs(
         return Ok(store.enqueue_link_outputs(link_id, &[])?);
     }
     // Frames of a multi-frame instance repeat its UID (with `slice_frame_numbers` beside).
-    let frames: Option<Vec<u32>> = latest.result["slice_frame_numbers"]
-        .as_array()
-        .map(|a| a.iter().map(|f| f.as_u64().unwrap_or(1) as u32).collect());
+    let frames: Option<&Vec<u32>> = result.slice_frame_numbers.as_ref();
     let mut slices = Vec::with_capacity(order.len());
     for (k, uid) in order.iter().enumerate() {
         let (meta, path) = by_uid.get(*uid).cloned().context("checked above")?;
@@ -159,7 +155,7 @@ pub fn enqueue_link_outputs(
         uid_seed: uid_seed(series_uid, version),
         amendment: Some(amendment),
     };
-    let objects = build(&latest.result, &slices, &opts)?;
+    let objects = build(&result, &slices, &opts)?;
     let rows = write_objects(data_dir, series_uid, version, &objects, &destinations)?;
     crash_point("after_amended_sr_file");
     Ok(store.enqueue_link_outputs(link_id, &rows)?)
@@ -172,12 +168,12 @@ pub fn enqueue_result(
     store: &Store,
     cfg: &OutputsConfig,
     data_dir: &Path,
-    result: &Value,
+    result: &SeriesResult,
     slices: &[SourceSlice],
     version: i64,
 ) -> Result<usize> {
     let destinations = destinations_for(cfg, result);
-    let series_uid = result["series_instance_uid"].as_str().context("result has no series_instance_uid")?;
+    let series_uid = result.series_instance_uid.as_str();
     if destinations.is_empty() {
         store.enqueue_dicom_outputs(series_uid, version, &[])?;
         return Ok(0);

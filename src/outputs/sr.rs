@@ -1,4 +1,4 @@
-//! The TID 1500 measurement report (Comprehensive 3D SR). Every number comes from the result JSON (both the DS
+//! The TID 1500 measurement report (Comprehensive 3D SR). Every number comes from the series' result (both the DS
 //! string and the exact FD value), so the report says what the store says:
 //!
 //! ```text
@@ -27,7 +27,6 @@
 
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use serde_json::Value;
 
 use super::common::{code, code_item, code_seq, derived_uid, ds, el, obj, part10, seq, Code, Elem, Obj};
 use super::seg::{LESION, LESION_SEGMENT, LUNG, LUNG_SEGMENT};
@@ -35,6 +34,9 @@ use super::{
     BuildContext, ObjectKind, OutputError, OutputObject, SourceSlice, COMPREHENSIVE_3D_SR_STORAGE,
     SEGMENTATION_STORAGE, SR_SERIES_NUMBER,
 };
+use crate::analysis::followup::FollowUp;
+use crate::analysis::regions::Regional;
+use crate::result::{Figures, SeriesResult};
 
 /// Report title.
 pub const IMAGING_MEASUREMENT_REPORT: Code = code("126000", "DCM", "Imaging Measurement Report");
@@ -227,8 +229,13 @@ fn algorithm(ctx: &BuildContext) -> Vec<Obj> {
     ]
 }
 
-fn f64_field(v: &Value, key: &str) -> Result<f64, OutputError> {
-    v[key].as_f64().ok_or_else(|| OutputError::Result(format!("{key} missing or not a number")))
+/// A figure of the result, refused when not finite (its JSON would hold null, not a number).
+fn finite(x: f64, key: &str) -> Result<f64, OutputError> {
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(OutputError::Result(format!("{key} missing or not a number")))
+    }
 }
 
 /// Finding site `site` with a laterality modifier.
@@ -252,16 +259,11 @@ fn group_1501(ctx: &BuildContext, tracking: &str, site: Obj, content: Vec<Obj>) 
 }
 
 /// Per-lung, per-zone and severity-score groups from the result's `regional` (none when it has no such field).
-fn regional_groups(ctx: &BuildContext, result: &Value) -> Result<Vec<Obj>, OutputError> {
-    let g = &result["regional"];
-    if !g.is_object() {
-        return Ok(Vec::new());
-    }
+fn regional_groups(ctx: &BuildContext, g: &Regional) -> Result<Vec<Obj>, OutputError> {
     let mut out = Vec::new();
-    let regions = g["lungs"].as_array().into_iter().flatten().chain(g["zones"].as_array().into_iter().flatten());
-    for r in regions {
-        let side = r["lung"].as_str().unwrap_or("");
-        let zone = r["zone"].as_str().unwrap_or("");
+    for r in g.lungs.iter().chain(&g.zones) {
+        let side = r.lung.as_str();
+        let zone = r.zone.as_str();
         let (site, name) = match zone {
             "upper" => (&UPPER_ZONE, format!("{} lung upper zone", title(side))),
             "middle" => (&MIDDLE_ZONE, format!("{} lung middle zone", title(side))),
@@ -273,15 +275,15 @@ fn regional_groups(ctx: &BuildContext, result: &Value) -> Result<Vec<Obj>, Outpu
             &name,
             site_with_side(site, side),
             vec![
-                num(&VOLUME, f64_field(r, "lesion_volume_ml")?, &ML, vec![]),
-                num(&INVOLVEMENT, f64_field(r, "involvement_percent")?, &PERCENT, vec![]),
-                num(&REGION_LUNG_VOLUME, f64_field(r, "lung_volume_ml")?, &ML, vec![]),
+                num(&VOLUME, finite(r.lesion_volume_ml, "lesion_volume_ml")?, &ML, vec![]),
+                num(&INVOLVEMENT, finite(r.involvement_percent, "involvement_percent")?, &PERCENT, vec![]),
+                num(&REGION_LUNG_VOLUME, finite(r.lung_volume_ml, "lung_volume_ml")?, &ML, vec![]),
             ],
         ));
     }
-    let mut content = vec![num(&SEVERITY_SCORE, f64_field(g, "severity_score")?, &SCORE_UNIT, vec![])];
-    for l in g["lobes"].as_array().into_iter().flatten() {
-        let site = match l["lobe"].as_str().unwrap_or("") {
+    let mut content = vec![num(&SEVERITY_SCORE, g.severity_score as f64, &SCORE_UNIT, vec![])];
+    for l in &g.lobes {
+        let site = match l.lobe.as_str() {
             "RUL" => site_with_side(&UPPER_LOBE, "right"),
             "RML" => coded(Rel::HasConceptMod, &FINDING_SITE, &MIDDLE_LOBE_RIGHT, vec![]),
             "RLL" => site_with_side(&LOWER_LOBE, "right"),
@@ -289,10 +291,10 @@ fn regional_groups(ctx: &BuildContext, result: &Value) -> Result<Vec<Obj>, Outpu
             "LLL" => site_with_side(&LOWER_LOBE, "left"),
             other => return Err(OutputError::Result(format!("unknown lobe {other:?}"))),
         };
-        content.push(num(&LOBE_SCORE, f64_field(l, "score")?, &SCORE_UNIT, vec![site.clone()]));
-        content.push(num(&INVOLVEMENT, f64_field(l, "involvement_percent")?, &PERCENT, vec![site]));
+        content.push(num(&LOBE_SCORE, l.score as f64, &SCORE_UNIT, vec![site.clone()]));
+        content.push(num(&INVOLVEMENT, finite(l.involvement_percent, "involvement_percent")?, &PERCENT, vec![site]));
     }
-    content.push(text(Rel::Contains, &SCORE_BASIS, g["score_basis"].as_str().unwrap_or("")));
+    content.push(text(Rel::Contains, &SCORE_BASIS, &g.score_basis));
     out.push(group_1501(ctx, "Severity score", coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![]), content));
     Ok(out)
 }
@@ -306,53 +308,54 @@ fn title(side: &str) -> &'static str {
 }
 
 /// The comparison with the prior study (`follow_up`): one summary group and one per resolved prior lesion.
-fn follow_up_groups(ctx: &BuildContext, f: &Value) -> Result<Vec<Obj>, OutputError> {
-    if !f.is_object() {
-        return Ok(Vec::new());
-    }
+fn follow_up_groups(ctx: &BuildContext, f: Option<&FollowUp>) -> Result<Vec<Obj>, OutputError> {
+    let Some(f) = f else { return Ok(Vec::new()) };
     let mut content = Vec::new();
-    if let Some(uid) = f["prior_study_instance_uid"].as_str().filter(|u| !u.is_empty()) {
+    if let Some(uid) = Some(f.prior_study_instance_uid.as_str()).filter(|u| !u.is_empty()) {
         content.push(uidref(Rel::Contains, &STUDY_INSTANCE_UID, uid));
     }
-    if let Some(d) = f["prior_study_date"].as_str().filter(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())) {
+    let d = f.prior_study_date.as_str();
+    if d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()) {
         content.push(date(Rel::Contains, &PRIOR_STUDY_DATE, d));
     }
-    content.push(num(&PRIOR_INVOLVEMENT, f64_field(f, "prior_involvement_percent")?, &PERCENT, vec![]));
-    content.push(num(&INVOLVEMENT_CHANGE, f64_field(f, "involvement_change_points")?, &PERCENT, vec![]));
-    if let Some(r) = f["involvement_change_relative_percent"].as_f64() {
+    let prior = finite(f.prior_involvement_percent, "prior_involvement_percent")?;
+    content.push(num(&PRIOR_INVOLVEMENT, prior, &PERCENT, vec![]));
+    let change = finite(f.involvement_change_points, "involvement_change_points")?;
+    content.push(num(&INVOLVEMENT_CHANGE, change, &PERCENT, vec![]));
+    if let Some(r) = f.involvement_change_relative_percent.filter(|r| r.is_finite()) {
         content.push(num(&INVOLVEMENT_CHANGE_RELATIVE, r, &PERCENT, vec![]));
     }
-    for (key, name) in [
-        ("new", code("LS-N-NEW", LOCAL_SCHEME, "Number of new lesions")),
-        ("grown", code("LS-N-GROWN", LOCAL_SCHEME, "Number of grown lesions")),
-        ("shrunk", code("LS-N-SHRUNK", LOCAL_SCHEME, "Number of shrunk lesions")),
-        ("stable", code("LS-N-STABLE", LOCAL_SCHEME, "Number of stable lesions")),
-        ("resolved", code("LS-N-RESOLVED", LOCAL_SCHEME, "Number of resolved lesions")),
+    for (n, name) in [
+        (f.new, code("LS-N-NEW", LOCAL_SCHEME, "Number of new lesions")),
+        (f.grown, code("LS-N-GROWN", LOCAL_SCHEME, "Number of grown lesions")),
+        (f.shrunk, code("LS-N-SHRUNK", LOCAL_SCHEME, "Number of shrunk lesions")),
+        (f.stable, code("LS-N-STABLE", LOCAL_SCHEME, "Number of stable lesions")),
+        (f.resolved, code("LS-N-RESOLVED", LOCAL_SCHEME, "Number of resolved lesions")),
     ] {
-        content.push(num(&name, f64_field(f, key)?, &LESIONS_UNIT, vec![]));
+        content.push(num(&name, n as f64, &LESIONS_UNIT, vec![]));
     }
     // Unmatched components below the change table's minimum volume: counted apart, not listed (followup.rs).
-    for (key, name) in [
-        ("small_new", code("LS-N-SMALL-NEW", LOCAL_SCHEME, "Number of new components below minimum volume")),
-        ("small_resolved", code("LS-N-SMALL-RES", LOCAL_SCHEME, "Number of resolved components below minimum volume")),
-        ("small_matched", code("LS-N-SMALL-MAT", LOCAL_SCHEME, "Number of matched components below minimum volume")),
+    for (n, name) in [
+        (f.small_new, code("LS-N-SMALL-NEW", LOCAL_SCHEME, "Number of new components below minimum volume")),
+        (f.small_resolved, code("LS-N-SMALL-RES", LOCAL_SCHEME, "Number of resolved components below minimum volume")),
+        (f.small_matched, code("LS-N-SMALL-MAT", LOCAL_SCHEME, "Number of matched components below minimum volume")),
     ] {
-        if let Some(n) = f[key].as_f64().filter(|n| *n > 0.0) {
-            content.push(num(&name, n, &LESIONS_UNIT, vec![]));
+        if n > 0 {
+            content.push(num(&name, n as f64, &LESIONS_UNIT, vec![]));
         }
     }
-    let progression = f["progression"].as_bool().unwrap_or(false);
+    let progression = f.progression;
     content.push(coded(Rel::Contains, &PROGRESSION, if progression { &PRESENT } else { &ABSENT }, vec![]));
     let lung = || coded(Rel::HasConceptMod, &FINDING_SITE, &LUNG, vec![]);
     let mut out = vec![group_1501(ctx, "Follow-up", lung(), content)];
-    for l in f["lesions"].as_array().into_iter().flatten().filter(|l| l["change"] == "resolved") {
-        let id = l["prior_id"].as_u64().unwrap_or(0);
+    for l in f.lesions.iter().filter(|l| l.change == "resolved") {
+        let id = l.prior_id.unwrap_or(0);
         out.push(group_1501(
             ctx,
             &format!("Resolved lesion {id}"),
             lung(),
             vec![
-                num(&PRIOR_VOLUME, f64_field(l, "volume_before_ml")?, &ML, vec![]),
+                num(&PRIOR_VOLUME, finite(l.volume_before_ml, "volume_before_ml")?, &ML, vec![]),
                 coded(Rel::Contains, &LESION_CHANGE, &RESOLVED_LESION, vec![]),
             ],
         ));
@@ -361,21 +364,21 @@ fn follow_up_groups(ctx: &BuildContext, f: &Value) -> Result<Vec<Obj>, OutputErr
 }
 
 /// The change items of one current lesion (empty without a prior study or a match for it).
-fn lesion_change(follow_up: &Value, id: u64) -> Vec<Obj> {
-    let Some(c) = follow_up["lesions"].as_array().and_then(|a| a.iter().find(|c| c["id"].as_u64() == Some(id))) else {
+fn lesion_change(follow_up: Option<&FollowUp>, id: u32) -> Vec<Obj> {
+    let Some(c) = follow_up.and_then(|f| f.lesions.iter().find(|c| c.id == Some(id))) else {
         return Vec::new();
     };
-    let class = match c["change"].as_str().unwrap_or("") {
+    let class = match c.change.as_str() {
         "grown" => &INCREASED_SIZE,
         "shrunk" => &DECREASED_SIZE,
         "stable" => &NO_CHANGE,
         _ => &NEW_LESION,
     };
     let mut v = Vec::new();
-    if let Some(x) = c["volume_change_percent"].as_f64() {
+    if let Some(x) = c.volume_change_percent.filter(|x| x.is_finite()) {
         v.push(num(&VOLUME_CHANGE, x, &PERCENT, vec![]));
     }
-    if let Some(x) = c["mean_hu_change"].as_f64() {
+    if let Some(x) = c.mean_hu_change.filter(|x| x.is_finite()) {
         v.push(num(&HU_CHANGE, x, &HU, vec![]));
     }
     v.push(coded(Rel::Contains, &LESION_CHANGE, class, vec![]));
@@ -409,10 +412,12 @@ fn group(
     container(Rel::Contains, &MEASUREMENT_GROUP, Some("1411"), c)
 }
 
-/// Builds the SR. `seg_uid` is the SEG built beside it (segment references are left out without one).
+/// Builds the SR of `result` (its `figures`). `seg_uid` is the SEG built beside it (segment references are left
+/// out without one).
 pub fn build(
     ctx: &BuildContext,
-    result: &Value,
+    result: &SeriesResult,
+    figures: &Figures,
     slices: &[SourceSlice],
     seg_uid: Option<&str>,
 ) -> Result<OutputObject, OutputError> {
@@ -425,11 +430,11 @@ pub fn build(
     let instance_number = ctx.amendment.as_ref().map_or(1, |a| a.instance_number);
     let series_uid = derived_uid(&ctx.seed, "sr-series");
     let (date, time) = ctx.content_time.clone();
-    let lung_ml = f64_field(result, "lung_volume_ml")?;
-    let lesion_ml = f64_field(result, "lesion_volume_ml")?;
-    let involvement = f64_field(result, "involvement_percent")?;
-    let positive = result["positive"].as_bool().ok_or_else(|| OutputError::Result("positive missing".into()))?;
-    let lesions = result["lesions"].as_array().cloned().unwrap_or_default();
+    let lung_ml = finite(figures.lung_volume_ml, "lung_volume_ml")?;
+    let lesion_ml = finite(figures.lesion_volume_ml, "lesion_volume_ml")?;
+    let involvement = finite(figures.involvement_percent, "involvement_percent")?;
+    let positive = result.positive;
+    let lesions = &figures.lesions;
     let algo_children = || algorithm(ctx);
 
     let mut groups = vec![
@@ -456,9 +461,9 @@ pub fn build(
             vec![coded(Rel::Contains, &FLAG, if positive { &POSITIVE } else { &NEGATIVE }, vec![])],
         ),
     ];
-    for l in &lesions {
-        let id = l["id"].as_u64().ok_or_else(|| OutputError::Result("lesion id missing".into()))?;
-        let side = if l["side"] == "left" { &LEFT } else { &RIGHT };
+    for l in lesions {
+        let id = l.id;
+        let side = if l.side == "left" { &LEFT } else { &RIGHT };
         groups.push(group(
             ctx,
             &format!("Lesion {id}"),
@@ -471,19 +476,19 @@ pub fn build(
             )),
             seg_uid.map(|u| (u, LESION_SEGMENT)),
             vec![
-                num(&VOLUME, f64_field(l, "volume_ml")?, &ML, algo_children()),
+                num(&VOLUME, finite(l.volume_ml, "volume_ml")?, &ML, algo_children()),
                 num(
                     &ATTENUATION,
-                    f64_field(l, "mean_hu")?,
+                    finite(l.mean_hu, "mean_hu")?,
                     &HU,
                     vec![coded(Rel::HasConceptMod, &DERIVATION, &MEAN, vec![])],
                 ),
             ],
-            lesion_change(&result["follow_up"], id),
+            lesion_change(result.follow_up.as_ref(), id),
         ));
     }
-    groups.extend(regional_groups(ctx, result)?);
-    groups.extend(follow_up_groups(ctx, &result["follow_up"])?);
+    groups.extend(regional_groups(ctx, &figures.regional)?);
+    groups.extend(follow_up_groups(ctx, result.follow_up.as_ref())?);
 
     let root_children = vec![
         coded(Rel::HasConceptMod, &LANGUAGE, &EN_US, vec![]),

@@ -41,6 +41,7 @@ use crate::config::Config;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
 use crate::receive::{self, status, AssociationId, IncomingInstance, ReceiveEvent, StoreAnswer};
+use crate::result::{SeriesResult, SeriesStatus};
 use crate::series::CompletionTracker;
 use crate::spool::Spool;
 use crate::store::Store;
@@ -732,12 +733,13 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
         shared.config.alerts.webhook_url.is_some(),
         Some(&shared.config.outputs),
     )?;
-    let positive = result["positive"].as_bool().unwrap_or(false);
-    let progression = result["follow_up"]["progression"].as_bool().unwrap_or(false);
-    let involvement = result["involvement_percent"].as_f64().unwrap_or(0.0);
+    let positive = result.positive;
+    let progression = result.progression();
+    let involvement = result.involvement_percent();
     let previously_positive = previous.as_ref().map(|r| r.positive).unwrap_or(false);
+    // The stored result read back typed (store boundary); one that cannot be read shows no progression.
     let previously_progression =
-        previous.as_ref().and_then(|r| r.result["follow_up"]["progression"].as_bool()).unwrap_or(false);
+        previous.as_ref().and_then(|r| SeriesResult::from_json(r.result.clone()).ok()).is_some_and(|r| r.progression());
     // Alerts: once when the series first becomes positive, once when it first shows progression.
     let mut reasons = Vec::new();
     if positive && !previously_positive {
@@ -748,10 +750,10 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
     }
     // One flag per exam: another reconstruction of the study that already alerted keeps this one quiet.
     let study_uid = row.as_ref().map(|r| r.study_instance_uid.as_str()).unwrap_or("");
-    exam_flag::one_flag_per_exam(&shared.store, study_uid, series_uid, &mut reasons, &mut result)?;
+    result.study_alert = exam_flag::one_flag_per_exam(&shared.store, study_uid, series_uid, &mut reasons)?;
     let alert = !reasons.is_empty() && shared.config.alerts.webhook_url.is_some();
-    result["alert"] = serde_json::json!(!reasons.is_empty());
-    result["alert_reasons"] = serde_json::json!(reasons);
+    result.alert = Some(!reasons.is_empty());
+    result.alert_reasons = Some(reasons.iter().map(|r| r.to_string()).collect());
     let outputs_due = crate::outputs::outbox::wants_outputs(&shared.config.outputs, &result);
     let t_record = Instant::now();
     let version = shared.store.record_result_with_outputs(crate::store::NewResult {
@@ -759,7 +761,7 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
         revision,
         positive,
         involvement_percent: involvement,
-        result_json: &result,
+        result_json: &result.to_json(),
         alert,
         outputs_due,
         links: &links,
@@ -781,10 +783,9 @@ fn finish_series(shared: &Arc<Shared>, series_uid: &str, work: &mut SeriesWork, 
         commit_ms = t_record.elapsed().as_secs_f64() * 1e3,
         committed_at_ms = crate::store::now_ms(),
         "result timings");
-    result["version"] = serde_json::json!(version);
-    if result["status"] == "skipped" {
-        let reasons: Vec<String> = serde_json::from_value(result["skip_reasons"].clone()).unwrap_or_default();
-        shared.store.set_series_state(series_uid, "skipped", Some(&reasons.join("; ")))?;
+    result.version = Some(version);
+    if result.status == SeriesStatus::Skipped {
+        shared.store.set_series_state(series_uid, "skipped", Some(&result.skip_reasons.join("; ")))?;
     }
     if let Some(row) = &row {
         crate::metrics::metrics()
@@ -828,41 +829,43 @@ pub fn link_follow_ups(
     store: &Store,
     patient_key: &str,
     series_uid: &str,
-    result: &mut serde_json::Value,
+    result: &mut SeriesResult,
     rule: crate::analysis::followup::ProgressionRule,
     webhook: bool,
     outputs: Option<&crate::outputs::OutputsConfig>,
 ) -> Result<Vec<crate::store::FollowUpLink>> {
-    if patient_key.is_empty() || !crate::analysis::followup::comparable(result) {
+    if patient_key.is_empty() || !result.is_analysed() {
         return Ok(Vec::new());
     }
     let others: Vec<crate::store::StoredResult> =
         store.results_for_patient(patient_key)?.into_iter().filter(|r| r.series_instance_uid != series_uid).collect();
+    // The comparison reads results as JSON (the stored ones are JSON): this one joins them as its JSON.
     let values: Vec<serde_json::Value> = others.iter().map(|r| r.result.clone()).collect();
-    crate::analysis::followup::link(result, &values, rule);
-    let links = crate::analysis::followup::relinks(result, &values, rule)
-        .into_iter()
-        .map(|rl| {
-            let later = &others[rl.index];
-            let follow_up = serde_json::to_value(&rl.follow_up).unwrap_or(serde_json::Value::Null);
-            let mut now_reads = later.result.clone();
-            now_reads["follow_up"] = follow_up.clone();
-            let outputs_due = outputs.is_some_and(|cfg| crate::outputs::outbox::wants_sr(cfg, &now_reads));
-            let alert_payload = (webhook && rl.newly_progressed).then(|| {
-                now_reads["alert"] = serde_json::json!(true);
-                now_reads["alert_reasons"] = serde_json::json!(["progression"]);
-                now_reads
-            });
-            crate::store::FollowUpLink {
-                series_instance_uid: later.series_instance_uid.clone(),
-                result_version: later.version,
-                prior_series_instance_uid: series_uid.to_string(),
-                follow_up,
-                alert_payload,
-                outputs_due,
-            }
-        })
-        .collect();
+    let current = result.to_json();
+    if let Some(f) = crate::analysis::followup::prior_comparison(&current, &values, rule) {
+        result.follow_up = Some(f);
+    }
+    let mut links = Vec::new();
+    for rl in crate::analysis::followup::relinks(&current, &values, rule) {
+        let later = &others[rl.index];
+        // The later series' stored result read back typed (store boundary), as it now reads.
+        let mut now_reads = SeriesResult::from_json(later.result.clone())?;
+        now_reads.follow_up = Some(rl.follow_up.clone());
+        let outputs_due = outputs.is_some_and(|cfg| crate::outputs::outbox::wants_sr(cfg, &now_reads));
+        let alert_payload = (webhook && rl.newly_progressed).then(|| {
+            now_reads.alert = Some(true);
+            now_reads.alert_reasons = Some(vec!["progression".to_string()]);
+            now_reads.to_json()
+        });
+        links.push(crate::store::FollowUpLink {
+            series_instance_uid: later.series_instance_uid.clone(),
+            result_version: later.version,
+            prior_series_instance_uid: series_uid.to_string(),
+            follow_up: serde_json::to_value(&rl.follow_up)?,
+            alert_payload,
+            outputs_due,
+        });
+    }
     Ok(links)
 }
 
@@ -922,13 +925,14 @@ async fn queue_missing_outputs(shared: Arc<Shared>, awaiting: Vec<crate::store::
                 work.add_seeding_ahead(&s.ctx, meta, &path, false);
             }
             let _busy = s.live.busy("rebuilding DICOM outputs");
-            let patient_key = r.result["patient_key"].as_str().unwrap_or("");
-            let (_, slices) = work.finish_with_slices(&s.ctx, patient_key, "", "", true);
+            // The stored result read back typed (store boundary): every number in the outputs comes from it.
+            let stored = SeriesResult::from_json(r.result)?;
+            let (_, slices) = work.finish_with_slices(&s.ctx, &stored.patient_key, "", "", true);
             crate::outputs::outbox::enqueue_result(
                 &s.store,
                 &s.config.outputs,
                 &s.config.storage.data_dir,
-                &r.result,
+                &stored,
                 &slices,
                 r.version as i64,
             )

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
 
 use crate::analysis::{self, AnalysisParams, PlacedSlice, RunMask, SliceSegmentation};
 use crate::config::Config;
@@ -21,6 +20,7 @@ use crate::engine::Engine;
 use crate::instance::InstanceMeta;
 use crate::model::Model;
 use crate::preprocess;
+use crate::result::{SeriesResult, SeriesStatus, SliceError, Timings};
 use crate::series;
 
 /// What every series analysis needs: the verified model, the engine running it, and the thresholds.
@@ -249,7 +249,7 @@ impl SeriesWork {
             .collect()
     }
 
-    /// The 3D analysis and the result JSON (without store-assigned fields such as `version`), plus the analysed
+    /// The 3D analysis and the series' result (without store-assigned fields such as `version`), plus the analysed
     /// slices in position order with their final masks (the input of the DICOM outputs; empty when the series was
     /// not analysed). `patient_key` and the two timestamps (RFC 3339) come from the caller. With
     /// `enforce_eligibility` (the daemon) a series that breaks an eligibility rule gets a `skipped` result with the
@@ -261,7 +261,7 @@ impl SeriesWork {
         received_at: &str,
         completed_at: &str,
         enforce_eligibility: bool,
-    ) -> (Value, Vec<crate::outputs::SourceSlice>) {
+    ) -> (SeriesResult, Vec<crate::outputs::SourceSlice>) {
         let t0 = Instant::now();
         let all: Vec<&InstanceMeta> = self.slice_metas();
         let would_skip = series::series_skip_reasons(&all, &ctx.config.series);
@@ -292,44 +292,48 @@ impl SeriesWork {
             .any(|s| s.frame.is_some())
             .then(|| order.order.iter().map(|&i| segs[i].frame.unwrap_or(1)).collect());
 
-        let mut v = json!({
-            "study_instance_uid": study,
-            "series_instance_uid": series_uid,
-            "patient_key": patient_key,
-            "study_date": first.map(|m| m.study_date.clone()).unwrap_or_default(),
-            "status": if analysed { "analysed" } else { "skipped" },
-            "skip_reasons": would_skip,
-            "n_slices": all.len(),
-            "analysed_slices": placed.len(),
-            "slice_errors": self.errors.iter().map(|(k, v)| json!({"sop_instance_uid": k, "error": v})).collect::<Vec<_>>(),
-            "slice_spacing_mm": order.spacing_mm,
-            "gaps": order.gaps,
-            "duplicates": order.duplicates,
-            "slice_sop_instance_uids": sop_order,
-            "model": ctx.model.identity(),
-            "engine": ctx.engine.name(),
-            "timings_ms": {
-                "decode": round1(self.decode_ms),
-                "infer": round1(self.infer_ms),
-                "analysis": round1(analysis_ms),
-                "total": round1(self.decode_ms + self.infer_ms + analysis_ms),
+        let figures = result.as_ref().map(crate::result::Figures::of);
+        let v = SeriesResult {
+            study_instance_uid: study,
+            series_instance_uid: series_uid,
+            patient_key: patient_key.to_string(),
+            study_date: first.map(|m| m.study_date.clone()).unwrap_or_default(),
+            status: if analysed { SeriesStatus::Analysed } else { SeriesStatus::Skipped },
+            skip_reasons: would_skip,
+            n_slices: all.len(),
+            analysed_slices: if analysed { placed.len() } else { 0 },
+            slice_errors: self
+                .errors
+                .iter()
+                .map(|(k, v)| SliceError { sop_instance_uid: k.clone(), error: v.clone() })
+                .collect(),
+            slice_spacing_mm: match &result {
+                Some(r) => Some(r.slice_spacing_mm),
+                None => order.spacing_mm,
             },
-            "received_at": received_at,
-            "completed_at": completed_at,
-        });
-        if let Some(frames) = frame_order {
-            v["slice_frame_numbers"] = json!(frames);
-        }
-        let a = result.as_ref().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).unwrap_or(Value::Null);
-        if let (Value::Object(dst), Value::Object(src)) = (&mut v, a) {
-            for (k, val) in src {
-                dst.insert(k, val);
-            }
-        }
-        if !analysed {
-            v["positive"] = json!(false);
-            v["analysed_slices"] = json!(0);
-        }
+            gaps: order.gaps.clone(),
+            duplicates: order.duplicates.clone(),
+            slice_sop_instance_uids: sop_order.into_iter().map(str::to_string).collect(),
+            slice_frame_numbers: frame_order,
+            model: ctx.model.identity(),
+            engine: ctx.engine.name().to_string(),
+            timings_ms: Timings {
+                decode: round1(self.decode_ms),
+                infer: round1(self.infer_ms),
+                analysis: round1(analysis_ms),
+                total: round1(self.decode_ms + self.infer_ms + analysis_ms),
+            },
+            received_at: received_at.to_string(),
+            completed_at: completed_at.to_string(),
+            positive: analysed && result.as_ref().is_some_and(|r| r.positive),
+            figures,
+            follow_up: None,
+            study_alert: None,
+            alert: None,
+            alert_reasons: None,
+            version: None,
+            dicom_outputs: None,
+        };
         let source_slices = match &result {
             // lesion_masks[k] and lung_masks[k] belong to placed[slice_order[k]], which is segs[order.order[slice_order[k]]].
             Some(r) => r

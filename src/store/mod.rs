@@ -90,10 +90,8 @@ pub use schema::MIGRATIONS;
 pub use series_labels::{PatientDisplay, SeriesLabels};
 pub use webhook_outbox::{OutboxCounts, OutboxRow};
 
-/// Current time as unix-epoch milliseconds (the store's one time unit).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+/// Current time as unix-epoch milliseconds (the store's one time unit), from the crate's one clock.
+pub use crate::clock::now_ms;
 
 /// The connection-level settings, read back from SQLite (for tests and the health endpoint).
 #[derive(Debug, Clone, PartialEq, Eq)]

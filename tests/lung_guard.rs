@@ -5,6 +5,8 @@
 //! - real CT: the abdomen slices of the pancreas series (below the lungs, found by HU) get no lung and no lesion,
 //!   its chest slices keep their lungs; the NY-SBU single slices without air-density lung get no lesion, the chest
 //!   ones keep their lungs.
+//! - the real RICORD series: the guard as the product runs it at completion (seeding on bit rows, pre-seeds made as
+//!   the slices arrived) gives the masks of the pixel-by-pixel seeding of every slice, bit for bit (with timings).
 //! What counts as "lung by HU" here is computed independently of the guard's code (see [`air_regions`]).
 
 mod common;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use common::dcm_files;
 
+use lungsentry::analysis::lung_guard::{self, Seeding};
 use lungsentry::analysis::{analyse_series, segment_slice, AnalysisParams, PlacedSlice};
 use lungsentry::config::{Config, EngineKind};
 use lungsentry::instance::InstanceMeta;
@@ -323,4 +326,63 @@ fn ny_sbu_single_slices_without_lung_get_no_lesion_and_chest_slices_keep_their_l
     // The kidney-level slice with bowel gas, and the upper-abdomen slices of two patients.
     assert!(abdomen.iter().any(|n| n.starts_with("A058062_19010108")), "{abdomen:?}");
     assert!(abdomen.len() >= 3 && chest >= 10, "{abdomen:?}, {chest}");
+}
+
+/// The RICORD series (248 slices 512², JPEG Lossless: on 212 of them the 3D rule drops air specks, so their
+/// pre-seeds do not hold and completion seeds them again): the guard's output with the product's seeding (bit rows,
+/// the pre-seeds `SeriesWork` makes as slices arrive) equals, bit for bit, the output of the pixel seeding of every
+/// slice, the seeding the product used before; prints the timings of both (best of three).
+#[test]
+fn ricord_the_guard_seeding_on_rows_equals_the_pixel_seeding_bit_for_bit() {
+    let ctx = context();
+    let dir = common::data_dir().join("real-ct-series/covid-ricord-1a-001012/axial_248");
+    let input = &ctx.model.manifest.input;
+    let classes = ctx.model.manifest.output.classes.len();
+    let mut placed = Vec::new();
+    for f in dcm_files(&dir) {
+        let hu = hu_of(&f);
+        let mut x = vec![0f32; input.channels * input.height * input.width];
+        preprocess::prepare(&hu, input, &mut x).unwrap();
+        let scores = ctx.engine.infer(&x, 1).unwrap();
+        let mut p = PlacedSlice {
+            segmentation: segment_slice(&scores, classes, input.height, input.width, &hu),
+            position_mm: position_mm(&hu),
+            image_position: hu.image_position.unwrap(),
+            image_orientation: hu.image_orientation.unwrap(),
+            pixel_spacing: hu.pixel_spacing,
+            slice_thickness: hu.slice_thickness,
+        };
+        p.segmentation.pre_seed = lung_guard::pre_seed(&p);
+        placed.push(p);
+    }
+    assert_eq!(placed.len(), 248);
+    let spacing = analyse_series(&placed, &AnalysisParams::from(&ctx.config.analysis)).slice_spacing_mm;
+    let mut sorted: Vec<&PlacedSlice> = placed.iter().collect();
+    sorted.sort_by(|a, b| a.position_mm.total_cmp(&b.position_mm));
+    let voxel_ml = |s: &PlacedSlice| s.pixel_spacing[0] * s.pixel_spacing[1] * spacing / 1000.0;
+    let timed = |seeding: Seeding| {
+        let mut best = f64::INFINITY;
+        let mut out = None;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            out = lung_guard::guard_with(&sorted, voxel_ml, spacing, seeding);
+            best = best.min(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        (out.expect("every slice has an air mask"), best)
+    };
+    let (rows, rows_ms) = timed(Seeding::Rows);
+    let (pixels, pixels_ms) = timed(Seeding::Pixels);
+    eprintln!(
+        "RICORD guard (3D air components and seeding of 248 slices), best of 3: {rows_ms:.1} ms on bit rows with \
+         pre-seeds, {pixels_ms:.1} ms pixel by pixel"
+    );
+    assert_eq!(rows.report, pixels.report);
+    for k in 0..sorted.len() {
+        assert_eq!(rows.lung[k], pixels.lung[k], "slice {k}: kept model lung");
+        assert_eq!(rows.field[k], pixels.field[k], "slice {k}: lung field");
+    }
+    // The series is what it was: lungs kept, and the guard at work (model lung dropped, some slices without field).
+    assert!(rows.report.lung_components >= 1 && rows.report.lung_air_ml > 1000.0, "{:?}", rows.report);
+    assert!(rows.report.slices_with_lung_field > 100, "{:?}", rows.report);
+    assert!(rows.lung.iter().zip(&sorted).any(|(m, s)| m.count() < s.segmentation.lung.count()), "nothing dropped");
 }

@@ -291,9 +291,6 @@ pub async fn run(retention: Arc<Retention>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Whether an I/O error means the file system (or quota) is full (the store's own test, for the spool's errors).
-pub use crate::store::is_disk_full;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 //! the webhook and DICOM outboxes, the start-up output sweeps), READY/STOPPING for systemd, and shutdown (stop
 //! accepting, let in-flight work end, wait for the tasks).
 //! Hands on: received instances to `ingest`, completions to `worker` through the ticker (`completion`).
-//! Never: handles an instance, segments or analyses itself.
+//! Never: handles an instance, segments or analyses itself, or locks the shared state with `lock().unwrap()`
+//! (after a panic, `recovery` takes it back or rebuilds it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

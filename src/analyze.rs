@@ -185,7 +185,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let rule = (&ctx.config.analysis).into();
     let mut results = Vec::new();
     for (patient_key, instances) in groups {
-        let received_at = crate::pipeline::chrono_now();
+        let received_at = crate::clock::now_rfc3339();
         let mut work = SeriesWork::default();
         for i in &instances {
             let spooled = crate::spool::SpooledInstance {
@@ -201,7 +201,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             work.add(&ctx, i.meta, &i.path);
         }
         let (mut result, slices) =
-            work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::pipeline::chrono_now(), false);
+            work.finish_with_slices(&ctx, &patient_key, &received_at, &crate::clock::now_rfc3339(), false);
         let series_uid = Some(result.series_instance_uid.clone()).filter(|s| !s.is_empty()).unwrap_or("unknown".into());
         // As the daemon links (later studies already in a kept store link back to this one; no alerts offline).
         let links = crate::pipeline::link_follow_ups(store, &patient_key, &series_uid, &mut result, rule, false, None)?;

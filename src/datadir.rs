@@ -3,10 +3,11 @@
 //!
 //! Owns: the names of the store file, the patient-key salt, the dashboard token, the disk reserve, the spool,
 //! the dashboard key images and the DICOM outputs; how a value a peer sent becomes a name (a validated
-//! [`Uid`] as itself, anything else only as a hash, [`name_of`]); and the checked delete
-//! ([`DataDir::remove_inside`]): the path is resolved (symlinks in its directories followed) and must lie
+//! [`Uid`] as itself, anything else only as a hash, [`name_of`]); how full its disk is ([`disk_usage`]); and the
+//! checked delete ([`DataDir::remove_inside`]): the path is resolved (symlinks in its directories followed) and must lie
 //! strictly inside the data dir, never be the data dir itself nor one of the fixed entries of the layout below.
-//! Hands on: paths to `spool`, `store`, `retention`, `outputs::outbox`, `dashboard` and `pipeline`.
+//! Hands on: paths to `spool`, `store`, `retention`, `outputs::outbox`, `dashboard` and `pipeline`; the disk's
+//! usage to `retention` and `http`.
 //! Never: reads or writes file contents, or decides *what* to delete (that is `retention`).
 //!
 //! ```text
@@ -284,6 +285,26 @@ impl DataDir {
             Err(e) => Err(io_err("deleting", &full)(e)),
         }
     }
+}
+
+/// Used fraction (0..=1) and free bytes of the file system holding `path` (`df`'s view: the data dir's disk for
+/// `/readyz`, `/metrics` and retention's high-water marks).
+pub fn disk_usage(path: &std::path::Path) -> Option<(f64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * frsize;
+    let free = st.f_bfree as u64 * frsize;
+    let avail = st.f_bavail as u64 * frsize;
+    // "Used" as df counts it: used / (used + available to unprivileged users).
+    let used = total.saturating_sub(free);
+    let denom = used + avail;
+    Some((if denom == 0 { 0.0 } else { used as f64 / denom as f64 }, avail))
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ fn summary(
         lesions.len(),
         if largest.is_empty() { String::new() } else { format!(" (largest: {})", largest.join(", ")) }
     ));
-    let done_ms = r["completed_at"].as_str().and_then(crate::dashboard::parse_rfc3339_ms);
+    let done_ms = r["completed_at"].as_str().and_then(crate::clock::parse_rfc3339_ms);
     let secs = |to: Option<i64>| match (last_slice_ms, to) {
         (Some(a), Some(b)) => format!("{:.1} s", (b - a).max(0) as f64 / 1000.0),
         _ => "-".to_string(),
@@ -284,7 +284,7 @@ mod tests {
             "analysed_slices": 80, "n_slices": 80, "lesions": lesions,
             "positive_slices": (0..80).collect::<Vec<_>>(), "completed_at": "2026-01-01T00:00:03.500Z",
         });
-        let last = crate::dashboard::parse_rfc3339_ms("2026-01-01T00:00:01.000Z");
+        let last = crate::clock::parse_rfc3339_ms("2026-01-01T00:00:01.000Z");
         let s = summary("positive phantom", &r, Some(11.5), last, last.map(|t| t + 2700));
         assert_eq!(s.lines().count(), 3, "{s}");
         assert!(s.lines().all(|l| l.chars().count() <= 120), "{s}");

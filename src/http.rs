@@ -33,26 +33,6 @@ pub struct Readiness {
     pub dashboard: Option<Arc<crate::dashboard::DashboardState>>,
 }
 
-/// Used fraction (0..=1) and free bytes of the file system holding `path`.
-pub fn disk_usage(path: &std::path::Path) -> Option<(f64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * frsize;
-    let free = st.f_bfree as u64 * frsize;
-    let avail = st.f_bavail as u64 * frsize;
-    // "Used" as df counts it: used / (used + available to unprivileged users).
-    let used = total.saturating_sub(free);
-    let denom = used + avail;
-    Some((if denom == 0 { 0.0 } else { used as f64 / denom as f64 }, avail))
-}
-
 async fn metrics(State(r): State<Arc<Readiness>>) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     let gauges = r.gauges.clone();
     let disk = r.disk.clone();
@@ -61,7 +41,7 @@ async fn metrics(State(r): State<Arc<Readiness>>) -> ([(axum::http::header::Head
         if let Some(g) = gauges {
             text.push_str(&g());
         }
-        if let Some((u, free)) = disk.and_then(|(p, _)| disk_usage(&p)) {
+        if let Some((u, free)) = disk.and_then(|(p, _)| crate::datadir::disk_usage(&p)) {
             crate::metrics::gauge(
                 &mut text,
                 "lungsentry_disk_used_ratio",
@@ -89,7 +69,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(r): State<Arc<Readiness>>) -> (StatusCode, Json<serde_json::Value>) {
     let readers = r.readers.clone();
     let store_ok = tokio::task::spawn_blocking(move || readers.get().outbox_counts().is_ok()).await.unwrap_or(false);
-    let disk = r.disk.as_ref().map(|(p, hw)| (disk_usage(p), *hw));
+    let disk = r.disk.as_ref().map(|(p, hw)| (crate::datadir::disk_usage(p), *hw));
     let disk_ok = match disk {
         Some((Some((used, _)), hw)) => used * 100.0 <= hw,
         Some((None, _)) => false,

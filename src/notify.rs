@@ -1,9 +1,9 @@
 //! notify — tells people about results: the webhook outbox worker and the one-line-per-series log record.
 //!
-//! Owns: draining the store's `outbox` (POST each payload to `alerts.webhook_url`, HMAC-signed when a secret is
-//! set, exponential back-off on failure, retried until a 2xx — across restarts, because the row lives in SQLite
-//! until delivered) and the structured log line for every analysed series (positives at WARN → journald
-//! PRIORITY=4, negatives at INFO).
+//! Owns: the webhook side of the store's `outbox` (POST each payload to `alerts.webhook_url`, HMAC-signed when a
+//! secret is set; the shared outbox loop, [`crate::delivery`], retries it with exponential back-off until a 2xx —
+//! across restarts, because the row lives in SQLite until delivered) and the structured log line for every
+//! analysed series (positives at WARN → journald PRIORITY=4, negatives at INFO).
 //! Hands on: nothing; it is the end of the pipeline.
 //! Never: decides what deserves an alert (the caller of [`crate::store::Store::record_result`] does, through its
 //! `alert` flag), rewrites payloads (except, where a site sets `alerts.include_patient_identifiers`, adding the
@@ -21,8 +21,9 @@ use sha2::Sha256;
 use tokio::sync::watch;
 
 use crate::config::AlertsConfig;
+use crate::delivery::{Failure, Outcome};
 use crate::result::SeriesResult;
-use crate::store::{now_ms, series_log_key, OutboxRow, Store};
+use crate::store::{series_log_key, OutboxRow, Store};
 
 /// Header carrying the row's dedup key.
 pub const DEDUP_HEADER: &str = "X-Lungsentry-Dedup-Key";
@@ -30,15 +31,6 @@ pub const DEDUP_HEADER: &str = "X-Lungsentry-Dedup-Key";
 pub const SIGNATURE_HEADER: &str = "X-Lungsentry-Signature";
 /// Per-request timeout (connect + send + response).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// First retry delay; doubles per failed attempt.
-pub const BACKOFF_START: Duration = Duration::from_secs(1);
-/// Longest retry delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
-/// Longest sleep between outbox checks when nothing wakes the worker (guards against a missed wake-up, e.g.
-/// rows queued by another process sharing the database).
-const IDLE_POLL: Duration = Duration::from_secs(30);
-/// Shortest pause between rounds that found nothing more to send.
-const MIN_WAIT: Duration = Duration::from_millis(100);
 /// Rows fetched per round.
 const BATCH: usize = 32;
 
@@ -49,13 +41,8 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Delay before the next try after `attempts_so_far` failed attempts (0 → 1 s, 1 → 2 s, ... capped at 5 min).
-pub fn backoff(attempts_so_far: u32) -> Duration {
-    let secs = BACKOFF_START.as_secs().saturating_mul(1u64 << attempts_so_far.min(20));
-    Duration::from_secs(secs).min(BACKOFF_CAP)
-}
-
-/// The outbox worker: delivers due webhook rows until `shutdown` turns true (or its sender is dropped).
+/// The webhook outbox worker: delivers due rows until `shutdown` turns true (or its sender is dropped), through
+/// the shared outbox loop ([`crate::delivery::run`]: exponential back-off, retried until a 2xx; never parked).
 ///
 /// Wakes when [`Store::outbox_wake`] is signalled (every `record_result` with `alert`), when the earliest
 /// retry falls due, or every 30 s. Without `webhook_url` it delivers nothing and waits for shutdown (rows queued
@@ -77,80 +64,100 @@ pub async fn run_webhook_outbox(store: Arc<Store>, cfg: AlertsConfig, mut shutdo
     };
     let secret = cfg.webhook_secret.clone().map(String::into_bytes);
     tracing::info!(signed = secret.is_some(), "notify: webhook outbox running");
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let due = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.due_outbox(now_ms(), BATCH)).await
-        };
-        let due = match due {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "notify: reading the outbox failed");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "notify: outbox task failed");
-                Vec::new()
-            }
-        };
-        let full_batch = due.len() == BATCH;
-        for row in due {
-            let body = if cfg.include_patient_identifiers {
-                let (store, payload) = (store.clone(), row.payload_json.clone());
+    let outbox = Webhook { store, client, url, secret, include_patient_identifiers: cfg.include_patient_identifiers };
+    crate::delivery::run(Arc::new(outbox), shutdown).await
+}
+
+/// The webhook outbox as the shared loop sees it: the store's `outbox` rows, one POST per row.
+struct Webhook {
+    /// Holds the rows (and the patient identifiers a site may add to the body).
+    store: Arc<Store>,
+    /// Built once, with [`REQUEST_TIMEOUT`].
+    client: reqwest::Client,
+    /// `alerts.webhook_url`.
+    url: String,
+    /// `alerts.webhook_secret`: each body is signed with it when set.
+    secret: Option<Vec<u8>>,
+    /// `alerts.include_patient_identifiers`.
+    include_patient_identifiers: bool,
+}
+
+impl crate::delivery::Outbox for Webhook {
+    type Row = OutboxRow;
+    const NAME: &'static str = "notify: webhook outbox";
+    const BATCH: usize = BATCH;
+
+    fn id(row: &OutboxRow) -> i64 {
+        row.id
+    }
+
+    fn attempts(row: &OutboxRow) -> u32 {
+        row.attempts
+    }
+
+    /// None: a webhook row is retried until a 2xx.
+    fn max_attempts(&self) -> Option<u32> {
+        None
+    }
+
+    fn wake(&self) -> &tokio::sync::Notify {
+        self.store.outbox_wake()
+    }
+
+    fn due(&self, now_ms: i64, limit: usize) -> crate::store::Result<Vec<OutboxRow>> {
+        self.store.due_outbox(now_ms, limit)
+    }
+
+    fn next_due(&self) -> crate::store::Result<Option<i64>> {
+        self.store.next_outbox_due()
+    }
+
+    fn mark_delivered(&self, row: &OutboxRow, _status: u16) -> crate::store::Result<()> {
+        self.store.mark_delivered(row.id).map(|_| ())
+    }
+
+    /// `next_attempt_at` is never None here (no `max_attempts`, and every failure may be retried); the table has no
+    /// parked state, so a None would leave the row waiting for good.
+    fn mark_failed(
+        &self,
+        row: &OutboxRow,
+        _status: Option<u16>,
+        error: &str,
+        next_attempt_at: Option<i64>,
+    ) -> crate::store::Result<()> {
+        self.store.mark_attempt_failed(row.id, error, next_attempt_at.unwrap_or(i64::MAX))
+    }
+
+    async fn attempt(&self, rows: Vec<OutboxRow>) -> Vec<(OutboxRow, Outcome)> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let body = if self.include_patient_identifiers {
+                let (store, payload) = (self.store.clone(), row.payload_json.clone());
                 blocking(move || Ok(with_patient_identifiers(&store, &payload)))
                     .await
                     .unwrap_or(row.payload_json.clone())
             } else {
                 row.payload_json.clone()
             };
-            let outcome = tokio::select! {
-                r = deliver(&client, &url, secret.as_deref(), &row, body) => r,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+            let outcome = match deliver(&self.client, &self.url, self.secret.as_deref(), &row, body).await {
+                Ok(status) => Outcome::Delivered(status),
+                Err(error) => Outcome::Failed { status: None, error, retry: true },
             };
-            let store = store.clone();
-            let id = row.id;
-            let key = series_key_of(&row.dedup_key);
-            match outcome {
-                Ok(status) => {
-                    crate::metrics::metrics().alert(true);
-                    tracing::info!(outbox_id = id, series = %key, status, attempts = row.attempts + 1, "notify: webhook delivered");
-                    if let Err(e) = blocking(move || store.mark_delivered(id)).await {
-                        tracing::error!(outbox_id = id, error = %e, "notify: cannot mark webhook delivered");
-                    }
-                }
-                Err(err) => {
-                    crate::metrics::metrics().alert(false);
-                    let delay = backoff(row.attempts);
-                    let next = now_ms() + delay.as_millis() as i64;
-                    tracing::warn!(outbox_id = id, series = %key, attempts = row.attempts + 1, retry_in_s = delay.as_secs(),
-                        error = %err, "notify: webhook delivery failed");
-                    if let Err(e) = blocking(move || store.mark_attempt_failed(id, &err, next)).await {
-                        tracing::error!(outbox_id = id, error = %e, "notify: cannot record the failed attempt");
-                    }
-                }
-            }
+            out.push((row, outcome));
         }
-        if full_batch {
-            continue;
-        }
-        let next_due = {
-            let store = store.clone();
-            blocking(move || store.next_outbox_due()).await.ok().flatten()
-        };
-        let wait = match next_due {
-            Some(t) => Duration::from_millis((t - now_ms()).max(0) as u64).min(IDLE_POLL),
-            None => IDLE_POLL,
-        }
-        // Never spin: if the store keeps failing, a due row would otherwise be retried in a tight loop.
-        .max(MIN_WAIT);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = store.outbox_wake().notified() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
+        out
+    }
+
+    fn delivered(&self, row: &OutboxRow, status: u16) {
+        crate::metrics::metrics().alert(true);
+        tracing::info!(outbox_id = row.id, series = %series_key_of(&row.dedup_key), status, attempts = row.attempts + 1,
+            "notify: webhook delivered");
+    }
+
+    fn failed(&self, row: &OutboxRow, f: &Failure<'_>) {
+        crate::metrics::metrics().alert(false);
+        tracing::warn!(outbox_id = row.id, series = %series_key_of(&row.dedup_key), attempts = f.attempts,
+            retry_in_s = f.retry_in.map_or(0, |d| d.as_secs()), error = %f.error, "notify: webhook delivery failed");
     }
 }
 

@@ -90,7 +90,7 @@ impl Retention {
 
     /// Percent used of the data dir's file system (None when it cannot be read).
     pub fn disk_used_percent(&self) -> Option<f64> {
-        crate::http::disk_usage(&self.cfg.data_dir).map(|(ratio, _)| ratio * 100.0)
+        crate::datadir::disk_usage(&self.cfg.data_dir).map(|(ratio, _)| ratio * 100.0)
     }
 
     /// Whether the data dir's file system is fuller than `purge_high_water_percent`.
@@ -241,7 +241,7 @@ impl Retention {
         if path.exists() {
             return;
         }
-        let free = crate::http::disk_usage(&self.cfg.data_dir).map(|(_, free)| free).unwrap_or(0);
+        let free = crate::datadir::disk_usage(&self.cfg.data_dir).map(|(_, free)| free).unwrap_or(0);
         if free < 4 * RESERVE_BYTES {
             return;
         }
@@ -290,9 +290,6 @@ pub async fn run(retention: Arc<Retention>, mut shutdown: watch::Receiver<bool>)
         }
     }
 }
-
-/// Whether an I/O error means the file system (or quota) is full (the store's own test, for the spool's errors).
-pub use crate::store::is_disk_full;
 
 #[cfg(test)]
 mod tests {

@@ -249,7 +249,7 @@ async fn undelivered_alert_survives_a_restart() {
 
 #[test]
 fn backoff_doubles_from_one_second_and_caps_at_five_minutes() {
-    use lungsentry::notify::backoff;
+    use lungsentry::delivery::backoff;
     assert_eq!(backoff(0), Duration::from_secs(1));
     assert_eq!(backoff(1), Duration::from_secs(2));
     assert_eq!(backoff(5), Duration::from_secs(32));

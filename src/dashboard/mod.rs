@@ -51,8 +51,9 @@ pub struct DashboardState {
     pub data_dir: PathBuf,
     /// The access token.
     pub token: String,
-    /// The segmentation backlog (None outside the daemon): its seconds are what the next alert waits behind.
-    pub backlog: Option<Arc<crate::pipeline::Backlog>>,
+    /// Seconds of segmentation queued (None outside the daemon; the pipeline's backlog answers it): what the next
+    /// alert waits behind.
+    pub backlog_seconds: Option<Arc<dyn Fn() -> f64 + Send + Sync>>,
 }
 
 /// The token: `configured`, else the one in `data_dir/http-token`, created (random, 0600) on first use.
@@ -144,7 +145,7 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
         let lesions = r.as_ref().and_then(|r| r.figures.as_ref()).map(|f| f.lesions.len());
         let flag_s = r
             .as_ref()
-            .and_then(|r| parse_rfc3339_ms(&r.completed_at))
+            .and_then(|r| crate::clock::parse_rfc3339_ms(&r.completed_at))
             .map(|done| ((done - s.last_instance_at) as f64 / 1000.0).max(0.0));
         let study_alert = r.as_ref().and_then(|r| r.study_alert.as_ref()).map(|a| a.series_instance_uid.as_str());
         out.push(json!({
@@ -167,9 +168,6 @@ fn rows(store: &Store) -> anyhow::Result<Vec<Value>> {
     }
     Ok(out)
 }
-
-/// Unix ms of an RFC 3339 timestamp ([`crate::clock::parse_rfc3339_ms`]).
-pub use crate::clock::parse_rfc3339_ms;
 
 fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
@@ -292,7 +290,7 @@ pub async fn outputs(State(st): State<Arc<DashboardState>>) -> Response {
         Ok(Ok(mut v)) => {
             // Issue 24: the latency a slow engine adds to the next alert (responses are never held past
             // engine.max_response_hold_s, so the backlog grows instead).
-            v["backlog_seconds"] = json!(st.backlog.as_ref().map(|b| b.seconds()));
+            v["backlog_seconds"] = json!(st.backlog_seconds.as_ref().map(|seconds| seconds()));
             axum::Json(v).into_response()
         }
         Ok(Err(e)) => internal(format!("{e:#}")),

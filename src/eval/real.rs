@@ -344,7 +344,7 @@ fn eval_dicom_series(
     for (meta, p) in instances {
         work.add(ctx, meta, &p);
     }
-    let now = crate::pipeline::chrono_now();
+    let now = crate::clock::now_rfc3339();
     let (result, source) = work.finish_with_slices(ctx, "", &now, &now, false);
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     let geometry = Geometry {

@@ -166,7 +166,7 @@ pub async fn run(args: HilArgs) -> Result<()> {
         prepared.push(p);
     }
 
-    let started_at = crate::pipeline::chrono_now();
+    let started_at = crate::clock::now_rfc3339();
     let mut rows = Vec::new();
     for (i, (entry, p)) in manifest.series.iter().zip(&prepared).enumerate() {
         if i > 0 && manifest.gap_s > 0.0 {

@@ -9,7 +9,8 @@
 //! status other than A7xx (out of resources), or no accepted presentation context for the SOP class — parks the
 //! row at once (kept, counted in `/metrics`, never retried). Anything else (connection refused, timeout, A7xx)
 //! is retried with exponential back-off (1 s doubling to 5 min) until `outputs.max_attempts`, then parked: no
-//! endless loop. A crash between a peer's success and our commit resends the same SOP instance, which a PACS
+//! endless loop. The loop itself (due rows, back-off, parking, wake-ups, shutdown) is the one every outbox shares,
+//! [`crate::delivery`]; this module supplies the C-STORE attempt and its store calls. A crash between a peer's success and our commit resends the same SOP instance, which a PACS
 //! treats as the same object.
 //!
 //! Crash window between a result and its rows: the pipeline records the result with `outputs_due` set (same
@@ -34,18 +35,15 @@ use anyhow::{Context, Result};
 use tokio::sync::{watch, Notify};
 
 use super::{build, ObjectKind, OutputOptions, OutputsConfig, SourceSlice};
+use crate::delivery::{Failure, Outcome};
 use crate::result::SeriesResult;
 use crate::scu::{FileFailure, Peer, SendOptions};
-use crate::store::{now_ms, DicomOutboxRow, NewDicomOutput, Store};
+use crate::store::{DicomOutboxRow, NewDicomOutput, Store};
 
 /// Bound on connecting, negotiating and each C-STORE response.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rows fetched per round.
 const BATCH: usize = 64;
-/// Longest sleep when nothing wakes the worker.
-const IDLE_POLL: Duration = Duration::from_secs(30);
-/// Shortest pause between rounds.
-const MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// The crash-injection points of this module ([`crate::test_hooks::crash_point`]; a no-op unless built with the
 /// `test-hooks` feature).
@@ -278,147 +276,140 @@ pub fn classify(f: &FileFailure) -> Verdict {
     }
 }
 
-/// The worker: sends due rows until `shutdown` turns true. Wakes on `wake`, when the earliest retry is due, or
-/// every 30 s.
+/// The worker: sends due rows until `shutdown` turns true, through the shared outbox loop
+/// ([`crate::delivery::run`]). Wakes on `wake`, when the earliest retry is due, or every 30 s.
 pub async fn run_dicom_outbox(
     store: Arc<Store>,
     cfg: OutputsConfig,
     calling_ae: String,
     wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     tracing::info!(destinations = cfg.dicom.len(), "DICOM outputs outbox running");
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let due = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.due_dicom_outbox(now_ms(), BATCH)).await
-        };
-        let due = match due {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "DICOM outbox: reading due rows failed");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "DICOM outbox: task failed");
-                Vec::new()
-            }
-        };
-        let full_batch = due.len() == BATCH;
+    crate::delivery::run(Arc::new(DicomOutbox { store, cfg, calling_ae, wake }), shutdown).await
+}
+
+/// The DICOM outputs outbox as the shared loop sees it: the store's `dicom_outbox` rows, one association per
+/// destination per round.
+struct DicomOutbox {
+    /// Holds the rows.
+    store: Arc<Store>,
+    /// The destinations (and `max_attempts`).
+    cfg: OutputsConfig,
+    /// Our AE title, as the calling AE.
+    calling_ae: String,
+    /// Signalled when the pipeline queued rows.
+    wake: Arc<Notify>,
+}
+
+impl crate::delivery::Outbox for DicomOutbox {
+    type Row = DicomOutboxRow;
+    const NAME: &'static str = "DICOM outbox";
+    const BATCH: usize = BATCH;
+
+    fn id(row: &DicomOutboxRow) -> i64 {
+        row.id
+    }
+
+    fn attempts(row: &DicomOutboxRow) -> u32 {
+        row.attempts
+    }
+
+    fn max_attempts(&self) -> Option<u32> {
+        Some(self.cfg.max_attempts)
+    }
+
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    fn due(&self, now_ms: i64, limit: usize) -> crate::store::Result<Vec<DicomOutboxRow>> {
+        self.store.due_dicom_outbox(now_ms, limit)
+    }
+
+    fn next_due(&self) -> crate::store::Result<Option<i64>> {
+        self.store.next_dicom_outbox_due()
+    }
+
+    fn mark_delivered(&self, row: &DicomOutboxRow, status: u16) -> crate::store::Result<()> {
+        self.store.mark_dicom_delivered(row.id, status).map(|_| ())
+    }
+
+    fn mark_failed(
+        &self,
+        row: &DicomOutboxRow,
+        status: Option<u16>,
+        error: &str,
+        next_attempt_at: Option<i64>,
+    ) -> crate::store::Result<()> {
+        self.store.mark_dicom_failed(row.id, status, error, next_attempt_at)
+    }
+
+    /// One group per destination (in the order of their keys): its due rows go on one association.
+    fn group(&self, rows: Vec<DicomOutboxRow>) -> Vec<Vec<DicomOutboxRow>> {
         let mut by_dest: BTreeMap<String, Vec<DicomOutboxRow>> = BTreeMap::new();
-        for r in due {
+        for r in rows {
             by_dest.entry(r.destination.clone()).or_default().push(r);
         }
-        for (dest, rows) in by_dest {
-            let outcome = tokio::select! {
-                o = send_rows(&store, &cfg, &calling_ae, &dest, rows) => o,
-                _ = shutdown.wait_for(|s| *s) => return,
-            };
-            if let Err(e) = outcome {
-                tracing::error!(destination = %dest, error = %format!("{e:#}"), "DICOM outbox: recording outcomes failed");
-            }
-        }
-        if full_batch {
-            continue;
-        }
-        let wait = {
-            let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.next_dicom_outbox_due()).await {
-                Ok(Ok(Some(at))) => Duration::from_millis((at - now_ms()).max(0) as u64).clamp(MIN_WAIT, IDLE_POLL),
-                _ => IDLE_POLL,
+        by_dest.into_values().collect()
+    }
+
+    /// Sends one destination's due rows on one association.
+    async fn attempt(&self, rows: Vec<DicomOutboxRow>) -> Vec<(DicomOutboxRow, Outcome)> {
+        let dest = rows.first().map(|r| r.destination.clone()).unwrap_or_default();
+        let Some(d) = self.cfg.dicom.iter().find(|d| d.key() == dest) else {
+            // Queued for a destination that has since left the configuration: park, never loop.
+            let gone = "destination no longer configured";
+            return rows.into_iter().map(|r| (r, Outcome::Unsendable(gone.to_string()))).collect();
+        };
+        let peer = Peer {
+            host: d.host.clone(),
+            port: d.port,
+            called_ae: d.ae_title.clone(),
+            calling_ae: self.calling_ae.clone(),
+            timeout: PEER_TIMEOUT,
+        };
+        let paths: Vec<PathBuf> = rows.iter().map(|r| r.path.clone()).collect();
+        let report = match crate::scu::send_files(&SendOptions { peer, rate: None }, &paths).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing could be attempted (e.g. a file vanished): count an attempt on every row.
+                let error = format!("{e:#}");
+                let failed = |r| (r, Outcome::Failed { status: None, error: error.clone(), retry: true });
+                return rows.into_iter().map(failed).collect();
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {},
-            _ = wake.notified() => {},
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-    }
-}
-
-/// Sends one destination's due rows on one association and records each outcome.
-async fn send_rows(
-    store: &Arc<Store>,
-    cfg: &OutputsConfig,
-    calling_ae: &str,
-    dest: &str,
-    rows: Vec<DicomOutboxRow>,
-) -> Result<()> {
-    let Some(d) = cfg.dicom.iter().find(|d| d.key() == dest) else {
-        // Queued for a destination that has since left the configuration: park, never loop.
-        for r in rows {
-            let (s, id) = (store.clone(), r.id);
-            blocking(move || s.mark_dicom_failed(id, None, "destination no longer configured", None)).await?;
-        }
-        return Ok(());
-    };
-    let peer = Peer {
-        host: d.host.clone(),
-        port: d.port,
-        called_ae: d.ae_title.clone(),
-        calling_ae: calling_ae.to_string(),
-        timeout: PEER_TIMEOUT,
-    };
-    let paths: Vec<PathBuf> = rows.iter().map(|r| r.path.clone()).collect();
-    let report = crate::scu::send_files(&SendOptions { peer, rate: None }, &paths).await;
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            // Nothing could be attempted (e.g. a file vanished): count an attempt on every row.
-            let err = format!("{e:#}");
-            for r in &rows {
-                record_failure(store, cfg, r, None, &err, Verdict::Retry).await?;
+        let mut by_path: BTreeMap<PathBuf, DicomOutboxRow> = rows.into_iter().map(|r| (r.path.clone(), r)).collect();
+        let mut out = Vec::with_capacity(by_path.len());
+        for s in &report.sent {
+            if let Some(r) = by_path.remove(&s.path) {
+                out.push((r, Outcome::Delivered(s.status)));
             }
-            return Ok(());
         }
-    };
-    let by_path: BTreeMap<&Path, &DicomOutboxRow> = rows.iter().map(|r| (r.path.as_path(), r)).collect();
-    for s in &report.sent {
-        if let Some(r) = by_path.get(s.path.as_path()) {
-            crate::metrics::metrics().dicom_output(true);
-            let (st, id, status) = (store.clone(), r.id, s.status);
-            blocking(move || st.mark_dicom_delivered(id, status)).await?;
-            tracing::info!(destination = %dest, kind = %r.kind, status = format!("{:#06X}", s.status),
-                attempts = r.attempts + 1, "DICOM output stored");
+        for f in &report.failed {
+            if let Some(r) = by_path.remove(&f.path) {
+                let retry = classify(f) == Verdict::Retry;
+                out.push((r, Outcome::Failed { status: f.status, error: f.reason.clone(), retry }));
+            }
+        }
+        out
+    }
+
+    fn delivered(&self, r: &DicomOutboxRow, status: u16) {
+        crate::metrics::metrics().dicom_output(true);
+        tracing::info!(destination = %r.destination, kind = %r.kind, status = format!("{:#06X}", status),
+            attempts = r.attempts + 1, "DICOM output stored");
+    }
+
+    fn failed(&self, r: &DicomOutboxRow, f: &Failure<'_>) {
+        crate::metrics::metrics().dicom_output(false);
+        match f.retry_in {
+            None => tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = f.attempts,
+                error = %f.error, "DICOM output parked (will not be retried)"),
+            Some(delay) => tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = f.attempts,
+                retry_in_s = delay.as_secs(), error = %f.error, "DICOM output not stored; will retry"),
         }
     }
-    for f in &report.failed {
-        if let Some(r) = by_path.get(f.path.as_path()) {
-            record_failure(store, cfg, r, f.status, &f.reason, classify(f)).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn record_failure(
-    store: &Arc<Store>,
-    cfg: &OutputsConfig,
-    r: &DicomOutboxRow,
-    status: Option<u16>,
-    reason: &str,
-    verdict: Verdict,
-) -> Result<()> {
-    crate::metrics::metrics().dicom_output(false);
-    let out_of_attempts = r.attempts + 1 >= cfg.max_attempts;
-    let next = if verdict == Verdict::Park || out_of_attempts {
-        tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = r.attempts + 1, error = %reason,
-            "DICOM output parked (will not be retried)");
-        None
-    } else {
-        let delay = crate::notify::backoff(r.attempts);
-        tracing::warn!(destination = %r.destination, kind = %r.kind, attempts = r.attempts + 1,
-            retry_in_s = delay.as_secs(), error = %reason, "DICOM output not stored; will retry");
-        Some(now_ms() + delay.as_millis() as i64)
-    };
-    let (s, id, reason) = (store.clone(), r.id, reason.to_string());
-    blocking(move || s.mark_dicom_failed(id, status, &reason, next)).await
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::store::Result<T> + Send + 'static) -> Result<T> {
-    Ok(tokio::task::spawn_blocking(f).await.context("store task panicked")??)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::Shared;
+use super::daemon::Shared;
 use crate::series::CompletionTracker;
 
 /// Ticker panics within [`PANIC_WINDOW`] at which the daemon exits (the ones before are recovered).
@@ -74,7 +74,7 @@ pub(super) fn tracker(shared: &Shared) -> MutexGuard<'_, CompletionTracker> {
 pub(super) async fn supervise_ticker(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
     let mut panics: VecDeque<Instant> = VecDeque::new();
     loop {
-        let run = tokio::spawn(super::completion_ticker(shared.clone(), shutdown.clone()));
+        let run = tokio::spawn(super::completion::completion_ticker(shared.clone(), shutdown.clone()));
         match run.await {
             Ok(()) => return,
             Err(e) if e.is_panic() => {

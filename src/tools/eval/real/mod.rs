@@ -32,12 +32,12 @@ use serde_json::{json, Value};
 use super::overlay;
 use super::{read_png_gray, Confusion, EvalArgs};
 use crate::analysis::{self, AnalysisParams, BitMask, PlacedSlice};
-use crate::analyze::{collect_files, group_by_series};
 use crate::config::Config;
 use crate::engine::load_engine;
 use crate::model::Model;
 use crate::pipeline::{InferenceContext, SeriesWork};
 use crate::preprocess::{self, HuSlice};
+use crate::tools::analyze::{collect_files, group_by_series};
 
 /// Assumed in-plane pixel spacing of the LUNA16 PNGs, mm: LIDC-IDRI chest CTs are about 0.7 mm at 512² (the
 /// chest fills the 256² PNGs edge to edge, a ~350 mm field of view), halved in resolution by the 512 → 256 resize.

@@ -548,11 +548,11 @@ pub fn eval_series(
     batch: usize,
 ) -> Result<SeriesEval> {
     let truth: PhantomTruthView = serde_json::from_slice(
-        &std::fs::read(crate::phantom::truth_file(dir, "truth.json"))
+        &std::fs::read(crate::tools::phantom::truth_file(dir, "truth.json"))
             .with_context(|| format!("reading the truth.json of {}", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
-    let labels = std::fs::read(crate::phantom::truth_file(dir, "labels.raw"))
+    let labels = std::fs::read(crate::tools::phantom::truth_file(dir, "labels.raw"))
         .with_context(|| format!("reading the labels.raw of {}", dir.display()))?;
     let plane_native = truth.size * truth.size;
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {

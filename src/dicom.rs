@@ -1,11 +1,12 @@
-//! dicom — the DICOM encoding rules the receiver, the spool, the SCU and the phantom share: transfer syntax UIDs
-//! we name in code, DIMSE status codes, value-representation rules (which VR a tag has in Implicit VR, the size
-//! of one value of a binary VR, which explicit VRs carry a 32-bit length) and the bounds checks built on them.
+//! dicom — the DICOM encoding rules the receiver, the spool, the SCU, the outputs and the phantom share: transfer
+//! syntax UIDs we name in code, DIMSE status codes, value-representation rules (which VR a tag has in Implicit VR,
+//! the size of one value of a binary VR, which explicit VRs carry a 32-bit length, how a DS value is written) and
+//! the bounds checks built on them.
 //!
 //! Owns: [`status`] (the codes every C-STORE-RSP / C-ECHO-RSP carries and how to read them), [`implicit_vr`],
-//! [`value_unit`], [`has_long_length`], [`check_lengths`] (every element length of an encoded dataset against the
-//! bytes that follow, before a parser allocates it) and [`check_meta_group`] (the same for a Part-10 file's meta
-//! group).
+//! [`value_unit`], [`has_long_length`], [`ds`] (a decimal string within its 16 characters), [`check_lengths`]
+//! (every element length of an encoded dataset against the bytes that follow, before a parser allocates it) and
+//! [`check_meta_group`] (the same for a Part-10 file's meta group).
 //! Hands on: plain values and `Result<(), String>` reasons; callers map a reason to their own error (the spool to
 //! a 0xC000 refusal, `scu` and `read_instance` to an error naming the file).
 //! Never: imports anything else of the crate (it is a leaf every DICOM-speaking module may use), parses a
@@ -273,6 +274,20 @@ pub fn value_unit(vr: VR) -> usize {
     }
 }
 
+/// Formats a decimal string (DS) value within its 16 characters: the most decimals (up to 6) that fit, trailing
+/// zeros and a `-0` dropped. The phantom's slices and the DICOM outputs (SEG, SR) write every DS through it.
+pub fn ds(v: f64) -> String {
+    for prec in (0..=6).rev() {
+        let s = format!("{:.*}", prec, v);
+        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+        let s = if s == "-0" { "0".to_string() } else { s };
+        if s.len() <= 16 {
+            return s;
+        }
+    }
+    format!("{:.0}", v)
+}
+
 /// Checks the file meta group at the start of a Part 10 file (`head`: its first bytes, with or without the
 /// 128-byte preamble; `file_len`: the whole file's length): every element header and value of group 0002
 /// (explicit VR little endian) lies inside the file. dicom-rs allocates a meta element's declared length before
@@ -324,6 +339,16 @@ pub fn check_meta_group(head: &[u8], file_len: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ds_values_fit_sixteen_characters() {
+        assert_eq!(ds(0.5), "0.5");
+        assert_eq!(ds(2.0), "2");
+        assert_eq!(ds(-0.0000001), "0");
+        assert_eq!(ds(-123.4567891), "-123.456789");
+        assert_eq!(ds(123456789.123456789), "123456789.123457");
+        assert!(ds(1e20).len() > 16, "no DS fits; the integer is written whole");
+    }
 
     #[test]
     fn long_header_vrs_and_stored_statuses() {

@@ -8,11 +8,14 @@
 //! → store (SQLite) → notify (webhook outbox, journald)
 //! ```
 //!
-//! `pipeline` wires the stages into the daemon (`serve`); `analyze` runs the same series logic offline;
-//! `scu` is the sending side (`send`, `echo`); `phantom` makes synthetic CT series with ground truth;
-//! `eval` computes the paper's metrics; `retention` purges the pixel data of finished series; `datadir` owns every path under the data dir
-//! (and its checked delete), `uid` the validated UID every such name derived from a peer value is; `hil` is the
-//! hardware-in-the-loop harness that replays series to an appliance and reports correctness and latency.
+//! `pipeline` wires the stages into the daemon (`serve`); `scu` is the sending side of DICOM (C-STORE, C-ECHO) the
+//! DICOM outbox sends through; `retention` purges the pixel data of finished series; `datadir` owns every path
+//! under the data dir (and its checked delete), `uid` the validated UID every such name derived from a peer value
+//! is.
+//!
+//! The tools stand apart in [`tools`] (nothing above imports them): `analyze` (the series logic offline), `demo`,
+//! `eval` (the paper's metrics), `gpu_check`, `hil` (hardware-in-the-loop harness), `phantom` (synthetic CT series
+//! with ground truth) and `scu_cli` (`send`, `echo`).
 //!
 //! Leaves every module may use (they import nothing else of the crate): `config` (the typed configuration),
 //! `dicom` (encoding rules, bounds checks, DIMSE status codes) and `clock` (wall-clock time and its RFC 3339 form).
@@ -23,19 +26,15 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod analysis;
-pub mod analyze;
 pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod datadir;
 pub mod delivery;
-pub mod demo;
 pub mod dicom;
 pub mod engine;
-pub mod eval;
 #[cfg(feature = "cuda")]
 pub mod gpu;
-pub mod hil;
 pub mod http;
 pub mod instance;
 pub mod logging;
@@ -43,7 +42,6 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod outputs;
-pub mod phantom;
 pub mod pipeline;
 pub mod preprocess;
 pub mod receive;
@@ -54,4 +52,5 @@ pub mod series;
 pub mod spool;
 pub mod store;
 pub mod test_hooks;
+pub mod tools;
 pub mod uid;

@@ -5,7 +5,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use lungsentry::{analyze, demo, eval, hil, logging, phantom, pipeline, scu};
+use lungsentry::tools::{analyze, demo, eval, hil, phantom, scu_cli};
+use lungsentry::{logging, pipeline};
 
 /// Scanner-side COVID-19 pneumonia lesion segmentation and flagging for CT series received over DICOM.
 #[derive(Parser)]
@@ -22,9 +23,9 @@ enum Command {
     /// Analyse DICOM files or folders offline; one JSON object per series.
     Analyze(analyze::AnalyzeArgs),
     /// Send DICOM files to an SCP (C-STORE SCU), optionally paced like a scanner.
-    Send(scu::SendArgs),
+    Send(scu_cli::SendArgs),
     /// Verify a DICOM peer answers (C-ECHO SCU).
-    Echo(scu::EchoArgs),
+    Echo(scu_cli::EchoArgs),
     /// Generate a positive and a negative synthetic series, serve them in-process over loopback, print results.
     Demo(demo::DemoArgs),
     /// Write a synthetic chest CT series with ground truth.
@@ -35,7 +36,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// GPU kernels: availability, PTX compilation, comparison with the CPU path and timings (`cuda` feature).
     #[cfg(feature = "cuda")]
-    Gpu(lungsentry::gpu::cli::GpuArgs),
+    Gpu(lungsentry::tools::gpu_check::GpuArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,14 +47,14 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Analyze(a) => analyze::run(a),
         #[cfg(feature = "cuda")]
-        Command::Gpu(a) => lungsentry::gpu::cli::run(a),
+        Command::Gpu(a) => lungsentry::tools::gpu_check::run(a),
         other => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
                 match other {
                     Command::Serve(a) => pipeline::serve(a).await,
-                    Command::Send(a) => scu::send(a).await,
-                    Command::Echo(a) => scu::echo(a).await,
+                    Command::Send(a) => scu_cli::send(a).await,
+                    Command::Echo(a) => scu_cli::echo(a).await,
                     Command::Demo(a) => demo::run(a).await,
                     Command::Hil(a) => hil::run(a).await,
                     Command::Phantom(_) | Command::Eval(_) | Command::Analyze(_) => unreachable!(),

@@ -1,10 +1,13 @@
-//! scu — the sending side of DICOM: C-STORE SCU (`send`, scanner-paced replay) and C-ECHO SCU (`echo`).
+//! scu — the sending side of DICOM: C-STORE SCU ([`send_files`], scanner-paced replay) and C-ECHO SCU
+//! ([`echo_peer`]).
 //!
 //! Owns: walking files and folders, reading each Part-10 file's meta group, proposing one presentation
 //! context per (SOP class, transfer syntax) pair, sending each dataset exactly as stored when its transfer
 //! syntax was accepted (re-encoding only between native syntaxes, which needs no pixel codec), pacing, and
 //! the per-file outcome ([`SendReport`]).
-//! Hands on: nothing to the pipeline; the CLI prints the report and exits non-zero when a file failed.
+//! Hands on: the [`SendReport`] to its caller: the daemon's DICOM outbox (`outputs::outbox`, which is why this
+//! sits among the pipeline's modules and not in `tools/`), the `hil` harness, and `lungsentry send` / `echo`
+//! (their options and printing are `tools::scu_cli`).
 //! Never: decompresses or recompresses pixel data, or retries a file the peer refused.
 
 use std::collections::HashSet;
@@ -28,52 +31,6 @@ use tracing::{debug, info, warn};
 use crate::dicom::status;
 use crate::receive::dimse::{command, command_pdv, CommandSet, MessageAssembler};
 use crate::receive::syntax::{is_native, trim_uid};
-
-/// `lungsentry send` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct SendArgs {
-    /// Peer host.
-    #[arg(long)]
-    pub host: String,
-    /// Peer port.
-    #[arg(long)]
-    pub port: u16,
-    /// Called AE title.
-    #[arg(long, default_value = "LUNGSENTRY")]
-    pub called_ae: String,
-    /// Calling AE title.
-    #[arg(long, default_value = "LUNGSENTRY-SCU")]
-    pub calling_ae: String,
-    /// Images per second (unpaced when absent).
-    #[arg(long)]
-    pub rate: Option<f64>,
-    /// Seconds to wait for the peer (connect, association, each response).
-    #[arg(long, default_value_t = 30.0)]
-    pub timeout: f64,
-    /// Files or folders (recursed).
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-}
-
-/// `lungsentry echo` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EchoArgs {
-    /// Peer host.
-    #[arg(long)]
-    pub host: String,
-    /// Peer port.
-    #[arg(long)]
-    pub port: u16,
-    /// Called AE title.
-    #[arg(long, default_value = "LUNGSENTRY")]
-    pub called_ae: String,
-    /// Calling AE title.
-    #[arg(long, default_value = "LUNGSENTRY-SCU")]
-    pub calling_ae: String,
-    /// Seconds to wait for the peer.
-    #[arg(long, default_value_t = 30.0)]
-    pub timeout: f64,
-}
 
 /// Where and as whom to associate.
 #[derive(Debug, Clone)]
@@ -553,77 +510,6 @@ pub async fn echo_peer(peer: &Peer) -> Result<()> {
         Some(code) => bail!("C-ECHO answered status {code:#06X}"),
         None => bail!("C-ECHO-RSP without status"),
     }
-}
-
-fn timeout_from(seconds: f64) -> Result<Duration> {
-    if !(seconds > 0.0 && seconds.is_finite()) {
-        bail!("--timeout must be a positive number of seconds");
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
-/// `lungsentry send`: prints one line per failed file and a summary; errors when any file failed.
-pub async fn send(args: SendArgs) -> Result<()> {
-    if let Some(r) = args.rate {
-        if !(r > 0.0 && r.is_finite()) {
-            bail!("--rate must be a positive number of images per second");
-        }
-    }
-    let opts = SendOptions {
-        peer: Peer {
-            host: args.host,
-            port: args.port,
-            called_ae: args.called_ae,
-            calling_ae: args.calling_ae,
-            timeout: timeout_from(args.timeout)?,
-        },
-        rate: args.rate,
-    };
-    let report = send_files(&opts, &args.paths).await?;
-    for (path, why) in &report.skipped {
-        eprintln!("skipped {}: {why}", path.display());
-    }
-    for f in &report.failed {
-        eprintln!("FAILED {}: {}", f.path.display(), f.reason);
-    }
-    let secs = report.elapsed.as_secs_f64();
-    println!(
-        "sent {} of {} file(s) in {:.2} s ({:.1} images/s); {} failed, {} skipped",
-        report.sent.len(),
-        report.sent.len() + report.failed.len(),
-        secs,
-        if secs > 0.0 { report.sent.len() as f64 / secs } else { 0.0 },
-        report.failed.len(),
-        report.skipped.len()
-    );
-    if !report.failed.is_empty() {
-        bail!("{} file(s) were not stored", report.failed.len());
-    }
-    if report.sent.is_empty() {
-        bail!("no DICOM files found");
-    }
-    Ok(())
-}
-
-/// `lungsentry echo`: prints the round-trip time on success.
-pub async fn echo(args: EchoArgs) -> Result<()> {
-    let peer = Peer {
-        host: args.host,
-        port: args.port,
-        called_ae: args.called_ae,
-        calling_ae: args.calling_ae,
-        timeout: timeout_from(args.timeout)?,
-    };
-    let t = Instant::now();
-    echo_peer(&peer).await?;
-    println!(
-        "C-ECHO to {} at {}:{} succeeded in {:.1} ms",
-        peer.called_ae,
-        peer.host,
-        peer.port,
-        t.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -281,8 +281,8 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
         return;
     }
     let real = data_dir().join("real-dicom");
-    let files = lungsentry::analyze::collect_files(&[real.clone()]).unwrap();
-    let groups = lungsentry::analyze::group_by_series(&files);
+    let files = lungsentry::tools::analyze::collect_files(&[real.clone()]).unwrap();
+    let groups = lungsentry::tools::analyze::group_by_series(&files);
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
     // The Siemens files have a blank SOPClassUID in the dataset (only the file meta keeps it): DCMTK storescu
@@ -294,7 +294,7 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
     let other_refs: Vec<&Path> = others.iter().map(|p| p.as_path()).collect();
     let (ok, out) = storescu(d.port, "CT1", &other_refs, true);
     assert!(ok, "{out}");
-    let j2k_files = lungsentry::analyze::collect_files(&[j2k.clone()]).unwrap();
+    let j2k_files = lungsentry::tools::analyze::collect_files(&[j2k.clone()]).unwrap();
     let n_j2k = j2k_files.len();
     assert_eq!(n_j2k, 20);
     assert_eq!(out.matches("Received Store Response (Success)").count(), files.len() - n_j2k, "{out}");
@@ -319,7 +319,7 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
     // Nothing of the Siemens series is stored: neither its instances (by the file meta's SOP Instance UID, the
     // one the command carried) nor a result under the UID `analyze` derives for it.
     let store = d.store();
-    let j2k_series = lungsentry::analyze::group_by_series(&j2k_files);
+    let j2k_series = lungsentry::tools::analyze::group_by_series(&j2k_files);
     assert_eq!(j2k_series.len(), 1);
     for (uid, instances) in &j2k_series {
         assert!(store.latest_result(uid).unwrap().is_none(), "a result for the refused series {uid}");

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use lungsentry::config::EngineKind;
 use lungsentry::engine::load_engine;
-use lungsentry::eval::read_png_gray;
 use lungsentry::model::Model;
 use lungsentry::preprocess::{decode_hu_frames, prepare, resize_bilinear_u8, u8_to_input};
+use lungsentry::tools::eval::read_png_gray;
 
 fn data_dir() -> PathBuf {
     let p = std::env::var("LUNGSENTRY_DATA")

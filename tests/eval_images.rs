@@ -57,9 +57,9 @@ for f in sorted(src.glob("*.png")):
 
     // The readers: 16-bit PNG back to the 8-bit values exactly, JPEG within its rounding.
     for i in FIRST..FIRST + N {
-        let a = lungsentry::eval::read_gray_image(&png8.join(format!("{i:04}.png"))).unwrap();
-        let b = lungsentry::eval::read_gray_image(&png16.join(format!("{i:04}.png"))).unwrap();
-        let c = lungsentry::eval::read_gray_image(&jpeg.join(format!("{i:04}.jpg"))).unwrap();
+        let a = lungsentry::tools::eval::read_gray_image(&png8.join(format!("{i:04}.png"))).unwrap();
+        let b = lungsentry::tools::eval::read_gray_image(&png16.join(format!("{i:04}.png"))).unwrap();
+        let c = lungsentry::tools::eval::read_gray_image(&jpeg.join(format!("{i:04}.jpg"))).unwrap();
         assert_eq!((b.rows, b.cols, c.rows, c.cols), (a.rows, a.cols, a.rows, a.cols));
         assert_eq!(a.px, b.px, "16-bit PNG {i}");
         let worst = a.px.iter().zip(&c.px).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();

@@ -253,7 +253,7 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
         assert_eq!(s["expected"], "negative");
         let row = &s["slices"][u(&o["slice_index"])];
         assert_eq!(u(&row["lesion_px"]), u(&o["lesion_px"]));
-        let img = lungsentry::eval::read_png_gray(&overlays.join(o["file"].as_str().unwrap())).unwrap();
+        let img = lungsentry::tools::eval::read_png_gray(&overlays.join(o["file"].as_str().unwrap())).unwrap();
         assert!(img.cols > 2 * img.rows, "two panels side by side: {}×{}", img.cols, img.rows);
     }
 

@@ -108,8 +108,8 @@ fn webhook_body(payload: &str) -> Value {
 fn golden_of(paths: &[PathBuf], work_dir: &Path, enforce_eligibility: bool, latest_first: bool) -> Value {
     let ctx = context();
     let store = Store::open(&work_dir.join("lungsentry.sqlite")).unwrap();
-    let files = lungsentry::analyze::collect_files(paths).unwrap();
-    let mut groups: Vec<_> = lungsentry::analyze::group_by_series(&files).into_values().collect();
+    let files = lungsentry::tools::analyze::collect_files(paths).unwrap();
+    let mut groups: Vec<_> = lungsentry::tools::analyze::group_by_series(&files).into_values().collect();
     groups.sort_by_key(|v| (v[0].0.study_date.clone(), v[0].0.series_instance_uid.clone()));
     if latest_first {
         groups.reverse();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dicom_dictionary_std::tags;
-use lungsentry::phantom::{generate, PhantomOptions, PhantomTruth, Severity};
+use lungsentry::tools::phantom::{generate, PhantomOptions, PhantomTruth, Severity};
 
 fn opts(dir: &Path, seed: u64, sev: Severity) -> PhantomOptions {
     let mut o = PhantomOptions::new(dir, seed);

@@ -5,7 +5,8 @@
 //! CPU path), compiling `kernels/*.cu` at start-up ([`ptx`], cached on disk by source hash + architecture),
 //! loading the kernels, streams (one per series: [`GpuRuntime::new_stream`]) and pinned host buffers.
 //! The kernels reproduce `preprocess::normalise_u8` and `analysis::segment_slice` exactly (see their sources);
-//! [`check`] measures that on a phantom series and times them against the memory-bandwidth floor.
+//! `tools::gpu_check` (`lungsentry gpu check`) measures that on a phantom series and times them against the
+//! memory-bandwidth floor.
 //! Never: decides what the masks mean (that is `analysis`) or runs the network (that is `engine`).
 
 use std::path::Path;
@@ -13,8 +14,6 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
-pub mod check;
-pub mod cli;
 pub mod decode;
 pub mod ptx;
 pub mod window;

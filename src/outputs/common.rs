@@ -71,7 +71,7 @@ pub fn code_seq(tag: Tag, c: &Code) -> Elem {
 
 /// A DS value within 16 characters.
 pub fn ds(v: f64) -> String {
-    crate::phantom::dicom::ds(v)
+    crate::dicom::ds(v)
 }
 
 /// A UID under the 2.25 root, a hash of `seed` and `what`: rebuilding the objects of the same result version gives

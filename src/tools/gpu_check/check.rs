@@ -1,4 +1,4 @@
-//! gpu::check — `lungsentry gpu check`: the GPU kernels against the CPU path on a phantom series, and their speed
+//! gpu_check::check — `lungsentry gpu check`: the GPU kernels against the CPU path on a phantom series, and their speed
 //! against the memory-bandwidth floor. What the device script (`scripts/gpu-check`) runs on a GPU machine.
 //!
 //! Owns: the comparison (windowing: bit-identical inputs in f32, identical fp16 bits; decoding: identical masks and
@@ -14,10 +14,10 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use serde_json::json;
 
-use super::decode::DecodePlan;
-use super::window::{InputPrecision, WindowBatch};
-use super::{f16_bits_to_f32, f32_to_f16_bits, GpuRuntime};
 use crate::analysis::segment_slice;
+use crate::gpu::decode::DecodePlan;
+use crate::gpu::window::{InputPrecision, WindowBatch};
+use crate::gpu::{f16_bits_to_f32, f32_to_f16_bits, GpuRuntime};
 use crate::model::Model;
 use crate::preprocess::{decode_stored_frames, normalise_u8, u8_to_input, StoredFrame};
 
@@ -94,10 +94,10 @@ fn load_series(args: &CheckArgs, scratch: &std::path::Path) -> Result<Vec<Stored
     let dir = match &args.series {
         Some(d) => d.clone(),
         None => {
-            let mut o = crate::phantom::PhantomOptions::new(scratch.join("phantom"), args.seed);
+            let mut o = crate::tools::phantom::PhantomOptions::new(scratch.join("phantom"), args.seed);
             o.slices = args.slices;
             o.size = args.size;
-            crate::phantom::generate(&o).context("generating the phantom series")?;
+            crate::tools::phantom::generate(&o).context("generating the phantom series")?;
             o.out
         }
     };
@@ -125,11 +125,11 @@ fn kernel_attributes(rt: &GpuRuntime, batch: &WindowBatch, plan: &DecodePlan) ->
     let mut out = serde_json::Map::new();
     let window_smem = batch.plan.shared_bytes() as usize;
     let kernels = [
-        ("ls_window_f16", &rt.window_f16, super::window::THREADS, window_smem),
-        ("ls_window_f32", &rt.window_f32, super::window::THREADS, window_smem),
-        ("ls_decode_f16", &rt.decode_f16, super::decode::THREADS, 0),
-        ("ls_decode_f32", &rt.decode_f32, super::decode::THREADS, 0),
-        ("ls_lesion_maxprob_f16", &rt.maxprob_f16, super::decode::THREADS, 0),
+        ("ls_window_f16", &rt.window_f16, crate::gpu::window::THREADS, window_smem),
+        ("ls_window_f32", &rt.window_f32, crate::gpu::window::THREADS, window_smem),
+        ("ls_decode_f16", &rt.decode_f16, crate::gpu::decode::THREADS, 0),
+        ("ls_decode_f32", &rt.decode_f32, crate::gpu::decode::THREADS, 0),
+        ("ls_lesion_maxprob_f16", &rt.maxprob_f16, crate::gpu::decode::THREADS, 0),
     ];
     for (name, f, threads, smem) in kernels {
         out.insert(
@@ -265,7 +265,7 @@ fn run_into(args: &CheckArgs, rep: &mut Report) -> Result<()> {
     let dec16 = plan.download(&stream)?;
 
     let total_voxels = (n * rows * cols) as f64;
-    let compare = |d: &super::decode::DecodedSlices, cpu_seg: &[crate::analysis::SliceSegmentation]| {
+    let compare = |d: &crate::gpu::decode::DecodedSlices, cpu_seg: &[crate::analysis::SliceSegmentation]| {
         let mut differing = 0usize;
         let mut worst_count = 0f64;
         let mut exact_counts = true;

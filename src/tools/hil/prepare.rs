@@ -6,7 +6,7 @@
 //! likewise; PatientID/PatientName become a run-local `HIL-…` pseudonym), so that a run never collides with an
 //! earlier one on the same appliance (which would re-open old series, link them as follow-ups and send no new
 //! alert), and the series keys the appliance will file the copies under (computed with the appliance's own
-//! grouping, [`crate::analyze::group_by_series`], so a series whose UID the appliance derives matches too).
+//! grouping, [`crate::tools::analyze::group_by_series`], so a series whose UID the appliance derives matches too).
 //! Never: touches pixel data (compressed data is written back byte for byte) or the source files.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use dicom_object::{FileDicomObject, InMemDicomObject};
 use sha2::{Digest, Sha256};
 
 use super::manifest::Entry;
-use crate::phantom::{PhantomOptions, PhantomTruth, Severity};
+use crate::tools::phantom::{PhantomOptions, PhantomTruth, Severity};
 
 /// A prepared entry: the files to send and the series they form.
 #[derive(Debug)]
@@ -118,7 +118,8 @@ pub fn prepare(entry: &Entry, data: Option<&Path>, dir: &Path, reid: &Reidentify
         opts.size = p.size;
         opts.thickness = p.thickness;
         opts.severity = p.severity.parse::<Severity>()?;
-        let truth = crate::phantom::generate(&opts).with_context(|| format!("generating phantom {}", entry.name))?;
+        let truth =
+            crate::tools::phantom::generate(&opts).with_context(|| format!("generating phantom {}", entry.name))?;
         (truth.files.iter().map(|f| source.join(f)).collect::<Vec<_>>(), Some(truth))
     } else if let Some(rel) = &entry.real {
         let folder = match Path::new(rel) {
@@ -128,7 +129,7 @@ pub fn prepare(entry: &Entry, data: Option<&Path>, dir: &Path, reid: &Reidentify
         if !folder.is_dir() {
             bail!("series {:?}: {} is not a folder", entry.name, folder.display());
         }
-        (crate::analyze::collect_files(&[folder])?, None)
+        (crate::tools::analyze::collect_files(&[folder])?, None)
     } else {
         bail!("series {:?}: neither phantom nor real", entry.name);
     };
@@ -159,7 +160,7 @@ pub fn prepare(entry: &Entry, data: Option<&Path>, dir: &Path, reid: &Reidentify
         t.patient_name = format!("HIL^{}", t.patient_id);
     }
     let series: Vec<(String, usize)> =
-        crate::analyze::group_by_series(&files).into_iter().map(|(k, v)| (k, v.len())).collect();
+        crate::tools::analyze::group_by_series(&files).into_iter().map(|(k, v)| (k, v.len())).collect();
     if let Some(t) = &truth {
         if series.len() != 1 || series[0].0 != t.series_instance_uid {
             bail!("phantom {:?}: re-identified copy does not form the one series its truth names", entry.name);
@@ -198,7 +199,7 @@ mod tests {
         let src = tmp.path().join("ph");
         let mut opts = PhantomOptions::new(&src, 7);
         (opts.slices, opts.size, opts.severity) = (2, 64, Severity::None);
-        let truth = crate::phantom::generate(&opts).unwrap();
+        let truth = crate::tools::phantom::generate(&opts).unwrap();
         let reid = Reidentify::new("t");
         let dst = tmp.path().join("copy.dcm");
         let written = reid.rewrite(&src.join(&truth.files[0]), &dst).unwrap();

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::phantom::Severity;
+use crate::tools::phantom::Severity;
 
 /// The whole manifest.
 #[derive(Debug, Clone, Deserialize)]
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn the_shipped_manifest_is_valid() {
-        let m = Manifest::parse(include_str!("../../tests/hil/manifest.toml")).unwrap();
+        let m = Manifest::parse(include_str!("../../../tests/hil/manifest.toml")).unwrap();
         assert!(m.series.iter().any(|e| e.phantom.is_some()));
         assert!(m.series.iter().any(|e| e.real.is_some()));
     }

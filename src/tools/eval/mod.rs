@@ -14,12 +14,19 @@
 //! - `--real MANIFEST`: real CT series without masks, judged by their expected flag (`real.rs`): per-series
 //!   involvement, lung volume, lesions, positive slices, slice specificity of negative series, series sensitivity /
 //!   specificity, and (`--overlays DIR`) key images of the worst false-positive slices.
+//! Parts: [`metrics`] (overlap, confusion, AUC), [`images`] (PNG / JPEG readers), [`real`] (`--real`), [`overlay`]
+//! (key images); this file holds the command, the image-folder and phantom-series modes.
 //! Never: changes a model or writes anything but its report (stdout, `--out`) and `--overlays`.
 
+pub mod images;
+pub mod metrics;
 pub mod overlay;
 pub mod real;
 
-use std::collections::BTreeMap;
+use images::files_by_stem;
+pub use images::{read_gray_image, read_jpeg_gray, read_png_gray, GrayImage, IMAGE_EXTENSIONS};
+pub use metrics::{auc, Confusion, Overlap, SliceMetrics};
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -85,279 +92,6 @@ pub struct EvalArgs {
     /// Slices per engine call.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-}
-
-/// Overlap counts of a binary prediction against a binary truth.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
-pub struct Overlap {
-    /// Pixels predicted and true.
-    pub tp: u64,
-    /// Pixels predicted, not true.
-    pub fp: u64,
-    /// Pixels true, not predicted.
-    #[serde(rename = "fn")]
-    pub fn_: u64,
-}
-
-impl Overlap {
-    /// Counts over two equally long pixel lists.
-    pub fn count(pred: impl Iterator<Item = bool>, truth: impl Iterator<Item = bool>) -> Overlap {
-        let mut o = Overlap::default();
-        for (p, t) in pred.zip(truth) {
-            match (p, t) {
-                (true, true) => o.tp += 1,
-                (true, false) => o.fp += 1,
-                (false, true) => o.fn_ += 1,
-                _ => {}
-            }
-        }
-        o
-    }
-    /// Adds another image's counts.
-    pub fn add(&mut self, o: Overlap) {
-        self.tp += o.tp;
-        self.fp += o.fp;
-        self.fn_ += o.fn_;
-    }
-    /// Dice; 1 when both prediction and truth are empty.
-    pub fn dice(&self) -> f64 {
-        let d = 2 * self.tp + self.fp + self.fn_;
-        if d == 0 {
-            1.0
-        } else {
-            2.0 * self.tp as f64 / d as f64
-        }
-    }
-    /// IoU with the paper's convention: 1 when both are empty, 0 for a false positive on a normal image.
-    pub fn iou(&self) -> f64 {
-        let u = self.tp + self.fp + self.fn_;
-        if u == 0 {
-            1.0
-        } else {
-            self.tp as f64 / u as f64
-        }
-    }
-}
-
-/// Area under the ROC curve of `scores` for binary `labels` (Mann–Whitney, ties counted half); None when one
-/// class is absent.
-pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (np, nn) = (labels.iter().filter(|l| **l).count(), labels.iter().filter(|l| !**l).count());
-    if np == 0 || nn == 0 {
-        return None;
-    }
-    // Average ranks over ties.
-    let mut rank_sum_pos = 0.0;
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            if labels[k] {
-                rank_sum_pos += avg_rank;
-            }
-        }
-        i = j + 1;
-    }
-    Some((rank_sum_pos - (np * (np + 1)) as f64 / 2.0) / (np as f64 * nn as f64))
-}
-
-/// Slice- or series-level confusion counts.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct Confusion {
-    pub tp: usize,
-    pub fp: usize,
-    pub tn: usize,
-    #[serde(rename = "fn")]
-    pub fn_: usize,
-}
-
-impl Confusion {
-    pub fn add(&mut self, predicted: bool, truth: bool) {
-        match (predicted, truth) {
-            (true, true) => self.tp += 1,
-            (true, false) => self.fp += 1,
-            (false, false) => self.tn += 1,
-            (false, true) => self.fn_ += 1,
-        }
-    }
-    pub fn accuracy(&self) -> Option<f64> {
-        let n = self.tp + self.fp + self.tn + self.fn_;
-        (n > 0).then(|| (self.tp + self.tn) as f64 / n as f64)
-    }
-    pub fn sensitivity(&self) -> Option<f64> {
-        (self.tp + self.fn_ > 0).then(|| self.tp as f64 / (self.tp + self.fn_) as f64)
-    }
-    pub fn specificity(&self) -> Option<f64> {
-        (self.tn + self.fp > 0).then(|| self.tn as f64 / (self.tn + self.fp) as f64)
-    }
-}
-
-/// Per-slice accumulation of the paper's image-level metrics, shared by both modes.
-#[derive(Debug, Default)]
-pub struct SliceMetrics {
-    /// Lesion overlap pooled over every slice (global Dice).
-    pub lesion: Overlap,
-    dice_sum: f64,
-    iou_sum: f64,
-    n: usize,
-    /// Slice flags: predicted lesion present vs truth lesion present.
-    pub confusion: Confusion,
-    max_prob: Vec<f64>,
-    truth_pos: Vec<bool>,
-}
-
-impl SliceMetrics {
-    /// Adds one slice: its lesion overlap, whether any lesion pixel was predicted, and the slice's maximum lesion
-    /// probability (the AUC score).
-    pub fn add(&mut self, o: Overlap, predicted_positive: bool, max_lesion_probability: f64) {
-        let truth_pos = o.tp + o.fn_ > 0;
-        self.lesion.add(o);
-        self.dice_sum += o.dice();
-        self.iou_sum += o.iou();
-        self.n += 1;
-        self.confusion.add(predicted_positive, truth_pos);
-        self.max_prob.push(max_lesion_probability);
-        self.truth_pos.push(truth_pos);
-    }
-    /// Merges another accumulator (e.g. one series into the whole set).
-    pub fn merge(&mut self, o: &SliceMetrics) {
-        self.lesion.add(o.lesion);
-        self.dice_sum += o.dice_sum;
-        self.iou_sum += o.iou_sum;
-        self.n += o.n;
-        self.confusion.tp += o.confusion.tp;
-        self.confusion.fp += o.confusion.fp;
-        self.confusion.tn += o.confusion.tn;
-        self.confusion.fn_ += o.confusion.fn_;
-        self.max_prob.extend_from_slice(&o.max_prob);
-        self.truth_pos.extend_from_slice(&o.truth_pos);
-    }
-    /// The report fields: lesion Dice global and mean per image, mean IoU (paper convention), slice-level
-    /// accuracy / sensitivity / specificity / AUC.
-    pub fn report(&self) -> Value {
-        let n = self.n.max(1) as f64;
-        json!({
-            "n_slices": self.n,
-            "lesion_dice_global": self.lesion.dice(),
-            "lesion_dice_mean_per_image": self.dice_sum / n,
-            "lesion_iou_mean": self.iou_sum / n,
-            "slice_accuracy": self.confusion.accuracy(),
-            "slice_sensitivity": self.confusion.sensitivity(),
-            "slice_specificity": self.confusion.specificity(),
-            "slice_auc": auc(&self.max_prob, &self.truth_pos),
-            "slice_confusion": self.confusion,
-        })
-    }
-}
-
-/// An 8-bit grayscale image read from a PNG (first channel of colour images, 16-bit reduced to its high byte).
-pub struct GrayImage {
-    pub rows: usize,
-    pub cols: usize,
-    pub px: Vec<u8>,
-}
-
-/// Reads a PNG as 8-bit grayscale.
-pub fn read_png_gray(path: &Path) -> Result<GrayImage> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(f));
-    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = dec.read_info().with_context(|| format!("reading PNG header of {}", path.display()))?;
-    let size = reader.output_buffer_size().context("PNG too large")?;
-    let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).with_context(|| format!("decoding {}", path.display()))?;
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        png::ColorType::Indexed => bail!("{}: palette PNG was not expanded", path.display()),
-    };
-    let (rows, cols) = (info.height as usize, info.width as usize);
-    let line = info.line_size;
-    let mut px = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        let row = &buf[r * line..r * line + cols * channels];
-        px.extend(row.chunks_exact(channels).map(|c| c[0]));
-    }
-    Ok(GrayImage { rows, cols, px })
-}
-
-/// Image file extensions `--images`, `--masks` and `--lungs` read (case-insensitive).
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
-
-/// Reads a PNG or JPEG (by extension) as 8-bit grayscale: [`read_png_gray`] or [`read_jpeg_gray`].
-pub fn read_gray_image(path: &Path) -> Result<GrayImage> {
-    match path.extension().and_then(|x| x.to_str()).map(str::to_ascii_lowercase).as_deref() {
-        Some("jpg" | "jpeg") => read_jpeg_gray(path),
-        _ => read_png_gray(path),
-    }
-}
-
-/// The sample precision (bits) of a JPEG stream's first frame header (SOF0–SOF15 but DHT/JPG/DAC).
-fn jpeg_precision(bytes: &[u8]) -> Option<u8> {
-    let mut i = 2;
-    while i + 4 < bytes.len() {
-        if bytes[i] != 0xFF {
-            return None;
-        }
-        let marker = bytes[i + 1];
-        if marker == 0xFF {
-            i += 1;
-            continue;
-        }
-        if (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker) {
-            return bytes.get(i + 4).copied();
-        }
-        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-        i += 2 + len;
-    }
-    None
-}
-
-/// Reads a JPEG (baseline, progressive or lossless; jpeg-decoder) as 8-bit grayscale: 8-bit samples as they are,
-/// 9–16-bit samples scaled down by their precision (a 12-bit sample loses its low 4 bits), colour by its first
-/// channel.
-pub fn read_jpeg_gray(path: &Path) -> Result<GrayImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut dec = jpeg_decoder::Decoder::new(std::io::Cursor::new(&bytes));
-    let data = dec.decode().with_context(|| format!("decoding JPEG {}", path.display()))?;
-    let info = dec.info().with_context(|| format!("{}: no JPEG frame", path.display()))?;
-    let (rows, cols) = (info.height as usize, info.width as usize);
-    let px: Vec<u8> = match info.pixel_format {
-        jpeg_decoder::PixelFormat::L8 => data,
-        jpeg_decoder::PixelFormat::L16 => {
-            let shift = jpeg_precision(&bytes).unwrap_or(16).clamp(9, 16) - 8;
-            data.chunks_exact(2).map(|b| (u16::from_ne_bytes([b[0], b[1]]) >> shift).min(255) as u8).collect()
-        }
-        jpeg_decoder::PixelFormat::RGB24 => data.chunks_exact(3).map(|c| c[0]).collect(),
-        jpeg_decoder::PixelFormat::CMYK32 => data.chunks_exact(4).map(|c| c[0]).collect(),
-    };
-    if px.len() != rows * cols {
-        bail!("{}: decoded {} pixels for {rows}×{cols}", path.display(), px.len());
-    }
-    Ok(GrayImage { rows, cols, px })
-}
-
-/// Image files of a folder by stem, only the given extensions (lower case compare).
-fn files_by_stem(dir: &Path, exts: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let p = e?.path();
-        let ok = p.extension().and_then(|x| x.to_str()).is_some_and(|x| exts.iter().any(|e| x.eq_ignore_ascii_case(e)));
-        if ok {
-            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
-                out.insert(stem.to_string(), p);
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn load_engines(args: &EvalArgs, model: &Model) -> Result<Vec<Box<dyn Engine>>> {
@@ -548,11 +282,11 @@ pub fn eval_series(
     batch: usize,
 ) -> Result<SeriesEval> {
     let truth: PhantomTruthView = serde_json::from_slice(
-        &std::fs::read(crate::phantom::truth_file(dir, "truth.json"))
+        &std::fs::read(crate::tools::phantom::truth_file(dir, "truth.json"))
             .with_context(|| format!("reading the truth.json of {}", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/truth.json", dir.display()))?;
-    let labels = std::fs::read(crate::phantom::truth_file(dir, "labels.raw"))
+    let labels = std::fs::read(crate::tools::phantom::truth_file(dir, "labels.raw"))
         .with_context(|| format!("reading the labels.raw of {}", dir.display()))?;
     let plane_native = truth.size * truth.size;
     if labels.len() != truth.n_slices * plane_native || truth.files.len() != truth.n_slices {
@@ -703,28 +437,4 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auc_known_values() {
-        assert_eq!(auc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), Some(1.0));
-        assert_eq!(auc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]), Some(0.0));
-        assert_eq!(auc(&[0.5, 0.5], &[false, true]), Some(0.5));
-        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]), Some(0.75));
-        assert_eq!(auc(&[0.1], &[true]), None);
-    }
-
-    #[test]
-    fn iou_convention() {
-        assert_eq!(Overlap::default().iou(), 1.0, "normal image, no prediction");
-        assert_eq!(Overlap { tp: 0, fp: 5, fn_: 0 }.iou(), 0.0, "false positive on a normal image");
-        let o = Overlap::count([true, true, false, false].into_iter(), [true, false, true, false].into_iter());
-        assert_eq!(o, Overlap { tp: 1, fp: 1, fn_: 1 });
-        assert!((o.dice() - 0.5).abs() < 1e-12);
-        assert!((o.iou() - 1.0 / 3.0).abs() < 1e-12);
-    }
 }

@@ -15,6 +15,8 @@ use dicom_object::InMemDicomObject;
 use super::render::Scanner;
 use crate::instance::CT_IMAGE_STORAGE;
 
+/// Decimal strings (DS) within 16 characters; the DICOM outputs format theirs the same way.
+pub use crate::dicom::ds;
 /// Explicit VR Little Endian: every phantom slice uses it.
 pub use crate::dicom::EXPLICIT_VR_LE;
 /// Our implementation class UID (a fixed 2.25 UID).
@@ -42,19 +44,6 @@ pub struct SeriesHeader {
     /// Patient x, y of pixel (0, 0).
     pub x0: f64,
     pub y0: f64,
-}
-
-/// Formats a DS value within 16 characters.
-pub fn ds(v: f64) -> String {
-    for prec in (0..=6).rev() {
-        let s = format!("{:.*}", prec, v);
-        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
-        let s = if s == "-0" { "0".to_string() } else { s };
-        if s.len() <= 16 {
-            return s;
-        }
-    }
-    format!("{:.0}", v)
 }
 
 fn el(tag: Tag, vr: VR, v: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {

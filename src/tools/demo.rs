@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::phantom::PhantomArgs;
 use crate::pipeline::Daemon;
-use crate::scu::SendArgs;
+use crate::tools::phantom::PhantomArgs;
+use crate::tools::scu_cli::SendArgs;
 
 /// `lungsentry demo` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -151,7 +151,7 @@ fn parse_args<A: clap::Args>(argv: &[&str]) -> Result<A> {
 
 fn series_uid_of(dir: &Path) -> Result<String> {
     let truth: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(crate::phantom::truth_file(dir, "truth.json"))
+        &std::fs::read(crate::tools::phantom::truth_file(dir, "truth.json"))
             .with_context(|| format!("reading the truth of {}", dir.display()))?,
     )?;
     truth["series_instance_uid"].as_str().map(str::to_string).context("truth.json has no series_instance_uid")
@@ -186,7 +186,7 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
             "--severity",
             severity,
         ])?;
-        tokio::task::spawn_blocking(move || crate::phantom::run(a)).await??;
+        tokio::task::spawn_blocking(move || crate::tools::phantom::run(a)).await??;
     }
 
     let (hook_addr, mut alerts) = webhook_listener().await?;
@@ -213,7 +213,7 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
             "LUNGSENTRY-DEMO",
             &dir.display().to_string(),
         ])?;
-        crate::scu::send(a).await?;
+        crate::tools::scu_cli::send(a).await?;
     }
 
     println!("4/4 waiting for both analyses…");
@@ -237,7 +237,7 @@ async fn run_in(root: &Path, args: &DemoArgs) -> Result<()> {
     for (label, r, dir) in [("positive phantom", &results[0], &positive), ("negative phantom", &results[1], &negative)]
     {
         let truth: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(crate::phantom::truth_file(dir, "truth.json"))?)?;
+            serde_json::from_slice(&std::fs::read(crate::tools::phantom::truth_file(dir, "truth.json"))?)?;
         let last_slice_ms = daemon.store.series(&r.series_instance_uid)?.map(|s| s.last_instance_at);
         let alerted = alert.as_ref().filter(|a| a.dedup_key.starts_with(&format!("{}/", r.series_instance_uid)));
         println!(

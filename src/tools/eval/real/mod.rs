@@ -20,7 +20,13 @@
 //!   assumption [`LUNA_PIXEL_SPACING_MM`] / [`LUNA_SLICE_SPACING_MM`] — the report says which. Involvement is a
 //!   ratio, so spacing moves it only through the minimum lesion volume.
 //!
+//! Parts: `luna` (the `luna-png` kind), `report` (overlays and the printed table); this file holds the
+//! manifest, the DICOM kinds and the report object.
+//!
 //! Never: needs masks, changes a model, or writes anything but its report, the `--out` copy and the overlays.
+
+mod luna;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,15 +35,18 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::overlay;
-use super::{read_png_gray, Confusion, EvalArgs};
-use crate::analysis::{self, AnalysisParams, BitMask, PlacedSlice};
-use crate::analyze::{collect_files, group_by_series};
+use super::{Confusion, EvalArgs};
+use crate::analysis::{AnalysisParams, BitMask};
 use crate::config::Config;
 use crate::engine::load_engine;
 use crate::model::Model;
 use crate::pipeline::{InferenceContext, SeriesWork};
 use crate::preprocess::{self, HuSlice};
+use crate::tools::analyze::{collect_files, group_by_series};
+use luna::{eval_luna, luna_hu};
+pub use luna::{luna_hu_of, luna_slices};
+pub use report::table;
+use report::write_overlays;
 
 /// Assumed in-plane pixel spacing of the LUNA16 PNGs, mm: LIDC-IDRI chest CTs are about 0.7 mm at 512² (the
 /// chest fills the 256² PNGs edge to edge, a ~350 mm field of view), halved in resolution by the 512 → 256 resize.
@@ -389,130 +398,6 @@ fn eval_dicom_entry(ctx: &InferenceContext, entry: &RealEntry, dir: &Path) -> Re
     Ok(out)
 }
 
-/// HU of a lung-window PNG slice: v × 1500 / 255 − 1350 (L −600, W 1500).
-pub fn luna_hu_of(v: u8) -> f32 {
-    (v as f64 * 1500.0 / 255.0 - 1350.0) as f32
-}
-
-fn luna_hu(path: &Path) -> Result<HuSlice> {
-    let g = read_png_gray(path)?;
-    Ok(HuSlice::from_hu(g.rows, g.cols, g.px.iter().map(|&v| luna_hu_of(v)).collect()))
-}
-
-/// The `z_NNN.png` files of a folder with their slice numbers, in slice order.
-pub fn luna_slices(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let z = name.strip_prefix("z_").and_then(|s| s.strip_suffix(".png")).and_then(|s| s.parse::<u32>().ok());
-        if let Some(z) = z {
-            out.push((z, p));
-        }
-    }
-    out.sort();
-    if out.is_empty() {
-        bail!("no z_NNN.png slices in {}", dir.display());
-    }
-    Ok(out)
-}
-
-/// Spacing a LUNA16 source file states for the patient folder `alias` (keys `pixel_spacing_mm`, `slice_spacing_mm`
-/// in `generation_summary.json`'s `per_patient` entry, or columns of that name in the inventory CSV), if any.
-fn luna_source_spacing(dir: &Path, alias: &str) -> Option<(f64, f64, String)> {
-    let parent = dir.parent()?;
-    let from_summary = || -> Option<(f64, f64, String)> {
-        let v: Value = serde_json::from_slice(&std::fs::read(parent.join("generation_summary.json")).ok()?).ok()?;
-        let p = v["per_patient"].as_array()?.iter().find(|p| p["patient_alias"].as_str() == Some(alias))?;
-        Some((p["pixel_spacing_mm"].as_f64()?, p["slice_spacing_mm"].as_f64()?, "generation_summary.json".into()))
-    };
-    let from_csv = |path: &Path| -> Option<(f64, f64, String)> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let mut lines = text.lines();
-        let head: Vec<&str> = lines.next()?.split(',').map(str::trim).collect();
-        let col = |k: &str| head.iter().position(|h| *h == k);
-        let (ia, ip, is) = (col("patient_alias")?, col("pixel_spacing_mm")?, col("slice_spacing_mm")?);
-        let f: Vec<&str> =
-            lines.map(|l| l.split(',').map(str::trim).collect::<Vec<_>>()).find(|f| f.get(ia) == Some(&alias))?;
-        let file = path.file_name()?.to_string_lossy().into_owned();
-        Some((f.get(ip)?.parse().ok()?, f.get(is)?.parse().ok()?, file))
-    };
-    from_summary().or_else(|| {
-        let mut csvs: Vec<PathBuf> = std::fs::read_dir(parent)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-            .collect();
-        csvs.sort();
-        csvs.iter().find_map(|p| from_csv(p))
-    })
-}
-
-/// Evaluates a `luna-png` entry: PNG → HU → the daemon's input contract → engine → masks → 3D analysis.
-fn eval_luna(
-    ctx: &InferenceContext,
-    entry: &RealEntry,
-    dir: &Path,
-    params: &AnalysisParams,
-    batch: usize,
-) -> Result<RealSeriesEval> {
-    let t = Instant::now();
-    let files = luna_slices(dir)?;
-    let alias = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let (px, dz, source) = match (entry.pixel_spacing_mm, entry.slice_spacing_mm) {
-        (Some(px), Some(dz)) => (px, dz, "manifest".to_string()),
-        (px, dz) => match luna_source_spacing(dir, &alias) {
-            Some((spx, sdz, file)) => (px.unwrap_or(spx), dz.unwrap_or(sdz), file),
-            None => (
-                px.unwrap_or(LUNA_PIXEL_SPACING_MM),
-                dz.unwrap_or(LUNA_SLICE_SPACING_MM),
-                if px.is_some() || dz.is_some() { "manifest + assumed" } else { "assumed" }.to_string(),
-            ),
-        },
-    };
-    let inp = &ctx.model.manifest.input;
-    if inp.channels != 1 {
-        bail!("luna-png evaluation needs a single-channel model (manifest input.channels = {})", inp.channels);
-    }
-    let mut placed = Vec::with_capacity(files.len());
-    for chunk in files.chunks(batch.max(1)) {
-        let mut hus = Vec::with_capacity(chunk.len());
-        for (_, p) in chunk {
-            let mut hu = luna_hu(p)?;
-            hu.pixel_spacing = [px, px];
-            hu.pixel_spacing_known = true;
-            hus.push(hu);
-        }
-        let (segs, _) = super::segment_batch(ctx.engine.as_ref(), &ctx.model, &hus)
-            .with_context(|| format!("segmenting {} … {}", chunk[0].1.display(), chunk[chunk.len() - 1].1.display()))?;
-        for (((z, _), hu), seg) in chunk.iter().zip(&hus).zip(segs) {
-            // Patient LPS: z_NNN rises towards the head; the image centred on the table axis.
-            let zmm = *z as f64 * dz;
-            placed.push(PlacedSlice {
-                segmentation: seg,
-                position_mm: zmm,
-                image_position: [-(hu.cols as f64) * px / 2.0, -(hu.rows as f64) * px / 2.0, zmm],
-                image_orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-                pixel_spacing: [px, px],
-                slice_thickness: Some(dz),
-            });
-        }
-    }
-    let res = analysis::analyse_series(&placed, params);
-    let mut result = serde_json::to_value(&res).context("serialising the analysis")?;
-    result["status"] = json!("analysed");
-    let slices = res
-        .slice_order
-        .iter()
-        .zip(res.lung_masks.iter().zip(&res.lesion_masks))
-        .map(|(&i, (lung, lesion))| (SliceSource::LunaPng(files[i].1.clone()), lung.clone(), lesion.clone()))
-        .collect();
-    let geometry = Geometry { pixel_spacing_mm: [px, px], slice_spacing_mm: res.slice_spacing_mm, source };
-    let ms = t.elapsed().as_secs_f64() * 1000.0;
-    Ok(series_eval(entry, entry.name.clone(), dir, &result, slices, files.len(), geometry, ms))
-}
-
 /// Per-entry summary line (a `dicom-slices` entry counts each slice).
 #[derive(Debug, Serialize)]
 struct EntrySummary {
@@ -524,52 +409,6 @@ struct EntrySummary {
     /// Series with no analysable slice (no flag).
     skipped: usize,
     correct: usize,
-}
-
-/// One written overlay.
-#[derive(Debug, Serialize)]
-struct OverlayRow {
-    file: String,
-    series: String,
-    slice_index: usize,
-    slice_file: String,
-    lesion_px: usize,
-    lung_px: usize,
-}
-
-/// Writes the `n` slices of negative series with the most surviving lesion pixels as PNG key images into `dir`.
-fn write_overlays(series: &[RealSeriesEval], dir: &Path, n: usize) -> Result<Vec<OverlayRow>> {
-    let mut cands: Vec<(usize, usize, usize)> = Vec::new(); // (lesion_px, series, slice)
-    for (si, s) in series.iter().enumerate() {
-        for (k, kept) in s.kept.iter().enumerate() {
-            let c = kept.lesion.count();
-            if c > 0 {
-                cands.push((c, si, k));
-            }
-        }
-    }
-    cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut out = Vec::new();
-    for (rank, &(c, si, k)) in cands.iter().take(n).enumerate() {
-        let s = &series[si];
-        let kept = &s.kept[k];
-        let hu = kept.source.load_hu()?;
-        let img = overlay::render(&hu, &kept.lung, &kept.lesion);
-        let safe: String =
-            s.name.chars().map(|ch| if ch.is_ascii_alphanumeric() || "-_.".contains(ch) { ch } else { '_' }).collect();
-        let file = format!("{:02}-{safe}-slice{k:03}-{c}px.png", rank + 1);
-        std::fs::write(dir.join(&file), img.to_png()?).with_context(|| format!("writing {file}"))?;
-        out.push(OverlayRow {
-            file,
-            series: s.name.clone(),
-            slice_index: k,
-            slice_file: kept.source.file_name(),
-            lesion_px: c,
-            lung_px: kept.lung.count(),
-        });
-    }
-    Ok(out)
 }
 
 /// `lungsentry eval --real MANIFEST`: one report object with one block per engine.
@@ -660,107 +499,9 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
     }))
 }
 
-fn opt(v: &Value, digits: usize) -> String {
-    v.as_f64().map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
-}
-
-/// The human table of a `--real` report.
-pub fn table(report: &Value) -> String {
-    let mut s = String::new();
-    let m = &report["model"];
-    for (i, e) in report["engines"].as_array().into_iter().flatten().enumerate() {
-        if i > 0 {
-            s.push('\n');
-        }
-        s.push_str(&format!(
-            "engine {} — model {} {} — series positive above {} % involvement\n",
-            e["engine"].as_str().unwrap_or("?"),
-            m["name"].as_str().unwrap_or("?"),
-            m["version"].as_str().unwrap_or("?"),
-            report["threshold_percent"]
-        ));
-        s.push_str(&format!(
-            "{:<44} {:<12} {:<8} {:<8} {:>8} {:>8} {:>7} {:>11} {:>10}  {}\n",
-            "series",
-            "kind",
-            "expected",
-            "flag",
-            "invol %",
-            "lung mL",
-            "lesions",
-            "pos slices",
-            "slice spec",
-            "verdict"
-        ));
-        for r in e["series"].as_array().into_iter().flatten() {
-            s.push_str(&format!(
-                "{:<44} {:<12} {:<8} {:<8} {:>8} {:>8} {:>7} {:>11} {:>10}  {}\n",
-                r["name"].as_str().unwrap_or("?"),
-                r["kind"].as_str().unwrap_or("?"),
-                r["expected"].as_str().unwrap_or("?"),
-                match (r["status"].as_str(), r["positive"].as_bool()) {
-                    (Some("skipped"), _) => "skipped",
-                    (_, Some(true)) => "POSITIVE",
-                    _ => "negative",
-                },
-                opt(&r["involvement_percent"], 2),
-                opt(&r["lung_volume_ml"], 0),
-                r["lesion_count"].to_string(),
-                format!("{}/{}", r["positive_slices"], r["analysed_slices"]),
-                opt(&r["slice_specificity"], 3),
-                match r["flag_correct"].as_bool() {
-                    Some(true) => "ok".to_string(),
-                    Some(false) => "WRONG".to_string(),
-                    None => format!("not analysed: {}", r["skip_reasons"][0].as_str().unwrap_or("?")),
-                },
-            ));
-        }
-        let c = &e["series_confusion"];
-        s.push_str(&format!(
-            "series sensitivity {} ({}/{} positive series flagged), specificity {} ({}/{} negative series clear); \
-             negative slices without a lesion voxel {} ({}/{})\n",
-            opt(&e["series_sensitivity"], 3),
-            c["tp"],
-            c["tp"].as_u64().unwrap_or(0) + c["fn"].as_u64().unwrap_or(0),
-            opt(&e["series_specificity"], 3),
-            c["tn"],
-            c["tn"].as_u64().unwrap_or(0) + c["fp"].as_u64().unwrap_or(0),
-            opt(&e["negative_slice_specificity"], 3),
-            e["negative_slices_without_lesion"],
-            e["negative_slices"],
-        ));
-        if e["n_skipped"].as_u64().unwrap_or(0) > 0 {
-            s.push_str(&format!(
-                "{} series not analysed (no slice the daemon analyses), left out of both\n",
-                e["n_skipped"]
-            ));
-        }
-        for o in e["overlays"].as_array().into_iter().flatten() {
-            s.push_str(&format!(
-                "overlay {}: {} slice {} ({}), {} lesion px\n",
-                o["file"].as_str().unwrap_or("?"),
-                o["series"].as_str().unwrap_or("?"),
-                o["slice_index"],
-                o["slice_file"].as_str().unwrap_or("?"),
-                o["lesion_px"]
-            ));
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn luna_hu_matches_the_lung_window() {
-        assert_eq!(luna_hu_of(0), -1350.0);
-        assert_eq!(luna_hu_of(255), 150.0);
-        // L -600: the window centre is v = 127.5.
-        assert!(luna_hu_of(127) < -600.0 && luna_hu_of(128) > -600.0, "{} {}", luna_hu_of(127), luna_hu_of(128));
-        assert!((luna_hu_of(17) - (-1250.0)).abs() < 1e-3, "{}", luna_hu_of(17));
-    }
 
     #[test]
     fn manifest_rejects_unknown_kinds_keys_and_misplaced_spacing() {
@@ -783,31 +524,5 @@ mod tests {
         assert!(format!("{:#}", RealManifest::load(&p).unwrap_err()).contains("luna-png only"));
         write("[[series]]\nname = \"a\"\npath = \"x\"\nkind = \"dicom\"\nexpected = \"positive\"\n[[series]]\nname = \"a\"\npath = \"y\"\nkind = \"dicom\"\nexpected = \"positive\"\n");
         assert!(format!("{:#}", RealManifest::load(&p).unwrap_err()).contains("twice"));
-    }
-
-    #[test]
-    fn luna_slices_are_ordered_by_number_and_other_files_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        for n in ["z_010.png", "z_002.png", "z_100.png", "notes.txt", "y_001.png"] {
-            std::fs::write(dir.path().join(n), b"").unwrap();
-        }
-        let z: Vec<u32> = luna_slices(dir.path()).unwrap().into_iter().map(|(z, _)| z).collect();
-        assert_eq!(z, [2, 10, 100]);
-        let empty = tempfile::tempdir().unwrap();
-        assert!(luna_slices(empty.path()).is_err());
-    }
-
-    #[test]
-    fn luna_spacing_is_read_from_the_inventory_when_it_names_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let pat = dir.path().join("normal_patient_9");
-        std::fs::create_dir(&pat).unwrap();
-        assert!(luna_source_spacing(&pat, "normal_patient_9").is_none());
-        std::fs::write(
-            dir.path().join("inventory.csv"),
-            "patient_alias,pixel_spacing_mm,slice_spacing_mm\nnormal_patient_8,1,1\nnormal_patient_9,1.5,2.5\n",
-        )
-        .unwrap();
-        assert_eq!(luna_source_spacing(&pat, "normal_patient_9"), Some((1.5, 2.5, "inventory.csv".into())));
     }
 }

@@ -1,14 +1,19 @@
-//! gpu::cli — `lungsentry gpu …`: what an engineer runs on a GPU machine or in CI.
+//! gpu_check — `lungsentry gpu …`: what an engineer runs on a GPU machine or in CI (`cuda` feature).
 //!
 //! `info` says whether the GPU path is usable here and why not; `ptx` compiles the kernels with NVRTC for named
-//! architectures (no GPU needed: the CI check); `check` compares the kernels with the CPU path and times them.
+//! architectures (no GPU needed: the CI check); `check` ([`check`]) compares the kernels with the CPU path and
+//! times them.
+//! Owns: the command line and its JSON. Hands on: reports only. Never: holds a kernel or anything the daemon runs
+//! (that is `crate::gpu`, which the engines and the pipeline use).
+
+pub mod check;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
-use super::{check, ptx, GpuRuntime};
+use crate::gpu::{driver_present, ptx, GpuRuntime};
 
 /// `lungsentry gpu` options.
 #[derive(Debug, clap::Args)]
@@ -58,7 +63,7 @@ pub fn run(args: GpuArgs) -> Result<()> {
     match args.command {
         GpuCommand::Info { ptx_cache } => {
             let mut info = serde_json::json!({
-                "driver": super::driver_present(),
+                "driver": driver_present(),
                 "nvrtc": ptx::nvrtc_present(),
                 "nvrtc_version": ptx::nvrtc_version().ok().map(|(a, b)| format!("{a}.{b}")),
             });

@@ -312,7 +312,7 @@ async fn replay(
     if !failed.is_empty() {
         let paths: Vec<PathBuf> = failed.iter().map(|(p, _)| p.clone()).collect();
         let answered: std::collections::HashSet<&PathBuf> = failed.iter().filter(|f| f.1).map(|(p, _)| p).collect();
-        let groups = crate::analyze::group_by_series(&paths);
+        let groups = crate::tools::analyze::group_by_series(&paths);
         for r in rows.iter_mut() {
             let group = groups.get(&r.series_instance_uid);
             r.send_failures = group.map(Vec::len).unwrap_or(0);

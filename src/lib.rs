@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod datadir;
+pub mod decode;
 pub mod demo;
 pub mod dicom;
 pub mod engine;

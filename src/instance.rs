@@ -11,7 +11,7 @@
 //! leniently ([`InstanceMeta::from_file`]): a blank SOP Instance UID comes from the file meta and blank
 //! Study/Series UIDs are derived from the other study/series attributes (recorded in `derived_uids`; `series`
 //! skips such a series with the reason), as anonymisers leave them.
-//! Never: decodes pixel data (that is `preprocess`).
+//! Never: decodes pixel data (that is `decode`).
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -217,7 +217,7 @@ impl InstanceMeta {
         check_uid("SeriesInstanceUID", &series_instance_uid)?;
         // Geometry: the attribute itself (classic CT), else the first frame's per-frame or the shared functional
         // group (Enhanced / Legacy Converted Enhanced CT; each frame's own is read when its pixels are decoded).
-        let geometry = |seq: Tag, tag: Tag| crate::preprocess::functional_floats(obj, 0, seq, tag);
+        let geometry = |seq: Tag, tag: Tag| crate::decode::functional_floats(obj, 0, seq, tag);
         let arr3 = |v: Vec<f64>| (v.len() >= 3).then(|| [v[0], v[1], v[2]]);
         let arr6 = |v: Vec<f64>| (v.len() >= 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]]);
         let arr2 = |v: Vec<f64>| (v.len() >= 2).then(|| [v[0], v[1]]);

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod datadir;
+pub mod decode;
 pub mod delivery;
 pub mod dicom;
 pub mod engine;

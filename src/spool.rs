@@ -341,7 +341,7 @@ fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
 }
 
 /// For CT image classes: Pixel Data present; encapsulated only in an encapsulated transfer syntax, with at least
-/// one fragment per frame; Rows and Columns within what `preprocess` decodes (so no decoder is ever handed an
+/// one fragment per frame; Rows and Columns within what `decode` accepts (so no decoder is ever handed an
 /// image claiming gigabytes); native Pixel Data long enough for the image it claims. All arithmetic in u64
 /// with overflow checks; nothing is allocated.
 fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta, encapsulated_ts: bool) -> Result<(), SpoolError> {
@@ -356,7 +356,7 @@ fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta, encapsulated_ts
             }
         }
     }
-    let max = u64::from(crate::preprocess::MAX_DIMENSION);
+    let max = u64::from(crate::decode::MAX_DIMENSION);
     if rows > max || cols > max {
         return Err(cu(format!("CT image of {rows}x{cols} pixels exceeds {max} in a dimension")));
     }
@@ -401,7 +401,7 @@ fn check_pixel_data(obj: &InMemDicomObject, meta: &InstanceMeta, encapsulated_ts
     Ok(())
 }
 
-/// Reads a spooled Part-10 file back (for `preprocess`, `analyze` and tests).
+/// Reads a spooled Part-10 file back (for `decode`, `analyze` and tests).
 pub fn read_instance(path: &Path) -> anyhow::Result<FileDicomObject<InMemDicomObject>> {
     use anyhow::Context;
     use std::io::Read;

@@ -2,7 +2,7 @@
 //! volumes and involvement, mean HU, side, and upsampling + argmax on a hand-built score map.
 
 use lungsentry::analysis::{analyse_series, segment_slice, AnalysisParams, BitMask, PlacedSlice, SliceSegmentation};
-use lungsentry::preprocess::HuSlice;
+use lungsentry::decode::HuSlice;
 
 const N: usize = 32;
 

@@ -1,14 +1,13 @@
-//! Preprocessing against real peers: HU decoding against DCMTK (`dcmdump +W` raw pixel dumps, `dcmcjpeg` and
-//! `dcmcrle` re-encodings) and the "minmax_clahe" contract against real OpenCV (`python3` with cv2), on real
-//! LIDC-IDRI / COVID-19-NY-SBU / Siemens JPEG 2000 slices.
+//! Decoding and preprocessing against real peers: HU decoding (`decode`) against DCMTK (`dcmdump +W` raw pixel
+//! dumps, `dcmcjpeg` and `dcmcrle` re-encodings) and the "minmax_clahe" contract (`preprocess`) against real
+//! OpenCV (`python3` with cv2), on real LIDC-IDRI / COVID-19-NY-SBU / Siemens JPEG 2000 slices.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lungsentry::decode::{decode_hu_frames, HuSlice, PADDING_HU};
 use lungsentry::model::InputContract;
-use lungsentry::preprocess::{
-    clahe_u8, decode_hu_frames, minmax_u8, normalise_u8, prepare, resize_bilinear_u8, HuSlice, PADDING_HU,
-};
+use lungsentry::preprocess::{clahe_u8, minmax_u8, normalise_u8, prepare, resize_bilinear_u8};
 
 fn data_dir() -> PathBuf {
     let p = std::env::var("LUNGSENTRY_DATA")

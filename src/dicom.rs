@@ -346,7 +346,7 @@ mod tests {
         assert_eq!(ds(2.0), "2");
         assert_eq!(ds(-0.0000001), "0");
         assert_eq!(ds(-123.4567891), "-123.456789");
-        assert_eq!(ds(123456789.123456789), "123456789.123457");
+        assert_eq!(ds(123_456_789.123_456_79), "123456789.123457");
         assert!(ds(1e20).len() > 16, "no DS fits; the integer is written whole");
     }
 

@@ -105,7 +105,7 @@ pub fn journal_field_name(name: &str) -> String {
     let mut out: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     if out.starts_with(|c: char| c == '_' || c.is_ascii_digit()) || out.is_empty() {
-        out.insert_str(0, "F");
+        out.insert(0, 'F');
     }
     out.truncate(64);
     out

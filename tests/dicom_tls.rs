@@ -188,7 +188,7 @@ fn storescu_tls(tls: &[String], port: u16, dir: &Path) -> (bool, String) {
 }
 
 fn alive(d: &mut Daemon) {
-    assert!(d.child.try_wait().unwrap().is_none(), "daemon exited; log:\n{}", log(&d));
+    assert!(d.child.try_wait().unwrap().is_none(), "daemon exited; log:\n{}", log(d));
 }
 
 /// The daemon log without ANSI colour codes (so `key=value` fields can be matched).

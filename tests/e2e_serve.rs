@@ -194,7 +194,7 @@ fn kill9_mid_series_loses_nothing_acknowledged() {
     let out = sender.wait_with_output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let acked = text.matches("Received Store Response (Success)").count();
-    assert!(acked >= 30 && acked < 160, "the kill did not land mid-series: {acked} acknowledged");
+    assert!((30..160).contains(&acked), "the kill did not land mid-series: {acked} acknowledged");
     let present = store.series_instances(&series_uid).unwrap();
     eprintln!("acknowledged before the kill (per sender): {acked}; present after: {}", present.len());
     assert!(present.len() >= acked, "acknowledged {acked} but only {} present", present.len());
@@ -281,7 +281,7 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
         return;
     }
     let real = data_dir().join("real-dicom");
-    let files = lungsentry::tools::analyze::collect_files(&[real.clone()]).unwrap();
+    let files = lungsentry::tools::analyze::collect_files(std::slice::from_ref(&real)).unwrap();
     let groups = lungsentry::tools::analyze::group_by_series(&files);
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("d"), "[series]\nquiet_period_s = 0.5\n");
@@ -294,7 +294,7 @@ fn every_real_dicom_file_is_analysed_or_skipped_and_the_blank_uid_series_refused
     let other_refs: Vec<&Path> = others.iter().map(|p| p.as_path()).collect();
     let (ok, out) = storescu(d.port, "CT1", &other_refs, true);
     assert!(ok, "{out}");
-    let j2k_files = lungsentry::tools::analyze::collect_files(&[j2k.clone()]).unwrap();
+    let j2k_files = lungsentry::tools::analyze::collect_files(std::slice::from_ref(&j2k)).unwrap();
     let n_j2k = j2k_files.len();
     assert_eq!(n_j2k, 20);
     assert_eq!(out.matches("Received Store Response (Success)").count(), files.len() - n_j2k, "{out}");

@@ -242,7 +242,7 @@ fn real_eval_reports_consistent_figures_per_series_and_over_the_manifest() {
             }
         }
     }
-    fp_slices.sort_by(|a, b| b.0.cmp(&a.0));
+    fp_slices.sort_by_key(|a| std::cmp::Reverse(a.0));
     let listed = e["overlays"].as_array().unwrap();
     assert_eq!(listed.len(), fp_slices.len().min(3));
     let on_disk = if overlays.exists() { names(&overlays) } else { Vec::new() };

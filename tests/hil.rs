@@ -66,7 +66,7 @@ fn shipped_manifest_against_a_local_daemon_all_series_correct() {
     let o = run_harness(&d, hook_port, "hil-secret", &shipped_manifest(), &out);
     let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap_or_default();
     assert!(o.status.success(), "harness failed:\n{}\ndaemon log:\n{log}", text(&o));
-    eprintln!("{}", text(&o).lines().filter(|l| l.starts_with("hil: ")).last().unwrap_or(""));
+    eprintln!("{}", text(&o).lines().rfind(|l| l.starts_with("hil: ")).unwrap_or(""));
 
     let r = report(&out);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();

@@ -190,7 +190,7 @@ fn hostile_uids_are_refused_and_purges_stay_inside_the_data_dir() {
     let refused: Vec<&(PathBuf, &str, String)> = hostile.iter().chain(&blank).collect();
     let mut order = Vec::new();
     let mut good = a_files.iter();
-    for (p, _, _) in refused.iter().copied() {
+    for (p, _, _) in refused.iter() {
         order.push(p.clone());
         if let Some(g) = good.next() {
             order.push(g.clone());

@@ -7,6 +7,7 @@
 //!   ones keep their lungs.
 //! - the real RICORD series: the guard as the product runs it at completion (seeding on bit rows, pre-seeds made as
 //!   the slices arrived) gives the masks of the pixel-by-pixel seeding of every slice, bit for bit (with timings).
+//!
 //! What counts as "lung by HU" here is computed independently of the guard's code (see [`air_regions`]).
 
 mod common;

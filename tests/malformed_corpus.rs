@@ -157,11 +157,13 @@ fn run_case(port: u16, case: &Case) -> Result<Answer, String> {
     }
     let deadline = Instant::now() + Duration::from_secs(IDLE_S + 8);
     let expect = case.expect.clone();
-    let ans = read_pdus(&mut s, &mut buf, deadline, &move |p| match (&expect, p) {
-        (_, Pdu::AbortRQ { .. } | Pdu::AssociationRJ(_) | Pdu::AssociationAC(_) | Pdu::ReleaseRP) => true,
-        (Expect::Status(_), Pdu::PData { .. }) => true,
-        (Expect::PeerGone, _) => true,
-        _ => false,
+    let ans = read_pdus(&mut s, &mut buf, deadline, &move |p| {
+        matches!(
+            (&expect, p),
+            (_, Pdu::AbortRQ { .. } | Pdu::AssociationRJ(_) | Pdu::AssociationAC(_) | Pdu::ReleaseRP)
+                | (Expect::Status(_), Pdu::PData { .. })
+                | (Expect::PeerGone, _)
+        )
     });
     let verdict = match &case.expect {
         Expect::Status(want) => match ans.first_status() {
@@ -431,7 +433,8 @@ fn storescu_gets_the_failure_statuses_and_deflated_is_stored() {
 
     let bad = tmp.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();
-    let variants: Vec<(&str, Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
+    let variants: Vec<(&str, Breakage)> = vec![
         (
             "short-pixels",
             Box::new(|o| {

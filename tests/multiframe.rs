@@ -123,7 +123,7 @@ fn legacy_converted_and_enhanced_ct_give_the_classic_result() {
     };
     let seg = dump(&series_out.join("seg.dcm"));
     assert!(seg.contains("ReferencedFrameNumber"), "the SEG references source frames");
-    let key = dump(&files.iter().find(|f| f.file_name().unwrap().to_string_lossy().starts_with("key-")).unwrap());
+    let key = dump(files.iter().find(|f| f.file_name().unwrap().to_string_lossy().starts_with("key-")).unwrap());
     assert!(key.contains("ReferencedFrameNumber"), "the key image references its source frame");
 }
 

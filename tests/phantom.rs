@@ -177,7 +177,7 @@ fn severity_orders_involvement_and_none_has_no_lesions() {
         let (d, none) = make(seed, Severity::None);
         let labels = std::fs::read(d.path().join("truth/labels.raw")).unwrap();
         assert!(labels.iter().all(|&v| v <= 1));
-        assert!(labels.iter().any(|&v| v == 1));
+        assert!(labels.contains(&1));
         assert_eq!(none.involvement_percent, 0.0);
         assert!(!none.positive && none.lesions.is_empty());
         let inv: Vec<f64> = [Severity::Mild, Severity::Moderate, Severity::Severe]

@@ -193,7 +193,8 @@ async fn not_dicom_named_directly_fails_and_cli_exits_non_zero() {
     let tmp = tempfile::tempdir().unwrap();
     let junk = tmp.path().join("notes.txt");
     std::fs::write(&junk, "not a DICOM file").unwrap();
-    let report = send_files(&SendOptions { peer: peer(scp.port), rate: None }, &[junk.clone()]).await.unwrap();
+    let report =
+        send_files(&SendOptions { peer: peer(scp.port), rate: None }, std::slice::from_ref(&junk)).await.unwrap();
     assert_eq!(report.failed.len(), 1);
     assert!(report.sent.is_empty());
     // inside a folder it is skipped, not failed

@@ -415,7 +415,7 @@ fn a_link_awaiting_its_amended_sr_holds_retention_until_queued() {
         sop_instance_uid: "2.25.42".into(),
         path: tmp.path().join("sr.dcm"),
     };
-    assert_eq!(store.enqueue_link_outputs(*id, &[row.clone()]).unwrap(), 1);
+    assert_eq!(store.enqueue_link_outputs(*id, std::slice::from_ref(&row)).unwrap(), 1);
     assert!(store.links_awaiting_outputs().unwrap().is_empty(), "cleared with its outbox row");
     assert_eq!(store.enqueue_link_outputs(*id, &[row]).unwrap(), 0, "never queued twice");
     assert_eq!(store.latest_queued_sr(late, v as i64).unwrap().as_deref(), Some("2.25.42"));

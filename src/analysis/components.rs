@@ -42,7 +42,7 @@ pub(super) fn plausible_lungs(
         }
         slice_runs.push(idx);
     }
-    let mut dsu = components_3d(&sorted, &runs, &slice_runs);
+    let mut dsu = components_3d(sorted, &runs, &slice_runs);
     // Per component, indexed by its root (a run index): volume, then whether it is kept.
     let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
     let mut volume = vec![0f64; runs.len()];

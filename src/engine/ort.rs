@@ -85,7 +85,9 @@ fn make_environment() -> std::result::Result<(PathBuf, Environment), String> {
         });
     }
     let (candidates, mut errors) = same_architecture(candidates, std::env::consts::ARCH);
-    for path in candidates {
+    // ort keeps the first library it loaded; after a failure past dlopen no other candidate can be tried, so only the
+    // first candidate of the right architecture is attempted.
+    if let Some(path) = candidates.into_iter().next() {
         let attempt = std::panic::catch_unwind(|| -> std::result::Result<Environment, String> {
             let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
             builder.with_name("lungsentry").build().map_err(|e| e.to_string())
@@ -95,8 +97,6 @@ fn make_environment() -> std::result::Result<(PathBuf, Environment), String> {
             Ok(Err(e)) => errors.push(format!("{}: {e}", path.display())),
             Err(_) => errors.push(format!("{}: loading panicked", path.display())),
         }
-        // ort keeps the first library it loaded; after a failure past dlopen no other candidate can be tried.
-        break;
     }
     Err(format!("ONNX Runtime failed to load: {}", errors.join("; ")))
 }

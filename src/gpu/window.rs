@@ -152,6 +152,7 @@ impl WindowPlan {
 
     /// The geometry tables as the kernel reads them: resize taps x and y (4 × i32 each), CLAHE LUT offsets and
     /// weights per column, tile rows and weights per row (2 × i32 / 2 × f32 each).
+    #[allow(clippy::type_complexity)] // the six kernel arguments in their order, named in the doc
     pub fn tables(&self) -> (&[i32], &[i32], &[i32], &[f32], &[i32], &[f32]) {
         (&self.resize_x, &self.resize_y, &self.clahe_xi, &self.clahe_xw, &self.clahe_yi, &self.clahe_yw)
     }

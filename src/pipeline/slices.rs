@@ -280,7 +280,7 @@ impl SeriesWork {
             .collect();
         let place_ms = ms(t0.elapsed());
         let params = AnalysisParams::from(&ctx.config.analysis);
-        let analysed = !placed.is_empty() && !(enforce_eligibility && !would_skip.is_empty());
+        let analysed = !placed.is_empty() && (!enforce_eligibility || would_skip.is_empty());
         let t3d = Instant::now();
         let result = if analysed { Some(analysis::analyse_series(&placed, &params)) } else { None };
         let a3d_ms = ms(t3d.elapsed());

@@ -19,7 +19,8 @@ use super::slices::SeriesWork;
 use super::{backlog, finish, labels, recovery};
 use crate::instance::InstanceMeta;
 
-/// Message to a series worker.
+/// Message to a series worker (one per instance, short-lived: the size of `InstanceMeta` is not worth a box).
+#[allow(clippy::large_enum_variant)]
 pub(super) enum WorkerMsg {
     /// A durably stored instance to segment, counted in the backlog until it is segmented (or dropped).
     Instance { meta: InstanceMeta, path: PathBuf, queued: backlog::Queued },

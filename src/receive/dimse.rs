@@ -189,9 +189,7 @@ impl CommandSet {
             .map_err(|e| DimseError::CommandParse(e.to_string()))?;
         let uint = |tag: Tag| obj.get(tag).and_then(|e| e.to_int::<u16>().ok());
         let text = |tag: Tag| {
-            obj.get(tag)
-                .and_then(|e| e.to_str().ok())
-                .map(|s: Cow<str>| s.trim_end_matches(|c: char| c == '\0' || c == ' ').to_string())
+            obj.get(tag).and_then(|e| e.to_str().ok()).map(|s: Cow<str>| s.trim_end_matches(['\0', ' ']).to_string())
         };
         let command_field = uint(tags::COMMAND_FIELD).ok_or(DimseError::CommandMissing("CommandField (0000,0100)"))?;
         let has_dataset = match uint(tags::COMMAND_DATA_SET_TYPE) {
@@ -376,7 +374,7 @@ impl MessageAssembler {
                 if dropping == Dropping::No {
                     if received > self.max_message_bytes {
                         dropping = Dropping::Oversize;
-                    } else if !charge.as_mut().map_or(true, |c| c.grow(WORKING_COPIES * pdv.data.len() as u64)) {
+                    } else if !charge.as_mut().is_none_or(|c| c.grow(WORKING_COPIES * pdv.data.len() as u64)) {
                         dropping = Dropping::OverBudget;
                     } else if buf.is_empty() {
                         buf = pdv.data;
@@ -541,7 +539,7 @@ mod tests {
         asm.push(frag(1, PDataValueType::Command, true, &cmd)).unwrap();
         assert!(matches!(asm.push(frag(3, PDataValueType::Data, true, &[0])), Err(DimseError::ContextSwitch { .. })));
         let mut asm = MessageAssembler::new(1 << 20);
-        assert!(matches!(asm.push(frag(1, PDataValueType::Command, true, &[1, 2, 3])), Err(_)));
+        assert!(asm.push(frag(1, PDataValueType::Command, true, &[1, 2, 3])).is_err());
         let echo = CommandSet::echo_rq(5).encode().unwrap();
         let mut asm = MessageAssembler::new(1 << 20);
         let m = asm.push(frag(1, PDataValueType::Command, true, &echo)).unwrap().unwrap();

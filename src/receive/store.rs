@@ -10,6 +10,7 @@
 //!   message's charge is held until its status is known, so a dataset in the spool stays counted;
 //! - `0x0118` (no such SOP class) when AffectedSOPClassUID differs from the presentation context's abstract
 //!   syntax; `0xC000` (cannot understand) when the request lacks its SOP instance UID or its dataset.
+//!
 //! Hands on: [`ReceiveEvent::Instance`] with a oneshot for the status.
 //! Never: parses the dataset — the spool does, and its status comes back through the oneshot.
 

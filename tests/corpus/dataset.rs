@@ -446,7 +446,7 @@ pub(super) fn encapsulated_cases(b: &Bases) -> Vec<Case> {
     let (u, mut d) = variant(jpeg, jpeg_uid, 2);
     let f = first_fragment(&d);
     let flen = u32::from_le_bytes(d[f + 4..f + 8].try_into().unwrap()) as usize;
-    let keep = flen / 3 & !1;
+    let keep = (flen / 3) & !1;
     let tail = d[f + 8 + flen..].to_vec();
     d.truncate(f + 8 + keep);
     d[f + 4..f + 8].copy_from_slice(&(keep as u32).to_le_bytes());

@@ -9,6 +9,7 @@ use lungsentry::receive::dimse::CommandSet;
 use super::builders::*;
 use super::*;
 
+#[allow(clippy::vec_init_then_push)] // one case per push, grouped under comments
 pub(super) fn pdu_cases(b: &Bases, idle_ms: u64, max_pdu: u32) -> Vec<Case> {
     let ct = || vec![(CT.to_string(), vec![EXPLICIT.to_string()])];
     let raw = |name: &str, steps: Vec<Step>, expect: Expect| Case {

@@ -309,7 +309,7 @@ pub fn guard_with(
     let mut lung = Vec::with_capacity(sorted.len());
     let mut field = Vec::with_capacity(sorted.len());
     for (s, (kept_lung, f, _)) in sorted.iter().zip(per_slice) {
-        report.removed_lung_ml += (s.segmentation.lung.count() - kept_lung.count()) as f64 * voxel_ml(*s);
+        report.removed_lung_ml += (s.segmentation.lung.count() - kept_lung.count()) as f64 * voxel_ml(s);
         report.slices_with_lung_field += (f.count() > 0) as usize;
         lung.push(kept_lung);
         field.push(f);

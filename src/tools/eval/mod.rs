@@ -14,6 +14,7 @@
 //! - `--real MANIFEST`: real CT series without masks, judged by their expected flag (`real.rs`): per-series
 //!   involvement, lung volume, lesions, positive slices, slice specificity of negative series, series sensitivity /
 //!   specificity, and (`--overlays DIR`) key images of the worst false-positive slices.
+//!
 //! Parts: [`metrics`] (overlap, confusion, AUC), [`images`] (PNG / JPEG readers), [`real`] (`--real`), [`overlay`]
 //! (key images); this file holds the command, the image-folder and phantom-series modes.
 //! Never: changes a model or writes anything but its report (stdout, `--out`) and `--overlays`.

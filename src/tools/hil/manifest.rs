@@ -214,7 +214,7 @@ mod tests {
         let base = "[[series]]\nname = \"a\"\n";
         let cases = [
             ("", "no [[series]]"),
-            (&format!("{base}"), "exactly one"),
+            (base, "exactly one"),
             (&format!("{base}real = \"x\"\n"), "needs `expect`"),
             (&format!("{base}real = \"x\"\nexpect = \"maybe\"\n"), "unknown variant"),
             (&format!("{base}phantom = {{ seed = 1, severity = \"huge\" }}\n"), "severity"),

@@ -307,6 +307,7 @@ fn pad_to(k: &[f32], len: usize) -> Vec<f64> {
 
 impl Scene {
     /// Prepares a scene: compiles lesions and tubes into patient coordinates, sets up kernel and noise.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         anatomy: Anatomy,
         pose: Pose,

@@ -3,9 +3,10 @@
 //! The pipeline, one module per stage:
 //!
 //! ```text
-//! receive (SCP) → spool (durable) → series (grouping, eligibility, completion) → preprocess (decode, HU,
-//! normalise, resample) → engine (tract | ort | tensorrt) → analysis (masks, 3D lesions, involvement, flags)
-//! → store (SQLite) → notify (webhook outbox, journald)
+//! receive (SCP) → spool (durable) → series (grouping, eligibility, completion) → decode (pixels → HU)
+//! → preprocess (the model's input: normalise, resample) → engine (tract | ort | tensorrt) → analysis (masks,
+//! 3D lesions, involvement, flags) → result (the typed SeriesResult) → store (SQLite) → notify / outputs
+//! (webhook, SEG/SR/key images, both through the one durable outbox loop of `delivery`)
 //! ```
 //!
 //! `pipeline` wires the stages into the daemon (`serve`); `scu` is the sending side of DICOM (C-STORE, C-ECHO) the

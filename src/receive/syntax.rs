@@ -35,7 +35,7 @@ pub const ABSTRACT_SYNTAXES: &[&str] = &[
 /// (process 14 and its selection value 1), JPEG-LS (lossless and near-lossless, decoded by CharLS), JPEG 2000
 /// (lossless and lossy) and baseline JPEG.
 /// Datasets are kept as received (a deflated one is stored inflated, see `spool`); decoding happens in
-/// `preprocess`.
+/// `decode`.
 pub const TRANSFER_SYNTAXES: &[&str] = &[
     uids::EXPLICIT_VR_LITTLE_ENDIAN,
     uids::IMPLICIT_VR_LITTLE_ENDIAN,

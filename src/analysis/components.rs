@@ -23,6 +23,39 @@ pub(super) fn components_3d(sorted: &[&PlacedSlice], runs: &[Run], slice_runs: &
     dsu
 }
 
+/// The 3D components of per-slice masks (position order): their runs, each run's component root (a run index), and
+/// per root the component's volume (mL; 0 for a run that is not a root).
+pub(super) struct MaskComponents {
+    pub runs: Vec<Run>,
+    pub roots: Vec<u32>,
+    pub volume: Vec<f64>,
+}
+
+/// Runs of `masks` (position order, one per slice of `sorted`) joined by [`components_3d`], with their volumes.
+pub(super) fn mask_components(
+    sorted: &[&PlacedSlice],
+    masks: &[&BitMask],
+    voxel_ml: impl Fn(&PlacedSlice) -> f64,
+) -> MaskComponents {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
+    for (si, mask) in masks.iter().enumerate() {
+        let mut idx = Vec::new();
+        for (r, c0, c1) in mask.runs() {
+            idx.push(runs.len() as u32);
+            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
+        }
+        slice_runs.push(idx);
+    }
+    let mut dsu = components_3d(sorted, &runs, &slice_runs);
+    let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
+    let mut volume = vec![0f64; runs.len()];
+    for (run, &root) in runs.iter().zip(&roots) {
+        volume[root as usize] += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
+    }
+    MaskComponents { runs, roots, volume }
+}
+
 /// Of the 3D components (26-connectivity) of the per-slice lung masks `lung_in` (position order: the lung guard's
 /// output, or the model's masks when the guard does not apply), keeps the two largest and every other one of
 /// at least 5 % of the largest's volume; the rest (isolated air-like blobs such as bowel gas or an oesophagus, which
@@ -32,23 +65,8 @@ pub(super) fn plausible_lungs(
     lung_in: &[&BitMask],
     voxel_ml: impl Fn(&PlacedSlice) -> f64,
 ) -> (Vec<BitMask>, f64) {
-    let mut runs: Vec<Run> = Vec::new();
-    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
-    for (si, lung) in lung_in.iter().enumerate() {
-        let mut idx = Vec::new();
-        for (r, c0, c1) in lung.runs() {
-            idx.push(runs.len() as u32);
-            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
-        }
-        slice_runs.push(idx);
-    }
-    let mut dsu = components_3d(sorted, &runs, &slice_runs);
     // Per component, indexed by its root (a run index): volume, then whether it is kept.
-    let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
-    let mut volume = vec![0f64; runs.len()];
-    for (run, &root) in runs.iter().zip(&roots) {
-        volume[root as usize] += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
-    }
+    let MaskComponents { runs, roots, volume } = mask_components(sorted, lung_in, voxel_ml);
     let mut by_size: Vec<(u32, f64)> =
         (0..runs.len()).filter(|&i| roots[i] == i as u32).map(|i| (i as u32, volume[i])).collect();
     by_size.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

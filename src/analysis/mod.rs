@@ -21,7 +21,7 @@ mod mask;
 mod segment;
 mod series;
 
-use components::{components_3d, Run};
+use components::{mask_components, MaskComponents};
 pub use mask::{BitMask, RunMask};
 /// The GPU decode kernel takes its upsampling taps from the CPU path's own table.
 #[cfg(feature = "cuda")]

@@ -166,19 +166,7 @@ impl Store {
              WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_at <= ?1
              ORDER BY next_attempt_at, id LIMIT ?2",
         )?;
-        let rows = st.query_map(params![now_ms, limit as i64], |r| {
-            Ok(DicomOutboxRow {
-                id: r.get(0)?,
-                destination: r.get(1)?,
-                series_instance_uid: r.get(2)?,
-                result_version: r.get(3)?,
-                kind: r.get(4)?,
-                sop_class_uid: r.get(5)?,
-                sop_instance_uid: r.get(6)?,
-                path: PathBuf::from(r.get::<_, String>(7)?),
-                attempts: r.get::<_, i64>(8)? as u32,
-            })
-        })?;
+        let rows = st.query_map(params![now_ms, limit as i64], outbox_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -261,17 +249,7 @@ impl Store {
         ))?;
         let rows = st.query_map([arg], |r| {
             Ok(DicomOutboxEntry {
-                row: DicomOutboxRow {
-                    id: r.get(0)?,
-                    destination: r.get(1)?,
-                    series_instance_uid: r.get(2)?,
-                    result_version: r.get(3)?,
-                    kind: r.get(4)?,
-                    sop_class_uid: r.get(5)?,
-                    sop_instance_uid: r.get(6)?,
-                    path: PathBuf::from(r.get::<_, String>(7)?),
-                    attempts: r.get::<_, i64>(8)? as u32,
-                },
+                row: outbox_row(r)?,
                 delivered: r.get::<_, bool>(9)?,
                 parked: r.get::<_, bool>(10)?,
                 last_status: r.get::<_, Option<i64>>(11)?.map(|s| s as u16),
@@ -280,6 +258,22 @@ impl Store {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// A `DicomOutboxRow` from a SELECT whose first nine columns are id, destination, series_instance_uid,
+/// result_version, kind, sop_class_uid, sop_instance_uid, path, attempts.
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DicomOutboxRow> {
+    Ok(DicomOutboxRow {
+        id: r.get(0)?,
+        destination: r.get(1)?,
+        series_instance_uid: r.get(2)?,
+        result_version: r.get(3)?,
+        kind: r.get(4)?,
+        sop_class_uid: r.get(5)?,
+        sop_instance_uid: r.get(6)?,
+        path: PathBuf::from(r.get::<_, String>(7)?),
+        attempts: r.get::<_, i64>(8)? as u32,
+    })
 }
 
 /// Inserts DICOM outbox rows of one result version; a (destination, SOP instance) already queued is left alone.

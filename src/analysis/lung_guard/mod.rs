@@ -57,7 +57,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{components_3d, BitMask, PlacedSlice, Run, RunMask};
+use super::{mask_components, BitMask, MaskComponents, PlacedSlice, RunMask};
 use crate::preprocess::HuSlice;
 use morphology::{dilate, erode, fill_holes, label};
 
@@ -229,23 +229,8 @@ pub fn guard_with(
     let t0 = std::time::Instant::now();
 
     // 3D components of what is left, and the size rules.
-    let mut runs: Vec<Run> = Vec::new();
-    let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
-    for (si, a) in candidates.iter().enumerate() {
-        let mut idx = Vec::new();
-        for (r, c0, c1) in a.runs() {
-            idx.push(runs.len() as u32);
-            runs.push(Run { slice: si, row: r, start: c0, end: c1, hu_sum: 0.0 });
-        }
-        slice_runs.push(idx);
-    }
-    let mut dsu = components_3d(sorted, &runs, &slice_runs);
     // Per component, indexed by its root (a run index): volume, then whether it is kept.
-    let roots: Vec<u32> = (0..runs.len() as u32).map(|i| dsu.find(i)).collect();
-    let mut volume = vec![0f64; runs.len()];
-    for (run, &root) in runs.iter().zip(&roots) {
-        volume[root as usize] += (run.end - run.start + 1) as f64 * voxel_ml(sorted[run.slice]);
-    }
+    let MaskComponents { runs, roots, volume } = mask_components(sorted, &candidates, &voxel_ml);
     let components: Vec<usize> = (0..runs.len()).filter(|&i| roots[i] == i as u32).collect();
     let largest = components.iter().map(|&r| volume[r]).fold(0.0, f64::max);
     let extent_cm = sorted.len() as f64 * spacing / 10.0;

@@ -5,12 +5,11 @@
 //! GPU windowing kernel shares with it ([`ClahePlan`], `linear_table`). The Python trainer implements the same
 //! contract with numpy/OpenCV; `tests/preprocess.rs` checks the two agree on real slices.
 //! Hands on: N×C×H×W float32 input (one H×W plane per slice) to `engine`.
-//! Never: decodes DICOM (that is `decode`, whose slice types are re-exported here for the callers that decode
-//! and then prepare), runs the model or interprets its output.
+//! Never: decodes DICOM (that is `decode`), runs the model or interprets its output.
 
 use crate::model::InputContract;
 
-pub use crate::decode::{decode_hu_frames, decode_stored_frames, HuSlice, StoredFormat, StoredFrame, StoredRescale};
+use crate::decode::HuSlice;
 
 /// Why a slice cannot become model input: the slice and the contract disagree, or the contract is not one this
 /// build implements.

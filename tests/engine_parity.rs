@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use lungsentry::config::EngineKind;
+use lungsentry::decode::decode_hu_frames;
 use lungsentry::engine::load_engine;
 use lungsentry::model::Model;
-use lungsentry::preprocess::{decode_hu_frames, prepare, resize_bilinear_u8, u8_to_input};
+use lungsentry::preprocess::{prepare, resize_bilinear_u8, u8_to_input};
 use lungsentry::tools::eval::read_png_gray;
 
 fn data_dir() -> PathBuf {

@@ -17,11 +17,12 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use lungsentry::analysis::segment_slice;
+use lungsentry::decode::{decode_stored_frames, HuSlice, StoredFormat, StoredFrame, StoredRescale};
 use lungsentry::gpu::decode::{upsample_taps, DecodeParams};
 use lungsentry::gpu::f32_to_f16_bits;
 use lungsentry::gpu::window::WindowPlan;
 use lungsentry::model::InputContract;
-use lungsentry::preprocess::{decode_stored_frames, prepare, HuSlice, StoredFormat, StoredFrame, StoredRescale};
+use lungsentry::preprocess::prepare;
 
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: plain-old-data slices viewed as bytes for writing to a file.

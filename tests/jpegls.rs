@@ -20,7 +20,7 @@ fn jpegls(src: &Path, dst: &Path, extra: &[&str]) {
 fn hu(path: &Path) -> (String, Vec<f32>) {
     let obj = dicom_object::open_file(path).unwrap();
     let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
-    let frames = lungsentry::preprocess::decode_hu_frames(&obj).unwrap();
+    let frames = lungsentry::decode::decode_hu_frames(&obj).unwrap();
     assert_eq!(frames.len(), 1);
     (ts, frames[0].hu.clone())
 }

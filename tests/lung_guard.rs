@@ -19,11 +19,12 @@ use common::dcm_files;
 use lungsentry::analysis::lung_guard::{self, Seeding};
 use lungsentry::analysis::{analyse_series, segment_slice, AnalysisParams, PlacedSlice};
 use lungsentry::config::{Config, EngineKind};
+use lungsentry::decode::{self, HuSlice};
 use lungsentry::instance::InstanceMeta;
 use lungsentry::model::Model;
 use lungsentry::outputs::SourceSlice;
 use lungsentry::pipeline::{InferenceContext, SeriesWork};
-use lungsentry::preprocess::{self, HuSlice};
+use lungsentry::preprocess;
 
 fn context() -> InferenceContext {
     assert!(common::model_shipped(), "the shipped model is needed");
@@ -35,7 +36,7 @@ fn context() -> InferenceContext {
 
 fn hu_of(path: &Path) -> HuSlice {
     let obj = lungsentry::spool::read_instance(path).unwrap();
-    preprocess::decode_hu_frames(&obj).unwrap().into_iter().next().unwrap()
+    decode::decode_hu_frames(&obj).unwrap().into_iter().next().unwrap()
 }
 
 /// The daemon's series worker over `files` (as one series): the result JSON and each slice's final masks.

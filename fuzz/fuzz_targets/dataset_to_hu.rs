@@ -4,7 +4,7 @@
 //! (`spool::check_dataset`: lengths, parse, routing attributes, Pixel Data) — only a dataset that passes them is
 //! ever spooled —, then our own file meta group is put in front of it (`spool::part10_header`, as the spool writes
 //! it), the whole file is read as a series worker reads a spooled one (the Part 10 reader), and
-//! `preprocess::decode_hu_frames` decodes it (stored values, padding, rescale, codestream-size guard, the pixel
+//! `decode::decode_hu_frames` decodes it (stored values, padding, rescale, codestream-size guard, the pixel
 //! codecs). Errors are fine; panics, hangs and huge allocations are not.
 //!
 //! History (docs/RELIABILITY.md): until 2026-11-27 the input was a meta group + dataset handed straight to the
@@ -36,5 +36,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut file) = lungsentry::spool::part10_header(&meta, ts) else { return };
     file.extend_from_slice(dataset);
     let Ok(obj) = dicom_object::OpenFileOptions::new().from_reader(&file[..]) else { return };
-    let _ = lungsentry::preprocess::decode_hu_frames(&obj);
+    let _ = lungsentry::decode::decode_hu_frames(&obj);
 });

@@ -327,7 +327,7 @@ pub fn write_key_png(data_dir: &Path, result: &SeriesResult, slices: &[SourceSli
     let s = &slices[i];
     let obj = crate::spool::read_instance(&s.path)?;
     let frame = s.frame.map(|f| f as usize - 1).unwrap_or(0);
-    let hu = crate::preprocess::decode_hu_frames(&obj)?.into_iter().nth(frame).context("no such frame")?;
+    let hu = crate::decode::decode_hu_frames(&obj)?.into_iter().nth(frame).context("no such frame")?;
     let ps = s.meta.pixel_spacing.unwrap_or([1.0, 1.0]);
     let caption =
         crate::outputs::keyimage::caption(result, i, slices.len(), s.lesion.count() as f64 * ps[0] * ps[1] / 100.0);

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{GpuError, GpuRuntime};
+use crate::decode::{StoredFrame, StoredRescale};
 use crate::model::InputContract;
-use crate::preprocess::{linear_table, ClahePlan, StoredFrame, StoredRescale};
+use crate::preprocess::{linear_table, ClahePlan};
 
 /// Threads per block (`WINDOW_THREADS` in the kernel).
 pub const THREADS: u32 = 512;

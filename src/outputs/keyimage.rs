@@ -14,7 +14,7 @@ use super::{
     SECONDARY_CAPTURE_STORAGE,
 };
 use crate::analysis::BitMask;
-use crate::preprocess::HuSlice;
+use crate::decode::HuSlice;
 use crate::result::SeriesResult;
 
 /// Lung window centre, HU.
@@ -184,7 +184,7 @@ pub(crate) fn build(
         let s = &slices[i];
         let src = crate::spool::read_instance(&s.path)
             .map_err(|e| OutputError::Source { path: s.path.clone(), reason: format!("{e:#}") })?;
-        let hu = crate::preprocess::decode_hu_frames(&src)
+        let hu = crate::decode::decode_hu_frames(&src)
             .map_err(|e| OutputError::Source { path: s.path.clone(), reason: e.to_string() })?
             .into_iter()
             .nth(s.frame.map(|f| f as usize - 1).unwrap_or(0))

@@ -187,7 +187,7 @@ impl SeriesWork {
     ) -> Result<Vec<(InstanceMeta, SliceSegmentation)>> {
         let t0 = Instant::now();
         let obj = crate::spool::read_instance(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut frames = preprocess::decode_stored_frames(&obj).context("decoding pixel data")?;
+        let mut frames = crate::decode::decode_stored_frames(&obj).context("decoding pixel data")?;
         drop(obj);
         if frames.is_empty() {
             anyhow::bail!("no frame");

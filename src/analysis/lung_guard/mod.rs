@@ -58,7 +58,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{mask_components, BitMask, MaskComponents, PlacedSlice, RunMask};
-use crate::preprocess::HuSlice;
+use crate::decode::HuSlice;
 use morphology::{dilate, erode, fill_holes, label};
 
 mod morphology;

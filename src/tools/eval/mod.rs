@@ -37,9 +37,10 @@ use serde_json::{json, Value};
 
 use crate::analysis::{self, AnalysisParams, PlacedSlice};
 use crate::config::EngineKind;
+use crate::decode::{self, HuSlice};
 use crate::engine::{load_engine, Engine};
 use crate::model::Model;
-use crate::preprocess::{self, HuSlice};
+use crate::preprocess;
 
 /// `lungsentry eval` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -303,7 +304,7 @@ pub fn eval_series(
         let mut hus = Vec::with_capacity(chunk.len());
         for &fi in chunk {
             let obj = crate::spool::read_instance(&dir.join(&truth.files[fi]))?;
-            hus.push(preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?);
+            hus.push(decode::decode_hu_frames(&obj)?.into_iter().next().context("no frame")?);
         }
         let (segs, secs) = segment_batch(engine, model, &hus)?;
         infer_s += secs;

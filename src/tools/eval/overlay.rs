@@ -5,8 +5,8 @@
 //! Owns: pixels only (no text: the file name and the report say which slice it is). Never: changes masks.
 
 use crate::analysis::BitMask;
+use crate::decode::HuSlice;
 use crate::outputs::keyimage::{RgbImage, LESION_RGB, WINDOW_CENTER, WINDOW_WIDTH};
-use crate::preprocess::HuSlice;
 
 /// Outline colour of the kept lung.
 pub const LUNG_RGB: [u8; 3] = [0, 210, 255];

@@ -15,11 +15,12 @@ use cudarc::driver::CudaSlice;
 use serde_json::json;
 
 use crate::analysis::segment_slice;
+use crate::decode::{decode_stored_frames, StoredFrame};
 use crate::gpu::decode::DecodePlan;
 use crate::gpu::window::{InputPrecision, WindowBatch};
 use crate::gpu::{f16_bits_to_f32, f32_to_f16_bits, GpuRuntime};
 use crate::model::Model;
-use crate::preprocess::{decode_stored_frames, normalise_u8, u8_to_input, StoredFrame};
+use crate::preprocess::{normalise_u8, u8_to_input};
 
 /// `lungsentry gpu check` options.
 #[derive(Debug, Clone, clap::Args)]

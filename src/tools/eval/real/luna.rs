@@ -15,8 +15,8 @@ use super::{
     series_eval, Geometry, RealEntry, RealSeriesEval, SliceSource, LUNA_PIXEL_SPACING_MM, LUNA_SLICE_SPACING_MM,
 };
 use crate::analysis::{self, AnalysisParams, PlacedSlice};
+use crate::decode::HuSlice;
 use crate::pipeline::InferenceContext;
-use crate::preprocess::HuSlice;
 use crate::tools::eval::read_png_gray;
 
 /// HU of a lung-window PNG slice: v × 1500 / 255 − 1350 (L −600, W 1500).

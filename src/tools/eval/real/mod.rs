@@ -38,10 +38,10 @@ use serde_json::{json, Value};
 use super::{Confusion, EvalArgs};
 use crate::analysis::{AnalysisParams, BitMask};
 use crate::config::Config;
+use crate::decode::{self, HuSlice};
 use crate::engine::load_engine;
 use crate::model::Model;
 use crate::pipeline::{InferenceContext, SeriesWork};
-use crate::preprocess::{self, HuSlice};
 use crate::tools::analyze::{collect_files, group_by_series};
 use luna::{eval_luna, luna_hu};
 pub use luna::{luna_hu_of, luna_slices};
@@ -190,7 +190,7 @@ impl SliceSource {
         match self {
             SliceSource::Dicom(p) => {
                 let obj = crate::spool::read_instance(p)?;
-                preprocess::decode_hu_frames(&obj)?.into_iter().next().context("no frame")
+                decode::decode_hu_frames(&obj)?.into_iter().next().context("no frame")
             }
             SliceSource::LunaPng(p) => luna_hu(p),
         }

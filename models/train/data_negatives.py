@@ -33,6 +33,7 @@ pre-deep-learning pipelines did it:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ TRAIN = [
     ("acrin-flt-breast-001-series-2", "dicom", "real-ct-series/normal-acrin-flt-breast-001/series-2"),
     ("lidc-idri-2-slices", "dicom", "real-dicom/lidc-idri-2-slices"),
     ("siemens-abdomen-j2k", "dicom", "real-dicom/siemens-abdomen-j2k-series"),
+    ("totalseg-example-ct", "nifti", "real-ct-nifti/totalseg-example-ct.nii.gz"),
 ]
 VAL = [
     ("luna16-normal_patient_3", "luna-png", "real-ct-series/luna16-normal-3/normal_patient_3"),
@@ -80,6 +82,33 @@ def data_root() -> Path:
     return Path(os.environ.get("LUNGSENTRY_DATA", str(HERE.parent.parent.parent / "shared" / "data")))
 
 
+EXTRA_LIST = HERE / "extra_negatives.toml"
+
+
+def extra_root() -> Path:
+    """Where the fetched public series of `extra_negatives.toml` lie (never in the repo)."""
+    return Path(os.environ.get("LUNGSENTRY_EXTRA_DATA", str(HERE.parent.parent.parent / "extra-data")))
+
+
+def extra_series() -> list[tuple[str, str, Path]]:
+    """The fetched lesion-free training series listed in `extra_negatives.toml` (source, commit and licence of
+    each are recorded there and in the model card); all training, none validation. Empty when the folder is absent
+    (a machine without the fetched data trains on LUNGSENTRY_DATA alone, and says so)."""
+    if not EXTRA_LIST.exists() or not extra_root().is_dir():
+        return []
+    import tomllib
+    with open(EXTRA_LIST, "rb") as f:
+        listed = tomllib.load(f).get("series", [])
+    return [(s["name"], s["kind"], extra_root() / s["path"]) for s in listed]
+
+
+def sources(which: str) -> list[tuple[str, str, Path]]:
+    """(name, kind, folder) of the lesion-free series for "train" or "val"."""
+    if which == "val":
+        return [(n, k, data_root() / r) for n, k, r in VAL]
+    return [(n, k, data_root() / r) for n, k, r in TRAIN] + extra_series()
+
+
 def load_dicom_series(d: Path):
     """(HU z x H x W sorted by position along the slice normal, pixel mm, slice mm)."""
     dss = [pydicom.dcmread(str(f)) for f in sorted(d.iterdir()) if f.is_file()]
@@ -100,6 +129,22 @@ def load_luna(d: Path):
     files = sorted(d.glob("z_*.png"))
     v = np.stack([cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]).astype(np.float64)
     return v * 1500.0 / 255.0 - 1350.0, LUNA_PIXEL_MM, 1.25
+
+
+def load_nifti(f: Path):
+    """(HU z x H x W, axial slices in the display orientation the DICOM path gives, pixel mm, slice mm) of a NIfTI
+    CT volume: reoriented to RAS, then each axial slice turned so rows run anterior -> posterior and columns
+    patient right -> left (DICOM's LPS view)."""
+    import nibabel as nib
+    img = nib.as_closest_canonical(nib.load(str(f)))
+    v = np.asarray(img.dataobj, dtype=np.float64)  # x (R), y (A), z (S)
+    zooms = img.header.get_zooms()
+    v = np.transpose(v, (2, 1, 0))[:, ::-1, ::-1]  # z, rows = -y (anterior first), cols = -x (right first)
+    z, h, w = v.shape
+    n = max(h, w)  # a scanner's field of view is square: pad the short side with air
+    sq = np.full((z, n, n), -1024.0)
+    sq[:, (n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] = v
+    return sq, float(zooms[0]), float(zooms[2])
 
 
 def body_mask(hu2d: np.ndarray) -> np.ndarray:
@@ -166,6 +211,8 @@ def build_series(kind: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(model-input u8 z x 256 x 256, labels u8 z x 256 x 256: 0 background / 1 lung)."""
     if kind == "luna-png":
         hu, pix, dz = load_luna(path)
+    elif kind == "nifti":
+        hu, pix, dz = load_nifti(path)
     else:
         hu, pix, dz = load_dicom_series(path)
     u8 = np.stack([hu_to_u8(s) for s in hu])
@@ -179,13 +226,16 @@ def build_series(kind: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load(which: str) -> dict:
     """which: "train" or "val" -> dict(ct u8 N x 256 x 256, labels u8, series int per slice, names list)."""
     CACHE.mkdir(exist_ok=True)
-    f = CACHE / f"negatives-{which}.npz"
+    src = sources(which)
+    # the cache is named after the series it holds, so a changed list builds a new one
+    tag = hashlib.sha1("\n".join(f"{n}|{k}|{p}" for n, k, p in src).encode()).hexdigest()[:8]
+    f = CACHE / f"negatives-{which}-{tag}.npz"
     if f.exists():
         z = np.load(f, allow_pickle=True)
         return dict(ct=z["ct"], labels=z["labels"], series=z["series"], names=z["names"].tolist())
     cts, labs, ser, names = [], [], [], []
-    for k, (name, kind, rel) in enumerate(TRAIN if which == "train" else VAL):
-        u8, lab = build_series(kind, data_root() / rel)
+    for k, (name, kind, path) in enumerate(src):
+        u8, lab = build_series(kind, path)
         cts.append(u8)
         labs.append(lab)
         ser.append(np.full(len(u8), k))

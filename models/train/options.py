@@ -90,6 +90,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--negatives", type=float, default=0.0,
                     help="share of each batch drawn from real lesion-free CT (data_negatives: LUNA16, ACRIN, LIDC "
                          "training series; labels lung / background); its validation series are scored every epoch")
+    ap.add_argument("--negatives-series-balance", action=argparse.BooleanOptionalAction, default=False,
+                    help="draw real-negative slices series first (a series with n slices in proportion to sqrt(n)), then "
+                         "a slice in it, instead of uniformly over slices (the long LUNA16 series would otherwise "
+                         "dominate the short series from other scanners)")
     ap.add_argument("--hard-real-negatives", type=float, default=0.0,
                     help="share of the real-negative draws taken from the real lesion-free training slices the model "
                          "currently marks most lesion on (re-mined every 3 epochs over all of them; 0: off)")

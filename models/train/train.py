@@ -279,6 +279,12 @@ def main() -> None:
         neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+    neg_groups = None  # per lesion-free training series, its slice indices (--negatives-series-balance)
+    if neg_tr is not None and args.negatives_series_balance:
+        neg_groups = [np.flatnonzero(neg_tr["series"] == k) for k in range(len(neg_tr["names"]))]
+        neg_groups = [g for g in neg_groups if len(g)]
+        neg_group_p = np.sqrt([len(g) for g in neg_groups])
+        neg_group_p /= neg_group_p.sum()
     hard_real = None  # real lesion-free training slices with the most false lesion pixels at the last mining
     hard_real_pos = None  # real training slices with the most missed lesion pixels at the last mining
 
@@ -374,6 +380,8 @@ def main() -> None:
                 u = rng.random()
                 if neg_tr is not None and u < args.negatives:
                     pool = hard_real if hard_real is not None and rng.random() < args.hard_real_negatives else None
+                    if pool is None and neg_groups is not None:
+                        pool = neg_groups[rng.choice(len(neg_groups), p=neg_group_p)]
                     i = int(pool[rng.integers(len(pool))]) if pool is not None else int(rng.integers(len(neg_tr["ct"])))
                     img, l = neg_tr["ct"][i], neg_tr["labels"][i]
                 elif ph_tr is not None and (u - args.negatives) / (1 - args.negatives) < args.phantom_fraction:
@@ -456,6 +464,7 @@ def main() -> None:
                    hard_positives=args.hard_positives, elastic=args.elastic,
                    real_source_balance=args.real_source_balance, negatives=args.negatives,
                    hard_real_negatives=args.hard_real_negatives, neg_weight=args.neg_weight,
+                   negatives_series_balance=args.negatives_series_balance,
                    fp_pixel_weight=args.fp_pixel_weight, fn_pixel_weight=args.fn_pixel_weight,
                    freeze_bn=args.freeze_bn, hard_real_positives=args.hard_real_positives,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),

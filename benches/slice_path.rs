@@ -10,7 +10,7 @@
 //! instances (default all). Prints, per stage, the mean and the 90th percentile ms per slice: reading the file,
 //! decoding the pixel data (JPEG Lossless for RICORD), HU, preprocessing, inference, the model's masks (argmax and
 //! upsampling, `segment_slice` without its air mask), the air mask (bit rows, as the product runs it), the pre-seed;
-//! then the pixel air mask on the same slices, the ratio pixel / rows, and whether the two are equal (they must be,
+//! then the preprocessing's steps one by one, the pixel air mask on the same slices, the ratio pixel / rows, and whether the two are equal (they must be,
 //! bit for bit; the bench exits 1 otherwise). One slice at a time on one thread, as a worker runs.
 
 use std::path::{Path, PathBuf};
@@ -109,6 +109,32 @@ fn main() -> anyhow::Result<()> {
         println!("{name:18} {mean:9.2} {p90:9.2}");
     }
     println!("{:18} {total:9.2}", "sum of means");
+
+    // The preprocessing's steps, one at a time on the same slices.
+    let mut steps = [0f64; 4];
+    for hu in &hus {
+        let t = Instant::now();
+        let u8img = preprocess::minmax_u8(&hu.hu, input.hu_clip);
+        steps[0] += since(t);
+        let t = Instant::now();
+        let tiles = input.clahe_tiles;
+        let eq = preprocess::clahe_u8(&u8img, hu.rows, hu.cols, input.clahe_clip_limit as f64, tiles, tiles);
+        steps[1] += since(t);
+        let t = Instant::now();
+        let img = preprocess::resize_bilinear_u8(&eq, hu.rows, hu.cols, input.height, input.width);
+        steps[2] += since(t);
+        let t = Instant::now();
+        preprocess::u8_to_input(&img, &mut x);
+        steps[3] += since(t);
+    }
+    let n = hus.len() as f64;
+    println!(
+        "preprocess, mean ms per slice: min-max {:.2}, CLAHE {:.2}, resize {:.2}, /255 {:.2}",
+        steps[0] / n,
+        steps[1] / n,
+        steps[2] / n,
+        steps[3] / n
+    );
 
     // The reference on the same slices, then the product's again (so neither has the warmer caches).
     let mut pixel_ms = Vec::with_capacity(hus.len());

@@ -14,7 +14,7 @@
 //! Hands on: the [`BodyAir`] to `lung_guard::air_mask` (and from there to `SliceSegmentation::air`).
 //! Never: looks at the model's masks, or at other slices.
 
-use super::plane::{label_runs, Plane};
+use super::plane::{label_runs, Plane, Runs};
 use super::{
     BodyAir, AIR_HU, BODY_OPEN_MM, GAS_CORE_MIN_CM2, GAS_CORE_MM, GAS_HU, GAS_PIECE_MAX_CM2, GAS_RIM_MM,
     MAX_GAS_FRACTION,
@@ -31,11 +31,7 @@ pub(super) fn air_mask(hu: &HuSlice) -> BodyAir {
     // The tissue opened by r: eroded (the complement of the air dilated), then dilated.
     let opened = opening(&air, r, true);
     let runs = opened.runs(true);
-    let (label, n) = label_runs(&runs, false);
-    let mut size = vec![0usize; n];
-    for (&(_, a, b), &l) in runs.iter().zip(&label) {
-        size[l as usize] += b - a + 1;
-    }
+    let (label, size) = pieces(&runs, false);
     // The largest component; of equal ones the last (as `Iterator::max_by_key` picks in the reference).
     let Some(body) = size.iter().enumerate().max_by_key(|&(_, &n)| n).map(|(l, _)| l as u32) else {
         return BodyAir {
@@ -44,9 +40,7 @@ pub(super) fn air_mask(hu: &HuSlice) -> BodyAir {
             candidate: BitMask::new(rows, cols),
         };
     };
-    let body_runs: Vec<(usize, usize, usize)> =
-        runs.iter().zip(&label).filter(|(_, &l)| l == body).map(|(&run, _)| run).collect();
-    let mut inside = Plane::from_runs(rows, cols, &body_runs);
+    let mut inside = Plane::from_runs(rows, cols, &runs_of(&runs, &label, |l| l == body));
     let holes = inside.holes();
     inside.or(&holes);
     inside.and(&air);
@@ -77,32 +71,35 @@ pub(super) fn non_gas_air(air: &Plane, gas: &Plane, pixel_spacing: [f64; 2]) -> 
         let core = opening(gas, px(GAS_CORE_MM).max(1), false);
         // Only large cores (stomach, colon, trachea): the small cysts of a diseased or emphysematous lung stay.
         let runs = core.runs(true);
-        let (label, n) = label_runs(&runs, false);
-        let mut size = vec![0usize; n];
-        for (&(_, a, b), &l) in runs.iter().zip(&label) {
-            size[l as usize] += b - a + 1;
-        }
-        let large: Vec<(usize, usize, usize)> = runs
-            .iter()
-            .zip(&label)
-            .filter(|(_, &l)| size[l as usize] as f64 * px_cm2 >= GAS_CORE_MIN_CM2)
-            .map(|(&run, _)| run)
-            .collect();
+        let (label, size) = pieces(&runs, false);
+        let large = runs_of(&runs, &label, |l| size[l as usize] as f64 * px_cm2 >= GAS_CORE_MIN_CM2);
         if !large.is_empty() {
             air.and_not(&Plane::dilated(rows, cols, &large, px(GAS_RIM_MM)));
         }
     }
     let runs = air.runs(true);
-    let (label, n) = label_runs(&runs, true);
-    let (mut size, mut n_gas) = (vec![0usize; n], vec![0usize; n]);
+    let (label, size) = pieces(&runs, true);
+    let mut n_gas = vec![0usize; size.len()];
     for (&(r, a, b), &l) in runs.iter().zip(&label) {
-        size[l as usize] += b - a + 1;
         n_gas[l as usize] += gas.count_in(r, a, b);
     }
-    let keep: Vec<bool> = (0..n)
+    let keep: Vec<bool> = (0..size.len())
         .map(|l| size[l] as f64 * px_cm2 >= GAS_PIECE_MAX_CM2 || n_gas[l] as f64 <= MAX_GAS_FRACTION * size[l] as f64)
         .collect();
-    let kept: Vec<(usize, usize, usize)> =
-        runs.iter().zip(&label).filter(|(_, &l)| keep[l as usize]).map(|(&run, _)| run).collect();
-    Plane::from_runs(rows, cols, &kept)
+    Plane::from_runs(rows, cols, &runs_of(&runs, &label, |l| keep[l as usize]))
+}
+
+/// The components of `runs` ([`label_runs`]: each run's, raster order of first pixels) and each one's pixel count.
+fn pieces(runs: &Runs, eight: bool) -> (Vec<u32>, Vec<usize>) {
+    let (label, n) = label_runs(runs, eight);
+    let mut size = vec![0usize; n];
+    for (&(_, a, b), &l) in runs.iter().zip(&label) {
+        size[l as usize] += b - a + 1;
+    }
+    (label, size)
+}
+
+/// The runs whose component (`label`, per run) `keep` takes.
+fn runs_of(runs: &Runs, label: &[u32], keep: impl Fn(u32) -> bool) -> Vec<(usize, usize, usize)> {
+    runs.iter().zip(label).filter(|(_, &l)| keep(l)).map(|(&run, _)| run).collect()
 }

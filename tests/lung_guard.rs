@@ -6,7 +6,8 @@
 //!   its chest slices keep their lungs; the NY-SBU single slices without air-density lung get no lesion, the chest
 //!   ones keep their lungs.
 //! - the real RICORD series: the guard as the product runs it at completion (seeding on bit rows, pre-seeds made as
-//!   the slices arrived) gives the masks of the pixel-by-pixel seeding of every slice, bit for bit (with timings).
+//!   the slices arrived) gives the masks of the pixel-by-pixel seeding of every slice, bit for bit (with timings);
+//!   so does each slice's air mask on bit rows against the pixel one.
 //!
 //! What counts as "lung by HU" here is computed independently of the guard's code (see [`air_regions`]).
 
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use common::dcm_files;
 
-use lungsentry::analysis::lung_guard::{self, Seeding};
+use lungsentry::analysis::lung_guard::{self, AirMasking, Seeding};
 use lungsentry::analysis::{analyse_series, segment_slice, AnalysisParams, PlacedSlice};
 use lungsentry::config::{Config, EngineKind};
 use lungsentry::decode::{self, HuSlice};
@@ -331,9 +332,10 @@ fn ny_sbu_single_slices_without_lung_get_no_lesion_and_chest_slices_keep_their_l
 }
 
 /// The RICORD series (248 slices 512², JPEG Lossless: on 212 of them the 3D rule drops air specks, so their
-/// pre-seeds do not hold and completion seeds them again): the guard's output with the product's seeding (bit rows,
-/// the pre-seeds `SeriesWork` makes as slices arrive) equals, bit for bit, the output of the pixel seeding of every
-/// slice, the seeding the product used before; prints the timings of both (best of three).
+/// pre-seeds do not hold and completion seeds them again): every slice's air mask on bit rows (the product's) equals
+/// the pixel-by-pixel one; the guard's output with the product's seeding (bit rows, the pre-seeds `SeriesWork` makes
+/// as slices arrive) equals, bit for bit, the output of the pixel seeding of every slice, the seeding the product used
+/// before; prints the timings of both (best of three).
 #[test]
 fn ricord_the_guard_seeding_on_rows_equals_the_pixel_seeding_bit_for_bit() {
     let ctx = context();
@@ -355,6 +357,10 @@ fn ricord_the_guard_seeding_on_rows_equals_the_pixel_seeding_bit_for_bit() {
             slice_thickness: hu.slice_thickness,
         };
         p.segmentation.pre_seed = lung_guard::pre_seed(&p);
+        // The slice's air as the product made it (bit rows) is the pixel-by-pixel reference's.
+        let reference = lung_guard::air_mask_with(&hu, AirMasking::Pixels);
+        assert_eq!(lung_guard::air_mask(&hu), reference, "{}: air mask", f.display());
+        assert_eq!(p.segmentation.air.as_ref(), Some(&reference.candidate), "{}: air candidate", f.display());
         placed.push(p);
     }
     assert_eq!(placed.len(), 248);

@@ -41,8 +41,10 @@
 //!
 //! The seeding (step 4) runs on bit rows and runs (`seed`: labelling by union-find over runs, dilation by whole
 //! words, holes as the unset runs not connected to the border), a tenth of the pixel seeding's time; the pixel-by-pixel
-//! seeding it replaced (`pixels`) stays as the reference it equals bit for bit ([`Seeding::Pixels`]). Files:
-//! `seed` (bit rows), `pixels` (reference), `morphology` (pixel helpers of [`air_mask`]), `tests`.
+//! seeding it replaced (`pixels`) stays as the reference it equals bit for bit ([`Seeding::Pixels`]). So does the
+//! per-slice [`air_mask`] (`air`: openings by run dilation, body and gas pieces labelled on runs, holes on the gaps;
+//! the pixel air mask stays as [`AirMasking::Pixels`]). Files: `plane` (the bit-row primitives), `seed` and `air` (on
+//! them), `pixels` (the references), `morphology` (the pixel helpers of the references), `tests`, `tests_air`.
 //!
 //! Complements `plausible_lungs` (the model-shape rule in `analysis`), which it does not replace: the guard runs
 //! first, on HU anatomy; `plausible_lungs` then drops small isolated lung-labelled 3D components of what the guard
@@ -59,10 +61,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{mask_components, BitMask, MaskComponents, PlacedSlice, RunMask};
 use crate::decode::HuSlice;
-use morphology::{dilate, erode, fill_holes, label};
-
+mod air;
 mod morphology;
 mod pixels;
+mod plane;
 mod seed;
 #[cfg(test)]
 mod tests;
@@ -167,30 +169,27 @@ pub struct Guarded {
 }
 
 /// Air-density pixels (HU < [`AIR_HU`]) inside the patient's body contour, and the gas among them (see the
-/// module doc).
+/// module doc), on bit rows ([`AirMasking::Rows`]).
 pub fn air_mask(hu: &HuSlice) -> BodyAir {
-    let (rows, cols) = (hu.rows, hu.cols);
-    let min_spacing = hu.pixel_spacing[0].min(hu.pixel_spacing[1]);
-    let r = if min_spacing > 0.0 { (BODY_OPEN_MM / min_spacing).round().max(1.0) as usize } else { 1 };
-    let air: Vec<bool> = hu.hu.iter().map(|&v| v < AIR_HU).collect();
-    let tissue: Vec<bool> = air.iter().map(|a| !a).collect();
-    let opened = dilate(&erode(&tissue, rows, cols, r), rows, cols, r);
-    let (labels, sizes) = label(&opened, rows, cols, false);
-    let Some(body) = sizes.iter().enumerate().skip(1).max_by_key(|&(_, &n)| n).map(|(l, _)| l as u32) else {
-        return BodyAir {
-            air: BitMask::new(rows, cols),
-            gas: BitMask::new(rows, cols),
-            candidate: BitMask::new(rows, cols),
-        };
-    };
-    let body_px: Vec<bool> = labels.iter().map(|&l| l == body).collect();
-    let filled = fill_holes(&body_px, rows, cols);
-    let inside: Vec<bool> = air.iter().zip(&filled).map(|(a, f)| *a && *f).collect();
-    let gas: Vec<bool> = inside.iter().zip(&hu.hu).map(|(a, &v)| *a && v < GAS_HU).collect();
-    let air = BitMask::from_bools(rows, cols, &inside);
-    let gas = BitMask::from_bools(rows, cols, &gas);
-    let candidate = non_gas_air(&air, &gas, hu.pixel_spacing);
-    BodyAir { air, gas, candidate }
+    air_mask_with(hu, AirMasking::Rows)
+}
+
+/// How [`air_mask_with`] computes a slice's air. Both give the same masks bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AirMasking {
+    /// The product's: on bit rows and runs (`lung_guard::air`).
+    Rows,
+    /// The reference: pixel by pixel (`lung_guard::pixels`; how the air mask was made before bit rows, for the
+    /// tests that prove the two equal, and A/B timings).
+    Pixels,
+}
+
+/// [`air_mask`] computed as `masking` says.
+pub fn air_mask_with(hu: &HuSlice, masking: AirMasking) -> BodyAir {
+    match masking {
+        AirMasking::Rows => air::air_mask(hu),
+        AirMasking::Pixels => pixels::air_mask(hu),
+    }
 }
 
 /// How [`guard_with`] seeds a slice (step 4 of the module doc). Both give the same masks bit for bit.
@@ -372,46 +371,6 @@ fn radius_px(s: &PlacedSlice, mm: f64) -> usize {
     } else {
         0
     }
-}
-
-/// The air of one slice that is not gas: pure-gas cores (the gas mask opened by [`GAS_CORE_MM`]: noise speckles in
-/// lung do not survive it) are taken out with a rim of [`GAS_RIM_MM`] (their partial-volume edge), then every
-/// in-plane piece (8-connectivity) with more than [`MAX_GAS_FRACTION`] of pure gas left is dropped (gas pockets too
-/// small or thin for a core).
-fn non_gas_air(air: &BitMask, gas: &BitMask, pixel_spacing: [f64; 2]) -> BitMask {
-    let (rows, cols) = (air.rows, air.cols);
-    let min_spacing = pixel_spacing[0].min(pixel_spacing[1]);
-    let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
-    let gas = gas.to_bools();
-    let mut air = air.to_bools();
-    if gas.iter().any(|&g| g) {
-        let r = px(GAS_CORE_MM).max(1);
-        let mut core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);
-        // Only large cores (stomach, colon, trachea): the small cysts of a diseased or emphysematous lung stay.
-        let (labels, sizes) = label(&core, rows, cols, false);
-        let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
-        for (c, &l) in core.iter_mut().zip(&labels) {
-            *c &= l != 0 && sizes[l as usize] as f64 * px_cm2 >= GAS_CORE_MIN_CM2;
-        }
-        if core.iter().any(|&c| c) {
-            for (a, x) in air.iter_mut().zip(dilate(&core, rows, cols, px(GAS_RIM_MM))) {
-                *a &= !x;
-            }
-        }
-    }
-    let (labels, sizes) = label(&air, rows, cols, true);
-    let mut n_gas = vec![0usize; sizes.len()];
-    for (&l, &g) in labels.iter().zip(&gas) {
-        if l != 0 && g {
-            n_gas[l as usize] += 1;
-        }
-    }
-    let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
-    let keep: Vec<bool> = (0..sizes.len())
-        .map(|l| sizes[l] as f64 * px_cm2 >= GAS_PIECE_MAX_CM2 || n_gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64)
-        .collect();
-    let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
-    BitMask::from_bools(rows, cols, &px)
 }
 
 /// `f` over `items` on up to 8 scoped threads (slices are independent; the guard runs at completion, where the

@@ -1,10 +1,10 @@
 //! lung_guard::morphology — pixel-level binary morphology on rows×cols bool masks: square dilation and erosion,
 //! connected-component labelling, hole filling.
 //!
-//! Owns: the helpers `air_mask` and `non_gas_air` build each slice's air from (while the series streams in), and
-//! that the reference seeding (`lung_guard::pixels`) uses.
+//! Owns: the helpers of the pixel-by-pixel references (`lung_guard::pixels`: the air mask and the seeding), and the
+//! definitions the bit-row primitives (`lung_guard::plane`) are tested against.
 //! Hands on: plain `Vec<bool>` / label vectors to its callers in `lung_guard`.
-//! Never: knows what a mask means; the seeding at completion does not use it (`lung_guard::seed` works on bit rows).
+//! Never: runs on the product's path (`air` and `seed` work on bit rows).
 
 /// Square dilation (Chebyshev radius `r`) of a rows×cols mask: separable, prefix counts per line.
 pub(super) fn dilate(m: &[bool], rows: usize, cols: usize, r: usize) -> Vec<bool> {

@@ -1,15 +1,23 @@
-//! lung_guard::pixels — one slice's seeding (step 4 of the `lung_guard` module doc) done pixel by pixel in a window
-//! of the slice: how the guard seeded until the seeding on bit rows and runs (`lung_guard::seed`) replaced it.
+//! lung_guard::pixels — the guard's per-slice steps done pixel by pixel, as they were before bit rows and runs
+//! replaced them: one slice's seeding (step 4 of the `lung_guard` module doc, in a window of the slice; replaced by
+//! `lung_guard::seed`) and one slice's air mask (`air_mask`, `non_gas_air`; replaced by `lung_guard::air`).
 //!
-//! Owns: the reference seeding. `seed` must equal it bit for bit (unit tests on random slices,
-//! `tests/lung_guard.rs` on the real RICORD series); [`super::Seeding::Pixels`] runs the guard with it, for those
-//! tests and for A/B timings.
-//! Hands on: (kept model lung, field, small pieces' centres and verdicts) to `guard_with`.
-//! Never: runs on the product's path (`guard` seeds with `seed`), or differs from `seed` in any pixel.
+//! Owns: the reference seeding and the reference air mask. `seed` and `air` must equal them bit for bit (unit tests
+//! on random slices and the HU fixtures, `tests/lung_guard.rs` on the real RICORD series);
+//! [`super::Seeding::Pixels`] runs the guard with the seeding, [`super::AirMasking::Pixels`] makes the air mask, for
+//! those tests and for A/B timings (`benches/air_mask.rs`).
+//! Hands on: (kept model lung, field, small pieces' centres and verdicts) to `guard_with`; a [`BodyAir`] to
+//! `air_mask_with`.
+//! Never: runs on the product's path (`guard` seeds with `seed`, `air_mask` uses `air`), or differs from `seed` and
+//! `air` in any pixel.
 
-use super::morphology::{dilate, fill_holes, label};
-use super::{radius_px, AIRWAY_MAX_CM2, NEAR_MM, SEED_DILATION_MM, WHOLE_OVERLAP_FRACTION};
+use super::morphology::{dilate, erode, fill_holes, label};
+use super::{
+    radius_px, BodyAir, AIRWAY_MAX_CM2, AIR_HU, BODY_OPEN_MM, GAS_CORE_MIN_CM2, GAS_CORE_MM, GAS_HU, GAS_PIECE_MAX_CM2,
+    GAS_RIM_MM, MAX_GAS_FRACTION, NEAR_MM, SEED_DILATION_MM, WHOLE_OVERLAP_FRACTION,
+};
 use crate::analysis::{BitMask, PlacedSlice};
+use crate::decode::HuSlice;
 
 /// One slice's share of [`super::guard`]: the kept air `k` less airway pieces, dilated into the lung field, and the
 /// model lung components it seeds (see the `lung_guard` module doc), with the airway rule as a function of a small
@@ -154,4 +162,71 @@ pub(super) fn seed_in_with(
         m
     };
     (uncrop(&kept_px), uncrop(&f), small_pieces)
+}
+
+/// The reference [`super::air_mask`]: air-density pixels (HU < [`AIR_HU`]) inside the patient's body contour, and
+/// the gas among them (see the `lung_guard` module doc), pixel by pixel.
+pub(super) fn air_mask(hu: &HuSlice) -> BodyAir {
+    let (rows, cols) = (hu.rows, hu.cols);
+    let min_spacing = hu.pixel_spacing[0].min(hu.pixel_spacing[1]);
+    let r = if min_spacing > 0.0 { (BODY_OPEN_MM / min_spacing).round().max(1.0) as usize } else { 1 };
+    let air: Vec<bool> = hu.hu.iter().map(|&v| v < AIR_HU).collect();
+    let tissue: Vec<bool> = air.iter().map(|a| !a).collect();
+    let opened = dilate(&erode(&tissue, rows, cols, r), rows, cols, r);
+    let (labels, sizes) = label(&opened, rows, cols, false);
+    let Some(body) = sizes.iter().enumerate().skip(1).max_by_key(|&(_, &n)| n).map(|(l, _)| l as u32) else {
+        return BodyAir {
+            air: BitMask::new(rows, cols),
+            gas: BitMask::new(rows, cols),
+            candidate: BitMask::new(rows, cols),
+        };
+    };
+    let body_px: Vec<bool> = labels.iter().map(|&l| l == body).collect();
+    let filled = fill_holes(&body_px, rows, cols);
+    let inside: Vec<bool> = air.iter().zip(&filled).map(|(a, f)| *a && *f).collect();
+    let gas: Vec<bool> = inside.iter().zip(&hu.hu).map(|(a, &v)| *a && v < GAS_HU).collect();
+    let air = BitMask::from_bools(rows, cols, &inside);
+    let gas = BitMask::from_bools(rows, cols, &gas);
+    let candidate = non_gas_air(&air, &gas, hu.pixel_spacing);
+    BodyAir { air, gas, candidate }
+}
+
+/// The air of one slice that is not gas: pure-gas cores (the gas mask opened by [`GAS_CORE_MM`]: noise speckles in
+/// lung do not survive it) are taken out with a rim of [`GAS_RIM_MM`] (their partial-volume edge), then every
+/// in-plane piece (8-connectivity) with more than [`MAX_GAS_FRACTION`] of pure gas left is dropped (gas pockets too
+/// small or thin for a core).
+pub(super) fn non_gas_air(air: &BitMask, gas: &BitMask, pixel_spacing: [f64; 2]) -> BitMask {
+    let (rows, cols) = (air.rows, air.cols);
+    let min_spacing = pixel_spacing[0].min(pixel_spacing[1]);
+    let px = |mm: f64| if min_spacing > 0.0 { (mm / min_spacing).round() as usize } else { 0 };
+    let gas = gas.to_bools();
+    let mut air = air.to_bools();
+    if gas.iter().any(|&g| g) {
+        let r = px(GAS_CORE_MM).max(1);
+        let mut core = dilate(&erode(&gas, rows, cols, r), rows, cols, r);
+        // Only large cores (stomach, colon, trachea): the small cysts of a diseased or emphysematous lung stay.
+        let (labels, sizes) = label(&core, rows, cols, false);
+        let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
+        for (c, &l) in core.iter_mut().zip(&labels) {
+            *c &= l != 0 && sizes[l as usize] as f64 * px_cm2 >= GAS_CORE_MIN_CM2;
+        }
+        if core.iter().any(|&c| c) {
+            for (a, x) in air.iter_mut().zip(dilate(&core, rows, cols, px(GAS_RIM_MM))) {
+                *a &= !x;
+            }
+        }
+    }
+    let (labels, sizes) = label(&air, rows, cols, true);
+    let mut n_gas = vec![0usize; sizes.len()];
+    for (&l, &g) in labels.iter().zip(&gas) {
+        if l != 0 && g {
+            n_gas[l as usize] += 1;
+        }
+    }
+    let px_cm2 = pixel_spacing[0] * pixel_spacing[1] / 100.0;
+    let keep: Vec<bool> = (0..sizes.len())
+        .map(|l| sizes[l] as f64 * px_cm2 >= GAS_PIECE_MAX_CM2 || n_gas[l] as f64 <= MAX_GAS_FRACTION * sizes[l] as f64)
+        .collect();
+    let px: Vec<bool> = labels.iter().map(|&l| l != 0 && keep[l as usize]).collect();
+    BitMask::from_bools(rows, cols, &px)
 }

@@ -1,5 +1,8 @@
+use super::morphology::{dilate, erode, fill_holes, label};
 use super::*;
 use crate::analysis::{analyse_series, AnalysisParams, SliceSegmentation};
+
+mod air;
 
 const N: usize = 64;
 /// Pixel spacing of the synthetic slices, mm (a 320 mm field; one pixel = 0.25 cm²).
@@ -482,27 +485,29 @@ fn the_guard_seeding_on_rows_equals_the_guard_seeding_on_pixels() {
     assert!(reference.lung.iter().any(|m| m.count() > 0) && reference.lung.iter().any(|m| m.count() == 0));
 }
 
-/// The bit-row primitives equal the pixel helpers on random masks (sparse to dense, sizes around word
-/// boundaries): the square dilation, the labelling (8- and 4-connectivity: the same partition, numbered in the
-/// same order) and the holes.
+/// The bit-row primitives equal the pixel helpers on random masks (empty, sparse to dense, full; sizes around word
+/// boundaries, one row, one column, none): the square dilation, the labelling (8- and 4-connectivity: the same
+/// partition, numbered in the same order) and the holes.
 #[test]
 fn the_row_primitives_equal_the_pixel_helpers() {
     let mut next = rng(0x51_7cc1_b727_220a);
     for (case, (rows, cols)) in
-        [(1, 1), (7, 63), (9, 64), (33, 65), (40, 130), (64, 129), (2, 200)].into_iter().enumerate()
+        [(1, 1), (7, 63), (9, 64), (33, 65), (40, 130), (64, 129), (2, 200), (1, 70), (70, 1), (0, 5), (5, 0)]
+            .into_iter()
+            .enumerate()
     {
-        for density in [5, 30, 50, 65, 90] {
+        for density in [0, 5, 30, 50, 65, 90, 100] {
             let m: Vec<bool> = (0..rows * cols).map(|_| next(100) < density).collect();
             let mask = BitMask::from_bools(rows, cols, &m);
             let runs = mask.runs();
             let plane = |px: &[bool]| BitMask::from_bools(rows, cols, px);
-            for r in [0, 1, 2, 5, 21] {
-                let rows_dilated = seed::Plane::dilated(rows, cols, &runs, r).to_bitmask();
+            for r in [0, 1, 2, 3, 5, 21] {
+                let rows_dilated = plane::Plane::dilated(rows, cols, &runs, r).to_bitmask();
                 assert_eq!(rows_dilated, plane(&dilate(&m, rows, cols, r)), "case {case}, {density} %, r {r}");
             }
             for eight in [true, false] {
                 let (label_px, sizes) = label(&m, rows, cols, eight);
-                let (label_run, n) = seed::label_runs(&runs, eight);
+                let (label_run, n) = plane::label_runs(&runs, eight);
                 assert_eq!(n, sizes.len() - 1, "case {case}, {density} %, eight {eight}");
                 for (&(r, a, b), &l) in runs.iter().zip(&label_run) {
                     for c in a..=b {
@@ -510,7 +515,7 @@ fn the_row_primitives_equal_the_pixel_helpers() {
                     }
                 }
             }
-            let mut p = seed::Plane::new(rows, cols);
+            let mut p = plane::Plane::new(rows, cols);
             for &(r, a, b) in &runs {
                 p.set_run(r, a, b);
             }

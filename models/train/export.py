@@ -37,7 +37,7 @@ MODELS = HERE.parent
 MANIFEST = """[model]
 name = "lungsentry-unet"
 version = "{version}"
-file = "lungsentry-unet.onnx"
+file = "{file}"
 sha256 = "{sha256}"
 
 [input]
@@ -184,7 +184,9 @@ def main() -> None:
         print("phantom val", json.dumps({k: v for k, v in ph.items() if k != "series"}), flush=True)
 
     sha = hashlib.sha256(args.out.read_bytes()).hexdigest()
-    (MODELS / "manifest.toml").write_text(MANIFEST.format(version=args.version, sha256=sha))
+    # manifest and report beside the exported file (models/ for the default --out; a candidate's own folder else)
+    dest = args.out.parent
+    (dest / "manifest.toml").write_text(MANIFEST.format(version=args.version, sha256=sha, file=args.out.name))
     val = dict(
         model=dict(name="lungsentry-unet", version=args.version, sha256=sha, file=args.out.name, bytes=nbytes,
                    params=count_params(model), width=summ["width"], levels=summ["levels"]),
@@ -204,8 +206,8 @@ def main() -> None:
                                               "partial_run")
                       if k in summ),
     )
-    (MODELS / "validation.json").write_text(json.dumps(val, indent=1) + "\n")
-    print(f"wrote {args.out} ({nbytes} bytes, sha256 {sha}), manifest.toml, validation.json")
+    (dest / "validation.json").write_text(json.dumps(val, indent=1) + "\n")
+    print(f"wrote {args.out} ({nbytes} bytes, sha256 {sha}), {dest / 'manifest.toml'}, {dest / 'validation.json'}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--crop", type=int, default=160, help="train on random crops of this size (0: full 256)")
     ap.add_argument("--run", type=Path, default=None,
                     help="run folder: log, checkpoints, summary (default: a new models/train/runs/<timestamp>)")
-    ap.add_argument("--out", type=Path, default=MODELS / "lungsentry-unet.onnx")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="ONNX of the best epoch (default: <run>/lungsentry-unet.onnx; the shipped model in models/ "
+                         "changes only through export.py)")
     ap.add_argument("--fp-penalty", type=float, default=0.1,
                     help="checkpoint score penalty per false-positive lesion-free validation phantom series")
     ap.add_argument("--iou-weight", type=float, default=0.0,

@@ -450,6 +450,8 @@ def main() -> None:
     r = eval_real(model, ct, lab, va_idx, per_patient)
     p = eval_phantoms(model, ph_va) if ph_va is not None else None
     model = model.to(memory_format=torch.contiguous_format)
+    if args.out is None:
+        args.out = args.run / "lungsentry-unet.onnx"
     export_onnx(model, args.out)
     summary = dict(width=args.width, levels=args.levels, chans=chans, bottom=args.bottom,
                    refine_kernel=args.refine_kernel, params=count_params(model), epochs=len(history),

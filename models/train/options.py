@@ -22,8 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent
 
-# Options that say how to run train.py, not what to train: never keys of a run file.
-NOT_IN_RUN_FILES = {"config", "print-args", "help"}
+# Options that say how to run train.py, not what to train: never keys of a run file (--device and --pack say
+# where it runs and where its data comes from, so the same run file trains on this machine and on the device).
+NOT_IN_RUN_FILES = {"config", "print-args", "help", "device", "pack"}
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -118,6 +119,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where the model trains: cpu, cuda, or auto (cuda where PyTorch sees a GPU, else cpu); "
+                         "batches are drawn and augmented on the CPU either way, checkpoints are saved as CPU tensors")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                    help="bf16 autocast of the forward passes (training and evaluation) on cuda; ignored on cpu")
+    ap.add_argument("--pack", type=Path, default=None,
+                    help="read the real slices, the negatives and the phantoms from this device pack "
+                         "(device_pack.py) instead of LUNGSENTRY_DATA, the phantom generator and the caches")
     return ap
 
 

@@ -219,5 +219,8 @@ class TrainPrintArgs(unittest.TestCase):
         self.assertEqual(as_file, resolved(shlex.split(RECORDED["v9"])))
 
 
+# device_pack.py and the --device / --amp / --pack options: their tests run with these (scripts/test runs this module)
+from models.train.test_device_pack import DeviceOptions, PackRoundTrip  # noqa: E402,F401
+
 if __name__ == "__main__":
     unittest.main()

@@ -7,6 +7,9 @@ A run file holds one run's options (options.py says how); options on the command
 
 Real data: covid19-ct-seg-256 (LUNGSENTRY_DATA), patient-level split from split.json.
 Phantoms (--phantoms): `lungsentry phantom` series, generated outside the repo (--phantom-cache).
+With --pack FILE all three (real, negatives, phantoms) come from one device pack (device_pack.py) instead: no
+LUNGSENTRY_DATA, phantom generator or cache needed. --device cuda trains on a GPU (README.md, "Training on the
+device machine").
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import cv2
@@ -24,7 +28,6 @@ import torch.nn.functional as F
 
 if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from models.train import data_negatives  # noqa: E402
 from models.train import data_real  # noqa: E402
 from models.train import split as split_mod  # noqa: E402
 from models.train.model import UNet, count_params, widen_from  # noqa: E402
@@ -118,14 +121,44 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
     return 2.0 * int((pred & truth).sum()) / s
 
 
+AMP = [False]  # --amp: bf16 autocast of the forward passes on cuda (set by main)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on cuda with --amp, else nothing."""
+    if AMP[0] and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: cpu, cuda, or auto (cuda where PyTorch sees a GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as CPU tensors (what checkpoints hold, whatever the device)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 @torch.no_grad()
 def predict(model: UNet, x_u8: np.ndarray, bs: int = 16) -> np.ndarray:
+    """Labels (argmax) of u8 slices, on the model's device; a CPU numpy array."""
     model.eval()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        bs = max(bs, 128)  # larger batches on the GPU (eval mode: a slice's result does not depend on its batch)
     out = []
     for i in range(0, len(x_u8), bs):
         x = torch.from_numpy(x_u8[i:i + bs].astype(np.float32) / 255.0)[:, None]
-        x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).argmax(1).numpy().astype(np.uint8))
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = model(x)
+        out.append(logits.argmax(1).to(torch.uint8).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -220,6 +253,10 @@ def main() -> None:
     np.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    AMP[0] = bool(args.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # two input sizes (crop, full 256) and the eval batch: tuned once each
     args.run.mkdir(parents=True, exist_ok=True)
     log = open(args.run / "log.txt", "a")
 
@@ -231,7 +268,15 @@ def main() -> None:
 
     if args.data:
         os.environ["LUNGSENTRY_DATA"] = str(args.data)
-    ct, lab = data_real.load_real()
+    pack = None
+    if args.pack is not None:
+        from models.train.device_pack import Pack
+        t0 = time.time()
+        pack = Pack(args.pack)
+        ct, lab = pack.real()
+        say(f"pack {args.pack}: parts {pack.parts} (real decoded in {time.time() - t0:.0f} s)")
+    else:
+        ct, lab = data_real.load_real()
     sp = split_mod.load_split()
     tr_idx, va_idx, per_patient = split_mod.split_indices(sp)
     say(f"real: {len(ct)} slices, train {len(tr_idx)}, val {len(va_idx)} ({[p for p, _ in per_patient]})")
@@ -250,6 +295,10 @@ def main() -> None:
         tag = "" if args.phantom_none_every == 4 else f"-none{args.phantom_none_every}"
         def load_set(name, seeds):
             f = cache / f"phantoms-{name}-{len(seeds)}x{args.phantom_slices}x{args.phantom_size}{tag}.npz"
+            if pack is not None:  # the pack's subset of this set's series; never the generator
+                d = pack.phantoms(f.stem)
+                say(f"phantoms {f.stem} from the pack: {len(d['severity'])} of {len(seeds)} series")
+                return d
             if f.exists():
                 z = np.load(f, allow_pickle=True)
                 return {k: (z[k].tolist() if k in ("severity", "seeds", "gt_involvement") else z[k]) for k in z.files}
@@ -276,7 +325,11 @@ def main() -> None:
 
     neg_tr = neg_va = None
     if args.negatives > 0:
-        neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
+        if pack is not None:
+            neg_tr, neg_va = pack.negatives("train"), pack.negatives("val")
+        else:
+            from models.train import data_negatives  # pydicom: not needed (nor installed) where a pack is used
+            neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
     neg_groups = None  # per lesion-free training series, its slice indices (--negatives-series-balance)
@@ -297,13 +350,15 @@ def main() -> None:
     chans = [int(c) for c in args.chans.split(",")] if args.chans else None
     model = UNet(args.width, args.levels, chans=chans, bottom=args.bottom, refine_kernel=args.refine_kernel)
     if args.init:
-        state = torch.load(args.init)
+        state = torch.load(args.init, map_location="cpu")
         if all(state[k].shape == v.shape for k, v in model.state_dict().items()):
             model.load_state_dict(state)
         else:  # a narrower checkpoint of the same family: same function, wider layers (model.widen_from)
             widen_from(model, state)
             say(f"widened {args.init} into the new architecture")
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
+    say(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + (", bf16 autocast" if args.amp and device.type == "cuda" else ""))
     say(f"model: width {args.width} levels {args.levels} chans {chans} bottom {args.bottom} "
         f"refine {args.refine_kernel} params {count_params(model)}")
     # the architecture, for exporting a checkpoint before the run has written summary.json
@@ -407,9 +462,12 @@ def main() -> None:
                     a, b = a[oy:oy + crop, ox:ox + crop], b[oy:oy + crop, ox:ox + crop]
                 xs.append(a)
                 ys.append(b)
-            x = torch.from_numpy(np.stack(xs))[:, None].contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(np.stack(ys).astype(np.int64))
-            logits = model(x)
+            x = torch.from_numpy(np.stack(xs))[:, None].to(device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device, non_blocking=True)
+            with autocast(device):
+                logits = model(x)
+            logits = logits.float()  # the losses in float32 (a no-op without autocast)
             loss = dice_ce_loss(logits, y)
             if args.fp_pixel_weight != 1.0 or args.fn_pixel_weight != 1.0:
                 loss = loss + error_weighted_ce(logits, y, args.fp_pixel_weight, args.fn_pixel_weight)
@@ -439,17 +497,21 @@ def main() -> None:
         rec["score"] = score
         history.append(rec)
         say(json.dumps(rec))
-        torch.save(judged.state_dict(), args.run / "last.pt")  # the latest epoch, for a look beside the best
-        torch.save(judged.state_dict(), args.run / f"epoch{ep + 1:03d}.pt")
+        state = cpu_state(judged)  # CPU tensors whatever the device: export.py, from_onnx.py, --init load them
+        torch.save(state, args.run / "last.pt")  # the latest epoch, for a look beside the best
+        torch.save(state, args.run / f"epoch{ep + 1:03d}.pt")
         if score > best_score:
             best_score = score
-            best = {k: v.clone() for k, v in judged.state_dict().items()}
+            best = {k: v.clone() for k, v in state.items()}
             torch.save(best, args.run / "best.pt")
     train_secs = time.time() - t_start
+    if best is None:
+        say("no epoch finished within the time budget: no checkpoint, nothing to export")
+        sys.exit(1)
     model.load_state_dict(best)
     r = eval_real(model, ct, lab, va_idx, per_patient)
     p = eval_phantoms(model, ph_va) if ph_va is not None else None
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to("cpu", memory_format=torch.contiguous_format)
     if args.out is None:
         args.out = args.run / "lungsentry-unet.onnx"
     export_onnx(model, args.out)
@@ -469,6 +531,8 @@ def main() -> None:
                    negatives_series_balance=args.negatives_series_balance,
                    fp_pixel_weight=args.fp_pixel_weight, fn_pixel_weight=args.fn_pixel_weight,
                    freeze_bn=args.freeze_bn, hard_real_positives=args.hard_real_positives,
+                   device=str(device), amp=bool(args.amp and device.type == "cuda"),
+                   pack=str(args.pack) if args.pack else None,
                    best_epoch=int(np.argmax([h["score"] for h in history]) + 1),
                    real_val=r, phantom_val=p, history=history)
     (args.run / "summary.json").write_text(json.dumps(summary, indent=1))

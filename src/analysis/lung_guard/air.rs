@@ -14,7 +14,7 @@
 //! Hands on: the [`BodyAir`] to `lung_guard::air_mask` (and from there to `SliceSegmentation::air`).
 //! Never: looks at the model's masks, or at other slices.
 
-use super::plane::{label_runs, Plane, Runs};
+use super::plane::{pieces, runs_of, Plane};
 use super::{
     BodyAir, AIR_HU, BODY_OPEN_MM, GAS_CORE_MIN_CM2, GAS_CORE_MM, GAS_HU, GAS_PIECE_MAX_CM2, GAS_RIM_MM,
     MAX_GAS_FRACTION,
@@ -54,7 +54,7 @@ pub(super) fn air_mask(hu: &HuSlice) -> BodyAir {
 /// of the dilated complement, outside the image counting as set; then the dilation of what is left).
 fn opening(m: &Plane, r: usize, complement: bool) -> Plane {
     let (rows, cols) = m.size();
-    let outside = if complement { m.runs(true) } else { m.runs(false) };
+    let outside = m.runs(complement);
     let eroded = Plane::dilated(rows, cols, &outside, r).not();
     Plane::dilated(rows, cols, &eroded.runs(true), r)
 }
@@ -87,19 +87,4 @@ pub(super) fn non_gas_air(air: &Plane, gas: &Plane, pixel_spacing: [f64; 2]) -> 
         .map(|l| size[l] as f64 * px_cm2 >= GAS_PIECE_MAX_CM2 || n_gas[l] as f64 <= MAX_GAS_FRACTION * size[l] as f64)
         .collect();
     Plane::from_runs(rows, cols, &runs_of(&runs, &label, |l| keep[l as usize]))
-}
-
-/// The components of `runs` ([`label_runs`]: each run's, raster order of first pixels) and each one's pixel count.
-fn pieces(runs: &Runs, eight: bool) -> (Vec<u32>, Vec<usize>) {
-    let (label, n) = label_runs(runs, eight);
-    let mut size = vec![0usize; n];
-    for (&(_, a, b), &l) in runs.iter().zip(&label) {
-        size[l as usize] += b - a + 1;
-    }
-    (label, size)
-}
-
-/// The runs whose component (`label`, per run) `keep` takes.
-fn runs_of(runs: &Runs, label: &[u32], keep: impl Fn(u32) -> bool) -> Vec<(usize, usize, usize)> {
-    runs.iter().zip(label).filter(|(_, &l)| keep(l)).map(|(&run, _)| run).collect()
 }

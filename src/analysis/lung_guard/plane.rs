@@ -1,6 +1,7 @@
 //! lung_guard::plane — the bit-row primitives the guard's per-slice steps run on: a binary mask stored a row at a
 //! time in 64-bit words ([`Plane`]), its horizontal runs, square dilation by whole words, hole filling on the gaps
-//! between runs, and connected components of runs by union-find ([`label_runs`]).
+//! between runs, and connected components of runs by union-find ([`label_runs`], with [`pieces`] for their sizes and
+//! [`runs_of`] to select them).
 //!
 //! Owns: those primitives. Each equals its pixel-by-pixel definition in `lung_guard::morphology` bit for bit (unit
 //! test `the_row_primitives_equal_the_pixel_helpers`).
@@ -67,6 +68,21 @@ pub(super) fn label_runs(runs: &Runs, eight: bool) -> (Vec<u32>, usize) {
         label.push(id[root]);
     }
     (label, n as usize)
+}
+
+/// The components of `runs` ([`label_runs`]: each run's, raster order of first pixels) and each one's pixel count.
+pub(super) fn pieces(runs: &Runs, eight: bool) -> (Vec<u32>, Vec<usize>) {
+    let (label, n) = label_runs(runs, eight);
+    let mut size = vec![0usize; n];
+    for (&(_, a, b), &l) in runs.iter().zip(&label) {
+        size[l as usize] += b - a + 1;
+    }
+    (label, size)
+}
+
+/// The runs whose component (`label`, per run) `keep` takes.
+pub(super) fn runs_of(runs: &Runs, label: &[u32], keep: impl Fn(u32) -> bool) -> Vec<(usize, usize, usize)> {
+    runs.iter().zip(label).filter(|(_, &l)| keep(l)).map(|(&run, _)| run).collect()
 }
 
 /// A rows×cols binary mask stored a row at a time in 64-bit words (pixel (r, c) at word r × `words_per_row` + c / 64,

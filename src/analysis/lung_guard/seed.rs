@@ -15,7 +15,7 @@
 //! and `pre_seed`.
 //! Never: decides which air is kept (the 3D rule in `guard` does), or looks at HU.
 
-use super::plane::{label_runs, Plane};
+use super::plane::{label_runs, runs_of, Plane};
 use super::{radius_px, AIRWAY_MAX_CM2, NEAR_MM, SEED_DILATION_MM, WHOLE_OVERLAP_FRACTION};
 use crate::analysis::{BitMask, PlacedSlice};
 
@@ -61,8 +61,7 @@ pub(super) fn seed_with(
             verdict
         })
         .collect();
-    let air: Vec<(usize, usize, usize)> =
-        k_runs.iter().zip(&air_label).filter(|(_, &l)| !airway[l as usize]).map(|(&run, _)| run).collect();
+    let air = runs_of(&k_runs, &air_label, |l| !airway[l as usize]);
 
     // The field, and the model's lung components (8-connectivity) it seeds.
     let field = Plane::dilated(rows, cols, &air, radius_px(s, SEED_DILATION_MM));

@@ -134,6 +134,11 @@ def main() -> None:
             dict(json.loads(arch.read_text()), partial_run=True) if arch.exists() else
             dict(width=args.width, levels=args.levels, partial_run=True))
     model = from_summary(summ)
+    if model.in_ch != 1:
+        # The product feeds one normalised slice per inference (manifest input contract, src/preprocess.rs); a
+        # 2.5D model (train.py --context) needs the neighbour slices too, which nothing in the product supplies yet.
+        raise SystemExit(f"{args.run}: a {model.in_ch}-channel (2.5D, --context) model; the product's input "
+                         "contract is one slice: not exportable as a product model")
     model.load_state_dict(torch.load(args.run / args.checkpoint))
     model.eval()
     export_onnx(model, args.out)

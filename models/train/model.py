@@ -1,5 +1,8 @@
 """A small 2D U-Net: 1x256x256 normalised CT -> 3x256x256 logits (background, lung, lesion).
 
+With `in_ch` 3 (train.py `--context`, issue 26's 2.5D input) the input is [slice above | slice | slice below], the
+neighbours as channels; the refinement still sees the centre slice only.
+
 A stride-2 stem halves the resolution first (CPU latency), four encoder levels (widths w, 2w, 4w, 8w at
 1/2 .. 1/16), a decoder with skip connections, and a full-resolution refinement that sees the raw input
 again so edges stay sharp. Only Conv, BatchNorm (folded at export), ReLU, MaxPool, ConvTranspose and
@@ -23,12 +26,13 @@ class UNet(nn.Module):
     full-resolution refinement a 1x1 convolution (cheap on CPU where the deeper levels are widened instead)."""
 
     def __init__(self, width: int = 12, levels: int = 4, classes: int = 3, chans: list[int] | None = None,
-                 bottom: int | None = None, refine_kernel: int = 3):
+                 bottom: int | None = None, refine_kernel: int = 3, in_ch: int = 1):
         super().__init__()
-        self.width, self.levels = width, levels
+        assert in_ch % 2 == 1, "in_ch: the slice and as many neighbours on each side"
+        self.width, self.levels, self.in_ch = width, levels, in_ch
         w = width
         self.stem = nn.Sequential(
-            nn.Conv2d(1, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+            nn.Conv2d(in_ch, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
         )
         chans = list(chans) if chans else [w * 2**i for i in range(levels)]
         assert len(chans) == levels and chans[0] == w, "chans: one width per level, the first equal to width"
@@ -66,7 +70,8 @@ class UNet(nn.Module):
         for up, dec, s in zip(self.up, self.dec, reversed(skips)):
             h = dec(torch.cat([up(h), s], 1))
         h = self.up_full(h)
-        h = self.refine(torch.cat([h, x], 1))
+        c = self.in_ch // 2
+        h = self.refine(torch.cat([h, x[:, c:c + 1]], 1))
         return self.head(h)
 
 
@@ -77,7 +82,23 @@ def count_params(m: nn.Module) -> int:
 def from_summary(summ: dict) -> UNet:
     """The architecture a run's summary.json describes."""
     return UNet(summ["width"], summ["levels"], chans=summ.get("chans"), bottom=summ.get("bottom"),
-                refine_kernel=summ.get("refine_kernel", 3))
+                refine_kernel=summ.get("refine_kernel", 3), in_ch=summ.get("in_ch", 1))
+
+
+def context_from(model: UNet, old: dict, inflate: bool = False) -> None:
+    """Loads a one-channel (2D) checkpoint of the same architecture into a model with neighbour channels. By default
+    it computes the same function: the stem's weights read the centre channel, the neighbours' weights are zero.
+    With `inflate` the stem's weights are shared equally by all channels (as I3D inflates 2D filters): the model
+    starts on the mean of the slices, so every channel is in use from the first step."""
+    state = dict(old)
+    w = state["stem.0.weight"]
+    t = torch.zeros_like(model.state_dict()["stem.0.weight"])
+    if inflate:
+        t[:] = w / model.in_ch
+    else:
+        t[:, model.in_ch // 2] = w[:, 0]
+    state["stem.0.weight"] = t
+    model.load_state_dict(state)
 
 
 def widen_from(model: UNet, old: dict) -> None:

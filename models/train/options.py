@@ -116,6 +116,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                     help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
                          "are kept and batches are normalised with them, so a new mix of data in the batch does not "
                          "shift what the layers do on the old data")
+    ap.add_argument("--context", type=int, default=0, choices=[0, 1],
+                    help="1: 2.5D input, the slices above and below as two more channels (context.py); 0: 2D")
+    ap.add_argument("--context-init", default="centre", choices=["centre", "inflate"],
+                    help="a 2D --init into a --context model: its stem reads the centre slice only (the same function) "
+                         "or all slices equally (inflate)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
                          "step; the average is what is validated, kept as best and exported (0: off)")

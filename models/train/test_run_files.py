@@ -224,3 +224,5 @@ from models.train.test_device_pack import DeviceOptions, PackRoundTrip  # noqa: 
 
 if __name__ == "__main__":
     unittest.main()
+# context.py and the model's neighbour channels (--context, the 2.5D input)
+from models.train.test_context import NeighbourChannels, Neighbours  # noqa: E402,F401

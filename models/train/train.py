@@ -30,7 +30,8 @@ if __spec__ is None:  # run as a file (not with python -m): make the package mod
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.train import data_real  # noqa: E402
 from models.train import split as split_mod  # noqa: E402
-from models.train.model import UNet, count_params, widen_from  # noqa: E402
+from models.train.context import Context  # noqa: E402
+from models.train.model import UNet, context_from, count_params, widen_from  # noqa: E402
 from models.train.options import as_json, parse_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ def elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple
 
 def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
             elastic_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """img float32 [0,1] 256x256, lab u8. Geometry (flips, rotation, scale, shift, optionally elastic) + intensity
+    """img float32 [0,1] 256x256 (or 256x256xC: neighbour slices, moved together), lab u8. Geometry (flips, rotation, scale, shift, optionally elastic) + intensity
     mapping perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
@@ -67,7 +68,8 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
         M[:, 2] += (tx, ty)
         border = float(np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])))
         img = cv2.warpAffine(np.ascontiguousarray(img), M, (256, 256), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=border)
+                             borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=(border,) * (img.shape[2] if img.ndim == 3 else 1))
         lab = cv2.warpAffine(np.ascontiguousarray(lab), M, (256, 256), flags=cv2.INTER_NEAREST,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     img = np.ascontiguousarray(img, dtype=np.float32)
@@ -147,14 +149,17 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: UNet, x_u8: np.ndarray, bs: int = 16) -> np.ndarray:
-    """Labels (argmax) of u8 slices, on the model's device; a CPU numpy array."""
+    """Labels (argmax) of u8 slices (N x H x W, or N x C x H x W with neighbour channels), on the model's device;
+    a CPU numpy array."""
     model.eval()
     device = next(model.parameters()).device
     if device.type == "cuda":
         bs = max(bs, 128)  # larger batches on the GPU (eval mode: a slice's result does not depend on its batch)
     out = []
     for i in range(0, len(x_u8), bs):
-        x = torch.from_numpy(x_u8[i:i + bs].astype(np.float32) / 255.0)[:, None]
+        x = torch.from_numpy(x_u8[i:i + bs].astype(np.float32) / 255.0)
+        if x.dim() == 3:
+            x = x[:, None]
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device):
             logits = model(x)
@@ -166,8 +171,13 @@ def seg_metrics(pred: np.ndarray, lab: np.ndarray) -> dict:
     return dict(lung_dice=dice(pred >= 1, lab >= 1), lesion_dice=dice(pred == 2, lab == 2), slices=int(len(lab)))
 
 
-def eval_real(model, ct, lab, val_idx, per_patient) -> dict:
-    pred = predict(model, ct[val_idx])
+def inputs(ct: np.ndarray, idx, ctx: Context | None) -> np.ndarray:
+    """The model's input for slices idx of a set: the slices, or with --context the slices and their neighbours."""
+    return ct[idx] if ctx is None else ctx.inputs(ct, idx)
+
+
+def eval_real(model, ct, lab, val_idx, per_patient, ctx: Context | None = None) -> dict:
+    pred = predict(model, inputs(ct, val_idx, ctx))
     res = dict(global_=seg_metrics(pred, lab[val_idx]), per_patient={})
     off = 0
     for pid, idx in per_patient:
@@ -179,7 +189,8 @@ def eval_real(model, ct, lab, val_idx, per_patient) -> dict:
 
 
 def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
-    pred = predict(model, ph["ct"])
+    pred = predict(model, inputs(ph["ct"], slice(None), None) if ph.get("ctx") is None
+                   else ph["ctx"].inputs(ph["ct"], np.arange(len(ph["ct"]))))
     lab = ph["labels"]
     series = []
     for k, sev in enumerate(ph["severity"]):
@@ -205,7 +216,7 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
 def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
     """Real lesion-free series (data_negatives): per series the involvement (lesion / lung pixels over the whole
     series, no 3D guard) and the slice specificity (a slice is positive with at least `min_pixels` lesion pixels)."""
-    pred = predict(model, neg["ct"])
+    pred = predict(model, neg["ct"] if neg.get("ctx") is None else neg["ctx"].inputs(neg["ct"], np.arange(len(neg["ct"]))))
     out = {}
     for k, name in enumerate(neg["names"]):
         p = pred[neg["series"] == k]
@@ -236,7 +247,7 @@ def slice_figures(pred: np.ndarray, lab: np.ndarray, min_pixels: int = 5) -> dic
 # ---------------------------------------------------------------- export
 def export_onnx(model: UNet, path: Path) -> None:
     model.eval()
-    torch.onnx.export(model, torch.zeros(1, 1, 256, 256), str(path), input_names=["ct"], output_names=["scores"],
+    torch.onnx.export(model, torch.zeros(1, model.in_ch, 256, 256), str(path), input_names=["ct"], output_names=["scores"],
                       dynamic_axes={"ct": {0: "n"}, "scores": {0: "n"}}, opset_version=17, dynamo=False,
                       do_constant_folding=True)
 
@@ -332,6 +343,32 @@ def main() -> None:
             neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+    real_ctx = None  # with --context: neighbour lookup of covid19-ct-seg-256 (the other sets keep theirs as "ctx")
+    if args.context:
+        t0 = time.time()
+        group = np.zeros(len(ct), np.int64)
+        for k, p in enumerate(sp["patients"]):
+            group[p["first"]:p["last"] + 1] = k
+        real_ctx = Context(ct, group)
+        for d in (ph_tr, ph_va, neg_tr, neg_va):
+            if d is not None:
+                d["ctx"] = Context(d["ct"], d["series"])
+        say(f"2.5D input: neighbour runs real {real_ctx.n_runs} (thin-slice {int(real_ctx.thin.sum())} slices), "
+            + ", ".join(f"{n} {d['ctx'].n_runs} ({int(d['ctx'].thin.sum())})" for n, d in
+                        (("phantoms", ph_tr), ("negatives", neg_tr)) if d is not None)
+            + f" ({time.time() - t0:.0f} s)")
+
+    def set_inputs(d: dict, idx) -> np.ndarray:
+        return inputs(d["ct"], idx, d.get("ctx"))
+
+    def draw(set_ct: np.ndarray, ctx: Context | None, i: int) -> np.ndarray:
+        """One training slice: H x W, or with --context H x W x 3 (neighbour step drawn; one time in ten the slice
+        alone, as at a series end or for a single slice; above and below swapped half the time)."""
+        if ctx is None:
+            return set_ct[i]
+        st = ctx.stack(set_ct, i, 0 if rng.random() < 0.1 else ctx.draw_step(i, rng))
+        return st[..., ::-1] if rng.random() < 0.5 else st
+
     neg_groups = None  # per lesion-free training series, its slice indices (--negatives-series-balance)
     if neg_tr is not None and args.negatives_series_balance:
         neg_groups = [np.flatnonzero(neg_tr["series"] == k) for k in range(len(neg_tr["names"]))]
@@ -348,10 +385,16 @@ def main() -> None:
         say(f"phantom train slices: {len(ph_les_idx)} with lesion, {len(ph_free_idx)} lesion-free")
 
     chans = [int(c) for c in args.chans.split(",")] if args.chans else None
-    model = UNet(args.width, args.levels, chans=chans, bottom=args.bottom, refine_kernel=args.refine_kernel)
+    in_ch = 1 + 2 * args.context
+    model = UNet(args.width, args.levels, chans=chans, bottom=args.bottom, refine_kernel=args.refine_kernel,
+                 in_ch=in_ch)
     if args.init:
         state = torch.load(args.init, map_location="cpu")
-        if all(state[k].shape == v.shape for k, v in model.state_dict().items()):
+        if state["stem.0.weight"].shape[1] != in_ch:  # a 2D checkpoint: the same function, neighbours read zero
+            context_from(model, state, inflate=args.context_init == "inflate")
+            say(f"{args.init}: " + ("its stem shared equally by the slices (inflated)" if args.context_init == "inflate"
+                                    else "its stem reads the centre channel, the neighbour channels start at zero"))
+        elif all(state[k].shape == v.shape for k, v in model.state_dict().items()):
             model.load_state_dict(state)
         else:  # a narrower checkpoint of the same family: same function, wider layers (model.widen_from)
             widen_from(model, state)
@@ -363,7 +406,8 @@ def main() -> None:
         f"refine {args.refine_kernel} params {count_params(model)}")
     # the architecture, for exporting a checkpoint before the run has written summary.json
     (args.run / "arch.json").write_text(json.dumps(dict(width=args.width, levels=args.levels, chans=chans,
-                                                        bottom=args.bottom, refine_kernel=args.refine_kernel)))
+                                                        bottom=args.bottom, refine_kernel=args.refine_kernel,
+                                                        in_ch=in_ch)))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = None
     if args.ema > 0:
@@ -392,26 +436,26 @@ def main() -> None:
     for ep in range(args.epochs):
         if args.hard_negatives > 0 and ph_free_idx is not None and ep % 5 == 0:
             probe = rng.choice(ph_free_idx, size=min(800, len(ph_free_idx)), replace=False)
-            fp = (predict(judged, ph_tr["ct"][probe]) == 2).reshape(len(probe), -1).sum(1)
+            fp = (predict(judged, set_inputs(ph_tr, probe)) == 2).reshape(len(probe), -1).sum(1)
             shows = fp > 0
             hard_idx = probe[shows][np.argsort(-fp[shows])][:200] if shows.any() else None
             say(f"hard negatives: {int(shows.sum())} of {len(probe)} probed lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
         if args.hard_positives > 0 and ph_les_idx is not None and ep % 5 == 0:
             probe = rng.choice(ph_les_idx, size=min(800, len(ph_les_idx)), replace=False)
-            miss = ((predict(judged, ph_tr["ct"][probe]) != 2) & (ph_tr["labels"][probe] == 2)).reshape(
+            miss = ((predict(judged, set_inputs(ph_tr, probe)) != 2) & (ph_tr["labels"][probe] == 2)).reshape(
                 len(probe), -1).sum(1)
             hard_pos = probe[np.argsort(-miss)][:200]
             say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         if args.hard_real_negatives > 0 and neg_tr is not None and ep % 3 == 0:
-            fp = (predict(judged, neg_tr["ct"]) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
+            fp = (predict(judged, set_inputs(neg_tr, np.arange(len(neg_tr["ct"])))) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
             shows = fp > 0
             hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
         if args.hard_real_positives > 0 and ep % 3 == 0:
-            miss = ((predict(judged, ct[tr_idx]) != 2) & (lab[tr_idx] == 2)).reshape(len(tr_idx), -1).sum(1)
+            miss = ((predict(judged, inputs(ct, tr_idx, real_ctx)) != 2) & (lab[tr_idx] == 2)).reshape(len(tr_idx), -1).sum(1)
             hard_real_pos = tr_idx[np.argsort(-miss)][:200]
             say(f"hard real positives: {int((miss > 0).sum())} of {len(tr_idx)} real training slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
@@ -438,7 +482,7 @@ def main() -> None:
                     if pool is None and neg_groups is not None:
                         pool = neg_groups[rng.choice(len(neg_groups), p=neg_group_p)]
                     i = int(pool[rng.integers(len(pool))]) if pool is not None else int(rng.integers(len(neg_tr["ct"])))
-                    img, l = neg_tr["ct"][i], neg_tr["labels"][i]
+                    img, l = draw(neg_tr["ct"], neg_tr.get("ctx"), i), neg_tr["labels"][i]
                 elif ph_tr is not None and (u - args.negatives) / (1 - args.negatives) < args.phantom_fraction:
                     if args.phantom_lesion_free_share is None:
                         i = int(rng.integers(len(ph_tr["ct"])))
@@ -449,20 +493,21 @@ def main() -> None:
                         elif pool is ph_les_idx and hard_pos is not None and rng.random() < args.hard_positives:
                             pool = hard_pos
                         i = int(pool[rng.integers(len(pool))])
-                    img, l = ph_tr["ct"][i], ph_tr["labels"][i]
+                    img, l = draw(ph_tr["ct"], ph_tr.get("ctx"), i), ph_tr["labels"][i]
                 else:
                     g = tr_idx if real_groups is None else real_groups[rng.integers(len(real_groups))]
                     if hard_real_pos is not None and rng.random() < args.hard_real_positives:
                         g = hard_real_pos
                     i = int(g[rng.integers(len(g))])
-                    img, l = ct[i], lab[i]
+                    img, l = draw(ct, real_ctx, i), lab[i]
                 a, b = augment(img.astype(np.float32) / 255.0, l, rng, args.elastic)
                 if crop and crop < 256:
                     oy, ox = rng.integers(0, 256 - crop + 1, 2)
                     a, b = a[oy:oy + crop, ox:ox + crop], b[oy:oy + crop, ox:ox + crop]
                 xs.append(a)
                 ys.append(b)
-            x = torch.from_numpy(np.stack(xs))[:, None].to(device, non_blocking=True)
+            x = torch.from_numpy(np.stack(xs))
+            x = (x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)).to(device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device, non_blocking=True)
             with autocast(device):
@@ -478,7 +523,7 @@ def main() -> None:
             if ema is not None:
                 ema.update_parameters(model)
             losses.append(loss.item())
-        r = eval_real(judged, ct, lab, va_idx, per_patient)
+        r = eval_real(judged, ct, lab, va_idx, per_patient, real_ctx)
         rec = dict(epoch=ep + 1, loss=round(float(np.mean(losses)), 4), secs=round(time.time() - t0, 1),
                    lr=round(sched.get_last_lr()[0], 6), crop=crop,
                    real_lung=r["global"]["lung_dice"], real_lesion=r["global"]["lesion_dice"])
@@ -509,14 +554,14 @@ def main() -> None:
         say("no epoch finished within the time budget: no checkpoint, nothing to export")
         sys.exit(1)
     model.load_state_dict(best)
-    r = eval_real(model, ct, lab, va_idx, per_patient)
+    r = eval_real(model, ct, lab, va_idx, per_patient, real_ctx)
     p = eval_phantoms(model, ph_va) if ph_va is not None else None
     model = model.to("cpu", memory_format=torch.contiguous_format)
     if args.out is None:
         args.out = args.run / "lungsentry-unet.onnx"
     export_onnx(model, args.out)
     summary = dict(width=args.width, levels=args.levels, chans=chans, bottom=args.bottom,
-                   refine_kernel=args.refine_kernel, params=count_params(model), epochs=len(history),
+                   refine_kernel=args.refine_kernel, in_ch=in_ch, params=count_params(model), epochs=len(history),
                    batch=args.batch, lr=args.lr, seed=args.seed, phantoms=bool(args.phantoms),
                    phantom_fraction=args.phantom_fraction if args.phantoms else 0.0,
                    samples_per_epoch=args.samples_per_epoch, crop=args.crop, full_after=args.full_after,

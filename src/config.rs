@@ -124,6 +124,8 @@ pub struct AnalysisConfig {
     pub positive_threshold_percent: f64,
     /// 3D lesion components smaller than this (mL) are dropped as noise.
     pub min_lesion_volume_ml: f64,
+    /// Lesion pixels less dense than this (HU) count as aerated lung, not lesion; unset: no floor.
+    pub lesion_min_hu: Option<f64>,
     /// Follow-up: a "progression" alert when involvement rises by more than this % of the prior study's...
     pub progression_relative_percent: f64,
     /// ...and by more than this many percentage points.
@@ -255,6 +257,7 @@ impl Default for AnalysisConfig {
         AnalysisConfig {
             positive_threshold_percent: 0.4,
             min_lesion_volume_ml: 0.01,
+            lesion_min_hu: None,
             progression_relative_percent: 50.0,
             progression_absolute_points: 1.0,
         }
@@ -400,6 +403,11 @@ impl Config {
         }
         if !(a.min_lesion_volume_ml >= 0.0) {
             bail!("analysis.min_lesion_volume_ml must be >= 0");
+        }
+        if let Some(h) = a.lesion_min_hu {
+            if !(-1024.0..=0.0).contains(&h) {
+                bail!("analysis.lesion_min_hu must be within -1024..=0 HU, got {h}");
+            }
         }
         if !(a.progression_relative_percent >= 0.0) {
             bail!("analysis.progression_relative_percent must be >= 0");

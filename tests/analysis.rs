@@ -45,7 +45,7 @@ fn or(a: &[bool], b: &[bool]) -> Vec<bool> {
 }
 
 fn params(min_ml: f64) -> AnalysisParams {
-    AnalysisParams { min_lesion_volume_ml: min_ml, positive_threshold_percent: 0.4 }
+    AnalysisParams { min_lesion_volume_ml: min_ml, positive_threshold_percent: 0.4, lesion_min_hu: None }
 }
 
 #[test]
@@ -174,7 +174,10 @@ fn involvement_threshold_no_lung_and_spacing() {
     let res = analyse_series(&slices, &params(0.0));
     assert!((res.involvement_percent - 0.5).abs() < 1e-9, "{}", res.involvement_percent);
     assert!(res.positive);
-    let res = analyse_series(&slices, &AnalysisParams { min_lesion_volume_ml: 0.0, positive_threshold_percent: 0.5 });
+    let res = analyse_series(
+        &slices,
+        &AnalysisParams { min_lesion_volume_ml: 0.0, positive_threshold_percent: 0.5, lesion_min_hu: None },
+    );
     assert!(!res.positive, "exactly at the threshold is not above it");
 }
 
@@ -294,4 +297,33 @@ fn isolated_lung_labelled_blobs_are_dropped_with_their_lesions() {
     assert_eq!(r.lesion_volume_ml, 0.0);
     assert!(r.lesions.is_empty());
     assert!(!r.positive);
+}
+
+#[test]
+fn lesion_pixels_below_the_hu_floor_count_as_lung() {
+    // One 4×4 lesion on 3 slices at 1 mm: its left half at -850 HU (aerated lung), its right half at -500 HU.
+    let lung = vec![true; N * N];
+    let les = rect(10, 14, 10, 14);
+    let slices: Vec<PlacedSlice> = (0..3)
+        .map(|z| {
+            let mut s = placed(z as f64, &lung, &les, 0.0);
+            // lesion_hu follows the lesion's pixels in raster order: 4 rows of [-850, -850, -500, -500]
+            s.segmentation.lesion_hu = (0..16).map(|i| if i % 4 < 2 { -850.0 } else { -500.0 }).collect();
+            s
+        })
+        .collect();
+    let without = analyse_series(&slices, &params(0.0));
+    assert!((without.lesion_volume_ml - 0.048).abs() < 1e-9, "{}", without.lesion_volume_ml);
+    let floor = AnalysisParams { lesion_min_hu: Some(-700.0), ..params(0.0) };
+    let with = analyse_series(&slices, &floor);
+    assert_eq!(with.lesions.len(), 1);
+    assert!((with.lesion_volume_ml - 0.024).abs() < 1e-9, "{}", with.lesion_volume_ml);
+    assert!((with.lesions[0].mean_hu + 500.0).abs() < 1e-9, "{}", with.lesions[0].mean_hu);
+    // The aerated half stays lung: the lung volume does not change, the lesion masks hold the dense half only.
+    assert!((with.lung_volume_ml - without.lung_volume_ml).abs() < 1e-12);
+    assert_eq!(with.lesion_masks[1].count(), 8);
+    assert!(with.lesion_masks[1].get(10, 12) && !with.lesion_masks[1].get(10, 11));
+    // A floor above every lesion pixel leaves no lesion and a negative series.
+    let all = analyse_series(&slices, &AnalysisParams { lesion_min_hu: Some(-400.0), ..params(0.0) });
+    assert!(all.lesions.is_empty() && !all.positive);
 }

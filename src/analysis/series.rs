@@ -51,6 +51,9 @@ pub struct AnalysisParams {
     pub min_lesion_volume_ml: f64,
     /// Positive when involvement exceeds this percentage.
     pub positive_threshold_percent: f64,
+    /// Lesion pixels less dense than this (HU) are aerated lung, not lesion (None: no floor).
+    #[serde(default)]
+    pub lesion_min_hu: Option<f64>,
 }
 
 impl From<&AnalysisConfig> for AnalysisParams {
@@ -58,6 +61,7 @@ impl From<&AnalysisConfig> for AnalysisParams {
         AnalysisParams {
             min_lesion_volume_ml: c.min_lesion_volume_ml,
             positive_threshold_percent: c.positive_threshold_percent,
+            lesion_min_hu: c.lesion_min_hu,
         }
     }
 }
@@ -215,16 +219,23 @@ fn analyse_sorted(
             let len = c1 - c0 + 1;
             let hus = seg.lesion_hu.get(hu_offset..hu_offset + len);
             hu_offset += len;
-            // Only the parts inside the kept lungs (lesion implies lung).
+            // Only the parts inside the kept lungs (lesion implies lung), and dense enough to be lesion.
+            let counts = |c: usize| {
+                lung.get(r, c)
+                    && match (params.lesion_min_hu, hus) {
+                        (Some(floor), Some(v)) => v[c - c0] as f64 >= floor,
+                        _ => true,
+                    }
+            };
             let mut c = c0;
             while c <= c1 {
-                if !lung.get(r, c) {
+                if !counts(c) {
                     c += 1;
                     continue;
                 }
                 let start = c;
                 let mut hu_sum = 0.0;
-                while c <= c1 && lung.get(r, c) {
+                while c <= c1 && counts(c) {
                     hu_sum += hus.map_or(0.0, |v| v[c - c0] as f64);
                     c += 1;
                 }

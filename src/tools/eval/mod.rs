@@ -91,6 +91,10 @@ pub struct EvalArgs {
     /// Series mode: lesion components below this volume (mL) are dropped (the daemon's default).
     #[arg(long, default_value_t = 0.01)]
     pub min_lesion_volume_ml: f64,
+    /// Lesion pixels less dense than this (HU) count as aerated lung (analysis.lesion_min_hu; default: the
+    /// daemon's).
+    #[arg(long, allow_hyphen_values = true)]
+    pub lesion_min_hu: Option<f64>,
     /// Slices per engine call.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -363,6 +367,7 @@ fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
     let params = AnalysisParams {
         min_lesion_volume_ml: args.min_lesion_volume_ml,
         positive_threshold_percent: args.threshold_percent,
+        lesion_min_hu: args.lesion_min_hu.or(crate::config::AnalysisConfig::default().lesion_min_hu),
     };
     let mut engines_out = Vec::new();
     for engine in load_engines(args, model)? {

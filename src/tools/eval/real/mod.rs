@@ -418,6 +418,9 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
     let mut config = Config::default();
     config.analysis.positive_threshold_percent = args.threshold_percent;
     config.analysis.min_lesion_volume_ml = args.min_lesion_volume_ml;
+    if args.lesion_min_hu.is_some() {
+        config.analysis.lesion_min_hu = args.lesion_min_hu;
+    }
     config.engine.manifest = args.manifest.clone();
     let params = AnalysisParams::from(&config.analysis);
     let resolve = |e: &RealEntry| -> Result<PathBuf> {
@@ -495,6 +498,7 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
         "model": model.identity(),
         "threshold_percent": args.threshold_percent,
         "min_lesion_volume_ml": args.min_lesion_volume_ml,
+        "lesion_min_hu": config.analysis.lesion_min_hu,
         "engines": engines_out,
     }))
 }

@@ -16,25 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.train.split import consecutive_correlation
+
 BREAK_CORRELATION = 0.6
 THIN_CORRELATION = 0.9
 THIN_MAX_STEP = 3
 THIN_EVAL_STEP = 2
-
-
-def consecutive_correlation(ct: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Pearson correlation of slice i with slice i+1 (length N-1), in chunks (phantom sets are large)."""
-    out = np.empty(max(len(ct) - 1, 0), np.float32)
-    prev = None
-    for a in range(0, len(ct), chunk):
-        x = ct[a:a + chunk].reshape(min(chunk, len(ct) - a), -1).astype(np.float32)
-        x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
-        if prev is not None:
-            out[a - 1] = (prev * x[0]).mean()
-        if len(x) > 1:
-            out[a:a + len(x) - 1] = (x[1:] * x[:-1]).mean(1)
-        prev = x[-1]
-    return out
 
 
 class Context:

@@ -9,11 +9,19 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def consecutive_correlation(ct: np.ndarray) -> np.ndarray:
-    """Pearson correlation of slice i with slice i+1 (length N-1)."""
-    x = ct.reshape(len(ct), -1).astype(np.float32)
-    x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
-    return (x[1:] * x[:-1]).mean(1)
+def consecutive_correlation(ct: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Pearson correlation of slice i with slice i+1 (length N-1), in chunks (the phantom sets are large)."""
+    out = np.empty(max(len(ct) - 1, 0), np.float32)
+    prev = None
+    for a in range(0, len(ct), chunk):
+        x = ct[a:a + chunk].reshape(min(chunk, len(ct) - a), -1).astype(np.float32)
+        x = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
+        if prev is not None:
+            out[a - 1] = (prev * x[0]).mean()
+        if len(x) > 1:
+            out[a:a + len(x) - 1] = (x[1:] * x[:-1]).mean(1)
+        prev = x[-1]
+    return out
 
 
 def detect_boundaries(ct: np.ndarray, labels: np.ndarray, n_patients: int = 20) -> list[int]:

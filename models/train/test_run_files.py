@@ -221,8 +221,8 @@ class TrainPrintArgs(unittest.TestCase):
 
 # device_pack.py and the --device / --amp / --pack options: their tests run with these (scripts/test runs this module)
 from models.train.test_device_pack import DeviceOptions, PackRoundTrip  # noqa: E402,F401
+# context.py and the model's neighbour channels (--context, the 2.5D input)
+from models.train.test_context import NeighbourChannels, Neighbours  # noqa: E402,F401
 
 if __name__ == "__main__":
     unittest.main()
-# context.py and the model's neighbour channels (--context, the 2.5D input)
-from models.train.test_context import NeighbourChannels, Neighbours  # noqa: E402,F401

@@ -54,8 +54,9 @@ def elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple
 
 def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
             elastic_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """img float32 [0,1] 256x256 (or 256x256xC: neighbour slices, moved together), lab u8. Geometry (flips, rotation, scale, shift, optionally elastic) + intensity
-    mapping perturbations (gamma, contrast, blur, noise) so PNG-set and HU-pipeline inputs both look familiar."""
+    """img float32 [0,1] 256x256 (or 256x256xC: neighbour slices, moved together), lab u8. Geometry (flips, rotation,
+    scale, shift, optionally elastic) + intensity mapping perturbations (gamma, contrast, blur, noise) so PNG-set and
+    HU-pipeline inputs both look familiar."""
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     if rng.random() < 0.5:
@@ -171,13 +172,21 @@ def seg_metrics(pred: np.ndarray, lab: np.ndarray) -> dict:
     return dict(lung_dice=dice(pred >= 1, lab >= 1), lesion_dice=dice(pred == 2, lab == 2), slices=int(len(lab)))
 
 
-def inputs(ct: np.ndarray, idx, ctx: Context | None) -> np.ndarray:
-    """The model's input for slices idx of a set: the slices, or with --context the slices and their neighbours."""
-    return ct[idx] if ctx is None else ctx.inputs(ct, idx)
+def inputs(ct: np.ndarray, ctx: Context | None, idx=None) -> np.ndarray:
+    """The model's input for slices idx (default: all) of a set: the slices, or with --context (`ctx`) the slices
+    and their neighbours."""
+    if ctx is None:
+        return ct if idx is None else ct[idx]
+    return ctx.inputs(ct, np.arange(len(ct)) if idx is None else idx)
+
+
+def set_inputs(d: dict, idx=None) -> np.ndarray:
+    """`inputs` of a set held as a dict (phantoms, negatives: "ct", and "ctx" with --context)."""
+    return inputs(d["ct"], d.get("ctx"), idx)
 
 
 def eval_real(model, ct, lab, val_idx, per_patient, ctx: Context | None = None) -> dict:
-    pred = predict(model, inputs(ct, val_idx, ctx))
+    pred = predict(model, inputs(ct, ctx, val_idx))
     res = dict(global_=seg_metrics(pred, lab[val_idx]), per_patient={})
     off = 0
     for pid, idx in per_patient:
@@ -189,8 +198,7 @@ def eval_real(model, ct, lab, val_idx, per_patient, ctx: Context | None = None) 
 
 
 def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
-    pred = predict(model, inputs(ph["ct"], slice(None), None) if ph.get("ctx") is None
-                   else ph["ctx"].inputs(ph["ct"], np.arange(len(ph["ct"]))))
+    pred = predict(model, set_inputs(ph))
     lab = ph["labels"]
     series = []
     for k, sev in enumerate(ph["severity"]):
@@ -216,7 +224,7 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
 def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
     """Real lesion-free series (data_negatives): per series the involvement (lesion / lung pixels over the whole
     series, no 3D guard) and the slice specificity (a slice is positive with at least `min_pixels` lesion pixels)."""
-    pred = predict(model, neg["ct"] if neg.get("ctx") is None else neg["ctx"].inputs(neg["ct"], np.arange(len(neg["ct"]))))
+    pred = predict(model, set_inputs(neg))
     out = {}
     for k, name in enumerate(neg["names"]):
         p = pred[neg["series"] == k]
@@ -247,9 +255,9 @@ def slice_figures(pred: np.ndarray, lab: np.ndarray, min_pixels: int = 5) -> dic
 # ---------------------------------------------------------------- export
 def export_onnx(model: UNet, path: Path) -> None:
     model.eval()
-    torch.onnx.export(model, torch.zeros(1, model.in_ch, 256, 256), str(path), input_names=["ct"], output_names=["scores"],
-                      dynamic_axes={"ct": {0: "n"}, "scores": {0: "n"}}, opset_version=17, dynamo=False,
-                      do_constant_folding=True)
+    torch.onnx.export(model, torch.zeros(1, model.in_ch, 256, 256), str(path), input_names=["ct"],
+                      output_names=["scores"], dynamic_axes={"ct": {0: "n"}, "scores": {0: "n"}}, opset_version=17,
+                      dynamo=False, do_constant_folding=True)
 
 
 def main() -> None:
@@ -358,9 +366,6 @@ def main() -> None:
                         (("phantoms", ph_tr), ("negatives", neg_tr)) if d is not None)
             + f" ({time.time() - t0:.0f} s)")
 
-    def set_inputs(d: dict, idx) -> np.ndarray:
-        return inputs(d["ct"], idx, d.get("ctx"))
-
     def draw(set_ct: np.ndarray, ctx: Context | None, i: int) -> np.ndarray:
         """One training slice: H x W, or with --context H x W x 3 (neighbour step drawn; one time in ten the slice
         alone, as at a series end or for a single slice; above and below swapped half the time)."""
@@ -449,13 +454,14 @@ def main() -> None:
             say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         if args.hard_real_negatives > 0 and neg_tr is not None and ep % 3 == 0:
-            fp = (predict(judged, set_inputs(neg_tr, np.arange(len(neg_tr["ct"])))) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
+            fp = (predict(judged, set_inputs(neg_tr)) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
             shows = fp > 0
             hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "
                 f"({int(fp.sum())} pixels)")
         if args.hard_real_positives > 0 and ep % 3 == 0:
-            miss = ((predict(judged, inputs(ct, tr_idx, real_ctx)) != 2) & (lab[tr_idx] == 2)).reshape(len(tr_idx), -1).sum(1)
+            miss = ((predict(judged, inputs(ct, real_ctx, tr_idx)) != 2) & (lab[tr_idx] == 2)).reshape(
+                len(tr_idx), -1).sum(1)
             hard_real_pos = tr_idx[np.argsort(-miss)][:200]
             say(f"hard real positives: {int((miss > 0).sum())} of {len(tr_idx)} real training slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")

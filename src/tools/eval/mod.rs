@@ -36,7 +36,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::analysis::{self, AnalysisParams, PlacedSlice};
-use crate::config::EngineKind;
+use crate::config::{AnalysisConfig, EngineKind};
 use crate::decode::{self, HuSlice};
 use crate::engine::{load_engine, Engine};
 use crate::model::Model;
@@ -98,6 +98,21 @@ pub struct EvalArgs {
     /// Slices per engine call.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+}
+
+impl EvalArgs {
+    /// The daemon's analysis settings with this run's threshold, minimum lesion volume and (when given) HU floor.
+    pub(crate) fn analysis_config(&self) -> AnalysisConfig {
+        let mut a = AnalysisConfig {
+            positive_threshold_percent: self.threshold_percent,
+            min_lesion_volume_ml: self.min_lesion_volume_ml,
+            ..AnalysisConfig::default()
+        };
+        if self.lesion_min_hu.is_some() {
+            a.lesion_min_hu = self.lesion_min_hu;
+        }
+        a
+    }
 }
 
 fn load_engines(args: &EvalArgs, model: &Model) -> Result<Vec<Box<dyn Engine>>> {
@@ -364,11 +379,7 @@ fn run_series(args: &EvalArgs, model: &Model) -> Result<Value> {
     if let Some(n) = args.limit {
         dirs.truncate(n);
     }
-    let params = AnalysisParams {
-        min_lesion_volume_ml: args.min_lesion_volume_ml,
-        positive_threshold_percent: args.threshold_percent,
-        lesion_min_hu: args.lesion_min_hu.or(crate::config::AnalysisConfig::default().lesion_min_hu),
-    };
+    let params = AnalysisParams::from(&args.analysis_config());
     let mut engines_out = Vec::new();
     for engine in load_engines(args, model)? {
         let mut per = Vec::new();

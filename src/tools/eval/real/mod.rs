@@ -415,12 +415,7 @@ struct EntrySummary {
 pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<Value> {
     let manifest = RealManifest::load(manifest_path)?;
     let root = data_root(args.data.as_deref());
-    let mut config = Config::default();
-    config.analysis.positive_threshold_percent = args.threshold_percent;
-    config.analysis.min_lesion_volume_ml = args.min_lesion_volume_ml;
-    if args.lesion_min_hu.is_some() {
-        config.analysis.lesion_min_hu = args.lesion_min_hu;
-    }
+    let mut config = Config { analysis: args.analysis_config(), ..Config::default() };
     config.engine.manifest = args.manifest.clone();
     let params = AnalysisParams::from(&config.analysis);
     let resolve = |e: &RealEntry| -> Result<PathBuf> {

@@ -126,6 +126,9 @@ pub struct AnalysisConfig {
     pub min_lesion_volume_ml: f64,
     /// Lesion pixels less dense than this (HU) count as aerated lung, not lesion; unset: no floor.
     pub lesion_min_hu: Option<f64>,
+    /// A lesion lying, one slice thick, on the non-lung tissue of the slice below (a diaphragm or heart dome cut by
+    /// the slice: partial volume) counts as lung (`analysis::series::PARTIAL_VOLUME_FRACTION`).
+    pub partial_volume_rule: bool,
     /// Follow-up: a "progression" alert when involvement rises by more than this % of the prior study's...
     pub progression_relative_percent: f64,
     /// ...and by more than this many percentage points.
@@ -258,6 +261,7 @@ impl Default for AnalysisConfig {
             positive_threshold_percent: 0.4,
             min_lesion_volume_ml: 0.01,
             lesion_min_hu: None,
+            partial_volume_rule: false,
             progression_relative_percent: 50.0,
             progression_absolute_points: 1.0,
         }

@@ -45,7 +45,12 @@ fn or(a: &[bool], b: &[bool]) -> Vec<bool> {
 }
 
 fn params(min_ml: f64) -> AnalysisParams {
-    AnalysisParams { min_lesion_volume_ml: min_ml, positive_threshold_percent: 0.4, lesion_min_hu: None }
+    AnalysisParams {
+        min_lesion_volume_ml: min_ml,
+        positive_threshold_percent: 0.4,
+        lesion_min_hu: None,
+        partial_volume_rule: false,
+    }
 }
 
 #[test]
@@ -176,7 +181,12 @@ fn involvement_threshold_no_lung_and_spacing() {
     assert!(res.positive);
     let res = analyse_series(
         &slices,
-        &AnalysisParams { min_lesion_volume_ml: 0.0, positive_threshold_percent: 0.5, lesion_min_hu: None },
+        &AnalysisParams {
+            min_lesion_volume_ml: 0.0,
+            positive_threshold_percent: 0.5,
+            lesion_min_hu: None,
+            partial_volume_rule: false,
+        },
     );
     assert!(!res.positive, "exactly at the threshold is not above it");
 }
@@ -326,4 +336,60 @@ fn lesion_pixels_below_the_hu_floor_count_as_lung() {
     // A floor above every lesion pixel leaves no lesion and a negative series.
     let all = analyse_series(&slices, &AnalysisParams { lesion_min_hu: Some(-400.0), ..params(0.0) });
     assert!(all.lesions.is_empty() && !all.positive);
+}
+
+/// Ten 1 mm axial slices of whole-plane lung, except that the slice at patient z = `dome_z` has a 8×8 block of
+/// tissue (no lung) in the middle, and a 4×4 lesion over that block on the slices at `lesion_z`. With
+/// `flip_normal`, the slice normal points to the feet (position along it = -z), so position order runs head to foot.
+fn dome_series(dome_z: usize, lesion_z: &[usize], flip_normal: bool) -> Vec<PlacedSlice> {
+    let les = rect(10, 14, 10, 14);
+    let none = vec![false; N * N];
+    let dome = rect(8, 16, 8, 16);
+    (0..10)
+        .map(|z| {
+            let lung: Vec<bool> = if z == dome_z { dome.iter().map(|d| !d).collect() } else { vec![true; N * N] };
+            let lesion = if lesion_z.contains(&z) { &les } else { &none };
+            let mut s = placed(z as f64, &lung, lesion, -500.0);
+            if flip_normal {
+                s.image_orientation = [1.0, 0.0, 0.0, 0.0, -1.0, 0.0];
+                s.position_mm = -(z as f64);
+            }
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn a_lesion_one_slice_thick_on_the_tissue_below_is_partial_volume() {
+    let rule = AnalysisParams { partial_volume_rule: true, ..params(0.0) };
+    for flip in [false, true] {
+        // A 4×4 patch on the slice just above the dome: every voxel has tissue directly below it.
+        let thin = dome_series(0, &[1], flip);
+        let off = analyse_series(&thin, &params(0.0));
+        assert_eq!(off.lesions.len(), 1, "flip {flip}");
+        let on = analyse_series(&thin, &rule);
+        assert!(on.lesions.is_empty() && on.lesion_volume_ml == 0.0, "flip {flip}: {:?}", on.lesions);
+        assert!((on.partial_volume_ml - 0.016).abs() < 1e-9, "flip {flip}: {}", on.partial_volume_ml);
+        // It stays lung: the lung volume is the same with the rule as without.
+        assert!((on.lung_volume_ml - off.lung_volume_ml).abs() < 1e-12);
+        // A lesion three slices deep resting on the same dome is a lesion of the lung: a third of it is on tissue.
+        let deep = analyse_series(&dome_series(0, &[1, 2, 3], flip), &rule);
+        assert_eq!(deep.lesions.len(), 1, "flip {flip}");
+        assert!((deep.lesion_volume_ml - 0.048).abs() < 1e-9);
+        assert_eq!(deep.partial_volume_ml, 0.0);
+        // Tissue above a lesion (the dome on the slice over it, toward the head) is not what the rule looks at.
+        let above = analyse_series(&dome_series(9, &[8], flip), &rule);
+        assert_eq!(above.lesions.len(), 1, "flip {flip}");
+        // The lowest slice of the series has nothing below it to judge by: its lesion stays.
+        let lowest = analyse_series(&dome_series(5, &[0], flip), &rule);
+        assert_eq!(lowest.lesions.len(), 1, "flip {flip}");
+    }
+    // A gap of more than 1.5 spacings between the lesion's slice and the one below: no neighbour, the lesion stays.
+    let mut gapped = dome_series(0, &[1], false);
+    gapped[0].position_mm = -3.0;
+    gapped[0].image_position[2] = -3.0;
+    assert_eq!(analyse_series(&gapped, &rule).lesions.len(), 1);
+    // A single slice never counts as resting on tissue.
+    let single = vec![dome_series(0, &[1], false).swap_remove(1)];
+    assert_eq!(analyse_series(&single, &rule).lesions.len(), 1);
 }

@@ -207,8 +207,9 @@ def lung_mask_3d(hu: np.ndarray, pix_mm: float, dz_mm: float) -> np.ndarray:
     return out
 
 
-def build_series(kind: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(model-input u8 z x 256 x 256, labels u8 z x 256 x 256: 0 background / 1 lung)."""
+def build_series(kind: str, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(model-input u8 z x 256 x 256, labels u8 z x 256 x 256: 0 background / 1 lung, HU int16 z x 256 x 256 resampled
+    as the lung mask sees it)."""
     if kind == "luna-png":
         hu, pix, dz = load_luna(path)
     elif kind == "nifti":
@@ -220,28 +221,32 @@ def build_series(kind: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     hu256 = hu if (h, w) == (256, 256) else np.stack(
         [cv2.resize(s.astype(np.float32), (256, 256), interpolation=cv2.INTER_AREA) for s in hu])
     lung = lung_mask_3d(hu256, pix * w / 256.0, dz)
-    return u8, lung.astype(np.uint8)
+    return u8, lung.astype(np.uint8), np.clip(np.rint(hu256), -32768, 32767).astype(np.int16)
 
 
 def load(which: str) -> dict:
-    """which: "train" or "val" -> dict(ct u8 N x 256 x 256, labels u8, series int per slice, names list)."""
+    """which: "train" or "val" -> dict(ct u8 N x 256 x 256, labels u8, hu int16 N x 256 x 256, series int per slice,
+    names list)."""
     CACHE.mkdir(exist_ok=True)
     src = sources(which)
     # the cache is named after the series it holds, so a changed list builds a new one
-    tag = hashlib.sha1("\n".join(f"{n}|{k}|{p}" for n, k, p in src).encode()).hexdigest()[:8]
+    # (and after the cache layout: "hu" joined it, hence the "hu" line)
+    tag = hashlib.sha1("\n".join(["hu"] + [f"{n}|{k}|{p}" for n, k, p in src]).encode()).hexdigest()[:8]
     f = CACHE / f"negatives-{which}-{tag}.npz"
     if f.exists():
         z = np.load(f, allow_pickle=True)
-        return dict(ct=z["ct"], labels=z["labels"], series=z["series"], names=z["names"].tolist())
-    cts, labs, ser, names = [], [], [], []
+        return dict(ct=z["ct"], labels=z["labels"], hu=z["hu"], series=z["series"], names=z["names"].tolist())
+    cts, labs, hus, ser, names = [], [], [], [], []
     for k, (name, kind, path) in enumerate(src):
-        u8, lab = build_series(kind, path)
+        u8, lab, hu = build_series(kind, path)
         cts.append(u8)
         labs.append(lab)
+        hus.append(hu)
         ser.append(np.full(len(u8), k))
         names.append(name)
-    d = dict(ct=np.concatenate(cts), labels=np.concatenate(labs), series=np.concatenate(ser), names=names)
-    np.savez(f, ct=d["ct"], labels=d["labels"], series=d["series"], names=np.array(names))
+    d = dict(ct=np.concatenate(cts), labels=np.concatenate(labs), hu=np.concatenate(hus), series=np.concatenate(ser),
+             names=names)
+    np.savez(f, ct=d["ct"], labels=d["labels"], hu=d["hu"], series=d["series"], names=np.array(names))
     return d
 
 

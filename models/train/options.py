@@ -112,6 +112,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                          "(error_weighted_ce; 1 with --fn-pixel-weight 1: off)")
     ap.add_argument("--fn-pixel-weight", type=float, default=1.0,
                     help="the same term's weight of lesion pixels not called lesion")
+    ap.add_argument("--aerated-below-hu", type=float, default=None,
+                    help="floor-aware negatives (needs the product's analysis.lesion_min_hu at the same HU): on the "
+                         "real lesion-free series, lung pixels less dense than this are 'aerated lung', for which "
+                         "lung and lesion are both right (loss -log(p_lung + p_lesion)); the product counts lesion "
+                         "pixels there as lung anyway, so the negatives teach only what stays: dense false lesion "
+                         "(vessels, partial volume, dependent density). Mining and the validation negatives count "
+                         "lesion only at or above it. None: off")
     ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
                     help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
                          "are kept and batches are normalised with them, so a new mix of data in the batch does not "

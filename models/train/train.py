@@ -89,13 +89,26 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
 
 
 # ---------------------------------------------------------------- loss and metrics
+AERATED = 3  # label of aerated lung on a lesion-free series (--aerated-below-hu): lung and lesion are both right
+
+
+def pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-pixel cross-entropy over labels 0 background / 1 lung / 2 lesion, and for AERATED the partial label
+    "lung or lesion": -log(p_lung + p_lesion)."""
+    lse = torch.logsumexp(logits, 1)
+    ce = lse - logits.gather(1, y.clamp(max=2)[:, None])[:, 0]
+    return torch.where(y == AERATED, lse - torch.logsumexp(logits[:, 1:3], 1), ce)
+
+
 def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(logits, y)
+    ce = pixel_ce(logits, y).mean()
     p = logits.softmax(1)
-    # soft Dice on the nested regions the product reports: lung (= lung or lesion) and lesion
+    # soft Dice on the nested regions the product reports: lung (= lung or lesion) and lesion; an AERATED pixel is
+    # lung, and left out of the lesion Dice (either answer is right there)
     p_lung = p[:, 1] + p[:, 2]
     t_lung = (y >= 1).float()
-    p_les = p[:, 2]
+    judged = (y != AERATED).float()
+    p_les = p[:, 2] * judged
     t_les = (y == 2).float()
     def sdice(a, b):
         inter = (a * b).sum()
@@ -112,9 +125,9 @@ def error_weighted_ce(logits: torch.Tensor, y: torch.Tensor, fp_weight: float, f
         called = logits.argmax(1) == 2
         truth = y == 2
         w = torch.ones_like(logits[:, 0])
-        w[called & ~truth] = fp_weight
+        w[called & ~truth & (y != AERATED)] = fp_weight
         w[~called & truth] = fn_weight
-    return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
+    return (pixel_ce(logits, y) * w).sum() / w.sum()
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
@@ -223,8 +236,11 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
 
 def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
     """Real lesion-free series (data_negatives): per series the involvement (lesion / lung pixels over the whole
-    series, no 3D guard) and the slice specificity (a slice is positive with at least `min_pixels` lesion pixels)."""
+    series, no 3D guard; with --aerated-below-hu lesion only at or above it) and the slice specificity (a slice is
+    positive with at least `min_pixels` lesion pixels)."""
     pred = predict(model, set_inputs(neg))
+    if "aerated" in neg:  # --aerated-below-hu: as the product's lesion_min_hu, lesion less dense than it is lung
+        pred[(pred == 2) & neg["aerated"]] = 1
     out = {}
     for k, name in enumerate(neg["names"]):
         p = pred[neg["series"] == k]
@@ -351,6 +367,17 @@ def main() -> None:
             neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+        if args.aerated_below_hu is not None:
+            for d in (neg_tr, neg_va):
+                if "hu" not in d:
+                    raise SystemExit("--aerated-below-hu needs the negatives' HU (data_negatives.load); a device "
+                                     "pack does not carry it")
+                d["aerated"] = d["hu"] < args.aerated_below_hu
+                d["labels"] = np.where((d["labels"] == 1) & d["aerated"], AERATED, d["labels"]).astype(np.uint8)
+                del d["hu"]
+            say(f"aerated lung below {args.aerated_below_hu} HU: "
+                f"{100.0 * (neg_tr['labels'] == AERATED).sum() / max((neg_tr['labels'] >= 1).sum(), 1):.1f} % "
+                "of the training negatives' lung pixels")
     real_ctx = None  # with --context: neighbour lookup of covid19-ct-seg-256 (the other sets keep theirs as "ctx")
     if args.context:
         t0 = time.time()
@@ -454,7 +481,10 @@ def main() -> None:
             say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         if args.hard_real_negatives > 0 and neg_tr is not None and ep % 3 == 0:
-            fp = (predict(judged, set_inputs(neg_tr)) == 2).reshape(len(neg_tr["ct"]), -1).sum(1)
+            called = predict(judged, set_inputs(neg_tr)) == 2
+            if "aerated" in neg_tr:
+                called &= ~neg_tr["aerated"]
+            fp = called.reshape(len(neg_tr["ct"]), -1).sum(1)
             shows = fp > 0
             hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "

@@ -54,7 +54,21 @@ pub struct AnalysisParams {
     /// Lesion pixels less dense than this (HU) are aerated lung, not lesion (None: no floor).
     #[serde(default)]
     pub lesion_min_hu: Option<f64>,
+    /// The partial-volume rule ([`PARTIAL_VOLUME_FRACTION`]): a lesion lying on non-lung tissue in the slice below
+    /// it is a diaphragm or heart dome cut by the slice, counted as lung.
+    #[serde(default)]
+    pub partial_volume_rule: bool,
 }
+
+/// The partial-volume rule: a 3D lesion at least this share of whose voxels have, directly below them (the
+/// adjacent caudal slice, same row and column), no lung is not lesion but lung. A slice that cuts the top of the
+/// liver or heart dome averages soft tissue into the aerated lung above it: a round hazy patch, one slice thick,
+/// that in 2D looks like ground glass (the largest false lesions of the validation normal Pancreas-CT-CB-001, issue
+/// 26). A lesion of the lung has depth: at most the voxels of its lowest slice rest on tissue, so a lesion two slices
+/// deep has about half. 0.9 asks for a component essentially one voxel layer thick over tissue, with a ragged
+/// tenth allowed. Only on axial series with a caudal neighbour within 1.5 spacings on the same pixel grid; the lowest
+/// slice of a series and single slices never count as resting on tissue.
+pub const PARTIAL_VOLUME_FRACTION: f64 = 0.9;
 
 impl From<&AnalysisConfig> for AnalysisParams {
     fn from(c: &AnalysisConfig) -> Self {
@@ -62,6 +76,7 @@ impl From<&AnalysisConfig> for AnalysisParams {
             min_lesion_volume_ml: c.min_lesion_volume_ml,
             positive_threshold_percent: c.positive_threshold_percent,
             lesion_min_hu: c.lesion_min_hu,
+            partial_volume_rule: c.partial_volume_rule,
         }
     }
 }
@@ -118,6 +133,38 @@ pub struct SeriesAnalysis {
     /// What the lung guard (HU anatomy, [`lung_guard`]) did, with the figures it changed as they were without it.
     #[serde(default)]
     pub lung_guard: lung_guard::LungGuardReport,
+    /// Volume of the lesion components the partial-volume rule counted as lung, mL (not part of the JSON result).
+    #[serde(skip)]
+    pub partial_volume_ml: f64,
+}
+
+/// For each slice (position order), the slice directly below it (caudal, lower patient z) when there is one the
+/// partial-volume rule may look at: an axial series (slice normal within 25° of the patient's z axis), the two
+/// slices adjacent in position order, at most 1.5 spacings apart, on the same pixel grid (size, spacing, in-plane
+/// origin within half a pixel).
+fn caudal_neighbours(sorted: &[&PlacedSlice], spacing: f64) -> Vec<Option<usize>> {
+    let mut below = vec![None; sorted.len()];
+    for i in 1..sorted.len() {
+        let (a, b) = (sorted[i - 1], sorted[i]);
+        let o = &a.image_orientation;
+        let normal_z = o[0] * o[4] - o[1] * o[3];
+        let gap = (b.position_mm - a.position_mm).abs();
+        let same_grid = a.segmentation.rows == b.segmentation.rows
+            && a.segmentation.cols == b.segmentation.cols
+            && (a.pixel_spacing[0] - b.pixel_spacing[0]).abs() < 1e-3
+            && (a.pixel_spacing[1] - b.pixel_spacing[1]).abs() < 1e-3
+            && (a.image_position[0] - b.image_position[0]).abs() < a.pixel_spacing[1] / 2.0
+            && (a.image_position[1] - b.image_position[1]).abs() < a.pixel_spacing[0] / 2.0;
+        if normal_z.abs() < 0.9 || gap < 1e-6 || gap > 1.5 * spacing || !same_grid {
+            continue;
+        }
+        if b.image_position[2] > a.image_position[2] {
+            below[i] = Some(i - 1);
+        } else {
+            below[i - 1] = Some(i);
+        }
+    }
+    below
 }
 
 /// Median of the gaps between consecutive sorted positions (ignoring duplicates), if any.
@@ -207,7 +254,10 @@ fn analyse_sorted(
     }
     let midline_x = if min_x.is_finite() { (min_x + max_x) / 2.0 } else { f64::NAN };
 
-    // Lesion runs per slice, each with its HU sum.
+    // Lesion runs per slice, each with its HU sum (and, for the partial-volume rule, how many of its pixels have no
+    // lung directly below them).
+    let below = if params.partial_volume_rule { caudal_neighbours(sorted, spacing) } else { vec![None; sorted.len()] };
+    let mut on_tissue: Vec<u32> = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
     let mut slice_runs: Vec<Vec<u32>> = Vec::with_capacity(sorted.len());
     for (si, s) in sorted.iter().enumerate() {
@@ -240,6 +290,7 @@ fn analyse_sorted(
                     c += 1;
                 }
                 idx.push(runs.len() as u32);
+                on_tissue.push(below[si].map_or(0, |b| (start..c).filter(|&k| !lungs[b].get(r, k)).count() as u32));
                 runs.push(Run { slice: si, row: r, start, end: c - 1, hu_sum });
             }
         }
@@ -251,6 +302,7 @@ fn analyse_sorted(
     #[derive(Default, Clone)]
     struct Acc {
         voxels: f64,
+        on_tissue: f64,
         volume_ml: f64,
         hu_sum: f64,
         coord_sum: [f64; 3],
@@ -273,6 +325,7 @@ fn analyse_sorted(
             a.first = run.slice;
         }
         a.voxels += len;
+        a.on_tissue += on_tissue[i] as f64;
         a.volume_ml += len * voxel_ml(s);
         a.hu_sum += run.hu_sum;
         for k in 0..3 {
@@ -286,8 +339,13 @@ fn analyse_sorted(
     let mut kept_roots = std::collections::HashSet::new();
     let mut lesions = Vec::new();
     let mut lesion_volume_ml = 0.0;
+    let mut partial_volume_ml = 0.0;
     for (root, a) in comps {
         if a.volume_ml < params.min_lesion_volume_ml {
+            continue;
+        }
+        if params.partial_volume_rule && a.on_tissue >= PARTIAL_VOLUME_FRACTION * a.voxels {
+            partial_volume_ml += a.volume_ml;
             continue;
         }
         kept_roots.insert(root);
@@ -332,5 +390,6 @@ fn analyse_sorted(
         dropped_lung_ml,
         lung_masks: lungs,
         lung_guard: lung_guard::LungGuardReport::default(),
+        partial_volume_ml,
     }
 }

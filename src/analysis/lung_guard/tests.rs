@@ -97,7 +97,12 @@ fn abdomen(z: f64) -> PlacedSlice {
 }
 
 fn params() -> AnalysisParams {
-    AnalysisParams { min_lesion_volume_ml: 0.0, positive_threshold_percent: 0.4, lesion_min_hu: None }
+    AnalysisParams {
+        min_lesion_volume_ml: 0.0,
+        positive_threshold_percent: 0.4,
+        lesion_min_hu: None,
+        partial_volume_rule: false,
+    }
 }
 
 #[test]

@@ -95,6 +95,10 @@ pub struct EvalArgs {
     /// daemon's).
     #[arg(long, allow_hyphen_values = true)]
     pub lesion_min_hu: Option<f64>,
+    /// A lesion lying one slice thick on the tissue of the slice below counts as lung (analysis.partial_volume_rule;
+    /// default: the daemon's).
+    #[arg(long)]
+    pub partial_volume_rule: bool,
     /// Slices per engine call.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -111,6 +115,7 @@ impl EvalArgs {
         if self.lesion_min_hu.is_some() {
             a.lesion_min_hu = self.lesion_min_hu;
         }
+        a.partial_volume_rule |= self.partial_volume_rule;
         a
     }
 }

@@ -494,6 +494,7 @@ pub fn run_real(args: &EvalArgs, model: &Model, manifest_path: &Path) -> Result<
         "threshold_percent": args.threshold_percent,
         "min_lesion_volume_ml": args.min_lesion_volume_ml,
         "lesion_min_hu": config.analysis.lesion_min_hu,
+        "partial_volume_rule": config.analysis.partial_volume_rule,
         "engines": engines_out,
     }))
 }

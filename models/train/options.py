@@ -119,6 +119,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                          "pixels there as lung anyway, so the negatives teach only what stays: dense false lesion "
                          "(vessels, partial volume, dependent density). Mining and the validation negatives count "
                          "lesion only at or above it. None: off")
+    ap.add_argument("--insert-lesions", type=float, default=0.0,
+                    help="share of the real-negative draws rendered from their HU with synthetic lesions inserted "
+                         "(lesion_insert.py), through the product's normalisation; half as many again are rendered "
+                         "from HU without lesions, so the rendering path says nothing about a lesion. 0: off")
     ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
                     help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
                          "are kept and batches are normalised with them, so a new mix of data in the batch does not "

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.train import data_real  # noqa: E402
+from models.train import lesion_insert  # noqa: E402
 from models.train import split as split_mod  # noqa: E402
 from models.train.context import Context  # noqa: E402
 from models.train.model import UNet, context_from, count_params, widen_from  # noqa: E402
+from models.train.normalise import hu_to_u8  # noqa: E402
 from models.train.options import as_json, parse_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -367,6 +369,9 @@ def main() -> None:
             neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+        if args.insert_lesions > 0 and (args.context or args.aerated_below_hu is not None or "hu" not in neg_tr):
+            raise SystemExit("--insert-lesions needs the negatives' HU (data_negatives.load, not a device pack), "
+                             "2D input and no --aerated-below-hu")
         if args.aerated_below_hu is not None:
             for d in (neg_tr, neg_va):
                 if "hu" not in d:
@@ -519,6 +524,14 @@ def main() -> None:
                         pool = neg_groups[rng.choice(len(neg_groups), p=neg_group_p)]
                     i = int(pool[rng.integers(len(pool))]) if pool is not None else int(rng.integers(len(neg_tr["ct"])))
                     img, l = draw(neg_tr["ct"], neg_tr.get("ctx"), i), neg_tr["labels"][i]
+                    v = rng.random()
+                    if v < 1.5 * args.insert_lesions:  # rendered from HU, with lesions two times in three
+                        hu = neg_tr["hu"][i].astype(np.float32)
+                        les = np.zeros(hu.shape, bool)
+                        if v < args.insert_lesions:
+                            hu, les = lesion_insert.insert(hu, l == 1, rng)
+                        img = hu_to_u8(hu)
+                        l = np.where(les, 2, l).astype(np.uint8)
                 elif ph_tr is not None and (u - args.negatives) / (1 - args.negatives) < args.phantom_fraction:
                     if args.phantom_lesion_free_share is None:
                         i = int(rng.integers(len(ph_tr["ct"])))

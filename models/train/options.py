@@ -123,6 +123,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                     help="share of the real-negative draws rendered from their HU with synthetic lesions inserted "
                          "(lesion_insert.py), through the product's normalisation; half as many again are rendered "
                          "from HU without lesions, so the rendering path says nothing about a lesion. 0: off")
+    ap.add_argument("--border-band-px", type=int, default=0,
+                    help="on the real lesion-free training series, the soft tissue (HU > -500) within this many pixels "
+                         "(at 256) outside the classical lung mask is 'background or lung' (loss -log(p_bg + p_lung), "
+                         "out of the lung Dice): the classical mask stops where the air does, so dense dependent lung "
+                         "and the pleura are background in it, which teaches that dense lung at the chest wall is "
+                         "outside the lung (the consolidations read as background). 0: off")
     ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
                     help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
                          "are kept and batches are normalised with them, so a new mix of data in the batch does not "

@@ -1,4 +1,5 @@
-"""train.py's losses with the partial label AERATED (--aerated-below-hu), on random logits.
+"""train.py's losses with the partial labels AERATED (--aerated-below-hu) and BORDER (--border-band-px), on random
+logits.
 
     python3 -m unittest models.train.test_losses      # scripts/test runs it through test_run_files
 
@@ -57,6 +58,37 @@ class AeratedLabel(unittest.TestCase):
         self.assertGreater(float(dice_ce_loss(lesion_everywhere, y)), 5 * float(dice_ce_loss(lesion_everywhere, aer)))
         self.assertGreater(float(error_weighted_ce(lesion_everywhere, y, 5.0, 3.0)),
                            100 * float(error_weighted_ce(lesion_everywhere, aer, 5.0, 3.0)))
+
+
+@unittest.skipUnless(HAVE_TORCH, "the losses need PyTorch")
+class BorderLabel(unittest.TestCase):
+    def test_the_rim_accepts_background_or_lung_but_not_lesion(self):
+        import torch
+        from models.train.train import BORDER, pixel_ce
+        g = torch.Generator().manual_seed(11)
+        logits = torch.randn(1, 3, 4, 4, generator=g) * 3
+        y = torch.full((1, 4, 4), BORDER, dtype=torch.long)
+        p = logits.softmax(1)
+        self.assertLess(float((pixel_ce(logits, y) - -(p[:, 0] + p[:, 1]).log()).abs().max()), 1e-5)
+        swapped = logits.clone()
+        swapped[:, [0, 1]] = logits[:, [1, 0]]
+        self.assertLess(float((pixel_ce(swapped, y) - pixel_ce(logits, y)).abs().max()), 1e-5)
+        lesion = logits.clone()
+        lesion[:, 2] += 10
+        self.assertTrue(bool((pixel_ce(lesion, y) > pixel_ce(logits, y)).all()))
+
+    def test_the_rim_is_out_of_the_lung_dice(self):
+        import torch
+        from models.train.train import BORDER, dice_ce_loss
+        y = torch.zeros(1, 8, 8, dtype=torch.long)
+        y[0, 2:6, 2:6] = 1
+        y[0, 1, 2:6] = BORDER
+        right = torch.full((1, 3, 8, 8), -8.0)
+        right[:, 0] = 8.0
+        right[:, 0, 2:6, 2:6], right[:, 1, 2:6, 2:6] = -8.0, 8.0
+        rim_as_lung = right.clone()
+        rim_as_lung[:, 0, 1, 2:6], rim_as_lung[:, 1, 1, 2:6] = -8.0, 8.0
+        self.assertLess(abs(float(dice_ce_loss(right, y)) - float(dice_ce_loss(rim_as_lung, y))), 1e-3)
 
 
 if __name__ == "__main__":

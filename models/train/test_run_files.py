@@ -223,7 +223,7 @@ class TrainPrintArgs(unittest.TestCase):
 from models.train.test_device_pack import DeviceOptions, PackRoundTrip  # noqa: E402,F401
 # context.py and the model's neighbour channels (--context, the 2.5D input)
 from models.train.test_context import NeighbourChannels, Neighbours  # noqa: E402,F401
-from models.train.test_losses import AeratedLabel  # noqa: E402,F401
+from models.train.test_losses import AeratedLabel, BorderLabel  # noqa: E402,F401
 
 if __name__ == "__main__":
     unittest.main()

@@ -92,14 +92,21 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
 
 # ---------------------------------------------------------------- loss and metrics
 AERATED = 3  # label of aerated lung on a lesion-free series (--aerated-below-hu): lung and lesion are both right
+BORDER = 4  # label of the tissue rim around a lesion-free series' classical lung (--border-band-px): lung or background
 
 
 def pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy over labels 0 background / 1 lung / 2 lesion, and for AERATED the partial label
-    "lung or lesion": -log(p_lung + p_lesion)."""
+    """Per-pixel cross-entropy over labels 0 background / 1 lung / 2 lesion, and the partial labels AERATED "lung or
+    lesion" (-log(p_lung + p_lesion)) and BORDER "background or lung" (-log(p_background + p_lung))."""
     lse = torch.logsumexp(logits, 1)
     ce = lse - logits.gather(1, y.clamp(max=2)[:, None])[:, 0]
-    return torch.where(y == AERATED, lse - torch.logsumexp(logits[:, 1:3], 1), ce)
+    ce = torch.where(y == AERATED, lse - torch.logsumexp(logits[:, 1:3], 1), ce)
+    return torch.where(y == BORDER, lse - torch.logsumexp(logits[:, 0:2], 1), ce)
+
+
+def lung_label(y):
+    """Pixels labelled lung (lung, lesion or aerated lung; not the BORDER rim), for numpy arrays and tensors."""
+    return (y >= 1) & (y <= 3)
 
 
 def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,8 +114,9 @@ def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     p = logits.softmax(1)
     # soft Dice on the nested regions the product reports: lung (= lung or lesion) and lesion; an AERATED pixel is
     # lung, and left out of the lesion Dice (either answer is right there)
-    p_lung = p[:, 1] + p[:, 2]
-    t_lung = (y >= 1).float()
+    rim = (y != BORDER).float()  # either answer is right on the BORDER rim: out of the lung Dice
+    p_lung = (p[:, 1] + p[:, 2]) * rim
+    t_lung = lung_label(y).float()
     judged = (y != AERATED).float()
     p_les = p[:, 2] * judged
     t_les = (y == 2).float()
@@ -249,7 +257,7 @@ def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
         les = (p == 2).reshape(len(p), -1).sum(1)
         out[name] = dict(involvement=round(100.0 * float(les.sum()) / max(int((p >= 1).sum()), 1), 3),
                          slice_specificity=round(float((les < min_pixels).mean()), 4),
-                         lung_dice=dice(p >= 1, neg["labels"][neg["series"] == k] >= 1))
+                         lung_dice=dice(p >= 1, lung_label(neg["labels"][neg["series"] == k])))
     return out
 
 
@@ -372,6 +380,16 @@ def main() -> None:
         if args.insert_lesions > 0 and (args.context or args.aerated_below_hu is not None or "hu" not in neg_tr):
             raise SystemExit("--insert-lesions needs the negatives' HU (data_negatives.load, not a device pack), "
                              "2D input and no --aerated-below-hu")
+        if args.border_band_px > 0:
+            if args.context or args.aerated_below_hu is not None or args.insert_lesions > 0 or "hu" not in neg_tr:
+                raise SystemExit("--border-band-px needs the negatives' HU, 2D input, no --aerated-below-hu and no "
+                                 "--insert-lesions")
+            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * args.border_band_px + 1,) * 2)
+            rim = np.stack([cv2.dilate((lab == 1).astype(np.uint8), disc) > 0 for lab in neg_tr["labels"]])
+            rim &= (neg_tr["labels"] == 0) & (neg_tr["hu"] > -500)
+            neg_tr["labels"] = np.where(rim, BORDER, neg_tr["labels"]).astype(np.uint8)
+            say(f"border rim of {args.border_band_px} px: {int(rim.sum())} pixels of the training negatives are "
+                "'background or lung'")
         if args.aerated_below_hu is not None:
             for d in (neg_tr, neg_va):
                 if "hu" not in d:

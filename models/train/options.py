@@ -129,6 +129,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                          "out of the lung Dice): the classical mask stops where the air does, so dense dependent lung "
                          "and the pleura are background in it, which teaches that dense lung at the chest wall is "
                          "outside the lung (the consolidations read as background). 0: off")
+    ap.add_argument("--negatives-min-lung-px", type=int, default=0,
+                    help="train only on the real lesion-free slices with at least this many classical lung pixels (at "
+                         "256): abdomen slices out. The product's lung guard already clears slices without "
+                         "air-density lung, and the bowel (dense with gas bubbles) they teach as background is what "
+                         "the phantoms' crazy-paving consolidation looks like. 0: all slices")
     ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
                     help="BatchNorm layers stay in eval mode while training: their running statistics (from --init) "
                          "are kept and batches are normalised with them, so a new mix of data in the batch does not "

@@ -377,6 +377,13 @@ def main() -> None:
             neg_tr, neg_va = data_negatives.load("train"), data_negatives.load("val")
         say(f"real negatives: train {len(neg_tr['ct'])} slices {neg_tr['names']}, "
             f"val {len(neg_va['ct'])} slices {neg_va['names']}")
+        if args.negatives_min_lung_px > 0:
+            keep = (neg_tr["labels"] == 1).reshape(len(neg_tr["labels"]), -1).sum(1) >= args.negatives_min_lung_px
+            for k in ("ct", "labels", "hu", "series"):
+                if k in neg_tr:
+                    neg_tr[k] = neg_tr[k][keep]
+            say(f"real negatives with at least {args.negatives_min_lung_px} lung pixels: {int(keep.sum())} of "
+                f"{len(keep)} training slices kept")
         if args.insert_lesions > 0 and (args.context or args.aerated_below_hu is not None or "hu" not in neg_tr):
             raise SystemExit("--insert-lesions needs the negatives' HU (data_negatives.load, not a device pack), "
                              "2D input and no --aerated-below-hu")

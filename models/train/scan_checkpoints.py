@@ -2,7 +2,7 @@
 
     python models/train/scan_checkpoints.py models/train/runs/n11/epoch00{1,2,3}.pt [--floor -700] [--no-partial-volume]
 
-For each checkpoint (2D or 2.5D, width read from the weights): the 2D PyTorch prediction on the lesion-free
+For each checkpoint (2D or 2.5D, the architecture from its run folder's arch.json): the 2D PyTorch prediction on the lesion-free
 validation series of `data_negatives.load("val")` (LUNA16 normal_patient_3, Pancreas-CT-CB-001), then
 - the HU floor (`analysis.lesion_min_hu`): lesion pixels less dense than --floor count as lung;
 - the partial-volume rule (`analysis.partial_volume_rule`, `PARTIAL_VOLUME_FRACTION` = 0.9): a 3D lesion component
@@ -16,6 +16,7 @@ figures are close to, not equal to, `scripts/eval-real`'s (0.93x its pancreas fi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ if __spec__ is None:  # run as a file: make the package importable
 from models.train import data_negatives  # noqa: E402
 from models.train import train as T  # noqa: E402
 from models.train.context import Context  # noqa: E402
-from models.train.model import UNet  # noqa: E402
+from models.train.model import UNet, from_summary  # noqa: E402
 
 PARTIAL_VOLUME_FRACTION = 0.9  # as src/analysis/series.rs
 
@@ -46,10 +47,9 @@ def partial_volume(pred: np.ndarray, lesion: np.ndarray) -> np.ndarray:
 
 
 def load(path: Path) -> UNet:
-    sd = torch.load(path, map_location="cpu")
-    stem = sd[next(k for k in sd if k.endswith("weight"))]
-    m = UNet(int(stem.shape[0]), 4, chans=None, bottom=None, refine_kernel=3, in_ch=int(stem.shape[1]))
-    m.load_state_dict(sd)
+    """A run's checkpoint with the architecture its run folder records (arch.json, as export.py reads it)."""
+    m = from_summary(json.loads((path.parent / "arch.json").read_text()))
+    m.load_state_dict(torch.load(path, map_location="cpu"))
     return m.eval()
 
 

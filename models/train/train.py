@@ -244,17 +244,23 @@ def eval_phantoms(model, ph: dict, fp_threshold: float = 0.4) -> dict:
         **slice_figures(pred, lab), series=series)
 
 
+def counted_lesion(pred: np.ndarray, neg: dict) -> np.ndarray:
+    """The lesion pixels of a prediction on lesion-free series that count: with --aerated-below-hu (as the product's
+    lesion_min_hu) not those on aerated lung, which the product counts as lung."""
+    called = pred == 2
+    return called & ~neg["aerated"] if "aerated" in neg else called
+
+
 def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
     """Real lesion-free series (data_negatives): per series the involvement (lesion / lung pixels over the whole
     series, no 3D guard; with --aerated-below-hu lesion only at or above it) and the slice specificity (a slice is
     positive with at least `min_pixels` lesion pixels)."""
     pred = predict(model, set_inputs(neg))
-    if "aerated" in neg:  # --aerated-below-hu: as the product's lesion_min_hu, lesion less dense than it is lung
-        pred[(pred == 2) & neg["aerated"]] = 1
+    called = counted_lesion(pred, neg)
     out = {}
     for k, name in enumerate(neg["names"]):
         p = pred[neg["series"] == k]
-        les = (p == 2).reshape(len(p), -1).sum(1)
+        les = called[neg["series"] == k].reshape(len(p), -1).sum(1)
         out[name] = dict(involvement=round(100.0 * float(les.sum()) / max(int((p >= 1).sum()), 1), 3),
                          slice_specificity=round(float((les < min_pixels).mean()), 4),
                          lung_dice=dice(p >= 1, lung_label(neg["labels"][neg["series"] == k])))
@@ -384,13 +390,16 @@ def main() -> None:
                     neg_tr[k] = neg_tr[k][keep]
             say(f"real negatives with at least {args.negatives_min_lung_px} lung pixels: {int(keep.sum())} of "
                 f"{len(keep)} training slices kept")
-        if args.insert_lesions > 0 and (args.context or args.aerated_below_hu is not None or "hu" not in neg_tr):
-            raise SystemExit("--insert-lesions needs the negatives' HU (data_negatives.load, not a device pack), "
-                             "2D input and no --aerated-below-hu")
+        # the options that relabel or re-render the negatives from their HU: one at a time, and only --aerated-below-hu
+        # with --context
+        from_hu = [o for o, on in (("--aerated-below-hu", args.aerated_below_hu is not None),
+                                   ("--insert-lesions", args.insert_lesions > 0),
+                                   ("--border-band-px", args.border_band_px > 0)) if on]
+        if len(from_hu) > 1 or (from_hu and "hu" not in neg_tr) or (
+                args.context and from_hu and from_hu != ["--aerated-below-hu"]):
+            raise SystemExit(f"{' and '.join(from_hu)}: one at a time, on the negatives' HU (data_negatives.load, not "
+                             "a device pack); --insert-lesions and --border-band-px with 2D input only")
         if args.border_band_px > 0:
-            if args.context or args.aerated_below_hu is not None or args.insert_lesions > 0 or "hu" not in neg_tr:
-                raise SystemExit("--border-band-px needs the negatives' HU, 2D input, no --aerated-below-hu and no "
-                                 "--insert-lesions")
             disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * args.border_band_px + 1,) * 2)
             rim = np.stack([cv2.dilate((lab == 1).astype(np.uint8), disc) > 0 for lab in neg_tr["labels"]])
             rim &= (neg_tr["labels"] == 0) & (neg_tr["hu"] > -500)
@@ -399,9 +408,6 @@ def main() -> None:
                 "'background or lung'")
         if args.aerated_below_hu is not None:
             for d in (neg_tr, neg_va):
-                if "hu" not in d:
-                    raise SystemExit("--aerated-below-hu needs the negatives' HU (data_negatives.load); a device "
-                                     "pack does not carry it")
                 d["aerated"] = d["hu"] < args.aerated_below_hu
                 d["labels"] = np.where((d["labels"] == 1) & d["aerated"], AERATED, d["labels"]).astype(np.uint8)
                 del d["hu"]
@@ -511,10 +517,7 @@ def main() -> None:
             say(f"hard positives: {int((miss > 0).sum())} of {len(probe)} probed lesion slices miss lesion "
                 f"({int(miss.sum())} pixels; the 200 worst {int(np.sort(miss)[::-1][:200].sum())})")
         if args.hard_real_negatives > 0 and neg_tr is not None and ep % 3 == 0:
-            called = predict(judged, set_inputs(neg_tr)) == 2
-            if "aerated" in neg_tr:
-                called &= ~neg_tr["aerated"]
-            fp = called.reshape(len(neg_tr["ct"]), -1).sum(1)
+            fp = counted_lesion(predict(judged, set_inputs(neg_tr)), neg_tr).reshape(len(neg_tr["ct"]), -1).sum(1)
             shows = fp > 0
             hard_real = np.flatnonzero(shows)[np.argsort(-fp[shows])][:150] if shows.any() else None
             say(f"hard real negatives: {int(shows.sum())} of {len(fp)} real lesion-free slices show lesion "

@@ -27,35 +27,13 @@ import torch
 if __spec__ is None:  # run as a file (not with python -m): make the package models.train importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.train import data_real  # noqa: E402
+from models.train.manifest import MANIFEST  # noqa: E402
 from models.train import split as split_mod  # noqa: E402
 from models.train.model import UNet, from_summary, count_params  # noqa: E402
 from models.train.train import export_onnx, seg_metrics, dice  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent
-
-MANIFEST = """[model]
-name = "lungsentry-unet"
-version = "{version}"
-file = "{file}"
-sha256 = "{sha256}"
-
-[input]
-name = "ct"
-channels = 1
-height = 256
-width = 256
-dtype = "float32"
-normalisation = "minmax_clahe"
-hu_clip = [-1024.0, 3071.0]
-clahe_clip_limit = 7.0
-clahe_tiles = 8
-
-[output]
-name = "scores"
-kind = "logits"
-classes = ["background", "lung", "lesion"]
-"""
 
 
 def session(path: Path, threads: int = 2) -> ort.InferenceSession:

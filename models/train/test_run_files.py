@@ -224,6 +224,8 @@ from models.train.test_device_pack import DeviceOptions, PackRoundTrip  # noqa: 
 # context.py and the model's neighbour channels (--context, the 2.5D input)
 from models.train.test_context import NeighbourChannels, Neighbours  # noqa: E402,F401
 from models.train.test_losses import AeratedLabel, BorderLabel  # noqa: E402,F401
+# ensemble.py (several exported models composed into one graph)
+from models.train.test_ensemble import EnsembleTest  # noqa: E402,F401
 
 if __name__ == "__main__":
     unittest.main()

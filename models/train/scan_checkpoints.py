@@ -74,9 +74,9 @@ def main() -> None:
             p = pred[idx]
             les = (p == 2) & (neg["hu"][idx] >= args.floor)
             kept = les if args.no_partial_volume else partial_volume(p, les)
-            lung = max(int((p >= 1).sum()), 1)
-            spec = float((kept.reshape(len(p), -1).sum(1) < 5).mean())
-            out.append(f"{name}: {100 * les.sum() / lung:.3f} % -> {100 * kept.sum() / lung:.3f} %, slice spec {spec:.3f}")
+            before, after = T.negative_figures(p, les), T.negative_figures(p, kept)
+            out.append(f"{name}: {before['involvement']:.3f} % -> {after['involvement']:.3f} %, "
+                       f"slice spec {after['slice_specificity']:.3f}")
         print(" | ".join(out), flush=True)
 
 

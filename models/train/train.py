@@ -259,12 +259,19 @@ def eval_negatives(model, neg: dict, min_pixels: int = 5) -> dict:
     called = counted_lesion(pred, neg)
     out = {}
     for k, name in enumerate(neg["names"]):
-        p = pred[neg["series"] == k]
-        les = called[neg["series"] == k].reshape(len(p), -1).sum(1)
-        out[name] = dict(involvement=round(100.0 * float(les.sum()) / max(int((p >= 1).sum()), 1), 3),
-                         slice_specificity=round(float((les < min_pixels).mean()), 4),
-                         lung_dice=dice(p >= 1, lung_label(neg["labels"][neg["series"] == k])))
+        idx = neg["series"] == k
+        out[name] = dict(**negative_figures(pred[idx], called[idx], min_pixels),
+                         lung_dice=dice(pred[idx] >= 1, lung_label(neg["labels"][idx])))
     return out
+
+
+def negative_figures(pred: np.ndarray, lesion: np.ndarray, min_pixels: int = 5) -> dict:
+    """One lesion-free series' figures from its prediction (z x H x W classes) and the lesion pixels that count:
+    involvement (lesion over lung pixels, percent) and slice specificity (a slice is positive with at least
+    `min_pixels` lesion pixels)."""
+    les = lesion.reshape(len(lesion), -1).sum(1)
+    return dict(involvement=round(100.0 * float(les.sum()) / max(int((pred >= 1).sum()), 1), 3),
+                slice_specificity=round(float((les < min_pixels).mean()), 4))
 
 
 def slice_figures(pred: np.ndarray, lab: np.ndarray, min_pixels: int = 5) -> dict:
